@@ -1,0 +1,240 @@
+"""The ``vibatch`` command: argument parsing and the one place errors become exit codes."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from typing import Optional, Sequence
+
+from . import config as config_mod
+from .errors import EXIT_CODES, JobError, VibatchError
+from .request import parse_cpu_list, parse_memory_mb
+
+PROG = "vibatch"
+
+
+def _memory(text: str) -> int:
+    return parse_memory_mb(text)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _add_job_resources(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cores", type=_positive_int, help="vCPUs (default: jobs.default_cores)")
+    p.add_argument("--memory", type=str, help="guest memory, e.g. 512M or 2G "
+                   "(default: jobs.default_memory_mb)")
+    p.add_argument("--image", help="image name (default: default_image)")
+    p.add_argument("--workdir", help="working directory, shared into the VM at the same path")
+    p.add_argument("--walltime", type=_positive_int, help="walltime in seconds, if known")
+    p.add_argument("--cpus", help="exact host CPU ids the batch system gave the job, e.g. 2-3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description="Per-job virtual machines for batch systems.",
+                                 epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
+    ap.add_argument("--config", help=f"config file (default: ${config_mod.ENV_VAR} or "
+                    f"{config_mod.DEFAULT_PATH})")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prologue", help="claim a slot and boot the job's VM (root)")
+    p.add_argument("--job", required=True, help="job id")
+    p.add_argument("--user", required=True, help="job user (name or uid)")
+    _add_job_resources(p)
+
+    p = sub.add_parser("exec", help="run a command in the job's VM (the job's user)")
+    p.add_argument("--job", help="job id (default: $VIBATCH_JOB_ID, $SLURM_JOB_ID, $JOB_ID, ...)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+
+    p = sub.add_parser("epilogue", help="destroy the job's VM, release its slot, account (root)")
+    p.add_argument("--job", required=True, help="job id")
+    p.add_argument("--exit-code", type=int, help="the job's exit code, if the batch system knows it")
+
+    p = sub.add_parser("run", help="prologue + exec + epilogue for one command (root)")
+    p.add_argument("--job", help="job id (default: a fresh run-… id)")
+    p.add_argument("--user", help="job user (default: $SUDO_USER, or you if not root)")
+    p.add_argument("--timings", action="store_true", help="print a phase-by-phase timing table")
+    _add_job_resources(p)
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+
+    p = sub.add_parser("status", help="jobs, slots and VMs on this node")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("image", help="the image library")
+    isub = p.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    a = isub.add_parser("add", help="add an image file to the library (root)")
+    a.add_argument("file")
+    a.add_argument("--name", required=True)
+    a.add_argument("--os", required=True, dest="os_name")
+    a.add_argument("--os-version", required=True)
+    a.add_argument("--arch", default="x86_64")
+    a.add_argument("--kernel")
+    a.add_argument("--initrd")
+    a.add_argument("--cmdline", default="")
+    a.add_argument("--replace", action="store_true", help="replace an image of the same name")
+    isub.add_parser("list", help="list the library's images")
+
+    sub.add_parser("check-config", help="validate the config file and print it")
+    return ap
+
+
+def _argv_after_dashes(argv: Sequence[str], ap: argparse.ArgumentParser) -> list[str]:
+    argv = list(argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        ap.error("a command to run is required after --")
+    return argv
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise JobError(f"vibatch {what} must run as root")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+        return _dispatch(ap, args, cfg)
+    except VibatchError as e:
+        print(f"{PROG}: error: {e.message}", file=sys.stderr)
+        if e.detail:
+            print(e.detail.rstrip("\n"), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int:
+    cmd = args.command
+    if cmd == "exec":
+        from .execjob import Exec, find_job_id  # noqa: PLC0415 - keeps exec free of libvirt
+        command = _argv_after_dashes(args.argv, ap)
+        return Exec(cfg, find_job_id(args.job)).run(command)
+    if cmd == "check-config":
+        print(json.dumps(_asdict(cfg), indent=2, sort_keys=True))
+        return 0
+    from . import lifecycle  # noqa: PLC0415
+    if cmd == "image":
+        return _image(args, cfg)
+    node = lifecycle.Node(cfg)
+    try:
+        if cmd == "prologue":
+            _require_root("prologue")
+            state = lifecycle.prologue(node, _request(args, cfg, args.job, args.user))
+            print(f"{PROG}: job {args.job}: VM {state['domain']} ready on CPUs "
+                  f"{','.join(map(str, state['cpus']))} ({sum(state['phases'].values()):.2f} s)",
+                  file=sys.stderr)
+            return 0
+        if cmd == "epilogue":
+            _require_root("epilogue")
+            lifecycle.epilogue(node, args.job, args.exit_code)
+            return 0
+        if cmd == "run":
+            return _run(ap, args, cfg, node)
+        if cmd == "status":
+            return _status(args, cfg, node)
+    finally:
+        node.close()
+    ap.error(f"unknown command {cmd}")
+    return 2
+
+
+def _request(args: argparse.Namespace, cfg, job_id: str, user: str):
+    from .request import make_request  # noqa: PLC0415
+    memory = parse_memory_mb(args.memory) if args.memory else cfg.jobs.default_memory_mb
+    cpus = parse_cpu_list(args.cpus) if args.cpus else None
+    cores = args.cores or (len(cpus) if cpus else cfg.jobs.default_cores)
+    return make_request(job_id=job_id, user=user, cores=cores, memory_mb=memory,
+                        image=args.image or cfg.default_image,
+                        workdir=args.workdir or os.getcwd(), walltime_s=args.walltime, cpus=cpus)
+
+
+def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg, node) -> int:
+    import time  # noqa: PLC0415
+    from . import lifecycle  # noqa: PLC0415
+    from .execjob import Exec  # noqa: PLC0415
+    _require_root("run")
+    command = _argv_after_dashes(args.argv, ap)
+    user = args.user or os.environ.get("SUDO_USER")
+    if not user:
+        raise JobError("vibatch run as root needs --user NAME (the job never runs as root)")
+    job_id = args.job or f"run-{os.getpid()}-{secrets.token_hex(3)}"
+    req = _request(args, cfg, job_id, user)
+    state = lifecycle.prologue(node, req)
+    status = 255
+    t0 = time.perf_counter()
+    try:
+        status = Exec(cfg, job_id).run(command)
+    finally:
+        exec_s = time.perf_counter() - t0
+        record = lifecycle.epilogue(node, job_id, status)
+    if args.timings and record:
+        phases = {**state["phases"], "exec": round(exec_s, 4), "epilogue": record["phases"]["epilogue"]}
+        width = max(len(k) for k in phases)
+        print(f"\n{'phase'.ljust(width)}  seconds", file=sys.stderr)
+        for name, secs in phases.items():
+            print(f"{name.ljust(width)}  {secs:7.3f}", file=sys.stderr)
+        print(f"{'total'.ljust(width)}  {sum(phases.values()):7.3f}   "
+              f"(accel {state['accel']}, CPUs {','.join(map(str, state['cpus']))}, "
+              f"image {state['image']})", file=sys.stderr)
+    return status
+
+
+def _status(args: argparse.Namespace, cfg, node) -> int:
+    from . import lifecycle  # noqa: PLC0415
+    jobs = lifecycle.running_jobs(node)
+    slots = {j: s.to_json() for j, s in node.slots.all().items()}
+    if args.json:
+        print(json.dumps({"jobs": jobs, "slots": slots,
+                          "capacity": {"cpus": list(node.slots.capacity.cpus),
+                                       "memory_mb": node.slots.capacity.memory_mb}}, indent=1))
+        return 0
+    cap = node.slots.capacity
+    print(f"node: CPUs {','.join(map(str, cap.cpus))} and {cap.memory_mb} MiB for jobs")
+    print(f"{'JOB':24} {'PHASE':10} {'VM':6} {'USER':12} {'IMAGE':16} {'CPUS':8} MEM")
+    for j in jobs:
+        print(f"{j['job_id']:24} {j.get('phase', '?'):10} {'up' if j['domain_active'] else 'down':6} "
+              f"{j.get('user', '?'):12} {j.get('image', '?'):16} "
+              f"{','.join(map(str, j.get('cpus', []))):8} {j.get('memory_mb', '?')}")
+    return 0
+
+
+def _image(args: argparse.Namespace, cfg) -> int:
+    from .library import Library  # noqa: PLC0415
+    lib = Library(cfg.library_dir, cfg.state_dir, cfg.lock_timeout_s)
+    if args.image_command == "add":
+        _require_root("image add")
+        os.makedirs(cfg.state_dir, mode=0o755, exist_ok=True)
+        img = lib.add(args.file, name=args.name, os_name=args.os_name, os_version=args.os_version,
+                      arch=args.arch, kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
+                      replace=args.replace)
+        lib.ensure_verified(img)
+        print(f"added {img.name}: {img.os} {img.os_version}, {img.digest[:19]}…")
+        return 0
+    print(f"{'NAME':24} {'OS':12} {'VERSION':24} {'FORMAT':6} {'VSIZE':>8}  DIGEST")
+    for name in lib.names():
+        img = lib.get(name)
+        print(f"{img.name:24} {img.os:12} {img.os_version:24} {img.disk_format:6} "
+              f"{img.virtual_size / 2**30:7.1f}G  {img.digest[7:23]}")
+    return 0
+
+
+def _asdict(cfg) -> dict:
+    import dataclasses  # noqa: PLC0415
+    return dataclasses.asdict(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

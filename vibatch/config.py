@@ -1,0 +1,183 @@
+"""Strict configuration: one YAML file, validated once, passed explicitly.
+
+An unknown key, a wrong type or a value out of range raises ConfigError naming the file, the key
+and the reason. Nothing here is a module-level global: ``load()`` returns a ``Config``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/vibatch/vibatch.yaml"
+ENV_VAR = "VIBATCH_CONFIG"
+
+DEFAULT_ENV_EXCLUDE = [
+    "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "PYTHONHOME",
+    "SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY",
+    "DISPLAY", "XAUTHORITY", "DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR", "XDG_SESSION_ID",
+    "KRB5CCNAME", "MAIL", "OLDPWD", "PWD", "SHLVL", "_", "TERMCAP", "TMPDIR",
+    "VIBATCH_CONFIG",
+]
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    reserved_cpus: tuple = ()          # host CPU ids never given to jobs
+    reserved_memory_mb: int = 1024     # memory kept for the host
+    cpus: tuple = ()                   # host CPU ids usable at all (empty: all online)
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    default_cores: int = 1
+    max_cores: int = 0                 # 0: as many as the node can give
+    default_memory_mb: int = 512
+    min_memory_mb: int = 128
+    max_memory_mb: int = 0             # 0: as much as the node can give
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    boot_timeout_s: float = 60.0
+    setup_timeout_s: float = 30.0
+    acceleration: str = "auto"         # auto | kvm | tcg
+    memory_overhead_mb: int = 256      # QEMU's own memory on top of the guest's, in the hard cap
+    tcg_tb_cache_mb: int = 64          # TCG translation cache (counts against the cap)
+    machine: str = "q35"
+    emulator: str = "/usr/bin/qemu-system-x86_64"
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    network: str = "none"              # none | user (slirp, outbound only)
+    console_tail_lines: int = 30
+
+
+@dataclass(frozen=True)
+class ExecConfig:
+    env_exclude: tuple = tuple(DEFAULT_ENV_EXCLUDE)
+    guest_path: str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Config:
+    libvirt_uri: str = "qemu:///system"
+    state_dir: str = "/var/lib/vibatch"
+    run_dir: str = "/run/vibatch"
+    library_dir: str = "/var/lib/vibatch/images"
+    accounting_file: str = "/var/log/vibatch/accounting.jsonl"
+    default_image: str = "testguest"
+    lock_timeout_s: float = 30.0
+    host: HostConfig = field(default_factory=HostConfig)
+    jobs: JobLimits = field(default_factory=JobLimits)
+    vm: VmConfig = field(default_factory=VmConfig)
+    exec: ExecConfig = field(default_factory=ExecConfig)
+    source: str = "<defaults>"
+
+
+# per-key checks: (type, check, reason); lists are stored as tuples
+_POSITIVE = (lambda v: v > 0, "must be greater than 0")
+_NONNEG = (lambda v: v >= 0, "must be 0 or more")
+_ABS = (lambda v: os.path.isabs(v), "must be an absolute path")
+_CHECKS: dict[str, tuple] = {
+    "libvirt_uri": (str, lambda v: "://" in v, "must be a libvirt URI such as qemu:///system"),
+    "state_dir": (str,) + _ABS, "run_dir": (str,) + _ABS, "library_dir": (str,) + _ABS,
+    "accounting_file": (str,) + _ABS,
+    "default_image": (str, lambda v: bool(v), "must not be empty"),
+    "lock_timeout_s": (float,) + _POSITIVE,
+    "host.reserved_cpus": (list, lambda v: all(isinstance(c, int) and c >= 0 for c in v),
+                           "must be a list of CPU ids (integers >= 0)"),
+    "host.cpus": (list, lambda v: all(isinstance(c, int) and c >= 0 for c in v),
+                  "must be a list of CPU ids (integers >= 0)"),
+    "host.reserved_memory_mb": (int,) + _NONNEG,
+    "jobs.default_cores": (int,) + _POSITIVE, "jobs.max_cores": (int,) + _NONNEG,
+    "jobs.default_memory_mb": (int, lambda v: v >= 64, "must be at least 64"),
+    "jobs.min_memory_mb": (int, lambda v: v >= 64, "must be at least 64"),
+    "jobs.max_memory_mb": (int,) + _NONNEG,
+    "vm.boot_timeout_s": (float, lambda v: 1 <= v <= 3600, "must be between 1 and 3600"),
+    "vm.setup_timeout_s": (float, lambda v: 1 <= v <= 3600, "must be between 1 and 3600"),
+    "vm.acceleration": (str, lambda v: v in ("auto", "kvm", "tcg"), "must be auto, kvm or tcg"),
+    "vm.memory_overhead_mb": (int, lambda v: v >= 64, "must be at least 64"),
+    "vm.tcg_tb_cache_mb": (int, lambda v: 16 <= v <= 2048, "must be between 16 and 2048"),
+    "vm.machine": (str, lambda v: v in ("q35", "pc"), "must be q35 or pc"),
+    "vm.emulator": (str,) + _ABS, "vm.virtiofsd": (str,) + _ABS,
+    "vm.network": (str, lambda v: v in ("none", "user"), "must be none or user"),
+    "vm.console_tail_lines": (int, lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),
+    "exec.env_exclude": (list, lambda v: all(isinstance(s, str) and s for s in v),
+                         "must be a list of variable names"),
+    "exec.guest_path": (str, lambda v: v.startswith("/"), "must be a PATH of absolute directories"),
+}
+_SECTIONS = {"host": HostConfig, "jobs": JobLimits, "vm": VmConfig, "exec": ExecConfig}
+
+
+def _check(source: str, key: str, value: Any) -> Any:
+    typ, ok, reason = _CHECKS[key]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, typ):
+        raise ConfigError(f"{source}: {key}: expected {typ.__name__}, got {type(value).__name__} "
+                          f"({value!r})")
+    if not ok(value):
+        raise ConfigError(f"{source}: {key}: {value!r} {reason}")
+    return tuple(value) if typ is list else value
+
+
+def _build(source: str, cls: type, data: dict, prefix: str) -> Any:
+    names = {f.name for f in fields(cls)} - {"source"} - set(_SECTIONS if cls is Config else ())
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if cls is Config and key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {full}: expected a mapping, got {type(value).__name__}")
+            kwargs[key] = _build(source, _SECTIONS[key], value, full + ".")
+        elif key in names:
+            kwargs[key] = _check(source, full, value)
+        else:
+            raise ConfigError(f"{source}: {full}: unknown key")
+    return cls(**kwargs)
+
+
+def parse(data: Any, source: str) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    cfg = _build(source, Config, data, "")
+    cfg = Config(**{**{f.name: getattr(cfg, f.name) for f in fields(Config)}, "source": source})
+    _cross_check(cfg)
+    return cfg
+
+
+def _cross_check(cfg: Config) -> None:
+    j = cfg.jobs
+    if j.max_cores and j.default_cores > j.max_cores:
+        raise ConfigError(f"{cfg.source}: jobs.default_cores: {j.default_cores} is more than "
+                          f"jobs.max_cores ({j.max_cores})")
+    if j.max_memory_mb and j.default_memory_mb > j.max_memory_mb:
+        raise ConfigError(f"{cfg.source}: jobs.default_memory_mb: {j.default_memory_mb} is more "
+                          f"than jobs.max_memory_mb ({j.max_memory_mb})")
+    if j.default_memory_mb < j.min_memory_mb:
+        raise ConfigError(f"{cfg.source}: jobs.default_memory_mb: {j.default_memory_mb} is less "
+                          f"than jobs.min_memory_mb ({j.min_memory_mb})")
+    if cfg.host.cpus and set(cfg.host.reserved_cpus) >= set(cfg.host.cpus):
+        raise ConfigError(f"{cfg.source}: host.reserved_cpus: reserves every CPU in host.cpus")
+
+
+def load(path: Optional[str] = None) -> Config:
+    """Load the file named by ``path``, $VIBATCH_CONFIG or /etc/vibatch/vibatch.yaml."""
+    path = path or os.environ.get(ENV_VAR) or DEFAULT_PATH
+    try:
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: configuration file is not readable") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    return parse(data, path)

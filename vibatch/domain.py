@@ -1,0 +1,152 @@
+"""Domain XML for one job's VM, built with ElementTree from a typed spec.
+
+``render(spec)`` needs no libvirt, so the XML is compared against golden files in the tests.
+The hard memory cap is not in the XML: ``<memtune><hard_limit>`` at define time makes libvirt
+raise RLIMIT_MEMLOCK, which needs CAP_SYS_RESOURCE; the lifecycle sets it live on the paused
+domain instead (see lifecycle.py).
+"""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Optional
+
+METADATA_NS = "https://vibatch.readthedocs.io/xmlns/job/1"
+GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
+USER_AGENT_PORT = "org.vibatch.user.0"
+WORKDIR_TAG = "vbjob"
+IO_TAG = "vbio"
+
+
+@dataclass(frozen=True)
+class Share:
+    source: str
+    tag: str
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    accel: str                      # "kvm" or "tcg"
+    vcpu_pins: tuple[int, ...]      # host CPU of vCPU i
+    memory_mb: int
+    disk_overlay: str
+    disk_base: str
+    disk_base_format: str
+    console_log: str
+    user_agent_socket: str
+    shares: tuple[Share, ...]
+    kernel: Optional[str] = None
+    initrd: Optional[str] = None
+    cmdline: str = ""
+    machine: str = "q35"
+    emulator: str = "/usr/bin/qemu-system-x86_64"
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    tcg_tb_cache_mb: int = 64
+    network: str = "none"
+    metadata: tuple[tuple[str, str], ...] = ()   # (key, value) recorded in <metadata>
+
+
+def _sub(parent: ET.Element, tag: str, text: Optional[str] = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrs.items()})
+    if text is not None:
+        el.text = text
+    return el
+
+
+def build(spec: DomainSpec) -> ET.Element:
+    dom = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
+    _sub(dom, "name", spec.name)
+    meta = _sub(dom, "metadata")
+    job = ET.SubElement(meta, f"{{{METADATA_NS}}}job")
+    for key, value in spec.metadata:
+        _sub(job, f"{{{METADATA_NS}}}{key}", value)
+    _sub(dom, "memory", str(spec.memory_mb), unit="MiB")
+    _sub(dom, "vcpu", str(len(spec.vcpu_pins)), placement="static")
+    cputune = _sub(dom, "cputune")
+    for i, cpu in enumerate(spec.vcpu_pins):
+        _sub(cputune, "vcpupin", vcpu=str(i), cpuset=str(cpu))
+    _sub(cputune, "emulatorpin", cpuset=",".join(str(c) for c in spec.vcpu_pins))
+    if spec.shares:  # virtiofs needs shared guest memory
+        mb = _sub(dom, "memoryBacking")
+        _sub(mb, "source", type="memfd")
+        _sub(mb, "access", mode="shared")
+    if len(spec.vcpu_pins) > 1:
+        cpu = _sub(dom, "cpu", mode="host-passthrough" if spec.accel == "kvm" else "custom")
+        if spec.accel != "kvm":
+            _sub(cpu, "model", "qemu64", fallback="allow")
+        _sub(cpu, "topology", sockets="1", dies="1", cores=str(len(spec.vcpu_pins)), threads="1")
+    elif spec.accel == "kvm":
+        _sub(dom, "cpu", mode="host-passthrough")
+
+    os_el = _sub(dom, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64", machine=spec.machine)
+    if spec.kernel:
+        _sub(os_el, "kernel", spec.kernel)
+        if spec.initrd:
+            _sub(os_el, "initrd", spec.initrd)
+        if spec.cmdline:
+            _sub(os_el, "cmdline", spec.cmdline)
+    else:
+        _sub(os_el, "boot", dev="hd")
+    features = _sub(dom, "features")
+    _sub(features, "acpi")
+    if spec.accel == "tcg":
+        tcg = _sub(features, "tcg")
+        _sub(tcg, "tb-cache", str(spec.tcg_tb_cache_mb), unit="MiB")
+    _sub(dom, "clock", offset="utc")
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        _sub(dom, event, "destroy")
+
+    dev = _sub(dom, "devices")
+    _sub(dev, "emulator", spec.emulator)
+    disk = _sub(dev, "disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
+    _sub(disk, "source", file=spec.disk_overlay)
+    # An explicit backing store with relabel='no': otherwise libvirt chowns the library's base
+    # image to the QEMU user and never gives it back.
+    backing = _sub(disk, "backingStore", type="file")
+    _sub(backing, "format", type=spec.disk_base_format)
+    src = _sub(backing, "source", file=spec.disk_base)
+    _sub(src, "seclabel", model="dac", relabel="no")
+    _sub(backing, "backingStore")
+    _sub(disk, "target", dev="vda", bus="virtio")
+    for share in spec.shares:
+        fs = _sub(dev, "filesystem", type="mount", accessmode="passthrough")
+        _sub(fs, "driver", type="virtiofs", queue="1024")
+        binary = _sub(fs, "binary", path=spec.virtiofsd)
+        _sub(binary, "cache", mode="none")
+        _sub(fs, "source", dir=share.source)
+        _sub(fs, "target", dir=share.tag)
+    if spec.network == "user":
+        iface = _sub(dev, "interface", type="user")
+        _sub(iface, "model", type="virtio")
+    serial = _sub(dev, "serial", type="file")
+    _sub(serial, "source", path=spec.console_log)
+    _sub(serial, "target", port="0")
+    root_agent = _sub(dev, "channel", type="unix")
+    _sub(root_agent, "target", type="virtio", name=GUEST_AGENT_PORT)
+    user_agent = _sub(dev, "channel", type="unix")
+    _sub(user_agent, "source", mode="bind", path=spec.user_agent_socket)
+    _sub(user_agent, "target", type="virtio", name=USER_AGENT_PORT)
+    _sub(dev, "controller", type="usb", model="none")
+    _sub(dev, "memballoon", model="none")
+    rng = _sub(dev, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+    return dom
+
+
+def render(spec: DomainSpec) -> str:
+    ET.register_namespace("vb", METADATA_NS)
+    root = build(spec)
+    ET.indent(root, space="  ")
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def read_metadata(xml: str) -> dict[str, str]:
+    """The <metadata> fields vibatch recorded in a running domain's XML."""
+    root = ET.fromstring(xml)
+    job = root.find(f"metadata/{{{METADATA_NS}}}job")
+    if job is None:
+        return {}
+    return {child.tag.split("}", 1)[1]: child.text or "" for child in job}

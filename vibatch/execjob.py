@@ -1,0 +1,182 @@
+"""``vibatch exec``: run a command in the job's VM, as the job's user, from the host.
+
+Runs as the job user: no root, no sudo, no libvirt. It talks to the per-job user agent (a
+qemu-guest-agent the prologue started as the job user, on the job's own virtio-serial port,
+whose host socket belongs to the job user only), so it cannot reach another job's VM and cannot
+become root in its own. Output goes to files in the job's I/O folder, which is shared into the
+guest; this process tails them, so lines appear live. See docs/architecture.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import signal
+import sys
+import time
+from typing import Iterator, Optional, Sequence
+
+from .agent import AgentError, SocketAgent
+from .config import Config
+from .errors import ExecError
+from .jobdir import JobPaths
+from .util import Deadline, read_json
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+JOB_ID_VARS = ("VIBATCH_JOB_ID", "SLURM_JOB_ID", "JOB_ID", "PBS_JOBID", "CONDOR_JOB_ID")
+LOCK_TIMEOUT_S = 30.0
+AGENT_TIMEOUT_S = 30.0
+
+# In the guest, as the job user. Outer: become a session (and process-group) leader when setsid
+# exists, so a forwarded signal reaches the whole job; setsid does not fork here because the
+# agent's child is not a group leader, so the pid the agent reports stays the job's pid.
+# ($0 of the outer shell is the inner script; $@ are the inner script's $0 and arguments.)
+OUTER = ('if command -v setsid >/dev/null 2>&1; then exec setsid /bin/sh -c "$0" "$@"; fi; '
+         'exec /bin/sh -c "$0" "$@"')
+INNER = ('out=$1 err=$2 dir=$3; shift 3; exec <"/dev/null" >"$out" 2>"$err"; '
+         'cd "$dir" || exit 126; exec "$@"')
+KILL = 'kill -s "$1" -- "-$2" 2>/dev/null || kill -s "$1" "$2"'
+
+
+def find_job_id(explicit: Optional[str]) -> str:
+    if explicit:
+        return explicit
+    for var in JOB_ID_VARS:
+        if os.environ.get(var):
+            return os.environ[var]
+    raise ExecError("vibatch exec: no job id: use --job or set VIBATCH_JOB_ID")
+
+
+def guest_env(environ: dict, exclude: Sequence[str], guest_path: str, cwd: str,
+              job_id: str) -> list[str]:
+    """The job's environment minus what only makes sense on the host."""
+    skip = set(exclude)
+    env = {k: v for k, v in environ.items()
+           if k not in skip and "=" not in k and "\0" not in k + v}
+    path = [p for p in env.get("PATH", "").split(":") if p]
+    env["PATH"] = ":".join(path + [p for p in guest_path.split(":") if p not in path])
+    env["PWD"] = cwd
+    env["VIBATCH_JOB_ID"] = job_id
+    return [f"{k}={v}" for k, v in sorted(env.items())]
+
+
+class _Stream:
+    """A file the guest writes into through the shared I/O folder, copied to ``sink`` live."""
+
+    def __init__(self, path: str, sink, owner: tuple[int, int]):
+        self.path, self.sink = path, sink
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        if os.getuid() == 0:  # root running a job (vibatch run): the job user must write it
+            os.fchown(fd, *owner)
+        self.f = os.fdopen(fd, "rb", buffering=0)
+
+    def pump(self) -> int:
+        n = 0
+        while chunk := self.f.read(1 << 16):
+            self.sink.write(chunk)
+            n += len(chunk)
+        if n:
+            self.sink.flush()
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class Exec:
+    def __init__(self, cfg: Config, job_id: str):
+        self.cfg = cfg
+        self.paths = JobPaths.of(cfg, job_id)
+        info = read_json(self.paths.info)
+        if info is None:
+            raise ExecError(f"vibatch exec: job {job_id} has no running VM on this node")
+        if os.getuid() not in (0, info["uid"]):
+            raise ExecError(f"vibatch exec: job {job_id} belongs to another user")
+        self.info = info
+        self.lock_path = os.path.join(info["io_host"], ".lock")
+        self.agent = SocketAgent(self.paths.socket, lock=self._lock)
+        self.pending: list[int] = []
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialise agent transactions of concurrent ``vibatch exec`` of this job."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            deadline = Deadline(LOCK_TIMEOUT_S)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline.expired():
+                        raise ExecError("vibatch exec: the job's agent stayed busy for "
+                                        f"{LOCK_TIMEOUT_S:g} s") from None
+                    time.sleep(0.002)
+            yield
+        finally:
+            os.close(fd)
+
+    def cwd(self) -> str:
+        wd = self.info["workdir"]
+        try:
+            here = os.getcwd()
+        except OSError:
+            return wd
+        return here if here == wd or here.startswith(wd.rstrip("/") + "/") else wd
+
+    def run(self, argv: Sequence[str]) -> int:
+        token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        io_host, io_guest = self.info["io_host"], self.info["io_guest"]
+        owner = (self.info["uid"], self.info["gid"])
+        out = _Stream(os.path.join(io_host, token + ".out"), sys.stdout.buffer, owner)
+        err = _Stream(os.path.join(io_host, token + ".err"), sys.stderr.buffer, owner)
+        old = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
+        try:
+            cwd = self.cwd()
+            env = guest_env(dict(os.environ), self.cfg.exec.env_exclude, self.cfg.exec.guest_path,
+                            cwd, self.paths.job_id)
+            args = ["-c", OUTER, INNER, "vibatch-job", f"{io_guest}/{token}.out",
+                    f"{io_guest}/{token}.err", cwd, *argv]
+            pid = self.agent.exec_start("/bin/sh", args, env=env, timeout=AGENT_TIMEOUT_S)
+            status = self._follow(pid, out, err)
+        except AgentError as e:
+            raise ExecError(f"vibatch exec: {e}") from None
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            out.pump(), err.pump()
+            out.close(), err.close()
+        self._record(status)
+        return status
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.pending.append(signum)
+
+    def _follow(self, pid: int, out: _Stream, err: _Stream) -> int:
+        interval = 0.002
+        while True:
+            while self.pending:
+                self._forward(pid, self.pending.pop(0))
+            moved = out.pump() + err.pump()
+            st = self.agent.exec_status(pid, timeout=AGENT_TIMEOUT_S)
+            if st.exited:
+                return st.wait_status
+            interval = 0.002 if moved else min(interval * 2, 0.05)
+            time.sleep(interval)
+
+    def _forward(self, pid: int, signum: int) -> None:
+        name = signal.Signals(signum).name[3:]
+        self.agent.exec_start("/bin/sh", ["-c", KILL, "vibatch-kill", name, str(pid)],
+                              timeout=AGENT_TIMEOUT_S)
+
+    def _record(self, status: int) -> None:
+        """Leave the last exit status where the epilogue can account for it."""
+        path = os.path.join(self.info["io_host"], "last-exit")
+        with contextlib.suppress(OSError):
+            fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{status}\n")
+            os.replace(path + ".tmp", path)

@@ -1,0 +1,81 @@
+"""Per-job setup of a stock guest, done through its root agent at prologue time.
+
+The image needs nothing of ours: a POSIX shell, the usual tools to add a user (useradd,
+busybox adduser, or plain /etc/passwd), mount with virtiofs, and qemu-guest-agent. The script
+gets every job value as a positional argument; nothing is pasted into shell text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .domain import IO_TAG, USER_AGENT_PORT, WORKDIR_TAG
+
+GUEST_IO_DIR = "/run/vibatch/io"
+GUEST_AGENT_STATE = "/run/vibatch/agent"
+
+# $1 name  $2 uid  $3 gid  $4 home  $5 workdir  $6 io dir  $7 agent state dir
+SETUP_SCRIPT = r"""
+set -u
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+name=$1 uid=$2 gid=$3 home=$4 wd=$5 io=$6 st=$7
+fail() { echo "vibatch guest setup: $*" >&2; exit 1; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# the job's group and user, with the host's ids
+group=$(awk -F: -v g="$gid" '$3 == g { print $1; exit }' /etc/group)
+if [ -z "$group" ]; then
+  group=$name
+  grep -q "^$group:" /etc/group && group=vbjob$gid
+  if have groupadd; then groupadd -o -g "$gid" "$group" || fail "groupadd $group failed"
+  elif have addgroup; then addgroup -g "$gid" "$group" || fail "addgroup $group failed"
+  else echo "$group:x:$gid:" >> /etc/group || fail "cannot write /etc/group"; fi
+fi
+line=$(grep "^$name:" /etc/passwd)
+if [ -n "$line" ]; then
+  [ "$(echo "$line" | cut -d: -f3)" = "$uid" ] || fail "the image already has a user $name with another uid"
+else
+  if have useradd; then useradd -o -M -N -u "$uid" -g "$gid" -d "$home" -s /bin/sh "$name" || fail "useradd $name failed"
+  elif have adduser; then adduser -D -H -u "$uid" -G "$group" -h "$home" -s /bin/sh "$name" || fail "adduser $name failed"
+  else echo "$name:x:$uid:$gid:vibatch job user:$home:/bin/sh" >> /etc/passwd || fail "cannot write /etc/passwd"; fi
+fi
+if [ ! -d "$home" ]; then mkdir -p "$home" && chown "$uid:$gid" "$home" && chmod 700 "$home"; fi
+
+# the job's working directory at the same path, and the per-job I/O folder
+have modprobe && modprobe virtiofs 2>/dev/null
+mkdir -p "$wd" "$io" || fail "cannot create $wd or $io"
+grep -q " $wd virtiofs " /proc/mounts || mount -t virtiofs "$TAG_WD" "$wd" || fail "cannot mount the working directory on $wd"
+grep -q " $io virtiofs " /proc/mounts || mount -t virtiofs "$TAG_IO" "$io" || fail "cannot mount the I/O folder on $io"
+
+# a second qemu-guest-agent, as the job user, on the job's own virtio-serial port
+port=
+for p in /sys/class/virtio-ports/*; do
+  [ "$(cat "$p/name" 2>/dev/null)" = "$PORT" ] && port=/dev/$(basename "$p")
+done
+[ -n "$port" ] || fail "no virtio-serial port named $PORT"
+ga=$(command -v qemu-ga || ls /usr/bin/qemu-ga /usr/sbin/qemu-ga /usr/libexec/qemu-ga 2>/dev/null | head -n1)
+[ -n "$ga" ] || fail "qemu-ga not found"
+chown "$uid:$gid" "$port" && chmod 600 "$port" || fail "cannot hand $port to the job user"
+mkdir -p "$st" && chown "$uid:$gid" "$st" && chmod 700 "$st" || fail "cannot create $st"
+set -- "$ga" -d -m virtio-serial -p "$port" -t "$st" -f "$st/qemu-ga.pid"
+if have runuser; then runuser -u "$name" -- "$@" || fail "cannot start the user agent"
+elif have setpriv && setpriv --help 2>&1 | grep -q reuid; then
+  setpriv --reuid="$uid" --regid="$gid" --clear-groups -- "$@" || fail "cannot start the user agent"
+else  # POSIXLY_CORRECT: stop option parsing at the user name, so qemu-ga's options pass through
+  POSIXLY_CORRECT=1 su -s /bin/sh -c 'exec "$0" "$@"' "$name" "$@" || fail "cannot start the user agent"
+fi
+echo ok
+"""
+
+
+@dataclass(frozen=True)
+class SetupArgs:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    workdir: str
+
+    def argv(self) -> list[str]:
+        script = (f"TAG_WD={WORKDIR_TAG} TAG_IO={IO_TAG} PORT={USER_AGENT_PORT}\n" + SETUP_SCRIPT)
+        return ["-c", script, "vibatch-setup", self.name, str(self.uid), str(self.gid), self.home,
+                self.workdir, GUEST_IO_DIR, GUEST_AGENT_STATE]

@@ -1,0 +1,30 @@
+"""The one way vibatch runs host tools: argument lists, a timeout, the project's error."""
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+
+from .errors import CommandFailed
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(argv: list[str], *, timeout: float, check: bool = True) -> Result:
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                            stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        raise CommandFailed(f"{argv[0]} did not finish within {timeout:g} s") from e
+    except OSError as e:
+        raise CommandFailed(f"cannot run {argv[0]}: {e.strerror}") from e
+    res = Result(list(argv), cp.returncode, cp.stdout, cp.stderr)
+    if check and cp.returncode != 0:
+        last = (cp.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise CommandFailed(f"{argv[0]} failed (exit {cp.returncode}): {last}")
+    return res
