@@ -1,0 +1,77 @@
+#!/bin/bash
+# Set a Debian 12 node up for vibatch, then run a demo job in a fresh VM. Safe to run again.
+#   sudo etc/setup-node.sh [--no-demo]
+# 1. Debian packages: QEMU, qemu-utils, libvirt daemon + dev headers, image build tools.
+# 2. A virtualenv with vibatch in /opt/vibatch/venv (outside any home, so job users can run
+#    `vibatch exec`) and /usr/local/bin/vibatch.
+# 3. /etc/vibatch/vibatch.yaml from etc/vibatch.yaml, unless one exists.
+# 4. /dev/kvm as root:kvm 0660 (else libvirt re-probes QEMU for ~60 s at every start), and
+#    virtlogd + libvirtd started when no service manager runs them.
+# 5. The test image built from Debian packages and added to the library as "testguest".
+# 6. The demo: `vibatch run` prints, from inside the VM, the kernel, id, CPUs and memory.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PREFIX=${VIBATCH_PREFIX:-/opt/vibatch}
+VENV=$PREFIX/venv
+CONF=/etc/vibatch/vibatch.yaml
+DEMO=1
+[ "${1:-}" = "--no-demo" ] && DEMO=0
+log() { echo "setup-node: $*"; }
+[ "$(id -u)" = 0 ] || { echo "setup-node: run as root" >&2; exit 1; }
+
+PKGS=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+      gcc python3-dev python3-venv cpio e2fsprogs xz-utils lz4 zstd passwd)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    -o DPkg::Lock::Timeout=600 "${missing[@]}"
+fi
+
+# Debian's python3, not a per-user interpreter: the job users must be able to run it
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  mkdir -p "$PREFIX"
+  /usr/bin/python3 -m venv "$VENV"
+fi
+log "installing vibatch into $VENV"
+"$VENV/bin/pip" install -q --disable-pip-version-check "$REPO[test]"
+ln -sf "$VENV/bin/vibatch" /usr/local/bin/vibatch
+chmod -R a+rX "$PREFIX"
+
+mkdir -p /etc/vibatch
+[ -e "$CONF" ] || install -m 644 "$REPO/etc/vibatch.yaml" "$CONF"
+
+if [ -e /dev/kvm ]; then chown root:kvm /dev/kvm; chmod 0660 /dev/kvm; fi
+if [ ! -d /run/systemd/system ]; then
+  pgrep -x virtlogd >/dev/null || { log "starting virtlogd"; virtlogd -d; }
+  pgrep -x libvirtd >/dev/null || { log "starting libvirtd"; libvirtd -d; }
+fi
+for _ in $(seq 1 100); do   # bounded: up to 10 s for libvirtd to accept connections
+  "$VENV/bin/python" -c 'import libvirt, sys; libvirt.registerErrorHandler(lambda *a: None, None); libvirt.open("qemu:///system").close()' 2>/dev/null && break
+  sleep 0.1
+done
+"$VENV/bin/python" -c 'import libvirt; libvirt.open("qemu:///system").close()'
+
+LIB=$("$VENV/bin/python" -c 'from vibatch import config; print(config.load().library_dir)')
+BUILD=${VIBATCH_IMAGE_BUILD:-/var/lib/vibatch/build/testguest}
+if [ ! -s "$BUILD/disk.qcow2" ]; then
+  log "building the test image into $BUILD"
+  "$REPO/images/testguest/build.sh" "$BUILD"
+fi
+if [ ! -e "$LIB/testguest/manifest.json" ]; then
+  vibatch image add "$BUILD/disk.qcow2" --name testguest --os vbguest \
+    --os-version "$(cat "$BUILD/KVER")" --kernel "$BUILD/vmlinux" --initrd "$BUILD/initrd.cpio" \
+    --cmdline "$(cat "$BUILD/cmdline")"
+fi
+vibatch image list
+
+if [ "$DEMO" = 1 ]; then
+  log "demo: one job in a fresh VM (as user nobody)"
+  vibatch run --user nobody --workdir /var/tmp --timings -- sh -c \
+    'echo "guest kernel: $(uname -r)"; echo "id:           $(id)"; echo "CPUs:         $(nproc)"; echo "memory:       $(free -m | awk "/^Mem:/ {print \$2}") MiB"'
+fi
