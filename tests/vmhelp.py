@@ -1,0 +1,116 @@
+"""Helpers for the real-VM tests: run the CLI as the batch system would, check leftovers."""
+from __future__ import annotations
+
+import copy
+import os
+import pwd
+import select
+import subprocess
+import time
+
+import filelock
+import yaml
+
+from conftest import vibatch_cmd
+
+
+def variant(env, name: str, overrides: dict) -> str:
+    """Another config file sharing env's directories, with some keys changed."""
+    with open(env.config_path) as f:
+        data = yaml.safe_load(f)
+    merged = copy.deepcopy(data)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            merged.setdefault(key, {}).update(value)
+        else:
+            merged[key] = value
+    path = os.path.join(env.base, f"vibatch-{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(merged, f)
+    os.chmod(path, 0o644)
+    return path
+
+
+def prologue(env, job: str, user: str = "vbt-alice", workdir: str | None = None,
+             config: str | None = None, args: tuple = ()):
+    workdir = workdir or env.workdir(job.replace("/", "_")[:40], user if _exists(user) else "vbt-alice")
+    return subprocess.run(vibatch_cmd("--config", config or env.config_path, "prologue", "--job", job,
+                                      "--user", user, "--workdir", workdir, *args),
+                          capture_output=True, text=True, timeout=180)
+
+
+def epilogue(env, job: str, config: str | None = None):
+    return subprocess.run(vibatch_cmd("--config", config or env.config_path, "epilogue", "--job", job),
+                          capture_output=True, text=True, timeout=120)
+
+
+def _exists(user: str) -> bool:
+    try:
+        pwd.getpwnam(user)
+        return True
+    except KeyError:
+        return False
+
+
+def as_user(user: str) -> dict:
+    pw = pwd.getpwnam(user)
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+
+def exec_popen(vm, job: str, *cmd: str, user: str = "vbt-alice", cwd: str | None = None, **kw):
+    """``vibatch exec`` started as the job user, as a batch system's job starter would."""
+    return subprocess.Popen(vibatch_cmd("exec", "--job", job, "--", *cmd),
+                            env={"PATH": "/usr/bin:/bin", "VIBATCH_CONFIG": vm.config_path,
+                                 "HOME": "/nonexistent", **kw.pop("env", {})},
+                            cwd=cwd or "/", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            **as_user(user), **kw)
+
+
+def exec_run(vm, job: str, *cmd: str, user: str = "vbt-alice", timeout: float = 120, **kw):
+    p = exec_popen(vm, job, *cmd, user=user, **kw)
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out.decode(), err.decode()
+
+
+def read_line(stream, timeout: float) -> bytes:
+    """One line from a pipe, or fail after ``timeout`` seconds (a bounded wait, no sleep)."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    fd = stream.fileno()
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete line within {timeout} s (got {buf!r})")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 1)
+            if not chunk:
+                raise EOFError(f"stream closed (got {buf!r})")
+            buf += chunk
+    return buf
+
+
+def leftovers(env, job: str) -> list[str]:
+    """Everything a job could leave behind; an empty list means nothing is left."""
+    from vibatch import hypervisor
+    from vibatch.slots import SlotAllocator, Capacity
+    cfg = env.cfg
+    found = []
+    conn = hypervisor.connect(cfg.libvirt_uri)
+    try:
+        if hypervisor.lookup(conn, "vibatch-" + job) is not None:
+            found.append("domain")
+    finally:
+        conn.close()
+    for d in (os.path.join(cfg.state_dir, "jobs", job), os.path.join(cfg.run_dir, "jobs", job)):
+        if os.path.lexists(d):
+            found.append(d)
+    if SlotAllocator(cfg.state_dir, Capacity((), 0), 1).get(job) is not None:
+        found.append("slot")
+    for lock in (os.path.join(cfg.state_dir, "slots.lock"), os.path.join(cfg.run_dir, "jobs.lock")):
+        try:
+            with filelock.FileLock(lock, timeout=0):
+                pass
+        except filelock.Timeout:
+            found.append(f"held lock {lock}")
+    return found
