@@ -61,6 +61,7 @@ LIB=$("$VENV/bin/python" -c 'from vibatch import config; print(config.load().lib
 BUILD=${VIBATCH_IMAGE_BUILD:-/var/lib/vibatch/build/testguest}
 if [ ! -s "$BUILD/disk.qcow2" ]; then
   log "building the test image into $BUILD"
+  apt-cache depends linux-image-amd64 2>/dev/null | grep -q 'Depends: linux-image-' || apt-get update -q
   "$REPO/images/testguest/build.sh" "$BUILD"
 fi
 if [ ! -e "$LIB/testguest/manifest.json" ]; then

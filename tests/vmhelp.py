@@ -114,3 +114,13 @@ def leftovers(env, job: str) -> list[str]:
         except filelock.Timeout:
             found.append(f"held lock {lock}")
     return found
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``predicate`` until true or ``timeout``: a bounded wait on a condition."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True

@@ -107,9 +107,9 @@ def prologue(node: Node, req: JobRequest) -> dict:
         atomic_write_json(paths.state_file, state)
         _bring_up(node, req, paths, image, slot, timer, state)
     except BaseException as exc:
-        _undo(node, paths)
-        if isinstance(exc, VibatchError) and not exc.detail:
+        if isinstance(exc, VibatchError) and not exc.detail:  # read it before it is removed
             exc.detail = console_tail(paths.console, cfg.vm.console_tail_lines)
+        _undo(node, paths)
         raise
     state.update(phase="running", phases=timer.phases, ready_at=time.time())
     atomic_write_json(paths.state_file, state)

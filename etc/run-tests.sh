@@ -1,0 +1,10 @@
+#!/bin/bash
+# Run vibatch's whole test suite on this node (as root):
+#   etc/run-tests.sh [PYTEST ARGS...]
+# First sets the node up exactly as etc/setup-node.sh does (packages, venv, libvirtd/virtlogd,
+# the test image), without the demo; then runs unit tests and the real-VM tests.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+"$REPO/etc/setup-node.sh" --no-demo
+cd "$REPO"
+exec "${VIBATCH_PREFIX:-/opt/vibatch}/venv/bin/python" -m pytest -p no:cacheprovider -q -rs tests "$@"

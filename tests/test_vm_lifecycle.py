@@ -1,0 +1,184 @@
+"""Prologue and epilogue on real VMs: resources, pinning, the memory cap, failures, cleanup."""
+import json
+import os
+import signal
+import subprocess
+import threading
+
+import pytest
+
+from conftest import SESSION, vibatch_cmd
+from vmhelp import (wait_until, epilogue, exec_popen, exec_run, leftovers, prologue, read_line, variant)
+
+pytestmark = pytest.mark.vm
+
+
+def _qemu_threads_cpus(cfg, job):
+    """Cpus_allowed_list of every thread of the job's QEMU, read from /proc."""
+    with open(f"/run/libvirt/qemu/vibatch-{job}.pid") as f:
+        pid = int(f.read())
+    cpus = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            line = next(x for x in f if x.startswith("Cpus_allowed_list:"))
+        cpus.add(line.split()[1])
+    return cpus
+
+
+def _domain_exists(conn, job):
+    return ("vibatch-" + job) in [d.name() for d in conn.listAllDomains()]
+
+
+def test_two_jobs_at_once_get_disjoint_pinned_cpus(vm_env, tracker):
+    import libvirt
+    jobs = [tracker.job_id("a"), tracker.job_id("b")]
+    results = {}
+    threads = [threading.Thread(target=lambda j=j: results.__setitem__(j, prologue(vm_env, j)))
+               for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert all(results[j].returncode == 0 for j in jobs), [results[j].stderr for j in jobs]
+    conn = libvirt.open(vm_env.cfg.libvirt_uri)
+    pins = {}
+    for j in jobs:
+        dom = conn.lookupByName("vibatch-" + j)
+        vcpu = [i for i, on in enumerate(dom.vcpuPinInfo(0)[0]) if on]
+        emu = [i for i, on in enumerate(dom.emulatorPinInfo(0)) if on]
+        assert vcpu == emu and len(vcpu) == 1
+        threads_cpus = _qemu_threads_cpus(vm_env.cfg, j)
+        assert threads_cpus == {str(vcpu[0])}, threads_cpus   # every QEMU thread on the pin
+        pins[j] = vcpu[0]
+    conn.close()
+    assert pins[jobs[0]] != pins[jobs[1]]
+    for j in jobs:   # and each job's guest sees one CPU
+        rc, out, _ = exec_run(vm_env, j, "nproc", cwd="/")
+        assert rc == 0 and out.strip() == "1"
+
+
+def test_multi_core_job_and_exact_cpus(vm_env, tracker):
+    import libvirt
+    job = tracker.job_id()
+    r = prologue(vm_env, job, args=("--cpus", "0-1", "--memory", "700M"))
+    assert r.returncode == 0, r.stderr
+    rc, out, _ = exec_run(vm_env, job, "sh", "-c", "nproc; grep MemTotal /proc/meminfo")
+    nproc, mem = out.splitlines()
+    assert rc == 0 and nproc == "2" and 600 < int(mem.split()[1]) / 1024 <= 700
+    conn = libvirt.open(vm_env.cfg.libvirt_uri)
+    dom = conn.lookupByName("vibatch-" + job)
+    assert [[i for i, on in enumerate(m) if on] for m in dom.vcpuPinInfo(0)] == [[0], [1]]
+    conn.close()
+
+
+def test_memory_cap_is_set_and_enforced(vm_env, tracker):
+    import libvirt
+    cfg = variant(vm_env, "lowcap", {"vm": {"memory_overhead_mb": 64, "tcg_tb_cache_mb": 16}})
+    job = tracker.job_id()
+    r = prologue(vm_env, job, config=cfg, args=("--memory", "512M"))
+    assert r.returncode == 0, r.stderr
+    conn = libvirt.open(vm_env.cfg.libvirt_uri)
+    dom = conn.lookupByName("vibatch-" + job)
+    assert dom.memoryParameters(0)["hard_limit"] == (512 + 64) * 1024
+    # The guest's own OOM killer acts first while guest + QEMU stay under 576 MiB, so lower the
+    # same live cgroup limit under what the guest is about to touch: the host must kill QEMU.
+    dom.setMemoryParameters({libvirt.VIR_DOMAIN_MEMORY_HARD_LIMIT: 256 * 1024},
+                            libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    rc, _, err = exec_run(vm_env, job, "sh", "-c",
+                          "awk 'BEGIN { s = \"xxxxxxxxxxxxxxxx\"; while (1) s = s s }'")
+    assert rc == 125 and "VM" in err
+    assert wait_until(lambda: not _domain_exists(conn, job), timeout=30)  # OOM-killed: gone
+    conn.close()
+    e = epilogue(vm_env, job, config=cfg)
+    assert e.returncode == 0, e.stderr
+    assert leftovers(vm_env, job) == []
+    rec = [json.loads(x) for x in open(vm_env.cfg.accounting_file)]
+    assert [x["vm_end"] for x in rec if x["job_id"] == job] == ["gone"]
+
+
+def test_epilogue_after_sigkilled_forwarder(vm_env, tracker):
+    job = tracker.job_id()
+    assert prologue(vm_env, job).returncode == 0
+    p = exec_popen(vm_env, job, "sh", "-c", "echo ready; sleep 300")
+    assert read_line(p.stdout, timeout=20) == b"ready\n"
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=30)
+    e = epilogue(vm_env, job)
+    assert e.returncode == 0, e.stderr
+    assert leftovers(vm_env, job) == []
+
+
+def test_epilogue_is_idempotent_and_accounts_once(vm_env, tracker):
+    job = tracker.job_id()
+    assert prologue(vm_env, job, args=("--memory", "300M")).returncode == 0
+    assert exec_run(vm_env, job, "sh", "-c", "exit 7")[0] == 7
+    for _ in range(2):
+        e = epilogue(vm_env, job)
+        assert e.returncode == 0 and e.stdout == ""
+    assert leftovers(vm_env, job) == []
+    recs = [json.loads(x) for x in open(vm_env.cfg.accounting_file) if job in x]
+    assert len(recs) == 1
+    rec = recs[0]
+    assert rec["exit_code"] == 7 and rec["user"] == "vbt-alice" and rec["memory_mb"] == 300
+    assert rec["image"] == "testguest" and rec["image_digest"].startswith("sha256:")
+    assert rec["cores"] == 1 and len(rec["cpus"]) == 1 and rec["vm_cpu_time_s"] > 0
+    assert set(rec["phases"]) == {"claim", "image_check", "clone", "domain_start", "boot",
+                                  "guest_setup", "epilogue"}
+
+
+def test_epilogue_with_nothing_to_clean(vm_env):
+    e = epilogue(vm_env, f"{SESSION}-never-started")
+    assert e.returncode == 0 and e.stderr == ""
+
+
+def _jobs_dirs(cfg):
+    return [sorted(os.listdir(d)) if os.path.isdir(d) else []
+            for d in (os.path.join(cfg.state_dir, "jobs"), os.path.join(cfg.run_dir, "jobs"))]
+
+
+@pytest.mark.parametrize("case, args, user, code, message", [
+    ("image", ("--image", "no-such-os"), "vbt-alice", 11, "unknown image 'no-such-os' (available: "),
+    ("cores", ("--cores", "64"), "vbt-alice", 12, "64 cores requested; this node gives jobs at most"),
+    ("memory", ("--memory", "4T"), "vbt-alice", 12, "MiB requested; this node gives jobs at most"),
+    ("user", (), "no-such-user-xyz", 14, "user 'no-such-user-xyz' does not exist"),
+    ("rootuser", (), "root", 14, "vibatch never runs a job as root"),
+])
+def test_bad_requests_leave_nothing_behind(vm_env, tracker, case, args, user, code, message):
+    job = tracker.job_id()
+    before = _jobs_dirs(vm_env.cfg)
+    r = prologue(vm_env, job, user=user, workdir=vm_env.workdir(case), args=args)
+    assert r.returncode == code, r.stderr
+    assert r.stderr.count("\n") == 1 and message in r.stderr
+    assert leftovers(vm_env, job) == [] and _jobs_dirs(vm_env.cfg) == before
+
+
+@pytest.mark.parametrize("job", ["a/b", "..", "x..y", "bad\x01id", "line\nbreak"])
+def test_bad_job_ids_leave_nothing_behind(vm_env, job):
+    before = _jobs_dirs(vm_env.cfg)
+    r = subprocess.run(vibatch_cmd("--config", vm_env.config_path, "prologue", "--job", job,
+                                   "--user", "vbt-alice", "--workdir", vm_env.workdir("badid")),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 13 and "invalid job id" in r.stderr
+    assert _jobs_dirs(vm_env.cfg) == before
+    e = subprocess.run(vibatch_cmd("--config", vm_env.config_path, "epilogue", "--job", job),
+                       capture_output=True, text=True, timeout=60)
+    assert e.returncode == 13
+
+
+def test_missing_workdir(vm_env, tracker):
+    job = tracker.job_id()
+    r = prologue(vm_env, job, workdir=os.path.join(vm_env.base, "work", "does-not-exist"))
+    assert r.returncode == 15 and "does not exist" in r.stderr
+    assert leftovers(vm_env, job) == []
+
+
+def test_guest_that_never_answers(vm_env, tracker):
+    cfg = variant(vm_env, "fastfail", {"vm": {"boot_timeout_s": 8}})
+    job = tracker.job_id()
+    r = prologue(vm_env, job, config=cfg, args=("--image", "silent"))
+    assert r.returncode == 21, r.stderr
+    first, *console = r.stderr.splitlines()
+    assert "did not answer within 8 s" in first or "stopped while booting" in first
+    assert any("Kernel panic" in line or "rdinit" in line for line in console), r.stderr
+    assert leftovers(vm_env, job) == []
+    assert epilogue(vm_env, job, config=cfg).returncode == 0   # epilogue after a failed prologue
