@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import socket
 import time
@@ -178,10 +177,3 @@ class _LineReader:
         line, self.buf = self.buf.split(b"\n", 1)
         return line
 
-
-def is_socket(path: str) -> bool:
-    try:
-        import stat  # noqa: PLC0415
-        return stat.S_ISSOCK(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False

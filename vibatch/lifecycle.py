@@ -6,7 +6,6 @@ there is nothing to clean.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from . import accel, accounting, hypervisor, qemuimg
 from .agent import AgentError, LibvirtAgent, SocketAgent
 from .config import Config
 from .domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
-from .errors import (BootFailed, HypervisorError, JobAlreadyRunning, LockTimeout, NodeError,
+from .errors import (BootFailed, JobAlreadyRunning, LockTimeout, NodeError,
                      ResourceRequestError, VibatchError)
 from .guestsetup import GUEST_IO_DIR, SetupArgs
 from .jobdir import DOMAIN_PREFIX, JobPaths, console_tail
@@ -55,9 +54,6 @@ class Node:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-    def locked(self) -> filelock.BaseFileLock:
-        return self.jobs_lock
 
     def acquire_jobs_lock(self) -> None:
         try:
