@@ -182,3 +182,17 @@ def test_guest_that_never_answers(vm_env, tracker):
     assert any("Kernel panic" in line or "rdinit" in line for line in console), r.stderr
     assert leftovers(vm_env, job) == []
     assert epilogue(vm_env, job, config=cfg).returncode == 0   # epilogue after a failed prologue
+
+
+def test_library_files_are_never_touched_by_a_job(vm_env, tracker):
+    from vibatch.library import Library
+    img = Library(vm_env.cfg.library_dir, vm_env.cfg.state_dir).get("testguest")
+    before = {f.path: os.stat(f.path) for f in img.files()}
+    job = tracker.job_id()
+    assert prologue(vm_env, job).returncode == 0
+    during = {p: os.stat(p) for p in before}
+    assert epilogue(vm_env, job).returncode == 0
+    for path, st in before.items():
+        for now in (during[path], os.stat(path)):
+            assert (now.st_uid, now.st_gid, now.st_mode, now.st_ctime_ns) == \
+                   (st.st_uid, st.st_gid, st.st_mode, st.st_ctime_ns), path

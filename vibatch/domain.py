@@ -97,18 +97,19 @@ def build(spec: DomainSpec) -> ET.Element:
     _sub(dom, "clock", offset="utc")
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         _sub(dom, event, "destroy")
+    # No DAC relabelling at all: libvirt would otherwise chown the library's kernel, initrd and
+    # base image to the QEMU user at every start (and the base never back). The lifecycle hands
+    # the overlay to the QEMU user itself; everything else QEMU opens is world-readable.
+    _sub(dom, "seclabel", type="none", model="dac")
 
     dev = _sub(dom, "devices")
     _sub(dev, "emulator", spec.emulator)
     disk = _sub(dev, "disk", type="file", device="disk")
     _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
     _sub(disk, "source", file=spec.disk_overlay)
-    # An explicit backing store with relabel='no': otherwise libvirt chowns the library's base
-    # image to the QEMU user and never gives it back.
     backing = _sub(disk, "backingStore", type="file")
     _sub(backing, "format", type=spec.disk_base_format)
-    src = _sub(backing, "source", file=spec.disk_base)
-    _sub(src, "seclabel", model="dac", relabel="no")
+    _sub(backing, "source", file=spec.disk_base)
     _sub(backing, "backingStore")
     _sub(disk, "target", dev="vda", bus="virtio")
     for share in spec.shares:

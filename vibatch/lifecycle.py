@@ -7,6 +7,7 @@ there is nothing to clean.
 from __future__ import annotations
 
 import os
+import pwd
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -18,7 +19,7 @@ from . import accel, accounting, hypervisor, qemuimg
 from .agent import AgentError, LibvirtAgent, SocketAgent
 from .config import Config
 from .domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
-from .errors import (BootFailed, JobAlreadyRunning, LockTimeout, NodeError,
+from .errors import (BootFailed, ConfigError, JobAlreadyRunning, LockTimeout, NodeError,
                      ResourceRequestError, VibatchError)
 from .guestsetup import GUEST_IO_DIR, SetupArgs
 from .jobdir import DOMAIN_PREFIX, JobPaths, console_tail
@@ -143,6 +144,7 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         state["image_hashed"] = node.library.ensure_verified(image)
     with timer.phase("clone"):
         qemuimg.create_overlay(image.disk.path, image.disk_format, paths.overlay)
+        os.chown(paths.overlay, *_qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
         os.chmod(paths.overlay, 0o600)
     with timer.phase("domain_start"):
         kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
@@ -157,6 +159,15 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         _wait_for_agent(root_agent, Deadline(cfg.vm.boot_timeout_s), cfg.vm.boot_timeout_s)
     with timer.phase("guest_setup"):
         _setup_guest(root_agent, req, paths, Deadline(cfg.vm.setup_timeout_s))
+
+
+def _qemu_ids(cfg: Config) -> tuple[int, int]:
+    try:
+        pw = pwd.getpwnam(cfg.vm.qemu_user)
+    except KeyError:
+        raise ConfigError(f"{cfg.source}: vm.qemu_user: no user {cfg.vm.qemu_user!r} on this "
+                          "host (it must be the user libvirt runs QEMU as)") from None
+    return pw.pw_uid, pw.pw_gid
 
 
 def domain_spec(cfg: Config, req: JobRequest, paths: JobPaths, image: Image, slot: Slot,
