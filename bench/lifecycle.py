@@ -92,6 +92,8 @@ def bare_runs(cfg, runs: int, workdir: str) -> dict[str, list[float]]:
     conn = hypervisor.connect(cfg.libvirt_uri)
     out: dict[str, list[float]] = {}
     req = make_request("bare", "nobody", 1, 512, image.name, workdir)
+    pw = __import__("pwd").getpwnam(cfg.vm.qemu_user)
+    qemu_ids = (pw.pw_uid, pw.pw_gid)
     for i in range(runs):
         d = tempfile.mkdtemp(prefix="bare-", dir=ROOT)
         os.chmod(d, 0o711)
@@ -103,6 +105,7 @@ def bare_runs(cfg, runs: int, workdir: str) -> dict[str, list[float]]:
         xml = xml.replace(f"<name>vibatch-bare{i}</name>", f"<name>vbbare-{os.getpid()}-{i}</name>")
         t0 = time.perf_counter()
         qemuimg.create_overlay(image.disk.path, image.disk_format, paths.overlay)
+        os.chown(paths.overlay, *qemu_ids)
         t1 = time.perf_counter()
         dom = conn.createXML(xml, 0)
         t2 = time.perf_counter()

@@ -77,7 +77,7 @@ class Agent:
             if deadline.expired():
                 raise AgentError(f"{what} in the guest did not finish within {deadline.seconds:g} s")
             time.sleep(min(interval, deadline.remaining()))
-            interval = min(interval * 2, 0.1)
+            interval = min(interval * 2, 0.02)
 
 
 class LibvirtAgent(Agent):
