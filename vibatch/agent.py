@@ -10,12 +10,13 @@ This module must not import libvirt at load time: ``vibatch exec`` imports it an
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import random
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .errors import VibatchError
 from .util import Deadline
@@ -106,23 +107,52 @@ class LibvirtAgent(Agent):
 class SocketAgent(Agent):
     """A qemu-guest-agent behind a unix socket (the per-job user agent).
 
-    Each ``command`` is one short transaction: connect, resynchronise with
-    guest-sync-delimited, send, read the answer, disconnect. ``lock`` (a context manager)
+    Outside a ``session()``, each ``command`` is one short transaction: connect, resynchronise
+    with guest-sync-delimited, send, read the answer, disconnect. ``lock`` (a context manager)
     serialises transactions when several ``vibatch exec`` of one job share the endpoint.
+    qemu-ga sleeps 100 ms after the host side of a virtio-serial port disconnects, so a burst
+    of commands (starting a short command and polling it) goes through one ``session()``,
+    which holds the connection and the lock until it ends.
     """
 
     def __init__(self, path: str, lock: Optional[Callable[[], Any]] = None):
         self.path = path
-        self.lock = lock
+        self.lock = lock or contextlib.nullcontext
+        self._session: Optional[tuple[socket.socket, "_LineReader"]] = None
+
+    @contextlib.contextmanager
+    def session(self, timeout: float) -> Iterator[None]:
+        with self.lock():
+            sock, reader = self._guarded("connect", lambda: self._connect(Deadline(timeout)))
+            self._session = (sock, reader)
+            try:
+                yield
+            finally:
+                self._session = None
+                sock.close()
 
     def command(self, name: str, arguments: Optional[dict] = None, timeout: float = 10.0) -> Any:
-        if self.lock is None:
-            return self._transaction(name, arguments, timeout)
-        with self.lock():
-            return self._transaction(name, arguments, timeout)
-
-    def _transaction(self, name: str, arguments: Optional[dict], timeout: float) -> Any:
         deadline = Deadline(timeout)
+        if self._session is not None:
+            sock, reader = self._session
+            reader.deadline = deadline
+            return self._guarded(name, lambda: self._request(sock, reader, name, arguments))
+        with self.lock():
+            sock, reader = self._guarded(name, lambda: self._connect(deadline))
+            try:
+                return self._guarded(name, lambda: self._request(sock, reader, name, arguments))
+            finally:
+                sock.close()
+
+    def _guarded(self, name: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except socket.timeout:
+            raise AgentError(f"the job's VM did not answer {name} in time") from None
+        except (OSError, ValueError) as e:
+            raise AgentError(f"lost the job's VM during {name}: {e}") from None
+
+    def _connect(self, deadline: Deadline) -> tuple[socket.socket, "_LineReader"]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(max(0.05, deadline.remaining()))
@@ -140,15 +170,16 @@ class SocketAgent(Agent):
                 if b"\xff" in line:
                     reply = json.loads(line.rsplit(b"\xff", 1)[1])
                     if reply.get("return") == sync_id:
-                        break
-            sock.sendall(_encode(name, arguments))
-            reply = json.loads(reader.readline())
-        except socket.timeout:
-            raise AgentError(f"the job's VM did not answer {name} within {timeout:g} s") from None
-        except (OSError, ValueError) as e:
-            raise AgentError(f"lost the job's VM during {name}: {e}") from None
-        finally:
+                        return sock, reader
+        except BaseException:
             sock.close()
+            raise
+
+    @staticmethod
+    def _request(sock: socket.socket, reader: "_LineReader", name: str,
+                 arguments: Optional[dict]) -> Any:
+        sock.sendall(_encode(name, arguments))
+        reply = json.loads(reader.readline())
         if "error" in reply:
             raise AgentError(f"guest agent: {name}: {reply['error'].get('desc')}")
         return reply.get("return")

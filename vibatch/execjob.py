@@ -27,6 +27,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signa
 JOB_ID_VARS = ("VIBATCH_JOB_ID", "SLURM_JOB_ID", "JOB_ID", "PBS_JOBID", "CONDOR_JOB_ID")
 LOCK_TIMEOUT_S = 30.0
 AGENT_TIMEOUT_S = 30.0
+FAST_PHASE_S = 1.0   # keep one agent connection this long: short commands finish in it
 
 # In the guest, as the job user. Outer: become a session (and process-group) leader when setsid
 # exists, so a forwarded signal reaches the whole job; setsid does not fork here because the
@@ -140,8 +141,11 @@ class Exec:
                             cwd, self.paths.job_id)
             args = ["-c", OUTER, INNER, "vibatch-job", f"{io_guest}/{token}.out",
                     f"{io_guest}/{token}.err", cwd, *argv]
-            pid = self.agent.exec_start("/bin/sh", args, env=env, timeout=AGENT_TIMEOUT_S)
-            status = self._follow(pid, out, err)
+            with self.agent.session(AGENT_TIMEOUT_S):
+                pid = self.agent.exec_start("/bin/sh", args, env=env, timeout=AGENT_TIMEOUT_S)
+                status = self._follow(pid, out, err, Deadline(FAST_PHASE_S))
+            if status is None:  # a longer command: poll in short transactions, sharing the agent
+                status = self._follow(pid, out, err)
         except AgentError as e:
             raise ExecError(f"vibatch exec: {e}") from None
         finally:
@@ -155,7 +159,9 @@ class Exec:
     def _on_signal(self, signum: int, _frame) -> None:
         self.pending.append(signum)
 
-    def _follow(self, pid: int, out: _Stream, err: _Stream) -> int:
+    def _follow(self, pid: int, out: _Stream, err: _Stream,
+                until: Optional[Deadline] = None) -> Optional[int]:
+        """The command's wait status; None if ``until`` passes first."""
         interval = 0.002
         while True:
             while self.pending:
@@ -164,6 +170,8 @@ class Exec:
             st = self.agent.exec_status(pid, timeout=AGENT_TIMEOUT_S)
             if st.exited:
                 return st.wait_status
+            if until is not None and until.expired():
+                return None
             interval = 0.002 if moved else min(interval * 2, 0.05)
             time.sleep(interval)
 

@@ -230,7 +230,8 @@ def _setup_guest(root_agent: LibvirtAgent, req: JobRequest, paths: JobPaths,
 def _wait_for_user_agent(agent: SocketAgent, deadline: Deadline) -> tuple[int, int]:
     while True:
         try:
-            res = agent.run("/bin/sh", ["-c", "id -u; id -g"], deadline, what="id")
+            with agent.session(max(1.0, deadline.remaining())):
+                res = agent.run("/bin/sh", ["-c", "id -u; id -g"], deadline, what="id")
             out = res.out.decode().split()
             return int(out[0]), int(out[1])
         except (AgentError, ValueError, IndexError):
