@@ -1,6 +1,7 @@
 """Prologue and epilogue on real VMs: resources, pinning, the memory cap, failures, cleanup."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -196,3 +197,43 @@ def test_library_files_are_never_touched_by_a_job(vm_env, tracker):
         for now in (during[path], os.stat(path)):
             assert (now.st_uid, now.st_gid, now.st_mode, now.st_ctime_ns) == \
                    (st.st_uid, st.st_gid, st.st_mode, st.st_ctime_ns), path
+
+
+def test_reap_after_a_crash(vm_env, tracker):
+    """QEMU killed behind vibatch's back, a stray slot, an orphan domain: reap cleans all three."""
+    import libvirt
+    from vibatch.slots import Capacity, SlotAllocator
+    crashed = tracker.job_id()
+    assert prologue(vm_env, crashed).returncode == 0
+    conn = libvirt.open(vm_env.cfg.libvirt_uri)
+    conn.lookupByName("vibatch-" + crashed).destroy()          # as if QEMU died
+    orphan = tracker.job_id()
+    assert prologue(vm_env, orphan).returncode == 0
+    shutil.rmtree(os.path.join(vm_env.cfg.state_dir, "jobs", orphan))  # as if its state was lost
+    SlotAllocator(vm_env.cfg.state_dir, Capacity((0, 1), 100000), 5).release(orphan)
+    stray = tracker.job_id()
+    SlotAllocator(vm_env.cfg.state_dir, Capacity((0, 1), 100000), 5).claim(stray, 1, 64)
+    r = subprocess.run(vibatch_cmd("--config", vm_env.config_path, "reap"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"job {crashed} (VM gone)" in r.stdout
+    assert f"slot of job {stray}" in r.stdout
+    assert f"domain vibatch-{orphan}" in r.stdout
+    for job in (crashed, stray):
+        assert leftovers(vm_env, job) == []
+    assert wait_until(lambda: not _domain_exists(conn, orphan), timeout=30)
+    conn.close()
+    rec = [json.loads(x) for x in open(vm_env.cfg.accounting_file) if crashed in x]
+    assert [x["vm_end"] for x in rec] == ["gone"]
+    again = subprocess.run(vibatch_cmd("--config", vm_env.config_path, "reap"),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout == ""        # nothing left to reap
+
+
+def test_reap_leaves_a_running_job_alone(vm_env, tracker):
+    job = tracker.job_id()
+    assert prologue(vm_env, job).returncode == 0
+    r = subprocess.run(vibatch_cmd("--config", vm_env.config_path, "reap"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and job not in r.stdout
+    assert exec_run(vm_env, job, "true")[0] == 0

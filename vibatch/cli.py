@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_resources(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
 
+    sub.add_parser("reap", help="clean up after crashes, reboots, libvirtd restarts (root)")
+
     p = sub.add_parser("status", help="jobs, slots and VMs on this node")
     p.add_argument("--json", action="store_true")
 
@@ -145,6 +147,11 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
             return _run(ap, args, cfg, node)
         if cmd == "status":
             return _status(args, cfg, node)
+        if cmd == "reap":
+            _require_root("reap")
+            for line in lifecycle.reap(node):
+                print(f"reaped {line}")
+            return 0
     finally:
         node.close()
     ap.error(f"unknown command {cmd}")

@@ -312,3 +312,43 @@ def running_jobs(node: Node) -> list[dict]:
         st["domain_active"] = hypervisor.lookup(node.conn, DOMAIN_PREFIX + job_id) is not None
         out.append(st)
     return out
+
+
+def reap(node: Node) -> list[str]:
+    """Clean up after crashes, reboots and libvirtd restarts; return what was reaped.
+
+    - a job whose VM is gone and whose prologue is not running (QEMU died, the node rebooted,
+      the epilogue never came): epilogue it, so it is accounted (``vm_end: gone``);
+    - a slot held by a job that has no directory: release it;
+    - a vibatch domain whose job has no directory: destroy it.
+    A job whose VM runs, or whose prologue is still running, is left alone.
+    """
+    reaped: list[str] = []
+    jobs_dir = os.path.join(node.cfg.state_dir, "jobs")
+    node.acquire_jobs_lock()
+    try:
+        job_ids = sorted(os.listdir(jobs_dir)) if os.path.isdir(jobs_dir) else []
+        stale = []
+        for job_id in job_ids:
+            paths = JobPaths.of(node.cfg, job_id)
+            if hypervisor.lookup(node.conn, paths.domain) is None and \
+                    not _owner_alive(read_json(paths.state_file) or {}):
+                stale.append(job_id)
+        for name in hypervisor.list_names(node.conn, DOMAIN_PREFIX):
+            job_id = name[len(DOMAIN_PREFIX):]
+            if job_id not in job_ids:
+                dom = hypervisor.lookup(node.conn, name)
+                xml = hypervisor.xml_desc(dom) if dom else None
+                if xml and read_metadata(xml).get("job_id") == job_id:
+                    hypervisor.destroy(dom)
+                    reaped.append(f"domain {name} (no job directory)")
+    finally:
+        node.jobs_lock.release()
+    for job_id in stale:
+        epilogue(node, job_id)
+        reaped.append(f"job {job_id} (VM gone)")
+    for job_id in node.slots.all():
+        if not os.path.lexists(os.path.join(jobs_dir, job_id)):
+            node.slots.release(job_id)
+            reaped.append(f"slot of job {job_id} (no job directory)")
+    return reaped
