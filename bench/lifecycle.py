@@ -9,8 +9,8 @@ node's own jobs and slots are not touched). Prints markdown tables (medians over
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import pwd
 import shutil
 import statistics
 import subprocess
@@ -19,10 +19,11 @@ import tempfile
 import time
 
 
-from vibatch import config, hypervisor, qemuimg
+from vibatch import accel, config, hypervisor, qemuimg
 from vibatch.agent import LibvirtAgent
 from vibatch.domain import render
-from vibatch.lifecycle import Node, domain_spec, epilogue, prologue
+from vibatch.jobdir import JobPaths
+from vibatch.lifecycle import Node, domain_spec, epilogue, prologue, qemu_ids
 from vibatch.request import make_request
 from vibatch.slots import Slot
 from vibatch.util import Deadline
@@ -55,7 +56,7 @@ def vibatch_runs(cfg, runs: int, user: str, workdir: str) -> dict[str, list[floa
             out.setdefault(k, []).append(v)
         out.setdefault("prologue_total", []).append(total)
         # vibatch exec true, a fresh process as the job user (what a job starter does)
-        pw = __import__("pwd").getpwnam(user)
+        pw = pwd.getpwnam(user)
         t1 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "vibatch", "exec", "--job", job, "--", "true"],
                        env=env, cwd=workdir, check=True, user=pw.pw_uid, group=pw.pw_gid,
@@ -92,20 +93,20 @@ def bare_runs(cfg, runs: int, workdir: str) -> dict[str, list[float]]:
     conn = hypervisor.connect(cfg.libvirt_uri)
     out: dict[str, list[float]] = {}
     req = make_request("bare", "nobody", 1, 512, image.name, workdir)
-    pw = __import__("pwd").getpwnam(cfg.vm.qemu_user)
-    qemu_ids = (pw.pw_uid, pw.pw_gid)
+    owner = qemu_ids(cfg)
+    kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
+                        image.kernel.path if image.kernel else None,
+                        image.initrd.path if image.initrd else None)
     for i in range(runs):
         d = tempfile.mkdtemp(prefix="bare-", dir=ROOT)
         os.chmod(d, 0o711)
         os.mkdir(os.path.join(d, "io"))
-        from vibatch.jobdir import JobPaths
         paths = JobPaths(f"bare{i}", d, d)
-        xml = render(domain_spec(cfg, req, paths, image, Slot("bare", (0,), 512),
-                                 json.load(open(os.path.join(cfg.state_dir, "accel.json")))["accel"]))
+        xml = render(domain_spec(cfg, req, paths, image, Slot("bare", (0,), 512), kind))
         xml = xml.replace(f"<name>vibatch-bare{i}</name>", f"<name>vbbare-{os.getpid()}-{i}</name>")
         t0 = time.perf_counter()
         qemuimg.create_overlay(image.disk.path, image.disk_format, paths.overlay)
-        os.chown(paths.overlay, *qemu_ids)
+        os.chown(paths.overlay, *owner)
         t1 = time.perf_counter()
         dom = conn.createXML(xml, 0)
         t2 = time.perf_counter()

@@ -151,8 +151,7 @@ class Tracker:
         node = self.node()
         try:
             for job in self.jobs:
-                paths = JobPaths(job, os.path.join(self.env.cfg.state_dir, "jobs", job),
-                                 os.path.join(self.env.cfg.run_dir, "jobs", job))
+                paths = JobPaths.of(self.env.cfg, job)
                 if failed and os.path.exists(paths.console):
                     print(f"--- console of {job} ---\n{console_tail(paths.console, 60)}")
                 try:

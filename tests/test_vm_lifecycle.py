@@ -14,7 +14,7 @@ from vmhelp import (wait_until, epilogue, exec_popen, exec_run, leftovers, prolo
 pytestmark = pytest.mark.vm
 
 
-def _qemu_threads_cpus(cfg, job):
+def _qemu_threads_cpus(job):
     """Cpus_allowed_list of every thread of the job's QEMU, read from /proc."""
     with open(f"/run/libvirt/qemu/vibatch-{job}.pid") as f:
         pid = int(f.read())
@@ -48,7 +48,7 @@ def test_two_jobs_at_once_get_disjoint_pinned_cpus(vm_env, tracker):
         vcpu = [i for i, on in enumerate(dom.vcpuPinInfo(0)[0]) if on]
         emu = [i for i, on in enumerate(dom.emulatorPinInfo(0)) if on]
         assert vcpu == emu and len(vcpu) == 1
-        threads_cpus = _qemu_threads_cpus(vm_env.cfg, j)
+        threads_cpus = _qemu_threads_cpus(j)
         assert threads_cpus == {str(vcpu[0])}, threads_cpus   # every QEMU thread on the pin
         pins[j] = vcpu[0]
     conn.close()

@@ -1,12 +1,11 @@
 """One JSON line per finished job, appended under an exclusive lock."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import time
 
 from .errors import LockTimeout
+from .util import flock_within
 
 LOCK_TIMEOUT_S = 10.0
 
@@ -16,16 +15,9 @@ def append(path: str, record: dict) -> None:
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        while True:  # held for one short write by others; released by close
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LockTimeout(f"could not lock {path} within {LOCK_TIMEOUT_S:g} s") from None
-                time.sleep(0.005)
-        os.write(fd, line)
+        if not flock_within(fd, LOCK_TIMEOUT_S):  # others hold it for one short write
+            raise LockTimeout(f"could not lock {path} within {LOCK_TIMEOUT_S:g} s")
+        os.write(fd, line)  # the lock is released by close
         os.fsync(fd)
     finally:
         os.close(fd)

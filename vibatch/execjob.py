@@ -9,7 +9,6 @@ guest; this process tails them, so lines appear live. See docs/architecture.md.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import secrets
 import signal
@@ -21,7 +20,7 @@ from .agent import AgentError, SocketAgent
 from .config import Config
 from .errors import ExecError
 from .jobdir import JobPaths
-from .util import Deadline, read_json
+from .util import Deadline, flock_within, read_json
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 JOB_ID_VARS = ("VIBATCH_JOB_ID", "SLURM_JOB_ID", "JOB_ID", "PBS_JOBID", "CONDOR_JOB_ID")
@@ -106,16 +105,9 @@ class Exec:
         """Serialise agent transactions of concurrent ``vibatch exec`` of this job."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
-            deadline = Deadline(LOCK_TIMEOUT_S)
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if deadline.expired():
-                        raise ExecError("vibatch exec: the job's agent stayed busy for "
-                                        f"{LOCK_TIMEOUT_S:g} s") from None
-                    time.sleep(0.002)
+            if not flock_within(fd, LOCK_TIMEOUT_S):
+                raise ExecError("vibatch exec: the job's agent stayed busy for "
+                                f"{LOCK_TIMEOUT_S:g} s")
             yield
         finally:
             os.close(fd)

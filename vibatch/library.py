@@ -23,8 +23,8 @@ from typing import Optional
 import filelock
 
 from . import qemuimg
-from .errors import ImageIntegrityError, JobError, LockTimeout, UnknownImage
-from .util import atomic_write_json, read_json
+from .errors import ImageIntegrityError, JobError, UnknownImage
+from .util import atomic_write_json, hold, read_json
 
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -156,13 +156,10 @@ class Library:
         return st
 
     def _update_cache(self, entries: dict) -> None:
-        try:
-            with self.lock:
-                cache = read_json(self.cache_path, {})
-                cache.update(entries)
-                atomic_write_json(self.cache_path, cache, mode=0o600)
-        except filelock.Timeout:
-            raise LockTimeout(f"could not lock {self.lock.lock_file} in time") from None
+        with hold(self.lock):
+            cache = read_json(self.cache_path, {})
+            cache.update(entries)
+            atomic_write_json(self.cache_path, cache, mode=0o600)
 
     # -- adding ------------------------------------------------------------------------------
     def add(self, disk: str, *, name: str, os_name: str, os_version: str, arch: str = "x86_64",

@@ -19,7 +19,7 @@ from . import accel, accounting, hypervisor, qemuimg
 from .agent import AgentError, LibvirtAgent, SocketAgent
 from .config import Config
 from .domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
-from .errors import (BootFailed, ConfigError, JobAlreadyRunning, LockTimeout, NodeError,
+from .errors import (BootFailed, ConfigError, JobAlreadyRunning, NodeError,
                      ResourceRequestError, VibatchError)
 from .guestsetup import GUEST_IO_DIR, SetupArgs
 from .jobdir import DOMAIN_PREFIX, JobPaths, console_tail
@@ -27,7 +27,7 @@ from .library import Image, Library
 from .node import capacity
 from .request import JobRequest
 from .slots import Slot, SlotAllocator
-from .util import Deadline, PhaseTimer, atomic_write_json, read_json
+from .util import Deadline, PhaseTimer, atomic_write_json, hold, read_json
 
 
 @dataclass
@@ -55,13 +55,6 @@ class Node:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-    def acquire_jobs_lock(self) -> None:
-        try:
-            self.jobs_lock.acquire()
-        except filelock.Timeout:
-            raise LockTimeout(f"could not lock {self.jobs_lock.lock_file} within "
-                              f"{self.cfg.lock_timeout_s:g} s") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +108,7 @@ def prologue(node: Node, req: JobRequest) -> dict:
 
 def _reserve_job_dir(node: Node, paths: JobPaths) -> None:
     """Create the job's directories, or refuse: a job never gets two VMs."""
-    node.acquire_jobs_lock()
-    try:
+    with hold(node.jobs_lock):
         if paths.exists():
             old = read_json(paths.state_file) or {}
             if hypervisor.lookup(node.conn, paths.domain) is not None or _owner_alive(old):
@@ -124,8 +116,6 @@ def _reserve_job_dir(node: Node, paths: JobPaths) -> None:
                                         f"({old.get('phase', 'starting')}); not starting another")
             _undo(node, paths)  # leftovers of a crashed prologue: clean, then start afresh
         paths.create()
-    finally:
-        node.jobs_lock.release()
 
 
 def _owner_alive(state: dict) -> bool:
@@ -144,7 +134,7 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         state["image_hashed"] = node.library.ensure_verified(image)
     with timer.phase("clone"):
         qemuimg.create_overlay(image.disk.path, image.disk_format, paths.overlay)
-        os.chown(paths.overlay, *_qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
+        os.chown(paths.overlay, *qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
         os.chmod(paths.overlay, 0o600)
     with timer.phase("domain_start"):
         kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
@@ -161,7 +151,7 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         _setup_guest(root_agent, req, paths, Deadline(cfg.vm.setup_timeout_s))
 
 
-def _qemu_ids(cfg: Config) -> tuple[int, int]:
+def qemu_ids(cfg: Config) -> tuple[int, int]:
     try:
         pw = pwd.getpwnam(cfg.vm.qemu_user)
     except KeyError:
@@ -301,15 +291,19 @@ def _exit_code_from_exec(paths: JobPaths) -> Optional[int]:
         return None
 
 
+def _job_ids(cfg: Config) -> list[str]:
+    """The jobs with a directory on this node."""
+    jobs_dir = os.path.join(cfg.state_dir, "jobs")
+    return sorted(os.listdir(jobs_dir)) if os.path.isdir(jobs_dir) else []
+
+
 def running_jobs(node: Node) -> list[dict]:
     """State records of the jobs with a directory on this node, with their domain's liveness."""
     out = []
-    jobs_dir = os.path.join(node.cfg.state_dir, "jobs")
-    for job_id in sorted(os.listdir(jobs_dir)) if os.path.isdir(jobs_dir) else []:
-        paths = JobPaths(job_id, os.path.join(jobs_dir, job_id),
-                         os.path.join(node.cfg.run_dir, "jobs", job_id))
+    for job_id in _job_ids(node.cfg):
+        paths = JobPaths.of(node.cfg, job_id)
         st = read_json(paths.state_file) or {"job_id": job_id, "phase": "unknown"}
-        st["domain_active"] = hypervisor.lookup(node.conn, DOMAIN_PREFIX + job_id) is not None
+        st["domain_active"] = hypervisor.lookup(node.conn, paths.domain) is not None
         out.append(st)
     return out
 
@@ -324,10 +318,8 @@ def reap(node: Node) -> list[str]:
     A job whose VM runs, or whose prologue is still running, is left alone.
     """
     reaped: list[str] = []
-    jobs_dir = os.path.join(node.cfg.state_dir, "jobs")
-    node.acquire_jobs_lock()
-    try:
-        job_ids = sorted(os.listdir(jobs_dir)) if os.path.isdir(jobs_dir) else []
+    with hold(node.jobs_lock):
+        job_ids = _job_ids(node.cfg)
         stale = []
         for job_id in job_ids:
             paths = JobPaths.of(node.cfg, job_id)
@@ -342,13 +334,11 @@ def reap(node: Node) -> list[str]:
                 if xml and read_metadata(xml).get("job_id") == job_id:
                     hypervisor.destroy(dom)
                     reaped.append(f"domain {name} (no job directory)")
-    finally:
-        node.jobs_lock.release()
     for job_id in stale:
         epilogue(node, job_id)
         reaped.append(f"job {job_id} (VM gone)")
     for job_id in node.slots.all():
-        if not os.path.lexists(os.path.join(jobs_dir, job_id)):
+        if not JobPaths.of(node.cfg, job_id).exists():
             node.slots.release(job_id)
             reaped.append(f"slot of job {job_id} (no job directory)")
     return reaped

@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 import filelock
 
-from .errors import LockTimeout, NoFreeSlot, ResourceRequestError
-from .util import atomic_write_json, read_json
+from .errors import NoFreeSlot, ResourceRequestError
+from .util import atomic_write_json, hold, read_json
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,6 @@ class SlotAllocator:
         self.path = os.path.join(state_dir, "slots.json")
         self.capacity = capacity
         self.lock = filelock.FileLock(os.path.join(state_dir, "slots.lock"), timeout=lock_timeout)
-        self.lock_timeout = lock_timeout
 
     # -- locked state access ----------------------------------------------------------------
     def _load(self) -> dict:
@@ -47,20 +46,12 @@ class SlotAllocator:
     def _save(self, state: dict) -> None:
         atomic_write_json(self.path, state, mode=0o644)
 
-    def _acquire(self):
-        try:
-            self.lock.acquire()
-        except filelock.Timeout:
-            raise LockTimeout(f"could not lock {self.lock.lock_file} within "
-                              f"{self.lock_timeout:g} s") from None
-
     # -- API ---------------------------------------------------------------------------------
     def claim(self, job_id: str, cores: int, memory_mb: int,
               cpus: Optional[Sequence[int]] = None) -> tuple[Slot, bool]:
         """Return (slot, created). ``created`` is False when the job already held one."""
         self._check_request(cores, memory_mb, cpus)
-        self._acquire()
-        try:
+        with hold(self.lock):
             state = self._load()
             held = state["slots"].get(job_id)
             if held is not None:
@@ -93,21 +84,16 @@ class SlotAllocator:
             state["slots"][job_id] = {**slot.to_json(), "claimed_at": time.time()}
             self._save(state)
             return slot, True
-        finally:
-            self.lock.release()
 
     def release(self, job_id: str) -> Optional[Slot]:
         """Free the job's slot; return it, or None when it held none (safe to repeat)."""
-        self._acquire()
-        try:
+        with hold(self.lock):
             state = self._load()
             held = state["slots"].pop(job_id, None)
             if held is None:
                 return None
             self._save(state)
             return Slot(job_id, tuple(held["cpus"]), held["memory_mb"])
-        finally:
-            self.lock.release()
 
     def get(self, job_id: str) -> Optional[Slot]:
         held = self._load()["slots"].get(job_id)

@@ -1,11 +1,17 @@
 """Small shared helpers: atomic file writes and deadlines."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
+
+import filelock
+
+from .errors import LockTimeout
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
@@ -37,6 +43,32 @@ def read_json(path: str, default: Any = None) -> Any:
             return json.load(f)
     except FileNotFoundError:
         return default
+
+
+@contextlib.contextmanager
+def hold(lock: filelock.BaseFileLock) -> Iterator[None]:
+    """Hold ``lock`` (acquired with its own timeout), or raise LockTimeout naming it."""
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise LockTimeout(f"could not lock {lock.lock_file} within {lock.timeout:g} s") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def flock_within(fd: int, seconds: float) -> bool:
+    """Take an exclusive flock on ``fd``, waiting at most ``seconds``; False if it timed out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
 
 
 class Deadline:
