@@ -20,7 +20,8 @@ log() { echo "setup-node: $*"; }
 [ "$(id -u)" = 0 ] || { echo "setup-node: run as root" >&2; exit 1; }
 
 PKGS=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
-      gcc python3-dev python3-venv cpio e2fsprogs xz-utils lz4 zstd passwd)
+      gcc python3-dev python3-venv cpio e2fsprogs xz-utils lz4 zstd passwd
+      syslinux syslinux-common mtools dosfstools fdisk)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -64,8 +65,10 @@ if [ ! -s "$BUILD/disk.qcow2" ]; then
   apt-cache depends linux-image-amd64 2>/dev/null | grep -q 'Depends: linux-image-' || apt-get update -q
   "$REPO/images/testguest/build.sh" "$BUILD"
 fi
-if [ ! -e "$LIB/testguest/manifest.json" ]; then
-  vibatch image add "$BUILD/disk.qcow2" --name testguest --os vbguest \
+if ! vibatch image show testguest >/dev/null 2>&1; then
+  # absent, or left by an older vibatch (a plain directory): (re)install it
+  [ -L "$LIB/testguest" ] || rm -rf "${LIB:?}/testguest"
+  vibatch image add "$BUILD/disk.qcow2" --name testguest --os vbguest --replace \
     --os-version "$(cat "$BUILD/KVER")" --kernel "$BUILD/vmlinux" --initrd "$BUILD/initrd.cpio" \
     --cmdline "$(cat "$BUILD/cmdline")"
 fi

@@ -87,7 +87,7 @@ def vm_env(tmp_path_factory):
     data = {
         "state_dir": f"{base}/state", "run_dir": f"/run/vibatch-{SESSION}",
         "library_dir": f"{base}/images", "accounting_file": f"{base}/accounting.jsonl",
-        "default_image": "testguest", "lock_timeout_s": 10,
+        "images": {"default": "testguest"}, "lock_timeout_s": 10,
         "host": {"reserved_cpus": [], "reserved_memory_mb": 1024},
         "vm": {"boot_timeout_s": 60, "acceleration": "auto"},
     }

@@ -63,8 +63,8 @@ def test_missing_file(tmp_path):
 
 
 def test_env_var_selects_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("VIBATCH_CONFIG", write(tmp_path, "default_image: alma9\n"))
-    assert config.load().default_image == "alma9"
+    monkeypatch.setenv("VIBATCH_CONFIG", write(tmp_path, "images:\n  default: alma9\n"))
+    assert config.load().images.default == "alma9"
 
 
 def test_int_accepted_for_float():

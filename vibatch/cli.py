@@ -33,7 +33,9 @@ def _add_job_resources(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cores", type=_positive_int, help="vCPUs (default: jobs.default_cores)")
     p.add_argument("--memory", type=str, help="guest memory, e.g. 512M or 2G "
                    "(default: jobs.default_memory_mb)")
-    p.add_argument("--image", help="image name (default: default_image)")
+    p.add_argument("--image", help="image name or OS alias (default: the queue's or site's)")
+    p.add_argument("--queue", help="the job's queue/partition (for its default image)")
+    p.add_argument("--account", help="the job's account (for its allow-list)")
     p.add_argument("--workdir", help="working directory, shared into the VM at the same path")
     p.add_argument("--walltime", type=_positive_int, help="walltime in seconds, if known")
     p.add_argument("--cpus", help="exact host CPU ids the batch system gave the job, e.g. 2-3")
@@ -71,22 +73,68 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="jobs, slots and VMs on this node")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("image", help="the image library")
-    isub = p.add_subparsers(dest="image_command", required=True, metavar="ACTION")
-    a = isub.add_parser("add", help="add an image file to the library (root)")
-    a.add_argument("file")
-    a.add_argument("--name", required=True)
-    a.add_argument("--os", required=True, dest="os_name")
-    a.add_argument("--os-version", required=True)
-    a.add_argument("--arch", default="x86_64")
-    a.add_argument("--kernel")
-    a.add_argument("--initrd")
-    a.add_argument("--cmdline", default="")
-    a.add_argument("--replace", action="store_true", help="replace an image of the same name")
-    isub.add_parser("list", help="list the library's images")
+    _image_parsers(sub)
+    _catalog_parsers(sub)
 
     sub.add_parser("check-config", help="validate the config file and print it")
     return ap
+
+
+def _image_parsers(sub) -> None:
+    p = sub.add_parser("image", help="the image library (admin)")
+    isub = p.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    a = isub.add_parser("add", help="add an image file to the library (root)")
+    a.add_argument("file", help="the disk image (qcow2 or raw)")
+    a.add_argument("--name", required=True)
+    a.add_argument("--os", required=True, dest="os_name")
+    a.add_argument("--os-version", required=True)
+    a.add_argument("--arch", default=os.uname().machine)
+    a.add_argument("--kernel", help="kernel to boot the disk with (kernel boot)")
+    a.add_argument("--initrd")
+    a.add_argument("--cmdline", default="")
+    a.add_argument("--disk-boot", action="store_true", help="boot the disk's own bootloader")
+    a.add_argument("--replace", action="store_true", help="install as a new version of NAME")
+    lp = isub.add_parser("list", help="the library's images")
+    lp.add_argument("--json", action="store_true")
+    sp = isub.add_parser("show", help="everything about one image")
+    sp.add_argument("name")
+    sp.add_argument("--json", action="store_true")
+    v = isub.add_parser("verify", help="rehash images in full; quarantine mismatches (root)")
+    v.add_argument("name", nargs="?")
+    v.add_argument("--all", action="store_true", help="every image")
+    v.add_argument("--due", action="store_true", help="only those last verified more than "
+                   "images.verify_interval_h ago (for cron)")
+    r = isub.add_parser("remove", help="remove an image's name; files go when unused (root)")
+    r.add_argument("name")
+    r.add_argument("--force", action="store_true", help="even while jobs use it (their VMs keep "
+                   "running; the files go when they end)")
+    y = isub.add_parser("sync", help="install what endorsed catalogs list (root, for cron)")
+    y.add_argument("url", nargs="*", help="catalog URL(s) (default: images.catalogs)")
+    t = isub.add_parser("test", help="boot an image as a job would and check it (root)")
+    t.add_argument("name")
+    t.add_argument("--user", default="nobody", help="job user for the test (default: nobody)")
+    t.add_argument("--cores", type=_positive_int, default=1)
+    t.add_argument("--memory", type=_memory, help="guest memory (default: jobs.default_memory_mb)")
+    rp = isub.add_parser("resolve", help="which image a job would get (policy check)")
+    rp.add_argument("requested", nargs="?", help="image or OS the job names (none: the defaults)")
+    rp.add_argument("--user", help="job user (for group allow-lists; default: you)")
+    rp.add_argument("--queue")
+    rp.add_argument("--account")
+
+
+def _catalog_parsers(sub) -> None:
+    p = sub.add_parser("catalog", help="endorsed image catalogs (endorsers)")
+    csub = p.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")
+    k = csub.add_parser("keygen", help="make an Ed25519 signing key; prints the public key")
+    k.add_argument("--out", required=True, help="private key file to create (mode 0600)")
+    s = csub.add_parser("sign", help="sign a catalog from a draft (YAML) listing local files")
+    s.add_argument("draft")
+    s.add_argument("--key", required=True, help="private key (from catalog keygen)")
+    s.add_argument("--out", required=True, help="catalog file to write")
+    s.add_argument("--serial", type=_positive_int, help="default: the previous --out's + 1, else 1")
+    s.add_argument("--valid-days", type=float, default=30.0)
+    v = csub.add_parser("show", help="verify a catalog with this node's trusted keys and list it")
+    v.add_argument("url")
 
 
 def _argv_after_dashes(argv: Sequence[str], ap: argparse.ArgumentParser) -> list[str]:
@@ -107,6 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
+        if args.command == "catalog" and args.catalog_command in ("keygen", "sign"):
+            from .admin import catalog_command  # noqa: PLC0415 - an endorser needs no node config
+            return catalog_command(args, None)
         cfg = config_mod.load(args.config)
         return _dispatch(ap, args, cfg)
     except VibatchError as e:
@@ -128,8 +179,9 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
         print(json.dumps(_asdict(cfg), indent=2, sort_keys=True))
         return 0
     from . import lifecycle  # noqa: PLC0415
-    if cmd == "image":
-        return _image(args, cfg)
+    if cmd in ("image", "catalog"):
+        from . import admin  # noqa: PLC0415
+        return admin.image_command(args, cfg) if cmd == "image" else admin.catalog_command(args, cfg)
     node = lifecycle.Node(cfg)
     try:
         if cmd == "prologue":
@@ -163,9 +215,9 @@ def _request(args: argparse.Namespace, cfg, job_id: str, user: str):
     memory = parse_memory_mb(args.memory) if args.memory else cfg.jobs.default_memory_mb
     cpus = parse_cpu_list(args.cpus) if args.cpus else None
     cores = args.cores or (len(cpus) if cpus else cfg.jobs.default_cores)
-    return make_request(job_id=job_id, user=user, cores=cores, memory_mb=memory,
-                        image=args.image or cfg.default_image,
-                        workdir=args.workdir or os.getcwd(), walltime_s=args.walltime, cpus=cpus)
+    return make_request(job_id=job_id, user=user, cores=cores, memory_mb=memory, image=args.image,
+                        workdir=args.workdir or os.getcwd(), walltime_s=args.walltime, cpus=cpus,
+                        queue=args.queue, account=args.account)
 
 
 def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg, node) -> int:
@@ -215,26 +267,6 @@ def _status(args: argparse.Namespace, cfg, node) -> int:
         print(f"{j['job_id']:24} {j.get('phase', '?'):10} {'up' if j['domain_active'] else 'down':6} "
               f"{j.get('user', '?'):12} {j.get('image', '?'):16} "
               f"{','.join(map(str, j.get('cpus', []))):8} {j.get('memory_mb', '?')}")
-    return 0
-
-
-def _image(args: argparse.Namespace, cfg) -> int:
-    from .library import Library  # noqa: PLC0415
-    lib = Library(cfg.library_dir, cfg.state_dir, cfg.lock_timeout_s)
-    if args.image_command == "add":
-        _require_root("image add")
-        os.makedirs(cfg.state_dir, mode=0o755, exist_ok=True)
-        img = lib.add(args.file, name=args.name, os_name=args.os_name, os_version=args.os_version,
-                      arch=args.arch, kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
-                      replace=args.replace)
-        lib.ensure_verified(img)
-        print(f"added {img.name}: {img.os} {img.os_version}, {img.digest[:19]}…")
-        return 0
-    print(f"{'NAME':24} {'OS':12} {'VERSION':24} {'FORMAT':6} {'VSIZE':>8}  DIGEST")
-    for name in lib.names():
-        img = lib.get(name)
-        print(f"{img.name:24} {img.os:12} {img.os_version:24} {img.disk_format:6} "
-              f"{img.virtual_size / 2**30:7.1f}G  {img.digest[7:23]}")
     return 0
 
 

@@ -5,7 +5,10 @@ and the reason. Nothing here is a module-level global: ``load()`` returns a ``Co
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -63,18 +66,34 @@ class ExecConfig:
 
 
 @dataclass(frozen=True)
+class ImagesConfig:
+    default: str = ""                  # site default image or alias ("": jobs must name one)
+    aliases: dict = field(default_factory=dict)          # OS name -> image name
+    queue_defaults: dict = field(default_factory=dict)   # queue/partition -> image or alias
+    allow_groups: dict = field(default_factory=dict)     # unix group -> images/aliases it may use
+    allow_accounts: dict = field(default_factory=dict)   # account -> images/aliases it may use
+    blocked: tuple = ()                # image names or sha512:<hex> digests no job may use
+    max_virtual_size_gb: int = 100     # largest virtual disk size accepted into the library
+    verify_interval_h: float = 168.0   # `image verify --due` rehashes versions older than this
+    trusted_keys: tuple = ()           # endorsers' Ed25519 public keys, "ed25519:<base64>"
+    catalogs: tuple = ()               # catalog URLs `vibatch image sync` uses by default
+    download_timeout_s: float = 3600.0  # per file, whole download
+    connect_timeout_s: float = 30.0    # per network read
+
+
+@dataclass(frozen=True)
 class Config:
     libvirt_uri: str = "qemu:///system"
     state_dir: str = "/var/lib/vibatch"
     run_dir: str = "/run/vibatch"
     library_dir: str = "/var/lib/vibatch/images"
     accounting_file: str = "/var/log/vibatch/accounting.jsonl"
-    default_image: str = "testguest"
     lock_timeout_s: float = 30.0
     host: HostConfig = field(default_factory=HostConfig)
     jobs: JobLimits = field(default_factory=JobLimits)
     vm: VmConfig = field(default_factory=VmConfig)
     exec: ExecConfig = field(default_factory=ExecConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     source: str = "<defaults>"
 
 
@@ -86,7 +105,6 @@ _CHECKS: dict[str, tuple] = {
     "libvirt_uri": (str, lambda v: "://" in v, "must be a libvirt URI such as qemu:///system"),
     "state_dir": (str,) + _ABS, "run_dir": (str,) + _ABS, "library_dir": (str,) + _ABS,
     "accounting_file": (str,) + _ABS,
-    "default_image": (str, lambda v: bool(v), "must not be empty"),
     "lock_timeout_s": (float,) + _POSITIVE,
     "host.reserved_cpus": (list, lambda v: all(isinstance(c, int) and c >= 0 for c in v),
                            "must be a list of CPU ids (integers >= 0)"),
@@ -111,7 +129,52 @@ _CHECKS: dict[str, tuple] = {
                          "must be a list of variable names"),
     "exec.guest_path": (str, lambda v: v.startswith("/"), "must be a PATH of absolute directories"),
 }
-_SECTIONS = {"host": HostConfig, "jobs": JobLimits, "vm": VmConfig, "exec": ExecConfig}
+_IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_DIGEST = re.compile(r"^sha512:[0-9a-f]{128}$")
+
+
+def _refs(v: Any) -> bool:
+    return isinstance(v, str) and bool(_IMAGE_REF.match(v))
+
+
+def _map_of(check) -> Any:
+    return lambda v: all(isinstance(k, str) and k and check(x) for k, x in v.items())
+
+
+def _key(v: Any) -> bool:
+    if not isinstance(v, str) or not v.startswith("ed25519:"):
+        return False
+    try:
+        return len(base64.b64decode(v[8:], validate=True)) == 32
+    except (ValueError, binascii.Error):
+        return False
+
+
+_CHECKS.update({
+    "images.default": (str, lambda v: v == "" or _refs(v), "must be an image name or alias"),
+    "images.aliases": (dict, _map_of(_refs), "must map OS names to image names"),
+    "images.queue_defaults": (dict, _map_of(_refs), "must map queue names to images or aliases"),
+    "images.allow_groups": (dict, _map_of(lambda x: isinstance(x, list) and all(map(_refs, x))),
+                            "must map group names to lists of images or aliases"),
+    "images.allow_accounts": (dict, _map_of(lambda x: isinstance(x, list) and all(map(_refs, x))),
+                              "must map account names to lists of images or aliases"),
+    "images.blocked": (list, lambda v: all(_refs(x) or (isinstance(x, str) and _DIGEST.match(x))
+                                           for x in v),
+                       "must list image names or sha512:<128 hex digits> digests"),
+    "images.max_virtual_size_gb": (int,) + _POSITIVE,
+    "images.verify_interval_h": (float,) + _NONNEG,
+    "images.trusted_keys": (list, lambda v: all(map(_key, v)),
+                            "must list Ed25519 public keys as ed25519:<base64 of 32 bytes> "
+                            "(printed by `vibatch catalog keygen`)"),
+    "images.catalogs": (list, lambda v: all(isinstance(x, str) and
+                                            x.split("://", 1)[0] in ("file", "http", "https")
+                                            for x in v),
+                        "must list file://, http:// or https:// URLs"),
+    "images.download_timeout_s": (float,) + _POSITIVE,
+    "images.connect_timeout_s": (float,) + _POSITIVE,
+})
+_SECTIONS = {"host": HostConfig, "jobs": JobLimits, "vm": VmConfig, "exec": ExecConfig,
+             "images": ImagesConfig}
 
 
 def _check(source: str, key: str, value: Any) -> Any:
@@ -123,7 +186,11 @@ def _check(source: str, key: str, value: Any) -> Any:
                           f"({value!r})")
     if not ok(value):
         raise ConfigError(f"{source}: {key}: {value!r} {reason}")
-    return tuple(value) if typ is list else value
+    if typ is list:
+        return tuple(value)
+    if typ is dict:
+        return {str(k): tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    return value
 
 
 def _build(source: str, cls: type, data: dict, prefix: str) -> Any:
@@ -164,6 +231,10 @@ def _cross_check(cfg: Config) -> None:
     if j.default_memory_mb < j.min_memory_mb:
         raise ConfigError(f"{cfg.source}: jobs.default_memory_mb: {j.default_memory_mb} is less "
                           f"than jobs.min_memory_mb ({j.min_memory_mb})")
+    for alias, target in cfg.images.aliases.items():
+        if target in cfg.images.aliases:
+            raise ConfigError(f"{cfg.source}: images.aliases: {alias!r} points at another alias "
+                              f"{target!r}; aliases name images directly")
     if cfg.host.cpus and set(cfg.host.reserved_cpus) >= set(cfg.host.cpus):
         raise ConfigError(f"{cfg.source}: host.reserved_cpus: reserves every CPU in host.cpus")
 

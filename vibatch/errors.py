@@ -57,6 +57,10 @@ class JobAlreadyRunning(JobError):
     exit_code = 16
 
 
+class ImageNotAllowed(UnknownImage):
+    """The image exists but the site's policy does not let this job use it."""
+
+
 # --- the node's fault (exit codes 20-29) -----------------------------------------------------
 class NodeError(VibatchError):
     fault = NODE
@@ -93,6 +97,35 @@ class CommandFailed(NodeError):
     exit_code = 27
 
 
+# --- the image library's admin commands (exit codes 30-39) -----------------------------------
+class LibraryError(NodeError):
+    exit_code = 30
+
+
+class ImageRejected(LibraryError):
+    """An image file is unsafe, or does not match what its catalog entry or manifest says."""
+
+    exit_code = 31
+
+
+class CatalogRejected(LibraryError):
+    """A catalog failed its signature, format, expiry or rollback checks."""
+
+    exit_code = 32
+
+
+class ImageInUse(LibraryError):
+    exit_code = 33
+
+
+class DownloadFailed(LibraryError):
+    exit_code = 34
+
+
+class ImageTestFailed(LibraryError):
+    exit_code = 35
+
+
 # --- vibatch exec: like podman/docker run, 125 = the tool failed before the command ran ----
 class ExecError(VibatchError):
     fault = JOB
@@ -117,5 +150,11 @@ EXIT_CODES = {
     25: "no free CPUs or memory for this job's slot (node fault)",
     26: "invalid configuration (node fault)",
     27: "a host tool failed or timed out (node fault)",
+    30: "image library error (admin command)",
+    31: "an image file is unsafe or does not match its digest (admin command)",
+    32: "a catalog failed its signature, expiry or rollback checks (admin command)",
+    33: "the image is used by a running job (admin command)",
+    34: "a download failed (admin command)",
+    35: "a check of vibatch image test failed",
     125: "vibatch exec could not run the command (no VM for this job, or not yours)",
 }

@@ -120,16 +120,20 @@ class Exec:
             return wd
         return here if here == wd or here.startswith(wd.rstrip("/") + "/") else wd
 
-    def run(self, argv: Sequence[str]) -> int:
+    def run(self, argv: Sequence[str], stdout=None, stderr=None,
+            environ: Optional[dict] = None) -> int:
+        """Run ``argv`` in the guest; its output goes to ``stdout``/``stderr`` (binary files,
+        default: ours) as it is written. Returns the wait status in the shell's convention."""
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
         io_host, io_guest = self.info["io_host"], self.info["io_guest"]
         owner = (self.info["uid"], self.info["gid"])
-        out = _Stream(os.path.join(io_host, token + ".out"), sys.stdout.buffer, owner)
-        err = _Stream(os.path.join(io_host, token + ".err"), sys.stderr.buffer, owner)
+        out = _Stream(os.path.join(io_host, token + ".out"), stdout or sys.stdout.buffer, owner)
+        err = _Stream(os.path.join(io_host, token + ".err"), stderr or sys.stderr.buffer, owner)
         old = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
         try:
             cwd = self.cwd()
-            env = guest_env(dict(os.environ), self.cfg.exec.env_exclude, self.cfg.exec.guest_path,
+            env = guest_env(dict(os.environ if environ is None else environ),
+                            self.cfg.exec.env_exclude, self.cfg.exec.guest_path,
                             cwd, self.paths.job_id)
             args = ["-c", OUTER, INNER, "vibatch-job", f"{io_guest}/{token}.out",
                     f"{io_guest}/{token}.err", cwd, *argv]

@@ -1,77 +1,103 @@
-"""The image library: one directory per image with its files and a manifest.
+"""The image library: versioned, root-owned, read-only image files behind atomic names.
 
-    <library_dir>/<name>/manifest.json   what the image is and the sha256 of each file
-    <library_dir>/<name>/disk.qcow2      root-owned, read-only (0444)
-    <library_dir>/<name>/vmlinux, initrd (for kernel-boot images)
+    <library_dir>/<name>              symlink -> .store/<name>@<sha512 prefix>.<token>
+    <library_dir>/.store/<version>/   one installed version of an image:
+        manifest.json                 what it is, each file's sha512 and size, where it came from
+        disk.qcow2 | disk.raw         root-owned, 0444
+        vmlinux, initrd               for kernel-boot images
+    <library_dir>/.staging/           half-made versions and partial downloads (never used by jobs)
 
-Before a job uses an image, ``ensure_verified`` checks each file against its recorded digest. A
-full hash of a multi-GB image is too slow for every job, so the result is cached per file, keyed
-by the file's identity (device, inode, size, mtime and ctime): while that identity is unchanged,
-the cached result stands. Any write, chmod, chown, rename or replacement changes it.
+A job's overlay points at the real path of the version it started on. Adding or syncing a new
+version swaps the name's symlink atomically; removing an image removes the name. Either way the old
+version stays on disk, unchanged, until no running job uses it (``gc``), so no running VM breaks.
+
+Before a job uses an image, ``ensure_verified`` checks each file against its recorded sha512. A
+full hash of a multi-GB image is too slow for every job, so the result is cached per file, keyed by
+the file's identity (device, inode, size, mtime and ctime) and accepted only while the file is
+root-owned and not writable: while the identity is unchanged, the cached result stands. Any write,
+chmod, chown, rename or replacement changes it. Full rehashes run on ``verify`` (by hand or on a
+schedule); a mismatch quarantines that version so no job uses it.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import stat
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 import filelock
 
 from . import qemuimg
-from .errors import ImageIntegrityError, JobError, UnknownImage
+from .errors import ImageInUse, ImageIntegrityError, ImageRejected, LibraryError, UnknownImage
 from .util import atomic_write_json, hold, read_json
 
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 2
+STORE = ".store"
+STAGING = ".staging"
+DOWNLOADS = "downloads"   # under STAGING: partial downloads, kept for resuming
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_SHA512 = re.compile(r"^[0-9a-f]{128}$")
 SAFE_FORMATS = ("qcow2", "raw")
-HASH_CHUNK = 4 * 1024 * 1024
+HASH_BUFFER = 1 << 20
+IN_USE_UNKNOWN = "*"   # in a jobs-to-versions map: some job's version is not known yet
 
 
 @dataclass(frozen=True)
 class ImageFile:
     path: str
-    sha256: str
+    sha512: str
     size: int
 
 
 @dataclass(frozen=True)
 class Image:
     name: str
+    dir: str                      # the real path of this version (what a job's overlay uses)
     os: str
     os_version: str
     arch: str
     disk: ImageFile
     disk_format: str
     virtual_size: int
+    boot: str                     # "kernel" (kernel + initrd from the library) | "disk"
     kernel: Optional[ImageFile]
     initrd: Optional[ImageFile]
     cmdline: str
+    added_at: float
+    provenance: Optional[dict]    # catalog url, serial, endorser, key id, expires_at; None if added
 
     @property
     def digest(self) -> str:
-        return "sha256:" + self.disk.sha256
+        return "sha512:" + self.disk.sha512
+
+    @property
+    def version(self) -> str:
+        return os.path.basename(self.dir)
 
     def files(self) -> list[ImageFile]:
         return [f for f in (self.disk, self.kernel, self.initrd) if f is not None]
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name or ""):
+    if not isinstance(name, str) or not _NAME.match(name):
         raise UnknownImage(f"invalid image name {name!r}: use letters, digits and . _ + - "
                            "(at most 64, starting with a letter or digit)")
     return name
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
+def sha512_file(path: str) -> str:
+    h = hashlib.sha512()
+    buf = bytearray(HASH_BUFFER)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -82,8 +108,14 @@ def _identity(st: os.stat_result) -> list[int]:
 class Library:
     def __init__(self, library_dir: str, state_dir: str, lock_timeout: float = 30.0):
         self.dir = library_dir
+        self.store = os.path.join(library_dir, STORE)
+        self.staging = os.path.join(library_dir, STAGING)
         self.cache_path = os.path.join(state_dir, "verified.json")
-        self.lock = filelock.FileLock(os.path.join(state_dir, "verified.lock"), timeout=lock_timeout)
+        self.quarantine_path = os.path.join(state_dir, "quarantine.json")
+        self.cache_lock = filelock.FileLock(os.path.join(state_dir, "verified.lock"),
+                                            timeout=lock_timeout)
+        # changes to names and versions (add, sync, remove, gc) take this one
+        self.lock = filelock.FileLock(os.path.join(state_dir, "library.lock"), timeout=lock_timeout)
 
     # -- lookup ------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -91,138 +123,341 @@ class Library:
             entries = sorted(os.listdir(self.dir))
         except FileNotFoundError:
             return []
-        return [n for n in entries if _NAME.match(n) and
-                os.path.isfile(os.path.join(self.dir, n, MANIFEST))]
+        return [n for n in entries if _NAME.match(n) and os.path.islink(os.path.join(self.dir, n))
+                and os.path.isfile(os.path.join(self.dir, n, MANIFEST))]
+
+    def images(self) -> list[Image]:
+        out = []
+        for n in self.names():
+            try:
+                out.append(self.get(n))
+            except UnknownImage:
+                continue   # removed meanwhile
+        return out
 
     def get(self, name: str) -> Image:
         check_name(name)
-        path = os.path.join(self.dir, name, MANIFEST)
-        m = read_json(path)
-        if m is None:
+        link = os.path.join(self.dir, name)
+        if not os.path.islink(link):
+            if os.path.isdir(link):
+                raise LibraryError(f"{link} is a plain directory, not a library entry; remove it "
+                                   "and add the image again with `vibatch image add`")
             have = ", ".join(self.names()) or "none installed"
             raise UnknownImage(f"unknown image {name!r} (available: {have})")
-        return self._from_manifest(name, m)
+        real = os.path.realpath(link)
+        if os.path.dirname(real) != os.path.realpath(self.store):
+            raise LibraryError(f"{link} points outside the library's store ({real})")
+        return load_version(real, name)
 
-    def _from_manifest(self, name: str, m: dict) -> Image:
-        base = os.path.join(self.dir, name)
-
-        def f(entry: Optional[dict]) -> Optional[ImageFile]:
-            if not entry:
-                return None
-            return ImageFile(os.path.join(base, entry["file"]), entry["sha256"], entry["size"])
-
-        return Image(name=name, os=m["os"], os_version=m["os_version"], arch=m["arch"],
-                     disk=f(m["disk"]), disk_format=m["disk"]["format"],
-                     virtual_size=m["disk"]["virtual_size"], kernel=f(m.get("kernel")),
-                     initrd=f(m.get("initrd")), cmdline=m.get("cmdline", ""))
+    def version_in(self, path: str) -> Optional[Image]:
+        """The installed version whose directory is ``path`` (e.g. one a running job uses)."""
+        try:
+            return load_version(path, read_json(os.path.join(path, MANIFEST), {}).get("name", "?"))
+        except LibraryError:
+            return None
 
     # -- verification ------------------------------------------------------------------------
     def ensure_verified(self, image: Image) -> bool:
-        """Raise ImageIntegrityError unless every file matches; return True if it hashed."""
+        """The prologue's check: raise unless every file matches; return True if it hashed.
+
+        The fast path is one stat per file and one small JSON read. A file whose identity is not
+        the one last verified is rehashed in full; a mismatch quarantines this version.
+        """
+        q = self.quarantined(image)
+        if q:
+            raise ImageIntegrityError(f"image {image.name!r} is quarantined: {q['reason']}")
         cache = read_json(self.cache_path, {})
-        stale: list[tuple[ImageFile, list[int]]] = []
+        stale = []
         for f in image.files():
             st = self._stat_trusted(image, f)
             entry = cache.get(f.path)
-            if not (entry and entry["identity"] == _identity(st) and entry["sha256"] == f.sha256):
-                stale.append((f, _identity(st)))
+            if not (entry and entry["identity"] == _identity(st) and entry["sha512"] == f.sha512):
+                stale.append(f)
         if not stale:
             return False
-        for f, ident in stale:
-            digest = sha256_file(f.path)
-            if digest != f.sha256:
-                raise ImageIntegrityError(
-                    f"image {image.name!r}: {os.path.basename(f.path)} does not match its recorded "
-                    f"sha256 (expected {f.sha256[:16]}…, found {digest[:16]}…); refusing to use it")
-            after = _identity(os.stat(f.path))
-            if after != ident:
-                raise ImageIntegrityError(f"image {image.name!r}: {f.path} changed while it was "
-                                          "being verified")
-        self._update_cache({f.path: {"identity": ident, "sha256": f.sha256, "verified_at": time.time()}
-                            for f, ident in stale})
+        self._rehash(image, stale)
         return True
+
+    def verify(self, image: Image) -> None:
+        """A full rehash of every file; quarantines on mismatch, lifts a quarantine on success."""
+        self._rehash(image, image.files())
+        if self.quarantined(image):
+            self._set_quarantine(image.version, None)
+
+    def _rehash(self, image: Image, files: Iterable[ImageFile]) -> None:
+        done = {}
+        for f in files:
+            try:
+                before = _identity(self._stat_trusted(image, f))
+                digest = sha512_file(f.path)
+            except ImageIntegrityError as e:
+                self.quarantine(image, e.message)
+                raise
+            if digest != f.sha512:
+                msg = (f"image {image.name!r}: {os.path.basename(f.path)} does not match its "
+                       f"recorded sha512 (expected {f.sha512[:16]}…, found {digest[:16]}…)")
+                self.quarantine(image, msg)
+                raise ImageIntegrityError(msg + "; quarantined, no job will use it")
+            if _identity(os.stat(f.path)) != before:
+                raise ImageIntegrityError(f"image {image.name!r}: {f.path} changed while it "
+                                          "was being verified")
+            done[f.path] = {"identity": before, "sha512": f.sha512, "verified_at": time.time()}
+        with hold(self.cache_lock):
+            cache = read_json(self.cache_path, {})
+            cache.update(done)
+            atomic_write_json(self.cache_path, cache, mode=0o600)
+
+    def last_verified(self, image: Image) -> Optional[float]:
+        """When every file of this version was last fully hashed with its present identity."""
+        cache = read_json(self.cache_path, {})
+        times = []
+        for f in image.files():
+            entry = cache.get(f.path)
+            try:
+                ident = _identity(os.stat(f.path))
+            except OSError:
+                return None
+            if not entry or entry["identity"] != ident or entry["sha512"] != f.sha512:
+                return None
+            times.append(entry["verified_at"])
+        return min(times) if times else None
 
     def _stat_trusted(self, image: Image, f: ImageFile) -> os.stat_result:
         try:
-            st = os.stat(f.path)
+            st = os.lstat(f.path)
         except FileNotFoundError:
             raise ImageIntegrityError(f"image {image.name!r}: {f.path} is missing") from None
-        if not stat.S_ISREG(st.st_mode) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise ImageIntegrityError(f"image {image.name!r}: {f.path} is writable by group or "
-                                      "others; the library must be root-owned and read-only")
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o222:
+            raise ImageIntegrityError(
+                f"image {image.name!r}: {f.path} is not a root-owned read-only file (owner "
+                f"{st.st_uid}, mode {stat.filemode(st.st_mode)}); the library must not be writable")
         if st.st_size != f.size:
             raise ImageIntegrityError(f"image {image.name!r}: {f.path} is {st.st_size} bytes, "
                                       f"the manifest says {f.size}")
         return st
 
-    def _update_cache(self, entries: dict) -> None:
+    # -- quarantine --------------------------------------------------------------------------
+    def quarantined(self, image: Image) -> Optional[dict]:
+        return read_json(self.quarantine_path, {}).get(image.version)
+
+    def quarantine(self, image: Image, reason: str) -> None:
+        self._set_quarantine(image.version, {"name": image.name, "reason": reason, "at": time.time()})
+
+    def _set_quarantine(self, version: str, entry: Optional[dict]) -> None:
+        with hold(self.cache_lock):
+            q = read_json(self.quarantine_path, {})
+            if entry is None:
+                q.pop(version, None)
+            else:
+                q[version] = entry
+            atomic_write_json(self.quarantine_path, q, mode=0o644)
+
+    # -- adding, replacing, removing ---------------------------------------------------------
+    def add(self, disk: str, *, name: str, os_name: str, os_version: str, arch: str = "x86_64",
+            kernel: Optional[str] = None, initrd: Optional[str] = None, cmdline: str = "",
+            disk_boot: bool = False, max_virtual_size: int = 100 * 1024**3,
+            replace: bool = False) -> Image:
+        """Copy local files into a new version and give it the name ``name``."""
+        check_name(name)
+        if disk_boot and (kernel or initrd):
+            raise ImageRejected("--disk-boot and --kernel/--initrd exclude each other")
+        if not disk_boot and not kernel:
+            raise ImageRejected("an image needs --kernel (with --initrd, --cmdline) or --disk-boot")
+        if initrd and not kernel:
+            raise ImageRejected("--initrd needs --kernel")
+        for path in (disk, kernel, initrd):
+            if path is not None and not os.path.isfile(path):
+                raise ImageRejected(f"{path}: no such file")
         with hold(self.lock):
+            if not replace and os.path.lexists(os.path.join(self.dir, name)):
+                raise ImageRejected(f"image {name!r} already exists (use --replace for a new "
+                                    "version)")
+            stage = self.new_stage(name)
+            try:
+                files = {"disk": _copy_in(disk, stage, "disk")}
+                if kernel:
+                    files["kernel"] = _copy_in(kernel, stage, "vmlinux")
+                if initrd:
+                    files["initrd"] = _copy_in(initrd, stage, "initrd")
+                manifest = make_manifest(stage, files, name=name, os_name=os_name,
+                                         os_version=os_version, arch=arch, cmdline=cmdline,
+                                         boot="disk" if disk_boot else "kernel",
+                                         max_virtual_size=max_virtual_size)
+                return self.install(stage, manifest)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+
+    def new_stage(self, name: str) -> str:
+        os.makedirs(self.staging, mode=0o700, exist_ok=True)
+        stage = os.path.join(self.staging, f"{name}.{secrets.token_hex(4)}")
+        os.mkdir(stage, 0o755)
+        return stage
+
+    def install(self, stage: str, manifest: dict) -> Image:
+        """Move a staged, checked version into the store and point its name at it (atomic).
+
+        The caller holds ``self.lock``; every file in ``stage`` is already root-owned 0444 and
+        matches ``manifest``.
+        """
+        name = manifest["name"]
+        atomic_write_json(os.path.join(stage, MANIFEST), manifest, mode=0o644)
+        os.makedirs(self.store, mode=0o755, exist_ok=True)
+        version = f"{name}@{manifest['disk']['sha512'][:12]}.{secrets.token_hex(3)}"
+        final = os.path.join(self.store, version)
+        os.rename(stage, final)
+        link = os.path.join(self.dir, name)
+        if os.path.isdir(link) and not os.path.islink(link):
+            shutil.rmtree(final)
+            raise LibraryError(f"{link} is a plain directory, not a library entry; remove it first")
+        tmp_link = os.path.join(self.dir, f".{name}.{secrets.token_hex(3)}")
+        os.symlink(os.path.join(STORE, version), tmp_link)
+        os.replace(tmp_link, link)
+        image = self.get(name)
+        self._record_verified(image)
+        return image
+
+    def _record_verified(self, image: Image) -> None:
+        """Cache the identity of files this process just hashed in its root-only staging area."""
+        now = time.time()
+        entries = {f.path: {"identity": _identity(os.stat(f.path)), "sha512": f.sha512,
+                            "verified_at": now} for f in image.files()}
+        with hold(self.cache_lock):
             cache = read_json(self.cache_path, {})
             cache.update(entries)
             atomic_write_json(self.cache_path, cache, mode=0o600)
 
-    # -- adding ------------------------------------------------------------------------------
-    def add(self, disk: str, *, name: str, os_name: str, os_version: str, arch: str = "x86_64",
-            kernel: Optional[str] = None, initrd: Optional[str] = None, cmdline: str = "",
-            max_virtual_size: int = 100 * 1024**3, replace: bool = False) -> Image:
-        check_name(name)
-        if initrd is not None and kernel is None:
-            raise JobError("--initrd needs --kernel")
-        info = inspect_disk(disk, max_virtual_size)
-        final = os.path.join(self.dir, name)
-        if os.path.exists(final) and not replace:
-            raise JobError(f"image {name!r} already exists in {self.dir}")
-        os.makedirs(self.dir, mode=0o755, exist_ok=True)
-        tmp = os.path.join(self.dir, f".add-{name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.mkdir(tmp, 0o755)
-        try:
-            manifest = {"format_version": 1, "name": name, "os": os_name, "os_version": os_version,
-                        "arch": arch, "cmdline": cmdline, "added_at": time.time(),
-                        "disk": {**_install(disk, tmp, "disk." + info["format"]),
-                                 "format": info["format"], "virtual_size": info["virtual-size"]},
-                        "kernel": _install(kernel, tmp, "vmlinux") if kernel else None,
-                        "initrd": _install(initrd, tmp, "initrd") if initrd else None}
-            atomic_write_json(os.path.join(tmp, MANIFEST), manifest, mode=0o644)
-            if os.path.exists(final):
-                old = final + f".old-{os.getpid()}"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return self.get(name)
+    def update_manifest(self, image: Image, **changes: Any) -> Image:
+        """Rewrite fields of an installed version's manifest (provenance); files are unchanged."""
+        path = os.path.join(image.dir, MANIFEST)
+        m = read_json(path)
+        m.update(changes)
+        atomic_write_json(path, m, mode=0o644)
+        return load_version(image.dir, image.name)
+
+    def unname(self, name: str, in_use: dict[str, list[str]], force: bool) -> Image:
+        """Remove a name. Its version's files go only once no running job uses them (``gc``)."""
+        with hold(self.lock):
+            image = self.get(name)
+            users = in_use_by(image, in_use)
+            if users and not force:
+                raise ImageInUse(f"image {name!r} is used by running job(s) {', '.join(users)}; "
+                                 "use --force to remove the name now (their VMs keep running "
+                                 "and the files go when they end)")
+            os.unlink(os.path.join(self.dir, name))
+            return image
+
+    def gc(self, in_use: dict[str, list[str]]) -> list[str]:
+        """Delete versions no name points to and no running job uses; and stale staging."""
+        removed: list[str] = []
+        if IN_USE_UNKNOWN in in_use:
+            return removed
+        with hold(self.lock):
+            named = {os.path.realpath(os.path.join(self.dir, n)) for n in self.names()}
+            try:
+                versions = os.listdir(self.store)
+            except FileNotFoundError:
+                versions = []
+            for v in versions:
+                path = os.path.realpath(os.path.join(self.store, v))
+                if path in named or path in in_use:
+                    continue
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(v)
+            # stages of adds and syncs that crashed (a live one holds self.lock, as we do)
+            for stage in os.listdir(self.staging) if os.path.isdir(self.staging) else ():
+                if stage != DOWNLOADS:
+                    shutil.rmtree(os.path.join(self.staging, stage), ignore_errors=True)
+            q = read_json(self.quarantine_path, {})
+            if any(v in q for v in removed):
+                with hold(self.cache_lock):
+                    q = read_json(self.quarantine_path, {})
+                    for v in removed:
+                        q.pop(v, None)
+                    atomic_write_json(self.quarantine_path, q, mode=0o644)
+        return removed
 
 
-def inspect_disk(path: str, max_virtual_size: int) -> dict:
+def in_use_by(image: Image, in_use: dict[str, list[str]]) -> list[str]:
+    """Job ids (from ``in_use``: real version dir -> job ids) that run on this version."""
+    return sorted(in_use.get(image.dir, ()))
+
+
+def load_version(path: str, name: str) -> Image:
+    m = read_json(os.path.join(path, MANIFEST))
+    if m is None:
+        raise UnknownImage(f"image {name!r}: no manifest in {path}")
+    if m.get("format_version") != MANIFEST_FORMAT:
+        raise LibraryError(f"image {name!r}: {path}/{MANIFEST} has format "
+                           f"{m.get('format_version')!r}, this vibatch reads {MANIFEST_FORMAT}; "
+                           "add the image again")
+
+    def f(entry: Optional[dict]) -> Optional[ImageFile]:
+        if not entry:
+            return None
+        return ImageFile(os.path.join(path, entry["file"]), entry["sha512"], entry["size"])
+
+    return Image(name=m["name"], dir=path, os=m["os"], os_version=m["os_version"], arch=m["arch"],
+                 disk=f(m["disk"]), disk_format=m["disk"]["format"],
+                 virtual_size=m["disk"]["virtual_size"], boot=m["boot"], kernel=f(m.get("kernel")),
+                 initrd=f(m.get("initrd")), cmdline=m.get("cmdline", ""),
+                 added_at=m.get("added_at", 0.0), provenance=m.get("provenance"))
+
+
+def make_manifest(stage: str, files: dict[str, dict], *, name: str, os_name: str, os_version: str,
+                  arch: str, cmdline: str, boot: str, max_virtual_size: int,
+                  provenance: Optional[dict] = None) -> dict:
+    """The manifest of a staged version, after qemu-img's safety checks on its disk."""
+    for key, value in (("--os", os_name), ("--os-version", os_version), ("--arch", arch)):
+        if not isinstance(value, str) or not value or any(ord(c) < 32 for c in value):
+            raise ImageRejected(f"image {name!r}: {key} must be a non-empty line of text")
+    disk = files["disk"]
+    info = inspect_disk(os.path.join(stage, disk["file"]), max_virtual_size, label=f"image {name!r}")
+    fmt = info["format"]
+    final_disk = f"disk.{fmt}"
+    if disk["file"] != final_disk:
+        os.rename(os.path.join(stage, disk["file"]), os.path.join(stage, final_disk))
+    return {"format_version": MANIFEST_FORMAT, "name": name, "os": os_name,
+            "os_version": os_version, "arch": arch, "boot": boot, "cmdline": cmdline,
+            "added_at": time.time(), "provenance": provenance,
+            "disk": {**disk, "file": final_disk, "format": fmt,
+                     "virtual_size": info["virtual-size"]},
+            "kernel": files.get("kernel"), "initrd": files.get("initrd")}
+
+
+def inspect_disk(path: str, max_virtual_size: int, label: str = "") -> dict:
     """qemu-img's view of a candidate image; reject what could reach outside the file."""
-    if not os.path.isfile(path):
-        raise JobError(f"{path}: no such image file")
+    what = label or path
     info = qemuimg.info(path)
     fmt = info.get("format")
     if fmt not in SAFE_FORMATS:
-        raise JobError(f"{path}: format {fmt!r} is not accepted (only {', '.join(SAFE_FORMATS)})")
+        raise ImageRejected(f"{what}: format {fmt!r} is not accepted (only "
+                            f"{', '.join(SAFE_FORMATS)})")
     if info.get("backing-filename") or info.get("full-backing-filename"):
-        raise JobError(f"{path}: has a backing file ({info.get('backing-filename')}); flatten it "
-                       "with qemu-img convert first")
+        raise ImageRejected(f"{what}: has a backing file ({info.get('backing-filename')}), which "
+                            "could point at any host file; flatten it with qemu-img convert")
     specific = (info.get("format-specific") or {}).get("data") or {}
     if specific.get("data-file") or info.get("data-file"):
-        raise JobError(f"{path}: uses an external data file; flatten it first")
+        raise ImageRejected(f"{what}: uses an external data file; flatten it with qemu-img convert")
     if info.get("encrypted") or specific.get("encrypt"):
-        raise JobError(f"{path}: is encrypted; vibatch cannot boot encrypted images")
+        raise ImageRejected(f"{what}: is encrypted; vibatch cannot boot encrypted images")
     if info.get("virtual-size", 0) > max_virtual_size:
-        raise JobError(f"{path}: virtual size {info['virtual-size']} exceeds the limit "
-                       f"{max_virtual_size}")
+        raise ImageRejected(f"{what}: virtual size {info['virtual-size']} bytes exceeds the "
+                            f"limit of {max_virtual_size} bytes (images.max_virtual_size_gb)")
     return info
 
 
-def _install(src: str, directory: str, filename: str) -> dict:
-    if not os.path.isfile(src):
-        raise JobError(f"{src}: no such file")
-    dst = os.path.join(directory, filename)
+def seal(path: str) -> None:
+    """Make a staged file what the library trusts: root-owned and read-only."""
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o444)
+
+
+def _copy_in(src: str, stage: str, filename: str) -> dict:
+    dst = os.path.join(stage, filename)
     shutil.copyfile(src, dst)
-    os.chown(dst, 0, 0)
-    os.chmod(dst, 0o444)
-    return {"file": filename, "sha256": sha256_file(dst), "size": os.path.getsize(dst)}
+    seal(dst)
+    return {"file": filename, "sha512": sha512_file(dst), "size": os.path.getsize(dst)}
+
+
+def valid_sha512(value: Any) -> bool:
+    return isinstance(value, str) and bool(_SHA512.match(value))

@@ -19,12 +19,13 @@ from . import accel, accounting, hypervisor, qemuimg
 from .agent import AgentError, LibvirtAgent, SocketAgent
 from .config import Config
 from .domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
-from .errors import (BootFailed, ConfigError, JobAlreadyRunning, NodeError,
+from .errors import (BootFailed, ConfigError, JobAlreadyRunning, LockTimeout, NodeError,
                      ResourceRequestError, VibatchError)
 from .guestsetup import GUEST_IO_DIR, SetupArgs
 from .jobdir import DOMAIN_PREFIX, JobPaths, console_tail
-from .library import Image, Library
+from .library import IN_USE_UNKNOWN, Image, Library
 from .node import capacity
+from .policy import Resolution, resolve, user_groups
 from .request import JobRequest
 from .slots import Slot, SlotAllocator
 from .util import Deadline, PhaseTimer, atomic_write_json, hold, read_json
@@ -70,15 +71,19 @@ def check_limits(cfg: Config, cores: int, memory_mb: int) -> None:
                                    f"{j.max_memory_mb} MiB")
 
 
-def prologue(node: Node, req: JobRequest) -> dict:
-    """Bring up the job's VM. Returns the job's state record (with phase timings)."""
+def prologue(node: Node, req: JobRequest, image: Optional[Image] = None) -> dict:
+    """Bring up the job's VM. Returns the job's state record (with phase timings).
+
+    The image is resolved through the site's policy unless the caller passes one (``vibatch
+    image test``, which an admin runs on images before endorsing them)."""
     cfg = node.cfg
     check_limits(cfg, req.cores, req.memory_mb)
     paths = JobPaths.of(cfg, req.job_id)
     timer = PhaseTimer()
     started = time.time()
     with timer.phase("claim"):
-        image = node.library.get(req.image)
+        if image is None:
+            image = resolve_image(node, req).image
         _reserve_job_dir(node, paths)
         try:
             slot, _ = node.slots.claim(req.job_id, req.cores, req.memory_mb, req.cpus)
@@ -89,7 +94,9 @@ def prologue(node: Node, req: JobRequest) -> dict:
         "job_id": req.job_id, "phase": "preparing", "pid": os.getpid(),
         "pid_start": psutil.Process().create_time(), "started_at": started,
         "user": req.user.name, "uid": req.user.uid, "gid": req.user.gid,
-        "image": image.name, "image_digest": image.digest, "cpus": list(slot.cpus),
+        "image": image.name, "image_digest": image.digest, "image_dir": image.dir,
+        "requested_image": req.image, "queue": req.queue, "account": req.account,
+        "cpus": list(slot.cpus),
         "memory_mb": slot.memory_mb, "workdir": req.workdir, "walltime_s": req.walltime_s,
         "domain": paths.domain,
     }
@@ -104,6 +111,34 @@ def prologue(node: Node, req: JobRequest) -> dict:
     state.update(phase="running", phases=timer.phases, ready_at=time.time())
     atomic_write_json(paths.state_file, state)
     return state
+
+
+def resolve_image(node: Node, req: JobRequest) -> Resolution:
+    return resolve(node.cfg, node.library, req.image, queue=req.queue,
+                   groups=user_groups(req.user.name, req.user.gid), account=req.account)
+
+
+def images_in_use(cfg: Config) -> dict[str, list[str]]:
+    """Library versions (real directories) used by jobs on this node -> their job ids."""
+    used: dict[str, list[str]] = {}
+    for job_id in _job_ids(cfg):
+        state = read_json(JobPaths.of(cfg, job_id).state_file)
+        if state is None:   # a prologue between resolving its image and recording it
+            used.setdefault(IN_USE_UNKNOWN, []).append(job_id)
+        elif state.get("image_dir"):
+            used.setdefault(state["image_dir"], []).append(job_id)
+    return used
+
+
+def library_gc(node: Node) -> list[str]:
+    """Delete library versions that lost their name once no job uses them (best effort)."""
+    in_use = images_in_use(node.cfg)
+    if IN_USE_UNKNOWN in in_use:
+        return []
+    try:
+        return node.library.gc(in_use)
+    except (LockTimeout, OSError):
+        return []
 
 
 def _reserve_job_dir(node: Node, paths: JobPaths) -> None:
@@ -263,6 +298,7 @@ def epilogue(node: Node, job_id: str, exit_code: Optional[int] = None) -> Option
         exit_code = _exit_code_from_exec(paths)
     paths.remove()
     slot = node.slots.release(job_id)
+    library_gc(node)
     if state is None:
         return None
     phases = dict(state.get("phases", {}))

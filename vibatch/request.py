@@ -86,15 +86,18 @@ class JobRequest:
     user: JobUser
     cores: int
     memory_mb: int
-    image: str
+    image: Optional[str]                     # the image or OS the job asked for (None: default)
     workdir: str
     walltime_s: Optional[int] = None
     cpus: Optional[tuple[int, ...]] = None   # exact host CPU ids given by the batch system
+    queue: Optional[str] = None              # queue/partition, for its default image
+    account: Optional[str] = None            # for the account's allow-list
 
 
-def make_request(job_id: str, user: str, cores: int, memory_mb: int, image: str, workdir: str,
-                 walltime_s: Optional[int] = None,
-                 cpus: Optional[Sequence[int]] = None) -> JobRequest:
+def make_request(job_id: str, user: str, cores: int, memory_mb: int, image: Optional[str],
+                 workdir: str, walltime_s: Optional[int] = None,
+                 cpus: Optional[Sequence[int]] = None, queue: Optional[str] = None,
+                 account: Optional[str] = None) -> JobRequest:
     check_job_id(job_id)
     juser = resolve_user(user)
     if not isinstance(cores, int) or cores < 1:
@@ -113,5 +116,6 @@ def make_request(job_id: str, user: str, cores: int, memory_mb: int, image: str,
     if workdir in _SYSTEM_DIRS or top in ("/proc", "/sys", "/dev"):
         raise MissingWorkdir(f"working directory {workdir} cannot be shared into a VM: it is a "
                              "system directory the guest needs for itself")
-    return JobRequest(job_id, juser, cores, memory_mb, image, workdir, walltime_s,
-                      tuple(sorted(set(cpus))) if cpus is not None else None)
+    return JobRequest(job_id, juser, cores, memory_mb, image or None, workdir, walltime_s,
+                      tuple(sorted(set(cpus))) if cpus is not None else None,
+                      queue or None, account or None)

@@ -8,7 +8,13 @@
 #   cmdline      the kernel command line to boot it with
 #   KVER         the kernel version
 # Environment: KMETA (default linux-image-amd64; linux-image-cloud-amd64 gives another kernel),
-#              DISK_MB (default 256), HOSTNAME_TAG (default vbguest).
+#              DISK_MB (default 256), HOSTNAME_TAG (default vbguest),
+#              LAYOUT=kernel (default: the outputs above) or LAYOUT=disk: a different, self-booting
+#                image. OUTDIR then receives only disk.qcow2 (an MBR disk: SYSLINUX on a FAT boot
+#                partition with the compressed kernel and a gzip initramfs, root on /dev/vda2)
+#                and KVER; boot it with `vibatch image add --disk-boot`.
+#              NO_SHADOW=1: leave shadow's useradd/groupadd out (vibatch then adds the job user
+#                the way a minimal image needs: straight into /etc/passwd).
 # Needs root (files in the image are owned by 0:0), apt-get with fresh lists, dpkg, cpio,
 # mke2fs, qemu-img, ldd and xz/lz4/zstd/gzip. Nothing is installed on the host.
 set -euo pipefail
@@ -17,6 +23,10 @@ OUT=${1:?usage: build.sh OUTDIR}
 KMETA=${KMETA:-linux-image-amd64}
 DISK_MB=${DISK_MB:-256}
 HOSTNAME_TAG=${HOSTNAME_TAG:-vbguest}
+LAYOUT=${LAYOUT:-kernel}
+NO_SHADOW=${NO_SHADOW:-0}
+BOOT_MB=48
+case "$LAYOUT" in kernel|disk) ;; *) echo "build.sh: LAYOUT must be kernel or disk" >&2; exit 1 ;; esac
 MODULES="virtio_pci virtio_console virtio_blk virtio_net virtio_rng crc32c_generic ext4 virtiofs"
 
 mkdir -p "$OUT"
@@ -53,11 +63,13 @@ install_bin() {  # SRC DST: copy a binary and its ldd closure into the image
   done
 }
 install_bin "$WORK/x/usr/sbin/qemu-ga" /usr/sbin/qemu-ga
-install_bin "$WORK/x/usr/sbin/useradd" /usr/sbin/useradd
-install_bin "$WORK/x/usr/sbin/groupadd" /usr/sbin/groupadd
-[ ! -e /etc/login.defs ] || cp /etc/login.defs "$R/etc/login.defs"
-chroot "$R" /usr/sbin/qemu-ga --version >/dev/null
-chroot "$R" /usr/sbin/useradd --help >/dev/null   # the smoke tests fail on a missing library
+chroot "$R" /usr/sbin/qemu-ga --version >/dev/null   # fails on a missing library
+if [ "$NO_SHADOW" != 1 ]; then
+  install_bin "$WORK/x/usr/sbin/useradd" /usr/sbin/useradd
+  install_bin "$WORK/x/usr/sbin/groupadd" /usr/sbin/groupadd
+  [ ! -e /etc/login.defs ] || cp /etc/login.defs "$R/etc/login.defs"
+  chroot "$R" /usr/sbin/useradd --help >/dev/null
+fi
 
 # kernel modules: the closure of the wanted ones over modules.dep
 "$BB" depmod -b "$WORK/x" "$KVER"
@@ -96,10 +108,31 @@ install -m 755 "$HERE/init" "$R/init"
 
 # outputs, each written to a temporary name and renamed, so a failed build leaves no half file
 (cd "$R" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) > "$WORK/initrd.cpio"
-python3 "$HERE/extract-vmlinux.py" "$WORK/x/boot/vmlinuz-$KVER" "$WORK/vmlinux"
-mke2fs -q -t ext4 -L vbroot -d "$R" "$WORK/disk.raw" "${DISK_MB}M"
-qemu-img convert -q -f raw -O qcow2 "$WORK/disk.raw" "$WORK/disk.qcow2"
-echo "console=ttyS0 quiet root=/dev/vda" > "$WORK/cmdline"
+mke2fs -q -t ext4 -L vbroot -d "$R" "$WORK/root.img" "${DISK_MB}M"
 echo "$KVER" > "$WORK/KVER"
-for f in vmlinux initrd.cpio disk.qcow2 cmdline KVER; do mv -f "$WORK/$f" "$OUT/$f"; done
-echo "build.sh: built $OUT (kernel $KVER)"
+if [ "$LAYOUT" = kernel ]; then
+  python3 "$HERE/extract-vmlinux.py" "$WORK/x/boot/vmlinuz-$KVER" "$WORK/vmlinux"
+  qemu-img convert -q -f raw -O qcow2 "$WORK/root.img" "$WORK/disk.qcow2"
+  echo "console=ttyS0 quiet root=/dev/vda" > "$WORK/cmdline"
+  OUTPUTS="vmlinux initrd.cpio disk.qcow2 cmdline KVER"
+else
+  # a BIOS-bootable disk, made without loop devices or mounts: FAT and ext4 built as files,
+  # placed into an MBR partition table; SYSLINUX (mtools installer) on the FAT partition
+  gzip -1n < "$WORK/initrd.cpio" > "$WORK/initrd.gz"
+  cp "$WORK/x/boot/vmlinuz-$KVER" "$WORK/vmlinuz"
+  printf 'DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL /vmlinuz\n  APPEND initrd=/initrd.gz console=ttyS0 quiet root=/dev/vda2\n' \
+    > "$WORK/syslinux.cfg"
+  mkfs.fat -C -h 2048 -n VBBOOT "$WORK/boot.img" $((BOOT_MB * 1024)) >/dev/null
+  MTOOLS_SKIP_CHECK=1 mcopy -i "$WORK/boot.img" "$WORK/vmlinuz" "$WORK/initrd.gz" "$WORK/syslinux.cfg" ::/
+  syslinux --install "$WORK/boot.img"
+  truncate -s $((1 + BOOT_MB + DISK_MB + 1))M "$WORK/disk.raw"
+  printf 'label: dos\nstart=2048, size=%d, type=c, bootable\nstart=%d, size=%d, type=83\n' \
+    $((BOOT_MB * 2048)) $((2048 + BOOT_MB * 2048)) $((DISK_MB * 2048)) | sfdisk --quiet "$WORK/disk.raw"
+  dd if=/usr/lib/syslinux/mbr/mbr.bin of="$WORK/disk.raw" bs=440 count=1 conv=notrunc status=none
+  dd if="$WORK/boot.img" of="$WORK/disk.raw" bs=1M seek=1 conv=notrunc status=none
+  dd if="$WORK/root.img" of="$WORK/disk.raw" bs=1M seek=$((1 + BOOT_MB)) conv=notrunc status=none
+  qemu-img convert -q -f raw -O qcow2 "$WORK/disk.raw" "$WORK/disk.qcow2"
+  OUTPUTS="disk.qcow2 KVER"
+fi
+for f in $OUTPUTS; do mv -f "$WORK/$f" "$OUT/$f"; done
+echo "build.sh: built $OUT ($LAYOUT boot, kernel $KVER)"

@@ -1,0 +1,232 @@
+"""``vibatch image test NAME``: boot an image as a job would and check what jobs rely on.
+
+Admins run it before endorsing an image. Each check passes or fails with a reason; the VM, its
+overlay, its slot and the scratch working directory are removed whatever happens.
+"""
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from . import hypervisor, lifecycle
+from .errors import VibatchError
+from .execjob import Exec
+from .jobdir import JobPaths
+from .library import Image
+from .request import make_request, resolve_user
+
+SIGNAL_WAIT_S = 30.0
+MEMORY_FLOOR = 0.80    # the guest kernel keeps some memory for itself
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Result:
+    image: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    def add(self, name: str, ok: bool, detail: str) -> Check:
+        c = Check(name, ok, detail)
+        self.checks.append(c)
+        return c
+
+
+class _Guest:
+    """Runs commands in the test job's VM as the job user, capturing their output."""
+
+    def __init__(self, node: lifecycle.Node, job_id: str):
+        self.ex = Exec(node.cfg, job_id)
+
+    def sh(self, script: str) -> tuple[int, str, str]:
+        out, err = io.BytesIO(), io.BytesIO()
+        status = self.ex.run(["/bin/sh", "-c", script], stdout=out, stderr=err,
+                             environ={"PATH": "/usr/bin:/bin", "LANG": "C"})
+        return status, out.getvalue().decode(errors="replace"), err.getvalue().decode(errors="replace")
+
+
+def run(node: lifecycle.Node, image: Image, *, user: str = "nobody", cores: int = 1,
+        memory_mb: Optional[int] = None, report: Callable[[Check], None] = lambda c: None) -> Result:
+    cfg = node.cfg
+    memory_mb = memory_mb or cfg.jobs.default_memory_mb
+    juser = resolve_user(user)
+    result = Result(image.name)
+
+    def check(name: str, fn: Callable[[], tuple[bool, str]]) -> bool:
+        try:
+            ok, detail = fn()
+        except (VibatchError, OSError, subprocess.SubprocessError, ValueError) as e:
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        report(result.add(name, ok, detail))
+        return ok
+
+    os.makedirs(cfg.state_dir, mode=0o755, exist_ok=True)
+    work = os.path.join(cfg.state_dir, f"imagetest-{secrets.token_hex(4)}")
+    os.mkdir(work, 0o700)
+    os.chown(work, juser.uid, juser.gid)
+    job_id = f"imagetest-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        req = make_request(job_id=job_id, user=juser.name, cores=cores, memory_mb=memory_mb,
+                           image=image.name, workdir=work)
+        state: dict = {}
+
+        def boot() -> tuple[bool, str]:
+            state.update(lifecycle.prologue(node, req, image=image))
+            ph = state["phases"]
+            return True, (f"answered {ph['boot']:.2f} s after start (limit "
+                          f"{cfg.vm.boot_timeout_s:g} s, {state['accel']})")
+
+        if not check("agent answers within the boot timeout", boot):
+            return result
+        guest = _Guest(node, job_id)
+        check("job user has the job's uid/gid and is not root", lambda: _user(guest, juser))
+        check("working directory shared read-write, files keep the job's uid",
+              lambda: _workdir(guest, work, juser))
+        check(f"guest sees {cores} core(s) and {memory_mb} MiB",
+              lambda: _resources(guest, cores, memory_mb))
+        check("exit codes come through", lambda: _exit_codes(guest))
+        check("signals reach the job", lambda: _signals(cfg.source, job_id, juser))
+        check(f"network matches policy ({cfg.vm.network})", lambda: _network(guest, cfg.vm.network))
+        total = sum(state["phases"].values())
+        limit = cfg.vm.boot_timeout_s + cfg.vm.setup_timeout_s
+        check("time to ready", lambda: (total <= limit, f"{total:.2f} s from claim to ready "
+                                        + ", ".join(f"{k} {v:.2f}" for k, v in state["phases"].items())))
+    finally:
+        lifecycle.epilogue(node, job_id, None)
+        shutil.rmtree(work, ignore_errors=True)
+    check("nothing left behind", lambda: _clean(node, job_id))
+    return result
+
+
+def _user(guest: _Guest, juser) -> tuple[bool, str]:
+    st, out, err = guest.sh("id -u; id -g; id -un")
+    if st != 0:
+        return False, f"id failed ({st}): {err.strip()}"
+    uid, gid, name = out.split()[:3]
+    ok = int(uid) == juser.uid and int(gid) == juser.gid and int(uid) != 0 and name == juser.name
+    return ok, f"guest: {name} {uid}/{gid}; host: {juser.name} {juser.uid}/{juser.gid}"
+
+
+def _workdir(guest: _Guest, work: str, juser) -> tuple[bool, str]:
+    token = secrets.token_hex(8)
+    host_file = os.path.join(work, "from-host")
+    fd = os.open(host_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chown(host_file, juser.uid, juser.gid)
+    st, out, err = guest.sh(f'cd "{work}" && cat from-host && echo "{token}" > from-guest && '
+                            "rm from-host && pwd")
+    if st != 0:
+        return False, f"in the guest ({st}): {err.strip()}"
+    lines = out.split()
+    if not lines or lines[0] != token:
+        return False, "the guest did not see the host's file"
+    gpath = os.path.join(work, "from-guest")
+    if not os.path.exists(gpath):
+        return False, "the guest's file did not appear on the host"
+    s = os.stat(gpath)
+    with open(gpath) as f:
+        same = f.read().strip() == token
+    gone = not os.path.exists(host_file)
+    ok = same and gone and (s.st_uid, s.st_gid) == (juser.uid, juser.gid) and lines[-1] == work
+    return ok, (f"guest cwd {lines[-1]}; guest file owned {s.st_uid}/{s.st_gid} on the host "
+                f"(job {juser.uid}/{juser.gid}); content {'same' if same else 'differs'}; "
+                f"host file {'removed' if gone else 'still there'} by the guest")
+
+
+def _resources(guest: _Guest, cores: int, memory_mb: int) -> tuple[bool, str]:
+    st, out, err = guest.sh("grep -c ^processor /proc/cpuinfo; "
+                            "awk '/^MemTotal:/ {print $2}' /proc/meminfo")
+    if st != 0:
+        return False, f"({st}) {err.strip()}"
+    cpus, kib = (int(x) for x in out.split()[:2])
+    mib = kib / 1024
+    ok = cpus == cores and MEMORY_FLOOR * memory_mb <= mib <= memory_mb
+    return ok, f"{cpus} CPU(s), MemTotal {mib:.0f} MiB"
+
+
+def _exit_codes(guest: _Guest) -> tuple[bool, str]:
+    got = {code: guest.sh(f"exit {code}")[0] for code in (0, 7, 255)}
+    killed = guest.sh("kill -KILL $$")[0]
+    ok = all(k == v for k, v in got.items()) and killed == 128 + signal.SIGKILL
+    return ok, f"exit 0/7/255 -> {got[0]}/{got[7]}/{got[255]}; SIGKILL -> {killed}"
+
+
+def _signals(config_path: str, job_id: str, juser) -> tuple[bool, str]:
+    """`vibatch exec` as the job user, then SIGTERM to it, as a batch system would send."""
+    argv = [sys.executable, "-m", "vibatch", "--config", config_path, "exec", "--job", job_id,
+            "--", "/bin/sh", "-c", "trap 'echo got-TERM; exit 42' TERM; echo ready; "
+            "while :; do sleep 1; done"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            user=juser.uid, group=juser.gid, extra_groups=[], cwd="/",
+                            env={"PATH": "/usr/bin:/bin", "VIBATCH_JOB_ID": job_id})
+    try:
+        line = _read_line(proc, SIGNAL_WAIT_S)
+        if line != "ready":
+            return False, f"the job did not start (got {line!r})"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=SIGNAL_WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode(errors="replace")
+    ok = proc.returncode == 42 and "got-TERM" in text
+    return ok, f"SIGTERM -> trap ran: {'yes' if 'got-TERM' in text else 'no'}, exit {proc.returncode}"
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    end = time.monotonic() + timeout
+    buf = b""
+    fd = proc.stdout.fileno()
+    while b"\n" not in buf:
+        left = end - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+    return buf.decode(errors="replace").split("\n")[0].strip()
+
+
+def _network(guest: _Guest, policy: str) -> tuple[bool, str]:
+    st, out, err = guest.sh("ls /sys/class/net")
+    if st != 0:
+        return False, f"({st}) {err.strip()}"
+    nics = [n for n in out.split() if n != "lo"]
+    if policy == "none":
+        return not nics, f"interfaces besides lo: {', '.join(nics) or 'none'}"
+    return bool(nics), f"interfaces besides lo: {', '.join(nics) or 'none'} (policy: outbound NAT)"
+
+
+def _clean(node: lifecycle.Node, job_id: str) -> tuple[bool, str]:
+    paths = JobPaths.of(node.cfg, job_id)
+    left = []
+    if hypervisor.lookup(node.conn, paths.domain) is not None:
+        left.append(f"domain {paths.domain}")
+    if paths.exists():
+        left.append("job directories")
+    if job_id in node.slots.all():
+        left.append("slot")
+    return not left, ", ".join(left) or "no domain, job directory or slot"
