@@ -256,9 +256,10 @@ def catalog_command(args: argparse.Namespace, cfg: Optional[Config]) -> int:
     if act == "show":
         from . import fetch  # noqa: PLC0415
         assert cfg is not None
-        data = fetch.fetch_bytes(args.url, catalog_mod.MAX_BYTES, cfg.images.connect_timeout_s)
-        cat = catalog_mod.parse(data, cfg.images.trusted_keys, args.url)
-        print(f"catalog {args.url}: serial {cat.serial}, by {cat.endorser} (key {cat.key_id}), "
+        url = fetch.normalize(args.url)
+        data = fetch.fetch_bytes(url, catalog_mod.MAX_BYTES, cfg.images.connect_timeout_s)
+        cat = catalog_mod.parse(data, cfg.images.trusted_keys, url)
+        print(f"catalog {url}: serial {cat.serial}, by {cat.endorser} (key {cat.key_id}), "
               f"issued {catalog_mod.iso(cat.issued_at)}, expires {catalog_mod.iso(cat.expires_at)}")
         for e in cat.entries:
             print(f"  {e.name:24} {e.os} {e.os_version} {e.arch} {e.boot} boot, "

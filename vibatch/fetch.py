@@ -14,13 +14,20 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Optional
 
 from .errors import DownloadFailed, ImageRejected
 from .util import Deadline
 
 CHUNK = 1 << 20
 USER_AGENT = "vibatch-image-sync/1"
+
+
+def normalize(url: str) -> str:
+    """A local path becomes a file:// URL; URLs are kept as they are."""
+    if "://" not in url:
+        return "file://" + urllib.request.pathname2url(os.path.abspath(url))
+    return url
 
 
 def scheme(url: str) -> str:
@@ -32,8 +39,10 @@ def scheme(url: str) -> str:
 
 
 @contextlib.contextmanager
-def _open(url: str, offset: int, timeout: float) -> Iterator[tuple[BinaryIO, int]]:
-    """(stream, offset it starts at): ``offset`` if the source resumed, else 0."""
+def _open(url: str, offset: int, timeout: float) -> Iterator[tuple[BinaryIO, int, Optional[int]]]:
+    """(stream, offset it starts at, offset it says it ends at or None if unknown).
+
+    The start is ``offset`` if the source resumed, else 0."""
     if scheme(url) == "file":
         path = urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
         try:
@@ -44,16 +53,17 @@ def _open(url: str, offset: int, timeout: float) -> Iterator[tuple[BinaryIO, int
             size = os.fstat(f.fileno()).st_size
             start = offset if offset <= size else 0
             f.seek(start)
-            yield f, start
+            yield f, start, size
         return
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     if offset:
         req.add_header("Range", f"bytes={offset}-")
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
+        # a fresh opener each time: its ProxyHandler reads http(s)_proxy/no_proxy now
+        resp = urllib.request.build_opener().open(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:   # nothing after offset: the server's file is shorter
-            yield _Empty(), offset
+            yield _Empty(), offset, offset
             return
         raise DownloadFailed(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
@@ -65,7 +75,8 @@ def _open(url: str, offset: int, timeout: float) -> Iterator[tuple[BinaryIO, int
             if not crange.startswith(f"bytes {offset}-"):
                 raise DownloadFailed(f"{url}: the server resumed at the wrong place ({crange!r})")
             start = offset
-        yield resp, start
+        length = resp.headers.get("Content-Length")
+        yield resp, start, start + int(length) if length and length.isdigit() else None
 
 
 class _Empty:
@@ -75,7 +86,7 @@ class _Empty:
 
 def fetch_bytes(url: str, limit: int, timeout: float) -> bytes:
     """A small document (a catalog), at most ``limit`` bytes."""
-    with _open(url, 0, timeout) as (f, _):
+    with _open(url, 0, timeout) as (f, _, _end):
         try:
             data = f.read(limit + 1)
         except OSError as e:
@@ -104,7 +115,7 @@ def download(url: str, part: str, size: int, sha512: str, deadline: Deadline,
                 while chunk := f.read(CHUNK):
                     h.update(chunk)
     if have < size:
-        with _open(url, have, timeout) as (src, start):
+        with _open(url, have, timeout) as (src, start, end):
             if start != have:   # the source does not resume: start over
                 h, have = hashlib.sha512(), 0
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
@@ -122,6 +133,9 @@ def download(url: str, part: str, size: int, sha512: str, deadline: Deadline,
                         raise DownloadFailed(f"{what}: {url}: interrupted after {have} of {size} "
                                              f"bytes ({e}); kept for the next sync") from None
                     if not chunk:
+                        if end is not None and have < end:   # the connection ended early
+                            raise DownloadFailed(f"{what}: {url}: interrupted after {have} of "
+                                                 f"{size} bytes; kept for the next sync")
                         break
                     if have + len(chunk) > size:
                         _discard(part)

@@ -181,7 +181,10 @@ def _signals(config_path: str, job_id: str, juser) -> tuple[bool, str]:
     try:
         line = _read_line(proc, SIGNAL_WAIT_S)
         if line != "ready":
-            return False, f"the job did not start (got {line!r})"
+            proc.kill()
+            _, err = proc.communicate(timeout=SIGNAL_WAIT_S)
+            return False, (f"the job did not start (got {line!r}; "
+                           f"{err.decode(errors='replace').strip()[-300:]})")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=SIGNAL_WAIT_S)
     finally:

@@ -49,6 +49,7 @@ def state_path(cfg: Config) -> str:
 def sync(cfg: Config, library: Library, url: str, in_use: Callable[[], dict],
          now: Optional[float] = None) -> Report:
     t0 = time.monotonic()
+    url = fetch.normalize(url)
     fetch.scheme(url)
     report = Report(url)
     lock = filelock.FileLock(os.path.join(cfg.state_dir, "sync.lock"), timeout=cfg.lock_timeout_s)
