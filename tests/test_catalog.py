@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.imagehelp import new_key, signed_doc
+from imagehelp import new_key, signed_doc
 from vibatch import catalog
 from vibatch.errors import CatalogRejected
 

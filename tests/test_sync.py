@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.imagehelp import (Server, Site, entry_for, make_disk, new_key, signed_doc, write_doc)
+from imagehelp import (Server, Site, entry_for, make_disk, new_key, signed_doc, write_doc)
 from vibatch import catalog, lifecycle
 from vibatch.library import Library, sha512_file
 

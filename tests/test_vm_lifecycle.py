@@ -121,7 +121,7 @@ def test_epilogue_is_idempotent_and_accounts_once(vm_env, tracker):
     assert len(recs) == 1
     rec = recs[0]
     assert rec["exit_code"] == 7 and rec["user"] == "vbt-alice" and rec["memory_mb"] == 300
-    assert rec["image"] == "testguest" and rec["image_digest"].startswith("sha256:")
+    assert rec["image"] == "testguest" and rec["image_digest"].startswith("sha512:")
     assert rec["cores"] == 1 and len(rec["cpus"]) == 1 and rec["vm_cpu_time_s"] > 0
     assert set(rec["phases"]) == {"claim", "image_check", "clone", "domain_start", "boot",
                                   "guest_setup", "epilogue"}
@@ -138,7 +138,7 @@ def _jobs_dirs(cfg):
 
 
 @pytest.mark.parametrize("case, args, user, code, message", [
-    ("image", ("--image", "no-such-os"), "vbt-alice", 11, "unknown image 'no-such-os' (available: "),
+    ("image", ("--image", "no-such-os"), "vbt-alice", 11, "unknown image or OS 'no-such-os'; you may ask for: "),
     ("cores", ("--cores", "64"), "vbt-alice", 12, "64 cores requested; this node gives jobs at most"),
     ("memory", ("--memory", "4T"), "vbt-alice", 12, "MiB requested; this node gives jobs at most"),
     ("user", (), "no-such-user-xyz", 14, "user 'no-such-user-xyz' does not exist"),

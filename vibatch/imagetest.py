@@ -73,7 +73,10 @@ def run(node: lifecycle.Node, image: Image, *, user: str = "nobody", cores: int 
     def check(name: str, fn: Callable[[], tuple[bool, str]]) -> bool:
         try:
             ok, detail = fn()
-        except (VibatchError, OSError, subprocess.SubprocessError, ValueError) as e:
+        except VibatchError as e:
+            tail = "\n".join("      | " + line for line in e.detail.splitlines()[-8:])
+            ok, detail = False, f"{type(e).__name__}: {e}" + (f"\n{tail}" if tail else "")
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
             ok, detail = False, f"{type(e).__name__}: {e}"
         report(result.add(name, ok, detail))
         return ok
@@ -94,26 +97,32 @@ def run(node: lifecycle.Node, image: Image, *, user: str = "nobody", cores: int 
             return True, (f"answered {ph['boot']:.2f} s after start (limit "
                           f"{cfg.vm.boot_timeout_s:g} s, {state['accel']})")
 
-        if not check("agent answers within the boot timeout", boot):
-            return result
-        guest = _Guest(node, job_id)
-        check("job user has the job's uid/gid and is not root", lambda: _user(guest, juser))
-        check("working directory shared read-write, files keep the job's uid",
-              lambda: _workdir(guest, work, juser))
-        check(f"guest sees {cores} core(s) and {memory_mb} MiB",
-              lambda: _resources(guest, cores, memory_mb))
-        check("exit codes come through", lambda: _exit_codes(guest))
-        check("signals reach the job", lambda: _signals(cfg.source, job_id, juser))
-        check(f"network matches policy ({cfg.vm.network})", lambda: _network(guest, cfg.vm.network))
-        total = sum(state["phases"].values())
-        limit = cfg.vm.boot_timeout_s + cfg.vm.setup_timeout_s
-        check("time to ready", lambda: (total <= limit, f"{total:.2f} s from claim to ready "
-                                        + ", ".join(f"{k} {v:.2f}" for k, v in state["phases"].items())))
+        if check("agent answers within the boot timeout", boot):
+            _in_guest(node, job_id, juser, work, cores, memory_mb, state, check)
     finally:
         lifecycle.epilogue(node, job_id, None)
         shutil.rmtree(work, ignore_errors=True)
     check("nothing left behind", lambda: _clean(node, job_id))
     return result
+
+
+def _in_guest(node: lifecycle.Node, job_id: str, juser, work: str, cores: int, memory_mb: int,
+              state: dict, check: Callable) -> None:
+    cfg = node.cfg
+    guest = _Guest(node, job_id)
+    check("job user has the job's uid/gid and is not root", lambda: _user(guest, juser))
+    check("working directory shared read-write, files keep the job's uid",
+          lambda: _workdir(guest, work, juser))
+    check(f"guest sees {cores} core(s) and {memory_mb} MiB",
+          lambda: _resources(guest, cores, memory_mb))
+    check("exit codes come through", lambda: _exit_codes(guest))
+    check("signals reach the job", lambda: _signals(cfg.source, job_id, juser))
+    check(f"network matches policy ({cfg.vm.network})", lambda: _network(guest, cfg.vm.network))
+    total = sum(state["phases"].values())
+    limit = cfg.vm.boot_timeout_s + cfg.vm.setup_timeout_s
+    check("time to ready", lambda: (total <= limit, f"{total:.2f} s from claim to ready ("
+                                    + ", ".join(f"{k} {v:.2f}" for k, v in state["phases"].items())
+                                    + ")"))
 
 
 def _user(guest: _Guest, juser) -> tuple[bool, str]:
