@@ -35,7 +35,8 @@ def bench_config() -> config.Config:
     node_cfg = config.load()
     data = {"state_dir": f"{ROOT}/state", "run_dir": f"/run/vb-bench-{os.getpid()}",
             "library_dir": node_cfg.library_dir, "accounting_file": f"{ROOT}/acct.jsonl",
-            "default_image": node_cfg.default_image, "host": {"reserved_memory_mb": 1024}}
+            "images": {"default": node_cfg.images.default or "testguest"},
+            "host": {"reserved_memory_mb": 1024}}
     return config.parse(data, "bench")
 
 
@@ -50,7 +51,7 @@ def vibatch_runs(cfg, runs: int, user: str, workdir: str) -> dict[str, list[floa
     for i in range(runs):
         job = f"bench-{os.getpid()}-{i}"
         t0 = time.perf_counter()
-        state = prologue(node, make_request(job, user, 1, 512, cfg.default_image, workdir))
+        state = prologue(node, make_request(job, user, 1, 512, cfg.images.default, workdir))
         total = time.perf_counter() - t0
         for k, v in state["phases"].items():
             out.setdefault(k, []).append(v)
@@ -81,7 +82,7 @@ def cfg_path(cfg) -> str:
         with open(path, "w") as f:
             yaml.safe_dump({"state_dir": cfg.state_dir, "run_dir": cfg.run_dir,
                             "library_dir": cfg.library_dir, "accounting_file": cfg.accounting_file,
-                            "default_image": cfg.default_image}, f)
+                            "images": {"default": cfg.images.default}}, f)
         os.chmod(path, 0o644)
     return path
 
@@ -89,7 +90,7 @@ def cfg_path(cfg) -> str:
 def bare_runs(cfg, runs: int, workdir: str) -> dict[str, list[float]]:
     """The same overlay + createXML + agent ping, directly with libvirt-python."""
     node = Node(cfg)
-    image = node.library.get(cfg.default_image)
+    image = node.library.get(cfg.images.default)
     conn = hypervisor.connect(cfg.libvirt_uri)
     out: dict[str, list[float]] = {}
     req = make_request("bare", "nobody", 1, 512, image.name, workdir)
