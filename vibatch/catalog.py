@@ -287,6 +287,17 @@ def _entry(e: dict) -> Entry:
 
 
 # -- drafting (the endorser's side) ------------------------------------------------------------
+def _draft_ref(v: Any, where: str, draft_dir: str, hash_file) -> dict:
+    if not isinstance(v, dict) or set(v) != {"file", "url"}:
+        raise CatalogRejected(f"{where}: needs file (local path) and url (where nodes fetch it, "
+                              "may be relative to the catalog)")
+    path = v["file"] if os.path.isabs(v["file"]) else os.path.join(draft_dir, v["file"])
+    if not os.path.isfile(path):
+        raise CatalogRejected(f"{where}.file: {path}: no such file")
+    return {"url": v["url"], "size": os.path.getsize(path), "sha512": hash_file(path),
+            "_path": path}
+
+
 def build_signed(draft: dict, draft_dir: str, *, serial: int, valid_days: float, now: float,
                  hash_file, inspect) -> dict:
     """Turn an endorser's draft (local files + the URLs nodes fetch them from) into ``signed``."""
@@ -301,17 +312,7 @@ def build_signed(draft: dict, draft_dir: str, *, serial: int, valid_days: float,
         if set(d) - allowed:
             raise CatalogRejected(f"{where}: unknown keys {sorted(set(d) - allowed)}")
 
-        def ref(v: Any, what: str) -> dict:
-            if not isinstance(v, dict) or set(v) != {"file", "url"}:
-                raise CatalogRejected(f"{where}.{what}: needs file (local path) and url (where "
-                                      "nodes fetch it, may be relative to the catalog)")
-            path = v["file"] if os.path.isabs(v["file"]) else os.path.join(draft_dir, v["file"])
-            if not os.path.isfile(path):
-                raise CatalogRejected(f"{where}.{what}.file: {path}: no such file")
-            return {"url": v["url"], "size": os.path.getsize(path), "sha512": hash_file(path),
-                    "_path": path}
-
-        disk = ref(d.get("disk"), "disk")
+        disk = _draft_ref(d.get("disk"), f"{where}.disk", draft_dir, hash_file)
         fmt = inspect(disk.pop("_path"), d.get("name", where))["format"]
         boot = d.get("boot", "kernel" if d.get("kernel") else "disk")
         entry = {"name": d.get("name"), "os": d.get("os"), "os_version": str(d.get("os_version", "")),
@@ -319,7 +320,7 @@ def build_signed(draft: dict, draft_dir: str, *, serial: int, valid_days: float,
                  "cmdline": d.get("cmdline", "")}
         for what in ("kernel", "initrd"):
             if d.get(what):
-                r = ref(d[what], what)
+                r = _draft_ref(d[what], f"{where}.{what}", draft_dir, hash_file)
                 r.pop("_path")
                 entry[what] = r
         images.append(entry)

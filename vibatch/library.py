@@ -28,7 +28,7 @@ import shutil
 import stat
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import filelock
 
@@ -202,10 +202,7 @@ class Library:
                 raise ImageIntegrityError(f"image {image.name!r}: {f.path} changed while it "
                                           "was being verified")
             done[f.path] = {"identity": before, "sha512": f.sha512, "verified_at": time.time()}
-        with hold(self.cache_lock):
-            cache = read_json(self.cache_path, {})
-            cache.update(done)
-            atomic_write_json(self.cache_path, cache, mode=0o600)
+        self._edit(self.cache_path, 0o600, lambda cache: cache.update(done))
 
     def last_verified(self, image: Image) -> Optional[float]:
         """When every file of this version was last fully hashed with its present identity."""
@@ -244,13 +241,10 @@ class Library:
         self._set_quarantine(image.version, {"name": image.name, "reason": reason, "at": time.time()})
 
     def _set_quarantine(self, version: str, entry: Optional[dict]) -> None:
-        with hold(self.cache_lock):
-            q = read_json(self.quarantine_path, {})
-            if entry is None:
-                q.pop(version, None)
-            else:
-                q[version] = entry
-            atomic_write_json(self.quarantine_path, q, mode=0o644)
+        if entry is None:
+            self._edit(self.quarantine_path, 0o644, lambda q: q.pop(version, None))
+        else:
+            self._edit(self.quarantine_path, 0o644, lambda q: q.update({version: entry}))
 
     # -- adding, replacing, removing ---------------------------------------------------------
     def add(self, disk: str, *, name: str, os_name: str, os_version: str, arch: str = "x86_64",
@@ -321,10 +315,14 @@ class Library:
         now = time.time()
         entries = {f.path: {"identity": _identity(os.stat(f.path)), "sha512": f.sha512,
                             "verified_at": now} for f in image.files()}
+        self._edit(self.cache_path, 0o600, lambda cache: cache.update(entries))
+
+    def _edit(self, path: str, mode: int, change: Callable[[dict], Any]) -> None:
+        """Read-modify-write one of the small JSON state files, under the lock."""
         with hold(self.cache_lock):
-            cache = read_json(self.cache_path, {})
-            cache.update(entries)
-            atomic_write_json(self.cache_path, cache, mode=0o600)
+            data = read_json(path, {})
+            change(data)
+            atomic_write_json(path, data, mode=mode)
 
     def update_manifest(self, image: Image, **changes: Any) -> Image:
         """Rewrite fields of an installed version's manifest (provenance); files are unchanged."""
@@ -367,13 +365,9 @@ class Library:
             for stage in os.listdir(self.staging) if os.path.isdir(self.staging) else ():
                 if stage != DOWNLOADS:
                     shutil.rmtree(os.path.join(self.staging, stage), ignore_errors=True)
-            q = read_json(self.quarantine_path, {})
-            if any(v in q for v in removed):
-                with hold(self.cache_lock):
-                    q = read_json(self.quarantine_path, {})
-                    for v in removed:
-                        q.pop(v, None)
-                    atomic_write_json(self.quarantine_path, q, mode=0o644)
+            if any(v in read_json(self.quarantine_path, {}) for v in removed):
+                self._edit(self.quarantine_path, 0o644,
+                           lambda q: [q.pop(v, None) for v in removed])
         return removed
 
 
