@@ -41,6 +41,8 @@ def choose(setting: str, state_dir: str, emulator: str, kernel: Optional[str],
     if cached and cached.get("fingerprint") == fp:
         return cached["accel"]
     accel, reason = probe(emulator, kernel, initrd)
+    if not kernel:
+        return accel   # inconclusive: probe again once a kernel-boot image is there
     atomic_write_json(cache_path, {"fingerprint": fp, "accel": accel, "reason": reason,
                                    "probed_at": time.time()}, mode=0o644)
     return accel

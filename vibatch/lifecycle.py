@@ -172,9 +172,10 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         os.chown(paths.overlay, *qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
         os.chmod(paths.overlay, 0o600)
     with timer.phase("domain_start"):
+        probe = image if image.kernel else _kernel_boot_image(node)
         kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
-                            image.kernel.path if image.kernel else None,
-                            image.initrd.path if image.initrd else None)
+                            probe.kernel.path if probe else None,
+                            probe.initrd.path if probe and probe.initrd else None)
         spec = domain_spec(cfg, req, paths, image, slot, kind)
         dom = hypervisor.start_capped(node.conn, render(spec),
                                       slot.memory_mb + cfg.vm.memory_overhead_mb)
@@ -184,6 +185,11 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         _wait_for_agent(root_agent, Deadline(cfg.vm.boot_timeout_s), cfg.vm.boot_timeout_s)
     with timer.phase("guest_setup"):
         _setup_guest(root_agent, req, paths, Deadline(cfg.vm.setup_timeout_s))
+
+
+def _kernel_boot_image(node: Node) -> Optional[Image]:
+    """A library image with its own kernel, for the KVM probe (a disk-boot image has none)."""
+    return next((i for i in node.library.images() if i.kernel), None)
 
 
 def qemu_ids(cfg: Config) -> tuple[int, int]:
