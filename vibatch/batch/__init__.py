@@ -1,0 +1,125 @@
+"""Batch-system adapters: each turns its system's hook call into the core's job request and maps
+the core's outcome onto that system's exit codes.
+
+Every adapter has the same shape:
+- ``job_from_*``: the system's argv/environment/job files -> ``BatchJob``;
+- ``EXIT``: a table {Outcome: code} per hook, documented in docs/batch/<system>.md;
+- hook entry points (``python -I -m vibatch.batch.<system> <hook> ...``) that the shims in
+  ``hooks/<system>/`` exec.
+
+A job's or user's fault must fail that job only, with the message in the job's own output; a
+node's fault asks the system to requeue (or offline the node, as that system intends); an
+epilogue with nothing to clean succeeds.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from ..errors import NodeError, VibatchError
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    JOB_FAULT = "job"      # the request is wrong: fail this job only
+    NODE_FAULT = "node"    # this node is wrong: requeue / take the node out, per system
+
+
+def classify(exc: Optional[BaseException]) -> Outcome:
+    if exc is None:
+        return Outcome.OK
+    if isinstance(exc, VibatchError) and exc.fault == "job":
+        return Outcome.JOB_FAULT
+    return Outcome.NODE_FAULT
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    job_id: str
+    user: str
+    cores: int
+    memory_mb: int
+    workdir: str
+    image: Optional[str] = None
+    walltime_s: Optional[int] = None
+    queue: Optional[str] = None
+    account: Optional[str] = None
+    cpus: Optional[tuple[int, ...]] = None
+
+
+class HookTimeout(NodeError):
+    """The hook's own deadline, set below the batch system's so we clean up before it kills us."""
+
+
+def run_hook(system: str, hook: str, body: Callable[[], None], table: dict[Outcome, int],
+             alarm_s: Optional[int] = None, out=None) -> int:
+    """Run ``body``; report any failure in one line (plus detail) and return ``table``'s code."""
+    out = out or sys.stderr
+    if alarm_s:
+        def on_alarm(_signum, _frame):
+            raise HookTimeout(f"vibatch {system} {hook}: did not finish within {alarm_s} s")
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.alarm(alarm_s)
+    exc: Optional[BaseException] = None
+    try:
+        body()
+    except VibatchError as e:
+        exc = e
+        print(f"vibatch: {system} {hook} failed ({'job' if e.fault == 'job' else 'node'} "
+              f"fault): {e.message}", file=out)
+        if e.detail:
+            print(e.detail.rstrip("\n"), file=out)
+    except Exception as e:  # an unexpected bug is the node's problem, never the user's
+        exc = e
+        print(f"vibatch: {system} {hook} failed (node fault): {type(e).__name__}: {e}", file=out)
+    finally:
+        if alarm_s:
+            signal.alarm(0)
+    out.flush()
+    return table[classify(exc)]
+
+
+def prologue(cfg, job: BatchJob) -> dict:
+    from .. import lifecycle  # noqa: PLC0415
+    from ..request import make_request  # noqa: PLC0415
+    req = make_request(job_id=job.job_id, user=job.user, cores=job.cores,
+                       memory_mb=job.memory_mb, image=job.image, workdir=job.workdir,
+                       walltime_s=job.walltime_s, cpus=job.cpus, queue=job.queue,
+                       account=job.account)
+    node = lifecycle.Node(cfg)
+    try:
+        return lifecycle.prologue(node, req)
+    finally:
+        node.close()
+
+
+def epilogue(cfg, job_id: str, exit_code: Optional[int]) -> None:
+    from .. import lifecycle  # noqa: PLC0415
+    node = lifecycle.Node(cfg)
+    try:
+        lifecycle.epilogue(node, job_id, exit_code)
+    finally:
+        node.close()
+
+
+def exec_job(cfg, job_id: str, argv: Sequence[str]) -> int:
+    """The job starter's part: run the job's command line in its VM, as the job user."""
+    from ..execjob import Exec  # noqa: PLC0415
+    return Exec(cfg, job_id).run(list(argv))
+
+
+def home_of(user: str) -> str:
+    import pwd  # noqa: PLC0415
+    try:
+        return pwd.getpwnam(user).pw_dir or "/"
+    except KeyError:
+        return "/"
+
+
+def clean_env_path() -> None:
+    """Root hooks may inherit a user's PATH: use the system's."""
+    os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
