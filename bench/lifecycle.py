@@ -96,8 +96,8 @@ def bare_runs(cfg, runs: int, workdir: str) -> dict[str, list[float]]:
     req = make_request("bare", "nobody", 1, 512, image.name, workdir)
     owner = qemu_ids(cfg)
     kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
-                        image.kernel.path if image.kernel else None,
-                        image.initrd.path if image.initrd else None)
+                        lambda: (image.kernel.path if image.kernel else None,
+                                 image.initrd.path if image.initrd else None))
     for i in range(runs):
         d = tempfile.mkdtemp(prefix="bare-", dir=ROOT)
         os.chmod(d, 0o711)

@@ -206,3 +206,14 @@ def test_plain_directory_is_not_an_image(lib, disk):
     with pytest.raises(LibraryError, match="plain directory"):
         lib.get("old")
     assert lib.names() == []
+
+
+def test_gc_without_waiting_leaves_it_to_whoever_holds_the_library(lib, disk):
+    import filelock
+    img = add(lib, disk)
+    lib.unname("a", {}, force=False)
+    busy = filelock.FileLock(lib.lock.lock_file)   # another command (e.g. a long image add)
+    with busy:
+        assert lib.gc({}, wait=False) == []          # an epilogue does not wait for it
+        assert os.path.exists(img.dir)
+    assert lib.gc({}, wait=False) == [img.version]

@@ -13,7 +13,7 @@ import platform
 import subprocess
 import tempfile
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from .util import atomic_write_json, read_json
 
@@ -31,8 +31,10 @@ def _fingerprint(emulator: str) -> dict:
             "kvm": ident("/dev/kvm")}
 
 
-def choose(setting: str, state_dir: str, emulator: str, kernel: Optional[str],
-           initrd: Optional[str]) -> str:
+def choose(setting: str, state_dir: str, emulator: str,
+           probe_files: Callable[[], tuple[Optional[str], Optional[str]]]) -> str:
+    """KVM or TCG. ``probe_files`` gives the (kernel, initrd) to probe with; it is called only
+    when the cached answer does not apply."""
     if setting in ("kvm", "tcg"):
         return setting
     cache_path = os.path.join(state_dir, "accel.json")
@@ -40,6 +42,7 @@ def choose(setting: str, state_dir: str, emulator: str, kernel: Optional[str],
     cached = read_json(cache_path)
     if cached and cached.get("fingerprint") == fp:
         return cached["accel"]
+    kernel, initrd = probe_files()
     accel, reason = probe(emulator, kernel, initrd)
     if not kernel:
         return accel   # inconclusive: probe again once a kernel-boot image is there

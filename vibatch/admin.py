@@ -13,14 +13,9 @@ import yaml
 from . import catalog as catalog_mod
 from .config import Config
 from .errors import (CatalogRejected, ImageIntegrityError, ImageRejected, ImageTestFailed,
-                     JobError, LibraryError, VibatchError)
+                     LibraryError, VibatchError)
 from .library import Image, Library, in_use_by, inspect_disk, sha512_file
-from .util import read_json
-
-
-def _require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise JobError(f"vibatch {what} must run as root")
+from .util import read_json, require_root
 
 
 def _ago(ts: Optional[float], now: float) -> str:
@@ -41,8 +36,7 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _endorsement(img: Image, now: float) -> str:
-    p = img.provenance
+def _endorsement(p: Optional[dict], now: float) -> str:
     if not p:
         return "local"
     state = "EXPIRED" if p["expires_at"] < now else f"to {time.strftime('%Y-%m-%d', time.gmtime(p['expires_at']))}"
@@ -51,6 +45,7 @@ def _endorsement(img: Image, now: float) -> str:
 
 def describe(cfg: Config, lib: Library, img: Image, in_use: dict, now: float) -> dict:
     from .policy import refusal  # noqa: PLC0415
+    why = refusal(cfg, lib, img, now)
     return {
         "name": img.name, "version": img.version, "dir": img.dir, "os": img.os,
         "os_version": img.os_version, "arch": img.arch, "boot": img.boot,
@@ -62,8 +57,7 @@ def describe(cfg: Config, lib: Library, img: Image, in_use: dict, now: float) ->
         "cmdline": img.cmdline, "added_at": img.added_at, "provenance": img.provenance,
         "aliases": sorted(a for a, t in cfg.images.aliases.items() if t == img.name),
         "in_use_by": in_use_by(img, in_use), "last_verified": lib.last_verified(img),
-        "quarantine": lib.quarantined(img), "usable": not refusal(cfg, lib, img, now),
-        "refusal": refusal(cfg, lib, img, now),
+        "quarantine": lib.quarantined(img), "usable": not why, "refusal": why,
     }
 
 
@@ -74,7 +68,7 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
     act = args.image_command
     now = time.time()
     if act == "add":
-        _require_root("image add")
+        require_root("image add")
         img = lib.add(args.file, name=args.name, os_name=args.os_name, os_version=args.os_version,
                       arch=args.arch, kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
                       disk_boot=args.disk_boot, replace=args.replace,
@@ -100,25 +94,26 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
         for d in rows:
             verified = "QUARANTINED" if d["quarantine"] else _ago(d["last_verified"], now)
             print(f"{d['name']:24} {d['os']:10} {d['os_version'][:16]:16} {_human(d['size']):>7} "
-                  f"{d['digest'][7:19]:14} {_endorsement(lib.get(d['name']), now):18} "
+                  f"{d['digest'][7:19]:14} {_endorsement(d['provenance'], now):18} "
                   f"{len(d['in_use_by']):<6} {verified}")
         return 0
     if act == "verify":
-        _require_root("image verify")
+        require_root("image verify")
         return _verify(cfg, lib, args, now)
     if act == "remove":
-        _require_root("image remove")
-        img = lib.unname(args.name, lifecycle.images_in_use(cfg), args.force)
-        users = in_use_by(img, lifecycle.images_in_use(cfg))
-        gone = lib.gc(lifecycle.images_in_use(cfg))
+        require_root("image remove")
+        in_use = lifecycle.images_in_use(cfg)
+        img = lib.unname(args.name, in_use, args.force)
+        users = in_use_by(img, in_use)
+        gone = lib.gc(in_use)
         print(f"removed {img.name}" + (f"; its files stay until job(s) {', '.join(users)} end"
                                        if users else f" ({len(gone)} version(s) deleted)"))
         return 0
     if act == "sync":
-        _require_root("image sync")
+        require_root("image sync")
         return _sync(cfg, lib, args.url or list(cfg.images.catalogs))
     if act == "test":
-        _require_root("image test")
+        require_root("image test")
         return _test(cfg, lib, args)
     if act == "resolve":
         return _resolve(cfg, lib, args)

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 from . import config as config_mod
 from .errors import EXIT_CODES, JobError, VibatchError
 from .request import parse_cpu_list, parse_memory_mb
+from .util import require_root
 
 PROG = "vibatch"
 
@@ -146,11 +147,6 @@ def _argv_after_dashes(argv: Sequence[str], ap: argparse.ArgumentParser) -> list
     return argv
 
 
-def _require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise JobError(f"vibatch {what} must run as root")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -185,14 +181,14 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
     node = lifecycle.Node(cfg)
     try:
         if cmd == "prologue":
-            _require_root("prologue")
+            require_root("prologue")
             state = lifecycle.prologue(node, _request(args, cfg, args.job, args.user))
             print(f"{PROG}: job {args.job}: VM {state['domain']} ready on CPUs "
                   f"{','.join(map(str, state['cpus']))} ({sum(state['phases'].values()):.2f} s)",
                   file=sys.stderr)
             return 0
         if cmd == "epilogue":
-            _require_root("epilogue")
+            require_root("epilogue")
             lifecycle.epilogue(node, args.job, args.exit_code)
             return 0
         if cmd == "run":
@@ -200,7 +196,7 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
         if cmd == "status":
             return _status(args, cfg, node)
         if cmd == "reap":
-            _require_root("reap")
+            require_root("reap")
             for line in lifecycle.reap(node):
                 print(f"reaped {line}")
             return 0
@@ -224,7 +220,7 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg, node) -> in
     import time  # noqa: PLC0415
     from . import lifecycle  # noqa: PLC0415
     from .execjob import Exec  # noqa: PLC0415
-    _require_root("run")
+    require_root("run")
     command = _argv_after_dashes(args.argv, ap)
     user = args.user or os.environ.get("SUDO_USER")
     if not user:

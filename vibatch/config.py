@@ -8,13 +8,13 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import yaml
 
 from .errors import ConfigError
+from .library import valid_name, valid_sha512
 
 DEFAULT_PATH = "/etc/vibatch/vibatch.yaml"
 ENV_VAR = "VIBATCH_CONFIG"
@@ -129,12 +129,11 @@ _CHECKS: dict[str, tuple] = {
                          "must be a list of variable names"),
     "exec.guest_path": (str, lambda v: v.startswith("/"), "must be a PATH of absolute directories"),
 }
-_IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-_DIGEST = re.compile(r"^sha512:[0-9a-f]{128}$")
+_refs = valid_name
 
 
-def _refs(v: Any) -> bool:
-    return isinstance(v, str) and bool(_IMAGE_REF.match(v))
+def _digest(v: Any) -> bool:
+    return isinstance(v, str) and v.startswith("sha512:") and valid_sha512(v[len("sha512:"):])
 
 
 def _map_of(check) -> Any:
@@ -158,8 +157,7 @@ _CHECKS.update({
                             "must map group names to lists of images or aliases"),
     "images.allow_accounts": (dict, _map_of(lambda x: isinstance(x, list) and all(map(_refs, x))),
                               "must map account names to lists of images or aliases"),
-    "images.blocked": (list, lambda v: all(_refs(x) or (isinstance(x, str) and _DIGEST.match(x))
-                                           for x in v),
+    "images.blocked": (list, lambda v: all(_refs(x) or _digest(x) for x in v),
                        "must list image names or sha512:<128 hex digits> digests"),
     "images.max_virtual_size_gb": (int,) + _POSITIVE,
     "images.verify_interval_h": (float,) + _NONNEG,

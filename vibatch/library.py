@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable, Optional
 import filelock
 
 from . import qemuimg
-from .errors import ImageInUse, ImageIntegrityError, ImageRejected, LibraryError, UnknownImage
+from .errors import (ImageInUse, ImageIntegrityError, ImageRejected, LibraryError,
+                     LockTimeout, UnknownImage)
 from .util import atomic_write_json, hold, read_json
 
 MANIFEST = "manifest.json"
@@ -45,6 +46,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _SHA512 = re.compile(r"^[0-9a-f]{128}$")
 SAFE_FORMATS = ("qcow2", "raw")
 HASH_BUFFER = 1 << 20
+FILE_NAMES = {"disk": "disk", "kernel": "vmlinux", "initrd": "initrd"}   # in a version dir
 IN_USE_UNKNOWN = "*"   # in a jobs-to-versions map: some job's version is not known yet
 
 
@@ -84,8 +86,13 @@ class Image:
         return [f for f in (self.disk, self.kernel, self.initrd) if f is not None]
 
 
+def valid_name(name: Any) -> bool:
+    """An image name (or alias): letters, digits and . _ + -, at most 64, no leading dot."""
+    return isinstance(name, str) and bool(_NAME.match(name))
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not valid_name(name):
         raise UnknownImage(f"invalid image name {name!r}: use letters, digits and . _ + - "
                            "(at most 64, starting with a letter or digit)")
     return name
@@ -148,13 +155,6 @@ class Library:
         if os.path.dirname(real) != os.path.realpath(self.store):
             raise LibraryError(f"{link} points outside the library's store ({real})")
         return load_version(real, name)
-
-    def version_in(self, path: str) -> Optional[Image]:
-        """The installed version whose directory is ``path`` (e.g. one a running job uses)."""
-        try:
-            return load_version(path, read_json(os.path.join(path, MANIFEST), {}).get("name", "?"))
-        except LibraryError:
-            return None
 
     # -- verification ------------------------------------------------------------------------
     def ensure_verified(self, image: Image) -> bool:
@@ -268,11 +268,9 @@ class Library:
                                     "version)")
             stage = self.new_stage(name)
             try:
-                files = {"disk": _copy_in(disk, stage, "disk")}
-                if kernel:
-                    files["kernel"] = _copy_in(kernel, stage, "vmlinux")
-                if initrd:
-                    files["initrd"] = _copy_in(initrd, stage, "initrd")
+                sources = {"disk": disk, "kernel": kernel, "initrd": initrd}
+                files = {what: _copy_in(src, stage, FILE_NAMES[what])
+                         for what, src in sources.items() if src}
                 manifest = make_manifest(stage, files, name=name, os_name=os_name,
                                          os_version=os_version, arch=arch, cmdline=cmdline,
                                          boot="disk" if disk_boot else "kernel",
@@ -344,30 +342,44 @@ class Library:
             os.unlink(os.path.join(self.dir, name))
             return image
 
-    def gc(self, in_use: dict[str, list[str]]) -> list[str]:
-        """Delete versions no name points to and no running job uses; and stale staging."""
-        removed: list[str] = []
+    def gc(self, in_use: dict[str, list[str]], wait: bool = True) -> list[str]:
+        """Delete versions no name points to and no running job uses; and stale staging.
+
+        With ``wait=False`` (an epilogue) it does nothing while another command holds the
+        library: that command, or the next epilogue, collects instead.
+        """
         if IN_USE_UNKNOWN in in_use:
-            return removed
-        with hold(self.lock):
-            named = {os.path.realpath(os.path.join(self.dir, n)) for n in self.names()}
-            try:
-                versions = os.listdir(self.store)
-            except FileNotFoundError:
-                versions = []
-            for v in versions:
-                path = os.path.realpath(os.path.join(self.store, v))
-                if path in named or path in in_use:
-                    continue
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(v)
-            # stages of adds and syncs that crashed (a live one holds self.lock, as we do)
-            for stage in os.listdir(self.staging) if os.path.isdir(self.staging) else ():
-                if stage != DOWNLOADS:
-                    shutil.rmtree(os.path.join(self.staging, stage), ignore_errors=True)
-            if any(v in read_json(self.quarantine_path, {}) for v in removed):
-                self._edit(self.quarantine_path, 0o644,
-                           lambda q: [q.pop(v, None) for v in removed])
+            return []
+        try:
+            with hold(self.lock, timeout=None if wait else 0):
+                return self._collect(in_use)
+        except LockTimeout:
+            if wait:
+                raise
+            return []
+
+    def _collect(self, in_use: dict[str, list[str]]) -> list[str]:
+        removed: list[str] = []
+        named = {os.path.realpath(os.path.join(self.dir, n)) for n in self.names()}
+        try:
+            versions = os.listdir(self.store)
+        except FileNotFoundError:
+            versions = []
+        for v in versions:
+            path = os.path.realpath(os.path.join(self.store, v))
+            if path in named or path in in_use:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(v)
+        # stages of adds and syncs that crashed (a live one holds self.lock, as we do)
+        for stage in os.listdir(self.staging) if os.path.isdir(self.staging) else ():
+            if stage != DOWNLOADS:
+                shutil.rmtree(os.path.join(self.staging, stage), ignore_errors=True)
+        if any(v in read_json(self.quarantine_path, {}) for v in removed):
+            def forget(q: dict) -> None:
+                for v in removed:
+                    q.pop(v, None)
+            self._edit(self.quarantine_path, 0o644, forget)
         return removed
 
 

@@ -131,12 +131,10 @@ def images_in_use(cfg: Config) -> dict[str, list[str]]:
 
 
 def library_gc(node: Node) -> list[str]:
-    """Delete library versions that lost their name once no job uses them (best effort)."""
-    in_use = images_in_use(node.cfg)
-    if IN_USE_UNKNOWN in in_use:
-        return []
+    """Delete library versions that lost their name once no job uses them (best effort: an
+    epilogue never waits for the library, nor fails because of it)."""
     try:
-        return node.library.gc(in_use)
+        return node.library.gc(images_in_use(node.cfg), wait=False)
     except (LockTimeout, OSError):
         return []
 
@@ -172,10 +170,8 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         os.chown(paths.overlay, *qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
         os.chmod(paths.overlay, 0o600)
     with timer.phase("domain_start"):
-        probe = image if image.kernel else _kernel_boot_image(node)
         kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
-                            probe.kernel.path if probe else None,
-                            probe.initrd.path if probe and probe.initrd else None)
+                            lambda: _probe_files(node, image))
         spec = domain_spec(cfg, req, paths, image, slot, kind)
         dom = hypervisor.start_capped(node.conn, render(spec),
                                       slot.memory_mb + cfg.vm.memory_overhead_mb)
@@ -187,9 +183,13 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         _setup_guest(root_agent, req, paths, Deadline(cfg.vm.setup_timeout_s))
 
 
-def _kernel_boot_image(node: Node) -> Optional[Image]:
-    """A library image with its own kernel, for the KVM probe (a disk-boot image has none)."""
-    return next((i for i in node.library.images() if i.kernel), None)
+def _probe_files(node: Node, image: Image) -> tuple[Optional[str], Optional[str]]:
+    """(kernel, initrd) for the KVM probe: the job's, or for a disk-boot image (which has none)
+    another library image's."""
+    probe = image if image.kernel else next((i for i in node.library.images() if i.kernel), None)
+    if probe is None:
+        return None, None
+    return probe.kernel.path, probe.initrd.path if probe.initrd else None
 
 
 def qemu_ids(cfg: Config) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from . import catalog as catalog_mod
 from . import fetch
 from .config import Config
 from .errors import CatalogRejected, VibatchError
-from .library import DOWNLOADS, Image, Library, make_manifest, seal
+from .library import DOWNLOADS, FILE_NAMES, Image, Library, make_manifest, seal
 from .util import Deadline, atomic_write_json, hold, read_json
 
 
@@ -73,12 +73,12 @@ def sync(cfg: Config, library: Library, url: str, in_use: Callable[[], dict],
                 _sync_entry(cfg, library, url, cat, entry, report)
             except VibatchError as e:
                 report.failed.append((entry.name, e))
+        used = in_use()
         for image in library.images():
             prov = image.provenance or {}
             if prov.get("catalog_url") == url and image.name not in listed:
-                library.unname(image.name, in_use(), force=True)
+                library.unname(image.name, used, force=True)
                 report.expired.append(image.name)
-        used = in_use()
         library.gc(used)
     report.seconds = time.monotonic() - t0
     return report
@@ -121,7 +121,6 @@ def _same_files(image: Image, entry: catalog_mod.Entry) -> bool:
 
 def _sync_entry(cfg: Config, library: Library, url: str, cat: catalog_mod.Catalog,
                 entry: catalog_mod.Entry, report: Report) -> None:
-    current: Optional[Image] = None
     if entry.name in library.names():
         current = library.get(entry.name)
         prov = current.provenance or {}
@@ -147,17 +146,16 @@ def _sync_entry(cfg: Config, library: Library, url: str, cat: catalog_mod.Catalo
                        f"image {entry.name!r} {what}")
         report.bytes_downloaded += ref.size - before
         fetched[what] = part
-    names = {"disk": "disk", "kernel": "vmlinux", "initrd": "initrd"}
     with hold(library.lock):
         stage = library.new_stage(entry.name)
         try:
             files = {}
             for what, part in fetched.items():
-                dst = os.path.join(stage, names[what])
+                dst = os.path.join(stage, FILE_NAMES[what])
                 os.rename(part, dst)   # the very bytes that were hashed
                 seal(dst)
                 ref = entry.files()[what]
-                files[what] = {"file": names[what], "sha512": ref.sha512, "size": ref.size}
+                files[what] = {"file": FILE_NAMES[what], "sha512": ref.sha512, "size": ref.size}
             manifest = make_manifest(stage, files, name=entry.name, os_name=entry.os,
                                      os_version=entry.os_version, arch=entry.arch,
                                      cmdline=entry.cmdline, boot=entry.boot,

@@ -7,11 +7,11 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import filelock
 
-from .errors import LockTimeout
+from .errors import JobError, LockTimeout
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
@@ -46,12 +46,14 @@ def read_json(path: str, default: Any = None) -> Any:
 
 
 @contextlib.contextmanager
-def hold(lock: filelock.BaseFileLock) -> Iterator[None]:
-    """Hold ``lock`` (acquired with its own timeout), or raise LockTimeout naming it."""
+def hold(lock: filelock.BaseFileLock, timeout: Optional[float] = None) -> Iterator[None]:
+    """Hold ``lock`` (acquired within ``timeout``, default the lock's own), or raise LockTimeout
+    naming it."""
+    wait = lock.timeout if timeout is None else timeout
     try:
-        lock.acquire()
+        lock.acquire(timeout=wait)
     except filelock.Timeout:
-        raise LockTimeout(f"could not lock {lock.lock_file} within {lock.timeout:g} s") from None
+        raise LockTimeout(f"could not lock {lock.lock_file} within {wait:g} s") from None
     try:
         yield
     finally:
@@ -104,3 +106,8 @@ class _Phase:
 
     def __exit__(self, *exc: object) -> None:
         self.timer.phases[self.name] = round(time.perf_counter() - self.start, 4)
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise JobError(f"vibatch {what} must run as root")

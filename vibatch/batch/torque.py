@@ -123,18 +123,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"vibatch: torque job starter: {e}", file=sys.stderr)
             return 125
     clean_env_path()
-    if hook == "prologue":
-        def body() -> None:
-            c = cfg()
-            prologue(c, job_from_prologue(c, args))
-        return run_hook(SYSTEM, hook, body, EXIT[hook], alarm_s=max(5, alarm - MARGIN_S))
-    if hook == "epilogue":
-        def body() -> None:   # noqa: F811 - one body per hook
-            code = int(args[9]) if len(args) > 9 and args[9].lstrip("-").isdigit() else None
-            epilogue(cfg(), args[0], code)
-        if not args:
-            print("vibatch: torque epilogue: no job id", file=sys.stderr)
-            return 0
+    def run_prologue() -> None:
+        c = cfg()
+        prologue(c, job_from_prologue(c, args))
+
+    def run_epilogue() -> None:
+        code = int(args[9]) if len(args) > 9 and args[9].lstrip("-").isdigit() else None
+        epilogue(cfg(), args[0], code)
+
+    if hook == "epilogue" and not args:
+        print("vibatch: torque epilogue: no job id", file=sys.stderr)
+        return 0
+    if hook in ("prologue", "epilogue"):
+        body = run_prologue if hook == "prologue" else run_epilogue
         return run_hook(SYSTEM, hook, body, EXIT[hook], alarm_s=max(5, alarm - MARGIN_S))
     print("usage: python -I -m vibatch.batch.torque [--alarm S] prologue|epilogue|job_starter ...",
           file=sys.stderr)
