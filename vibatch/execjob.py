@@ -36,7 +36,14 @@ OUTER = ('if command -v setsid >/dev/null 2>&1; then exec setsid /bin/sh -c "$0"
          'exec /bin/sh -c "$0" "$@"')
 INNER = ('out=$1 err=$2 dir=$3; shift 3; exec <"/dev/null" >"$out" 2>"$err"; '
          'cd "$dir" || exit 126; exec "$@"')
-KILL = 'kill -s "$1" -- "-$2" 2>/dev/null || kill -s "$1" "$2"'
+# Signal the job's process group when the job leads one (setsid ran), else the job alone. The
+# choice is made from /proc, not from kill's exit status: busybox's kill delivers
+# `kill -s SIG -- -PGID` but reports failure, and a fallback on that status signalled twice.
+# (dash refuses the form without "--"; bash, dash and busybox all deliver the form with it.)
+# The group id is the third field after the ")" closing the command name, which may hold spaces.
+KILL = ('sig=$1 pid=$2; st=$(cat "/proc/$pid/stat" 2>/dev/null) || st=""; set -- ${st##*) }; '
+        'if [ "${3:-}" = "$pid" ]; then kill -s "$sig" -- "-$pid" 2>/dev/null; '
+        'else kill -s "$sig" "$pid"; fi')
 
 
 def find_job_id(explicit: Optional[str]) -> str:
