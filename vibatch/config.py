@@ -14,7 +14,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import ConfigError
-from .library import valid_name, valid_sha512
+from .names import valid_name, valid_sha512
 
 DEFAULT_PATH = "/etc/vibatch/vibatch.yaml"
 ENV_VAR = "VIBATCH_CONFIG"

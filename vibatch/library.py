@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import secrets
 import shutil
 import stat
@@ -35,6 +34,7 @@ import filelock
 from . import qemuimg
 from .errors import (ImageInUse, ImageIntegrityError, ImageRejected, LibraryError,
                      LockTimeout, UnknownImage)
+from .names import valid_name
 from .util import atomic_write_json, hold, read_json
 
 MANIFEST = "manifest.json"
@@ -42,8 +42,6 @@ MANIFEST_FORMAT = 2
 STORE = ".store"
 STAGING = ".staging"
 DOWNLOADS = "downloads"   # under STAGING: partial downloads, kept for resuming
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-_SHA512 = re.compile(r"^[0-9a-f]{128}$")
 SAFE_FORMATS = ("qcow2", "raw")
 HASH_BUFFER = 1 << 20
 FILE_NAMES = {"disk": "disk", "kernel": "vmlinux", "initrd": "initrd"}   # in a version dir
@@ -86,11 +84,6 @@ class Image:
         return [f for f in (self.disk, self.kernel, self.initrd) if f is not None]
 
 
-def valid_name(name: Any) -> bool:
-    """An image name (or alias): letters, digits and . _ + -, at most 64, no leading dot."""
-    return isinstance(name, str) and bool(_NAME.match(name))
-
-
 def check_name(name: str) -> str:
     if not valid_name(name):
         raise UnknownImage(f"invalid image name {name!r}: use letters, digits and . _ + - "
@@ -130,7 +123,7 @@ class Library:
             entries = sorted(os.listdir(self.dir))
         except FileNotFoundError:
             return []
-        return [n for n in entries if _NAME.match(n) and os.path.islink(os.path.join(self.dir, n))
+        return [n for n in entries if valid_name(n) and os.path.islink(os.path.join(self.dir, n))
                 and os.path.isfile(os.path.join(self.dir, n, MANIFEST))]
 
     def images(self) -> list[Image]:
@@ -465,5 +458,3 @@ def _copy_in(src: str, stage: str, filename: str) -> dict:
     return {"file": filename, "sha512": sha512_file(dst), "size": os.path.getsize(dst)}
 
 
-def valid_sha512(value: Any) -> bool:
-    return isinstance(value, str) and bool(_SHA512.match(value))
