@@ -102,7 +102,8 @@ def leftovers(env, job: str) -> list[str]:
             found.append("domain")
     finally:
         conn.close()
-    for d in (os.path.join(cfg.state_dir, "jobs", job), os.path.join(cfg.run_dir, "jobs", job)):
+    for d in (os.path.join(cfg.state_dir, "jobs", job), os.path.join(cfg.run_dir, "jobs", job),
+              os.path.join(cfg.run_dir, "refused", job)):
         if os.path.lexists(d):
             found.append(d)
     if SlotAllocator(cfg.state_dir, Capacity((), 0), 1).get(job) is not None:
@@ -124,3 +125,32 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
             return False
         time.sleep(interval)
     return True
+
+
+def add_batch_user(env, name: str, uid: int) -> str:
+    """A job user with a real home (the batch systems' jobs start there); returns the home."""
+    home = os.path.join(env.base, "home", name)
+    os.makedirs(home)
+    os.chmod(os.path.dirname(home), 0o755)
+    subprocess.run(["userdel", name], check=False, capture_output=True)
+    subprocess.run(["useradd", "-u", str(uid), "-U", "-d", home, "-s", "/bin/sh", name],
+                   check=True)
+    os.chown(home, uid, uid)
+    return home
+
+
+def install_shims(system: str, dest: str, replace: dict, modes: dict) -> str:
+    """Install hooks/<system>/* as an admin would, with this test node's paths substituted."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.makedirs(dest, exist_ok=True)
+    os.chmod(dest, 0o755)
+    for name, mode in modes.items():
+        with open(os.path.join(repo, "hooks", system, name)) as f:
+            text = f.read()
+        for old, new in replace.items():
+            text = text.replace(old, new)
+        path = os.path.join(dest, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+    return dest

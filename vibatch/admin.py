@@ -15,7 +15,7 @@ from .config import Config
 from .errors import (CatalogRejected, ImageIntegrityError, ImageRejected, ImageTestFailed,
                      LibraryError, VibatchError)
 from .library import Image, Library, in_use_by, inspect_disk, sha512_file
-from .util import read_json, require_root
+from .util import atomic_write, read_json, require_root
 
 
 def _ago(ts: Optional[float], now: float) -> str:
@@ -117,6 +117,14 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
         return _test(cfg, lib, args)
     if act == "resolve":
         return _resolve(cfg, lib, args)
+    if act == "offer":
+        from .policy import offer  # noqa: PLC0415
+        text = "".join(f"{name}\n" for name in offer(cfg, lib))
+        if args.output:
+            atomic_write(args.output, text.encode(), mode=0o644)
+        else:
+            sys.stdout.write(text)
+        return 0
     raise LibraryError(f"unknown image action {act}")
 
 

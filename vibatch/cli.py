@@ -121,6 +121,9 @@ def _image_parsers(sub) -> None:
     rp.add_argument("--user", help="job user (for group allow-lists; default: you)")
     rp.add_argument("--queue")
     rp.add_argument("--account")
+    op = isub.add_parser("offer", help="the names a job may ask for (for submit-time checks, "
+                         "e.g. Slurm's job_submit.lua)")
+    op.add_argument("--output", help="write them here, atomically, one per line (default: print)")
 
 
 def _catalog_parsers(sub) -> None:

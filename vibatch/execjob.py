@@ -161,6 +161,24 @@ class Exec:
         self._record(status)
         return status
 
+    def run_script(self, text: bytes, args: Sequence[str], stdout=None, stderr=None,
+                   environ: Optional[dict] = None) -> int:
+        """Run a job script the guest cannot see (it lives in the batch system's spool on the
+        host): its text goes into the job's I/O folder for the run, and the guest's kernel runs
+        it with its own ``#!`` line, with ``args`` as its arguments."""
+        name = f"{os.getpid()}-{secrets.token_hex(4)}.job"
+        host = os.path.join(self.info["io_host"], name)
+        fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if os.getuid() == 0:
+                    os.fchown(f.fileno(), self.info["uid"], self.info["gid"])
+                f.write(text)
+            return self.run([f"{self.info['io_guest']}/{name}", *args], stdout, stderr, environ)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(host)
+
     def _on_signal(self, signum: int, _frame) -> None:
         self.pending.append(signum)
 

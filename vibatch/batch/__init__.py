@@ -56,9 +56,12 @@ class HookTimeout(NodeError):
 
 
 def run_hook(system: str, hook: str, body: Callable[[], None], table: dict[Outcome, int],
-             alarm_s: Optional[int] = None, out=None) -> int:
-    """Run ``body``; report any failure in one line (plus detail) and return ``table``'s code."""
+             alarm_s: Optional[int] = None, out=None,
+             on_fault: Optional[Callable[[Outcome, str], None]] = None) -> int:
+    """Run ``body``; report any failure in one line (plus detail) and return ``table``'s code.
+    ``on_fault(outcome, message)`` runs after a failure, e.g. to leave the message for the job."""
     out = out or sys.stderr
+    message = ""
     if alarm_s:
         def on_alarm(_signum, _frame):
             raise HookTimeout(f"vibatch {system} {hook}: did not finish within {alarm_s} s")
@@ -68,19 +71,25 @@ def run_hook(system: str, hook: str, body: Callable[[], None], table: dict[Outco
     try:
         body()
     except VibatchError as e:
-        exc = e
+        exc, message = e, e.message
         print(f"vibatch: {system} {hook} failed ({'job' if e.fault == 'job' else 'node'} "
               f"fault): {e.message}", file=out)
         if e.detail:
             print(e.detail.rstrip("\n"), file=out)
     except Exception as e:  # an unexpected bug is the node's problem, never the user's
-        exc = e
-        print(f"vibatch: {system} {hook} failed (node fault): {type(e).__name__}: {e}", file=out)
+        exc, message = e, f"{type(e).__name__}: {e}"
+        print(f"vibatch: {system} {hook} failed (node fault): {message}", file=out)
     finally:
         if alarm_s:
             signal.alarm(0)
+    outcome = classify(exc)
+    if on_fault is not None and outcome is not Outcome.OK:
+        try:
+            on_fault(outcome, message)
+        except Exception as e:  # noqa: BLE001 - the hook's exit code matters more
+            print(f"vibatch: {system} {hook}: could not record the failure: {e}", file=out)
     out.flush()
-    return table[classify(exc)]
+    return table[outcome]
 
 
 def prologue(cfg, job: BatchJob) -> dict:
@@ -106,10 +115,66 @@ def epilogue(cfg, job_id: str, exit_code: Optional[int]) -> None:
         node.close()
 
 
-def exec_job(cfg, job_id: str, argv: Sequence[str]) -> int:
-    """The job starter's part: run the job's command line in its VM, as the job user."""
+def exec_job(cfg, job_id: str, argv: Sequence[str], script: Optional[str] = None,
+             drop_first_line: bool = False) -> int:
+    """The job starter's part: run the job in its VM, as the job user. ``script`` is a host
+    file the guest cannot see (the batch system's spool copy of the job script): its text is
+    handed to the guest and run with ``argv`` as its arguments. If the prologue refused the job,
+    say why, in the job's own error output, and fail it."""
     from ..execjob import Exec  # noqa: PLC0415
-    return Exec(cfg, job_id).run(list(argv))
+    why = read_refusal(cfg, job_id)
+    if why is not None:
+        print(f"vibatch: this job cannot run: {why}", file=sys.stderr)
+        return REFUSED_EXIT
+    ex = Exec(cfg, job_id)
+    if script is None:
+        return ex.run(list(argv))
+    with open(script, "rb") as f:
+        text = f.read()
+    if drop_first_line:
+        text = text.split(b"\n", 1)[1] if b"\n" in text else b""
+    return ex.run_script(text, list(argv))
+
+
+REFUSED_EXIT = 125
+
+
+def _refusal_path(cfg, job_id: str) -> str:
+    from ..request import check_job_id  # noqa: PLC0415
+    return os.path.join(cfg.run_dir, "refused", check_job_id(job_id))
+
+
+def record_refusal(cfg, job_id: str, user: str, message: str) -> None:
+    """Leave the prologue's reason for refusing a job where the job's starter (running as the
+    job user) finds it: for systems whose prologue cannot fail one job without taking the node
+    out (Slurm drains a node whose Prolog fails). Root's, readable by the job's user only."""
+    import pwd  # noqa: PLC0415
+    from ..util import atomic_write  # noqa: PLC0415
+    path = _refusal_path(cfg, job_id)
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    atomic_write(path, (message.strip() + "\n").encode(), mode=0o400)
+    try:
+        pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    except (KeyError, ValueError):
+        os.chmod(path, 0o444)   # no such user: nobody can run this job anyway
+
+
+def read_refusal(cfg, job_id: str) -> Optional[str]:
+    try:
+        with open(_refusal_path(cfg, job_id), "rb") as f:
+            return f.read(64 * 1024).decode(errors="replace").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError:
+        return "the prologue refused it (its reason is not readable by this user)"
+
+
+def clear_refusal(cfg, job_id: str) -> None:
+    try:
+        os.unlink(_refusal_path(cfg, job_id))
+    except FileNotFoundError:
+        pass
 
 
 def home_of(user: str) -> str:

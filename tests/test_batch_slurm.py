@@ -1,0 +1,229 @@
+"""Slurm end to end: a real slurmctld/slurmd/munge from Debian's packages, with vibatch's Prolog,
+Epilog and job_submit.lua installed, and jobs submitted with sbatch by an ordinary user. Each job
+boots a real guest; the tests read what Slurm recorded (job state, exit code, node state) and
+what the job printed, and check that nothing is left behind."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clusters import SlurmCluster, wait_until
+from conftest import IMAGE_BUILD
+from vmhelp import add_batch_user, install_shims, leftovers
+from vibatch import hypervisor
+from vibatch.batch import slurm
+
+USER, UID = "vbt-slurm", 23404
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def guest_kernel() -> str:
+    with open(os.path.join(IMAGE_BUILD, "KVER")) as f:
+        return f.read().strip()
+
+
+@pytest.fixture(scope="module")
+def cluster(vm_env):
+    home = add_batch_user(vm_env, USER, UID)
+    hooks = os.path.join(vm_env.base, "slurm-hooks")
+    offer = os.path.join(vm_env.base, "offer")
+    install_shims("slurm", hooks, {
+        "/etc/vibatch/vibatch.yaml": vm_env.config_path,
+        "/opt/vibatch/venv/bin/python": sys.executable,
+        "/opt/vibatch/hooks/slurm/job_exec": os.path.join(hooks, "job_exec"),
+        "/etc/vibatch/offer": offer,
+    }, {"prolog": 0o500, "epilog": 0o500, "job_exec": 0o555, "job_submit.lua": 0o644})
+    r = vm_env.run("image", "offer", "--output", offer)
+    assert r.returncode == 0, r.stderr
+    c = SlurmCluster(os.path.join(vm_env.base, "slurm"), {
+        "Prolog": os.path.join(hooks, "prolog"), "Epilog": os.path.join(hooks, "epilog"),
+        "PrologFlags": "Alloc", "KillWait": "5", "OverTimeLimit": "0", "FirstJobId": "7001",
+        "JobRequeue": "0",
+    }, features=["vibatch", "testguest"], job_submit_lua=os.path.join(hooks, "job_submit.lua"))
+    try:
+        c.start()
+        c.home = home
+        yield c
+    finally:
+        c.stop()
+        subprocess.run(["userdel", USER], check=False, capture_output=True)
+
+
+def submit(c, script: str, *opts: str, cwd=None) -> str:
+    cwd = cwd or c.home
+    path = os.path.join(cwd, "job.sh")
+    with open(path, "w") as f:
+        f.write(script)
+    os.chown(path, UID, UID)
+    r = c.cmd("sbatch", "--parsable", *opts, path, user=USER, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def output(c, job_id: str, cwd=None) -> str:
+    with open(os.path.join(cwd or c.home, f"slurm-{job_id}.out")) as f:
+        return f.read()
+
+
+def assert_node_healthy(c):
+    state = c.node_state()
+    assert "drain" not in state and state in ("idle", "mixed", "allocated"), (state, c.node_reason())
+
+
+def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, cluster):
+    job = submit(cluster, "#!/bin/sh\n#SBATCH --mem=600M\n"
+                 'echo "kernel $(uname -r) on $(cat /etc/hostname) as $(id -un) in $PWD"\n'
+                 'echo "args: $*"\necho to-stderr >&2\nexit 7\n',
+                 "--export=ALL,VIBATCH_IMAGE=testguest")
+    rec = cluster.wait_finished(job)
+    assert rec["JobState"] == "FAILED" and rec["ExitCode"] == "7:0", rec
+    out = output(cluster, job)
+    assert f"kernel {guest_kernel()} on vbguest as {USER} in {cluster.home}\n" in out, out
+    assert "to-stderr" in out
+    assert "comment" not in out and rec.get("Comment", "").endswith("vibatch_image=testguest")
+    assert leftovers(vm_env, job) == []
+    acct = [line for line in open(vm_env.cfg.accounting_file) if f'"job_id": "{job}"' in line]
+    assert len(acct) == 1 and '"exit_code": 7' in acct[0] and '"memory_mb": 600' in acct[0]
+    assert_node_healthy(cluster)
+
+
+def test_two_jobs_get_disjoint_cpus_from_their_allocation(vm_env, cluster):
+    gate = os.path.join(cluster.home, "gate")
+    script = ("#!/bin/sh\necho started\n"
+              f"i=0; while [ ! -e {gate} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n"
+              "echo released\n")
+    jobs = [submit(cluster, script, "-c", "1", "--mem=400M", "--comment",
+                   "vibatch_image=testguest") for _ in range(2)]
+    try:
+        for job in jobs:
+            wait_until(f"job {job} to start in its VM", lambda j=job: os.path.exists(
+                os.path.join(cluster.home, f"slurm-{j}.out")) and "started" in output(cluster, j), 120)
+        conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
+        try:
+            pinned = {}
+            for job in jobs:
+                dom = hypervisor.lookup(conn, "vibatch-" + job)
+                pinned[job] = {c for vcpu in dom.vcpuPinInfo() for c, on in enumerate(vcpu) if on}
+        finally:
+            conn.close()
+        allocated = {}
+        for job in jobs:
+            show = cluster.cmd("scontrol", "show", "job", "-d", job).stdout
+            allocated[job] = set(slurm.allocation(show, cluster.node, job)[0])
+        assert pinned == allocated
+        assert not pinned[jobs[0]] & pinned[jobs[1]]
+    finally:
+        with open(gate, "w"):
+            pass
+    for job in jobs:
+        assert cluster.wait_finished(job)["ExitCode"] == "0:0"
+        assert "released" in output(cluster, job)
+        assert leftovers(vm_env, job) == []
+    os.unlink(gate)
+
+
+def test_an_array_picks_its_os_by_constraint_and_each_task_gets_a_vm(vm_env, cluster):
+    job = submit(cluster, '#!/bin/sh\necho "task $SLURM_ARRAY_TASK_ID on $(cat /etc/hostname)"\n',
+                 "--array=1-3", "-c", "1", "--mem=400M", "--constraint=testguest",
+                 "-o", "slurm-%A_%a.out")
+    ids = []
+    for task in (1, 2, 3):
+        rec = cluster.wait_finished(f"{job}_{task}")
+        assert rec["JobState"] == "COMPLETED", (rec, [open(os.path.join(cluster.home, n)).read()
+                                                      for n in os.listdir(cluster.home)
+                                                      if n.startswith(f"slurm-{job}")])
+        ids.append(rec["JobId"])
+        with open(os.path.join(cluster.home, f"slurm-{job}_{task}.out")) as f:
+            assert f.read() == f"task {task} on vbguest\n"
+    assert len(set(ids)) == 3
+    for task_job in ids:
+        assert leftovers(vm_env, task_job) == []
+
+
+def test_scancel_stops_the_job_and_leaves_nothing(vm_env, cluster):
+    job = submit(cluster, "#!/bin/sh\ntrap 'echo got TERM; exit 143' TERM\necho started\n"
+                 "sleep 600 & wait\n", "--comment", "vibatch_image=testguest")
+    wait_until("the job to start in its VM", lambda: os.path.exists(
+        os.path.join(cluster.home, f"slurm-{job}.out")) and "started" in output(cluster, job), 120)
+    assert cluster.cmd("scancel", job, user=USER).returncode == 0
+    rec = cluster.wait_finished(job)
+    assert rec["JobState"] == "CANCELLED", rec
+    assert "got TERM" in output(cluster, job)
+    assert leftovers(vm_env, job) == []
+    assert_node_healthy(cluster)
+
+
+def test_the_time_limit_kills_the_job_and_leaves_nothing(vm_env, cluster):
+    job = submit(cluster, "#!/bin/sh\necho started\nsleep 600\n", "--time=1")
+    rec = cluster.wait_finished(job, timeout=240)
+    assert rec["JobState"] == "TIMEOUT", rec
+    assert "started" in output(cluster, job)
+    assert leftovers(vm_env, job) == []
+    assert_node_healthy(cluster)
+
+
+def test_an_unknown_os_is_refused_at_submit_with_the_choices(vm_env, cluster):
+    r = cluster.cmd("sbatch", "--export=ALL,VIBATCH_IMAGE=nosuch-os", "--wrap", "true",
+                    user=USER, cwd=cluster.home)
+    assert r.returncode != 0
+    assert "unknown OS image 'nosuch-os' (from VIBATCH_IMAGE)" in r.stderr
+    assert "testguest" in r.stderr.split("offers:")[1]
+    r = cluster.cmd("sbatch", "--comment", "vibatch_image=nosuch-os", "--wrap", "true",
+                    user=USER, cwd=cluster.home)
+    assert r.returncode != 0 and "from the job comment" in r.stderr
+    assert_node_healthy(cluster)
+
+
+def test_a_job_the_prolog_refuses_fails_with_its_reason_and_the_node_stays_up(vm_env, cluster):
+    # submitted from /tmp: a system directory cannot be shared into a VM. That is only known on
+    # the node, so the Prolog refuses the job, exits 0 (non-zero would drain the node) and the
+    # job fails with the reason in its own output.
+    tmp = "/tmp/vibatch-slurm-test"
+    os.makedirs(tmp, exist_ok=True)
+    os.chown(tmp, UID, UID)
+    try:
+        job = submit(cluster, "#!/bin/sh\necho should-not-run\n", "--chdir=/tmp",
+                     "-o", f"{tmp}/slurm-%j.out", cwd=tmp)
+        rec = cluster.wait_finished(job)
+        assert rec["JobState"] == "FAILED" and rec["ExitCode"] == "125:0", rec
+        out = output(cluster, job, cwd=tmp)
+        assert "vibatch: this job cannot run: working directory /tmp cannot be shared" in out
+        assert "should-not-run" not in out
+        assert leftovers(vm_env, job) == []
+        assert_node_healthy(cluster)
+    finally:
+        subprocess.run(["rm", "-rf", tmp], check=False)
+
+
+def test_scontrol_parsing_refuses_an_injected_allocation():
+    show = ("JobId=5 JobName=evil\n   Nodes=vm CPU_IDs=7 Mem=99\n   UserId=u(1) GroupId=g(1)\n"
+            "   RunTime=00:00:01 TimeLimit=01:00:00 TimeMin=N/A\n   JOB_GRES=(null)\n"
+            "     Nodes=vm CPU_IDs=1 Mem=256 GRES=\n   Comment=x\n")
+    with pytest.raises(Exception, match="2 candidate lines"):
+        slurm.allocation(show, "vm", "5")
+    with pytest.raises(Exception, match="0 candidates"):
+        slurm.allocation(show, "vm", "6")
+    array = show.replace("JobName=evil\n   Nodes=vm CPU_IDs=7 Mem=99", "JobName=a") + "\n" + \
+        show.replace("JobId=5 JobName=evil\n   Nodes=vm CPU_IDs=7 Mem=99", "JobId=4 JobName=a")
+    assert slurm.allocation(array, "vm", "5")[0] == (1,)
+    clean = show.replace("JobName=evil\n   Nodes=vm CPU_IDs=7 Mem=99", "JobName=ok")
+    assert slurm.allocation(clean, "vm", "5") == ((1,), 256, 3600)
+    multi = clean.replace("Nodes=vm CPU_IDs=1 Mem=256",
+                          "Nodes=n[01-02] CPU_IDs=0-3 Mem=1024 GRES=\n     Nodes=vm CPU_IDs=2,5 Mem=512")
+    assert slurm.allocation(multi, "vm", "5") == ((2, 5), 512, 3600)
+    assert slurm.allocation(multi, "n02", "5")[0] == (0, 1, 2, 3)
+
+
+def test_slurm_parsers():
+    assert slurm.expand_hostlist("vm[1-3,7],db") == ["vm1", "vm2", "vm3", "vm7", "db"]
+    assert slurm.expand_hostlist("n[08-10]") == ["n08", "n09", "n10"]
+    assert slurm.parse_time_limit("1-02:03:04") == 93784
+    assert slurm.parse_time_limit("05:00") == 300 and slurm.parse_time_limit("5") == 300
+    assert slurm.parse_time_limit("UNLIMITED") is None
+    assert slurm.image_from_comment("hi vibatch_image=a x vibatch_image=el9") == "el9"
+    assert slurm.image_from_comment("myvibatch_image=a") is None
+    assert slurm.image_from_constraints("bigmem&[el9*2|x]", {"el9"}) == "el9"
+    assert slurm.exit_code({"SLURM_JOB_EXIT_CODE2": "7:0"}) == 7
+    assert slurm.exit_code({"SLURM_JOB_EXIT_CODE2": "0:15"}) == 143
+    assert slurm.exit_code({}) is None

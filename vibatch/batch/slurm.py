@@ -1,0 +1,223 @@
+"""Slurm: the VM's life in the Prolog/Epilog (slurmd, root, ``PrologFlags=Alloc``), the job sent
+into it by a ``job_submit.lua`` that rewrites the batch script's first line to our forwarder.
+
+The contract (Slurm 22.05's prolog_epilog and slurm.conf docs, and what slurmd does here; see
+docs/batch/slurm.md):
+
+- ``Prolog``/``Epilog`` run as root with no PATH and an environment slurmd builds (never the
+  user's ``--export`` variables): ``SLURM_JOB_ID``, ``_USER``, ``_PARTITION``, ``_ACCOUNT`` (if
+  set), ``_CONSTRAINTS``, ``_COMMENT``, ``_WORK_DIR``, ``SLURMD_NODENAME``, ``SLURM_CONF``; the
+  Epilog also ``SLURM_JOB_EXIT_CODE2`` (``rc:signal``). CPU ids, memory and the time limit are
+  not in it: they come from ``scontrol show job -d``.
+- A Prolog that exits non-zero **drains the node** and requeues the job held; so does a failing
+  Epilog (the job keeps its state). So only a node fault exits non-zero. A job fault exits 0
+  and leaves its message for the forwarder, which prints it in the job's output and fails the
+  job (exit 125).
+- The OS: ``--export=VIBATCH_IMAGE=NAME``, ``--comment vibatch_image=NAME``, or
+  ``--constraint NAME`` (a node feature named like an image or alias). The lua checks the name
+  at submit time against the site's offer file (``vibatch image offer``) and writes the choice
+  into the comment, where the Prolog reads it.
+- The forwarder is the rewritten script's interpreter: the kernel runs it as
+  ``job_exec <spool>/slurm_script [args]`` in the batch step, as the job user, with the job's
+  environment, cwd and output files; it runs the rest of the script in the VM.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from typing import Mapping, Optional, Sequence
+
+from .. import config as config_mod
+from ..errors import JobError, NodeError
+from ..library import Library
+from ..request import parse_cpu_list
+from . import (BatchJob, Outcome, REFUSED_EXIT, clean_env_path, clear_refusal, epilogue,
+               exec_job, prologue, record_refusal, run_hook)
+
+SYSTEM = "slurm"
+IMAGE_KEY = "vibatch_image"
+SCONTROL = "/usr/bin/scontrol"
+SCONTROL_TIMEOUT_S = 30
+DEFAULT_ALARM_S = 300    # Slurm's PrologEpilogTimeout is unlimited unless the site sets it
+MARGIN_S = 20
+EXIT = {
+    "prolog": {Outcome.OK: 0, Outcome.JOB_FAULT: 0, Outcome.NODE_FAULT: 1},
+    "epilog": {Outcome.OK: 0, Outcome.JOB_FAULT: 0, Outcome.NODE_FAULT: 1},
+}
+_DETAIL = re.compile(r"^\s+Nodes=(\S+) CPU_IDs=(\S+) Mem=(\d+)")
+_RUNTIME = re.compile(r"^\s+RunTime=\S+ TimeLimit=(\S+)")
+_IMAGE_TOKEN = re.compile(r"(?:^|\s)" + IMAGE_KEY + r"=(\S*)")
+
+
+def image_from_comment(comment: Optional[str]) -> Optional[str]:
+    """The last ``vibatch_image=NAME`` in a job comment (the lua appends its choice last)."""
+    found = _IMAGE_TOKEN.findall(comment or "")
+    return found[-1] if found and found[-1] else None
+
+
+def image_from_constraints(constraints: Optional[str], known: set[str]) -> Optional[str]:
+    """The first feature in a constraint expression (``a&b``, ``a|b``, ``[a*2&b]``) that names
+    an image or alias."""
+    for term in re.split(r"[&|,*\[\]()\s]+", constraints or ""):
+        if term in known:
+            return term
+    return None
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """'vm[1-3,7],db' -> ['vm1', 'vm2', 'vm3', 'vm7', 'db'] (Slurm's host range syntax)."""
+    out: list[str] = []
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", text):
+        m = re.match(r"^([^\[]*)\[([^\]]*)\](.*)$", item)
+        if not m:
+            out.append(item)
+            continue
+        prefix, ranges, rest = m.groups()
+        for r in ranges.split(","):
+            lo, _, hi = r.partition("-")
+            width = len(lo)
+            for n in range(int(lo), int(hi or lo) + 1):
+                out.extend(prefix + str(n).zfill(width) + tail for tail in expand_hostlist(rest) or [""])
+    return out
+
+
+def parse_time_limit(text: str) -> Optional[int]:
+    """'UNLIMITED' -> None; '1-02:03:04', '02:03:04', '03:04', '5' (minutes) -> seconds."""
+    if not re.match(r"^(\d+-)?\d+(:\d+){0,2}$", text or ""):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) == 1:
+        secs = parts[0] * 60
+    else:
+        secs = 0
+        for p in ([0] * (3 - len(parts)) + parts):
+            secs = secs * 60 + p
+    return secs + int(days or 0) * 86400 or None
+
+
+def allocation(show: str, node: str, job_id: str) -> tuple[tuple[int, ...], int, Optional[int]]:
+    """(CPU ids, memory MiB, time limit s) of ``node`` from ``scontrol show job -d``.
+
+    For an array's master id, scontrol prints every task's record: only the one starting with
+    ``JobId=<job_id>`` counts. That text is not escaped: a job name or comment may hold lines
+    that look like a record or an allocation, so both must be unique, or the job is refused."""
+    records = [r for r in re.split(r"\n[ \t]*\n", show) if r.startswith(f"JobId={job_id} ")]
+    if len(records) != 1:
+        raise JobError(f"cannot read job {job_id}'s record from scontrol ({len(records)} "
+                       "candidates; does the job name or comment hold 'JobId=...'?)")
+    show = records[0]
+    details = []
+    for line in show.splitlines():
+        m = _DETAIL.match(line)
+        if m and node in expand_hostlist(m.group(1)):
+            details.append(m)
+    if len(details) != 1:
+        raise JobError(f"cannot read this job's allocation on node {node} from scontrol "
+                       f"({len(details)} candidate lines; does the job name or comment hold "
+                       "'Nodes=... CPU_IDs=...'?)")
+    limits = [m.group(1) for m in map(_RUNTIME.match, show.splitlines()) if m]
+    cpus = parse_cpu_list(details[0].group(2))
+    return cpus, int(details[0].group(3)), parse_time_limit(limits[0]) if len(limits) == 1 else None
+
+
+def scontrol_show(job_id: str, env: Mapping[str, str]) -> str:
+    run_env = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
+    if env.get("SLURM_CONF"):
+        run_env["SLURM_CONF"] = env["SLURM_CONF"]
+    try:
+        r = subprocess.run([SCONTROL, "show", "job", "-d", job_id], env=run_env,
+                           capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise NodeError(f"scontrol show job {job_id} did not answer within "
+                        f"{SCONTROL_TIMEOUT_S} s") from None
+    except OSError as e:
+        raise NodeError(f"cannot run {SCONTROL}: {e}") from None
+    if r.returncode != 0:
+        raise NodeError(f"scontrol show job {job_id} failed: {r.stderr.strip()}")
+    return r.stdout
+
+
+def job_from_prolog(cfg, env: Mapping[str, str], show: str) -> BatchJob:
+    job_id, user = env.get("SLURM_JOB_ID", ""), env.get("SLURM_JOB_USER", "")
+    node = env.get("SLURMD_NODENAME", "")
+    if not job_id or not user or not node:
+        raise NodeError("the Slurm Prolog was called without SLURM_JOB_ID, SLURM_JOB_USER or "
+                        "SLURMD_NODENAME: is it installed as slurm.conf's Prolog?")
+    cpus, mem, limit = allocation(show, node, job_id)
+    image = image_from_comment(env.get("SLURM_JOB_COMMENT"))
+    if image is None:
+        known = set(cfg.images.aliases) | set(Library(cfg.library_dir, cfg.state_dir).names())
+        image = image_from_constraints(env.get("SLURM_JOB_CONSTRAINTS"), known)
+    return BatchJob(job_id=job_id, user=user, cores=len(cpus),
+                    memory_mb=mem or cfg.jobs.default_memory_mb,
+                    workdir=env.get("SLURM_JOB_WORK_DIR", ""), image=image, walltime_s=limit,
+                    queue=env.get("SLURM_JOB_PARTITION") or None,
+                    account=env.get("SLURM_JOB_ACCOUNT") or None, cpus=cpus)
+
+
+def exit_code(env: Mapping[str, str]) -> Optional[int]:
+    """The job's exit code from ``SLURM_JOB_EXIT_CODE2`` ('7:0'; a signal gives 128+N)."""
+    m = re.match(r"^(\d+):(\d+)$", env.get("SLURM_JOB_EXIT_CODE2", ""))
+    if not m:
+        return None
+    rc, sig = int(m.group(1)), int(m.group(2))
+    return 128 + sig if sig else rc
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    alarm = DEFAULT_ALARM_S
+    config_path = config_mod.DEFAULT_PATH   # never from the environment
+    while len(argv) >= 2 and argv[0] in ("--alarm", "--config"):
+        if argv[0] == "--alarm":                 # the site's PrologEpilogTimeout, if set
+            alarm = int(argv[1])
+        else:
+            config_path = argv[1]
+        argv = argv[2:]
+    hook, args = (argv[0], argv[1:]) if argv else ("", [])
+    env = dict(os.environ)
+
+    if hook == "exec":   # the rewritten script's interpreter: job user, batch step
+        if not args:
+            print("vibatch: slurm exec: no job script (this is a #! interpreter)", file=sys.stderr)
+            return REFUSED_EXIT
+        try:
+            return exec_job(config_mod.load(config_path), env.get("SLURM_JOB_ID", ""), args[1:],
+                            script=args[0], drop_first_line=True)
+        except Exception as e:  # noqa: BLE001 - report in the job's output, fail the job
+            print(f"vibatch: slurm job: {e}", file=sys.stderr)
+            return REFUSED_EXIT
+    clean_env_path()
+    job_id = env.get("SLURM_JOB_ID", "")
+
+    def run_prolog() -> None:
+        cfg = config_mod.load(config_path)
+        if not job_id:
+            raise NodeError("no SLURM_JOB_ID in the Prolog's environment")
+        prologue(cfg, job_from_prolog(cfg, env, scontrol_show(job_id, env)))
+
+    def refuse(outcome: Outcome, message: str) -> None:
+        if outcome is Outcome.JOB_FAULT:
+            record_refusal(config_mod.load(config_path), job_id, env.get("SLURM_JOB_USER", ""),
+                           message)
+
+    def run_epilog() -> None:
+        cfg = config_mod.load(config_path)
+        if job_id:
+            clear_refusal(cfg, job_id)
+            epilogue(cfg, job_id, exit_code(env))
+
+    if hook in ("prolog", "epilog"):
+        body = run_prolog if hook == "prolog" else run_epilog
+        return run_hook(SYSTEM, hook, body, EXIT[hook], alarm_s=max(5, alarm - MARGIN_S),
+                        on_fault=refuse if hook == "prolog" else None)
+    print("usage: python -I -m vibatch.batch.slurm [--alarm S] [--config PATH] "
+          "prolog|epilog|exec SCRIPT [ARGS]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
