@@ -7,7 +7,9 @@ stops exactly those processes and removes the cluster's state. One cluster runs 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -262,4 +264,199 @@ class SlurmCluster:
             path = os.path.join(self.state, "log", name)
             if os.path.exists(path):
                 shutil.copy(path, f"/var/tmp/vibatch-tests/last-{name}")
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+class GridEngineCluster:
+    """sge_qmaster + sge_execd (Debian's Son of Grid Engine 8.1.9) with one queue on this host,
+    from a freshly initialised cell: job ids restart at 1 and no state survives ``stop``."""
+
+    PACKAGES = ["gridengine-master", "gridengine-exec", "gridengine-client"]
+    ROOT, CELL, SPOOL = "/var/lib/gridengine", "default", "/var/spool/gridengine"
+    LIBEXEC = "/usr/lib/gridengine"
+
+    def __init__(self, state: str, queue: dict[str, str], complexes: list[str]):
+        self.state, self.queue_attrs, self.complexes = state, queue, complexes
+        self.host = socket.gethostname()
+        self.common = f"{self.ROOT}/{self.CELL}/common"
+        self.pids: dict[str, int] = {}
+        self.name = ""
+
+    @property
+    def env(self) -> dict:
+        return {"PATH": CLEAN_PATH, "SGE_ROOT": self.ROOT, "SGE_CELL": self.CELL,
+                "LANG": "C.UTF-8"}
+
+    def cmd(self, *argv: str, user: Optional[str] = None, cwd: str = "/", timeout: float = 60,
+            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+        full = list(argv) if user is None else ["runuser", "-u", user, "--", *argv]
+        return subprocess.run(full, env={**self.env, **(env or {})}, cwd=cwd,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def qconf(self, *args: str) -> str:
+        r = self.cmd("qconf", *args)
+        if r.returncode != 0:
+            raise ClusterError(f"qconf {' '.join(args)} failed: {r.stdout}{r.stderr}")
+        return r.stdout
+
+    def start(self) -> None:
+        apt_install(self.PACKAGES, debconf=(
+            "gridengine-common shared/gridengineconfig boolean true\n"
+            f"gridengine-common shared/gridenginecell string {self.CELL}\n"
+            f"gridengine-common shared/gridenginemaster string {self.host}\n"))
+        for port in (6444, 6445):
+            if not port_free(port):
+                raise ClusterError(f"port {port} is taken: another Grid Engine runs here")
+        shutil.rmtree(self.state, ignore_errors=True)
+        os.makedirs(os.path.join(self.state, "run"))
+        os.chmod(self.state, 0o755)
+        shutil.chown(os.path.join(self.state, "run"), "sgeadmin", "sgeadmin")
+        self._fresh_cell()
+        self._daemon("sge_qmaster", "qmaster.pid", "SGE_QMASTER_PIDFILE")
+        wait_until("sge_qmaster to answer", lambda: self.cmd("qconf", "-sh").returncode == 0, 60)
+        self._configure()
+        self._daemon("sge_execd", "execd.pid", "SGE_EXECD_PIDFILE")
+        wait_until("sge_execd to register", lambda: self.cmd("qconf", "-se", self.name)
+                   .returncode == 0, 60)
+        self._queue()
+        wait_until("the queue to be available (load reported, no error)",
+                   lambda: self.queue_state() == "", 90)
+
+    def _fresh_cell(self) -> None:
+        for d in (f"{self.SPOOL}/spooldb", f"{self.SPOOL}/qmaster", f"{self.SPOOL}/execd"):
+            shutil.rmtree(d, ignore_errors=True)
+        for f in ("accounting", "act_qmaster", "host_aliases"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.common, f))
+        for d in (self.ROOT, f"{self.ROOT}/{self.CELL}", self.common,
+                  f"{self.SPOOL}/qmaster/job_scripts", f"{self.SPOOL}/spooldb", f"{self.SPOOL}/execd"):
+            os.makedirs(d, exist_ok=True)
+            shutil.chown(d, "sgeadmin", "sgeadmin")
+        if not os.path.exists(f"{self.common}/bootstrap"):
+            shutil.copy("/usr/share/gridengine/default-bootstrap", f"{self.common}/bootstrap")
+            shutil.chown(f"{self.common}/bootstrap", "sgeadmin", "sgeadmin")
+        r = subprocess.run(["runuser", "-u", "sgeadmin", "--", "/usr/share/gridengine/scripts/init_cluster",
+                            self.ROOT, self.CELL, f"{self.SPOOL}/spooldb", "sgeadmin"],
+                           env=self.env, capture_output=True, text=True, timeout=120, cwd="/")
+        if r.returncode != 0:
+            raise ClusterError(f"init_cluster failed: {r.stdout}{r.stderr}")
+        # SGE names a peer by its address's reverse name and refuses clients whose own name
+        # differs (here 127.0.0.1 is "localhost" but the host calls itself "vm"): alias them
+        ip = socket.gethostbyname(self.host)
+        rev = socket.gethostbyaddr(ip)[0]
+        if rev != self.host:
+            with open(f"{self.common}/host_aliases", "w") as f:
+                f.write(f"{self.host} {rev}\n")
+        self.name = subprocess.run([f"{self.LIBEXEC}/gethostname", "-aname"], env=self.env,
+                                   capture_output=True, text=True, check=True).stdout.strip()
+        with open(f"{self.common}/act_qmaster", "w") as f:
+            f.write(self.name + "\n")
+        for f in os.listdir(self.common):
+            shutil.chown(os.path.join(self.common, f), "sgeadmin", "sgeadmin")
+
+    def _daemon(self, binary: str, pidfile: str, var: str) -> None:
+        path = os.path.join(self.state, "run", pidfile)
+        # a clean environment: the daemons pass theirs on to every job and hook
+        subprocess.run([f"/usr/sbin/{binary}"], env={**self.env, var: path}, cwd="/", check=True,
+                       timeout=60, capture_output=True)
+        self.pids[binary] = wait_until(f"{binary}'s pid file", lambda: read_pid(path), 30)
+
+    def _configure(self) -> None:
+        cfg = os.path.join(self.state, "cfg")
+        os.makedirs(cfg, exist_ok=True)
+        self.cmd("qconf", "-as", self.name)
+        self.cmd("qconf", "-ah", self.name)
+        conf = re.sub(r"(?m)^load_report_time .*$", "load_report_time 00:00:05",
+                      self.qconf("-sconf", "global"))
+        self._load("-Mconf", os.path.join(cfg, "global"), conf)
+        sched = self.qconf("-ssconf")
+        for key, value in (("schedule_interval", "0:0:1"), ("flush_submit_sec", "1"),
+                           ("flush_finish_sec", "1")):
+            sched = re.sub(rf"(?m)^{key} .*$", f"{key} {value}", sched)
+        self._load("-Msconf", os.path.join(cfg, "sched"), sched)
+        pe = ("pe_name smp\nslots 999\nuser_lists NONE\nxuser_lists NONE\nstart_proc_args NONE\n"
+              "stop_proc_args NONE\nallocation_rule $pe_slots\ncontrol_slaves FALSE\n"
+              "job_is_first_task TRUE\nurgency_slots min\naccounting_summary FALSE\nqsort_args NONE\n")
+        self._load("-Ap", os.path.join(cfg, "smp"), pe)
+        if self.complexes:
+            self._load("-Mc", os.path.join(cfg, "complexes"),
+                       self.qconf("-sc") + "".join(c + "\n" for c in self.complexes))
+
+    def _load(self, option: str, path: str, text: str) -> None:
+        with open(path, "w") as f:
+            f.write(text)
+        self.qconf(option, path)
+
+    def _queue(self) -> None:
+        attrs = {
+            "qname": "all.q", "hostlist": self.name, "seq_no": "0", "load_thresholds": "NONE",
+            "suspend_thresholds": "NONE", "nsuspend": "1", "suspend_interval": "00:05:00",
+            "priority": "0", "min_cpu_interval": "00:05:00", "processors": "UNDEFINED",
+            "qtype": "BATCH INTERACTIVE", "ckpt_list": "NONE", "pe_list": "smp", "rerun": "FALSE",
+            "slots": str(os.cpu_count()), "tmpdir": "/tmp", "shell": "/bin/sh", "prolog": "NONE",
+            "epilog": "NONE", "shell_start_mode": "posix_compliant", "starter_method": "NONE",
+            "suspend_method": "NONE", "resume_method": "NONE", "terminate_method": "NONE",
+            "notify": "00:00:60", "owner_list": "NONE", "user_lists": "NONE",
+            "xuser_lists": "NONE", "subordinate_list": "NONE", "complex_values": "NONE",
+            "projects": "NONE", "xprojects": "NONE", "calendar": "NONE", "initial_state": "default",
+            **{f"{p}_{r}": "INFINITY" for p in "sh" for r in
+               ("rt", "cpu", "fsize", "data", "stack", "core", "rss", "vmem")},
+            **self.queue_attrs,
+        }
+        self._load("-Aq", os.path.join(self.state, "cfg", "all.q"),
+                   "".join(f"{k} {v}\n" for k, v in attrs.items()))
+
+    def queue_state(self) -> Optional[str]:
+        """The queue instance's state letters ('' when it takes jobs; None if unknown)."""
+        r = self.cmd("qstat", "-f", "-q", f"all.q@{self.name}")
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            if parts and parts[0] == f"all.q@{self.name}":
+                return parts[5] if len(parts) > 5 else ""
+        return None
+
+    def job_state(self, job_id: str) -> Optional[str]:
+        """qstat's state column for a job ('r', 'qw', 'Eqw'...), None once it left qstat."""
+        r = self.cmd("qstat", "-u", "*")
+        for line in r.stdout.splitlines()[2:]:
+            parts = line.split()
+            if parts and parts[0] == job_id:
+                return parts[4]
+        return None
+
+    def accounting(self, job_id: str, task: Optional[int] = None) -> Optional[dict]:
+        """The job's (or task's) qacct record, once written (after the epilog)."""
+        args = ["qacct", "-j", job_id] + (["-t", str(task)] if task else [])
+        r = self.cmd(*args)
+        if r.returncode != 0:
+            return None
+        out = {}
+        for line in r.stdout.splitlines():
+            k, _, v = line.partition(" ")
+            if k and not k.startswith("="):
+                out.setdefault(k, v.strip())
+        return out
+
+    def wait_accounted(self, job_id: str, task: Optional[int] = None, timeout: float = 180) -> dict:
+        return wait_until(f"job {job_id}'s accounting record", lambda: self.accounting(job_id, task),
+                          timeout)
+
+    def stop(self) -> None:
+        if self.pids.get("sge_qmaster"):
+            if self.cmd("qstat", "-u", "*").stdout.strip():
+                self.cmd("qdel", "-f", "-u", "*")
+                with contextlib.suppress(ClusterError):
+                    wait_until("the last jobs to leave", lambda: not self.cmd(
+                        "qstat", "-u", "*").stdout.strip(), 60)
+            self.cmd("qconf", "-ke", self.name, timeout=30)
+            stop_pid(self.pids.pop("sge_execd", None), "sge_execd")
+            self.cmd("qconf", "-km", timeout=30)
+            stop_pid(self.pids.pop("sge_qmaster", None), "sge_qmaster")
+        for binary in ("sge_execd", "sge_qmaster"):
+            stop_pid(self.pids.pop(binary, None), binary)
+        messages = f"{self.SPOOL}/qmaster/messages"
+        if os.path.exists(messages):
+            shutil.copy(messages, "/var/tmp/vibatch-tests/last-sge-qmaster-messages")
+        for d in (f"{self.SPOOL}/spooldb", f"{self.SPOOL}/qmaster", f"{self.SPOOL}/execd"):
+            shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(self.state, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 import tempfile
 import time
@@ -18,6 +19,23 @@ from typing import Callable, Optional
 from .util import atomic_write_json, read_json
 
 PROBE_TIMEOUT_S = 10.0
+PROBE_MIN_AS = 2 << 30   # address space a probe QEMU needs to answer at all
+
+
+def lift_limits() -> None:
+    """The probe runs under whatever the hook inherited (Grid Engine applies the job's h_vmem
+    to the root prolog): no address-space cap it can lift, and never a core file."""
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (ValueError, OSError):
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _probe_can_run() -> bool:
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    return hard == resource.RLIM_INFINITY or hard >= PROBE_MIN_AS
 
 
 def _fingerprint(emulator: str) -> dict:
@@ -44,7 +62,7 @@ def choose(setting: str, state_dir: str, emulator: str,
         return cached["accel"]
     kernel, initrd = probe_files()
     accel, reason = probe(emulator, kernel, initrd)
-    if not kernel:
+    if not kernel or not _probe_can_run():
         return accel   # inconclusive: probe again once a kernel-boot image is there
     atomic_write_json(cache_path, {"fingerprint": fp, "accel": accel, "reason": reason,
                                    "probed_at": time.time()}, mode=0o644)
@@ -65,7 +83,7 @@ def probe(emulator: str, kernel: Optional[str], initrd: Optional[str]) -> tuple[
         if initrd:
             argv += ["-initrd", initrd]
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE)
+                                 stderr=subprocess.PIPE, cwd=tmp, preexec_fn=lift_limits)
         deadline = time.monotonic() + PROBE_TIMEOUT_S
         try:
             while time.monotonic() < deadline:

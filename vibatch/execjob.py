@@ -162,10 +162,10 @@ class Exec:
         return status
 
     def run_script(self, text: bytes, args: Sequence[str], stdout=None, stderr=None,
-                   environ: Optional[dict] = None) -> int:
+                   environ: Optional[dict] = None, interpreter: Optional[str] = None) -> int:
         """Run a job script the guest cannot see (it lives in the batch system's spool on the
-        host): its text goes into the job's I/O folder for the run, and the guest's kernel runs
-        it with its own ``#!`` line, with ``args`` as its arguments."""
+        host): its text goes into the job's I/O folder for the run, and the guest runs it with
+        ``args`` as its arguments, by ``interpreter`` or else by its own ``#!`` line."""
         name = f"{os.getpid()}-{secrets.token_hex(4)}.job"
         host = os.path.join(self.info["io_host"], name)
         fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
@@ -174,7 +174,9 @@ class Exec:
                 if os.getuid() == 0:
                     os.fchown(f.fileno(), self.info["uid"], self.info["gid"])
                 f.write(text)
-            return self.run([f"{self.info['io_guest']}/{name}", *args], stdout, stderr, environ)
+            guest = f"{self.info['io_guest']}/{name}"
+            argv = [interpreter, guest, *args] if interpreter else [guest, *args]
+            return self.run(argv, stdout, stderr, environ)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(host)

@@ -116,10 +116,11 @@ def epilogue(cfg, job_id: str, exit_code: Optional[int]) -> None:
 
 
 def exec_job(cfg, job_id: str, argv: Sequence[str], script: Optional[str] = None,
-             drop_first_line: bool = False) -> int:
+             drop_first_line: bool = False, interpreter: Optional[str] = None) -> int:
     """The job starter's part: run the job in its VM, as the job user. ``script`` is a host
     file the guest cannot see (the batch system's spool copy of the job script): its text is
-    handed to the guest and run with ``argv`` as its arguments. If the prologue refused the job,
+    handed to the guest and run with ``argv`` as its arguments (by ``interpreter``, a path in
+    the guest, if given; else by its own ``#!`` line). If the prologue refused the job,
     say why, in the job's own error output, and fail it."""
     from ..execjob import Exec  # noqa: PLC0415
     why = read_refusal(cfg, job_id)
@@ -133,7 +134,7 @@ def exec_job(cfg, job_id: str, argv: Sequence[str], script: Optional[str] = None
         text = f.read()
     if drop_first_line:
         text = text.split(b"\n", 1)[1] if b"\n" in text else b""
-    return ex.run_script(text, list(argv))
+    return ex.run_script(text, list(argv), interpreter=interpreter)
 
 
 REFUSED_EXIT = 125

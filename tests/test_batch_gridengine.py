@@ -1,0 +1,175 @@
+"""Grid Engine end to end: real sge_qmaster/sge_execd from Debian's packages, a queue whose
+prolog and epilog (root@) and starter_method are vibatch's shims, and jobs submitted with qsub by
+an ordinary user. Each job boots a real guest; the tests read qacct, qstat and the job's output,
+and check that nothing is left behind and that the queue never goes into error."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clusters import GridEngineCluster, wait_until
+from conftest import IMAGE_BUILD
+from vmhelp import add_batch_user, install_shims, leftovers
+from vibatch import hypervisor
+from vibatch.batch import Outcome, gridengine
+from vibatch.util import read_json
+
+USER, UID = "vbt-sge", 23405
+ARGS = "$job_id $ja_task_id $job_owner $queue $host"
+
+
+def guest_kernel() -> str:
+    with open(os.path.join(IMAGE_BUILD, "KVER")) as f:
+        return f.read().strip()
+
+
+@pytest.fixture(scope="module")
+def sge(vm_env):
+    home = add_batch_user(vm_env, USER, UID)
+    hooks = install_shims("gridengine", os.path.join(vm_env.base, "sge-hooks"), {
+        "/etc/vibatch/vibatch.yaml": vm_env.config_path,
+        "/opt/vibatch/venv/bin/python": sys.executable,
+    }, {"prolog": 0o755, "epilog": 0o755, "starter": 0o755})
+    c = GridEngineCluster(os.path.join(vm_env.base, "sge"), {
+        "prolog": f"root@{hooks}/prolog {ARGS}", "epilog": f"root@{hooks}/epilog {ARGS}",
+        "starter_method": f"{hooks}/starter", "complex_values": "vm_image=testguest",
+    }, complexes=["vm_image vmi RESTRING == YES NO NONE 0"])
+    try:
+        c.start()
+        c.home = home
+        yield c
+    finally:
+        c.stop()
+        subprocess.run(["userdel", USER], check=False, capture_output=True)
+
+
+def qsub(c, script: str, *opts: str) -> str:
+    path = os.path.join(c.home, "job.sh")
+    with open(path, "w") as f:
+        f.write(script)
+    os.chown(path, UID, UID)
+    r = c.cmd("qsub", "-terse", "-cwd", "-j", "y", "-o", f"{c.home}/o.$JOB_ID.$TASK_ID", *opts,
+              path, user=USER, cwd=c.home)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.strip().split(".")[0]
+
+
+def output(c, job: str, task: str = "0") -> str:
+    path = os.path.join(c.home, f"o.{job}.{task}")
+    if not os.path.exists(path):
+        return f"(no {path}; {sorted(os.listdir(c.home))})"
+    with open(path) as f:
+        return f.read()
+
+
+def assert_queue_ok(c):
+    assert c.queue_state() == "", c.cmd("qstat", "-f", "-explain", "E").stdout
+
+
+def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, sge):
+    job = qsub(sge, 'echo "kernel $(uname -r) on $(cat /etc/hostname) as $(id -un) in $PWD"\n'
+               'echo "args: $*"\nexit 7\n', "-l", "vm_image=testguest,h_vmem=600M")
+    rec = sge.wait_accounted(job)
+    assert rec["exit_status"] == "7" and rec["failed"] == "0", rec
+    out = output(sge, job)
+    assert f"kernel {guest_kernel()} on vbguest as {USER} in {sge.home}\n" in out, out
+    assert leftovers(vm_env, job) == []
+    assert not os.path.exists(os.path.join(sge.home, "core")), subprocess.run(
+        ["file", os.path.join(sge.home, "core")], capture_output=True, text=True).stdout
+    acct = [line for line in open(vm_env.cfg.accounting_file) if f'"job_id": "{job}"' in line]
+    assert len(acct) == 1 and '"exit_code": 7' in acct[0] and '"memory_mb": 600' in acct[0]
+    assert_queue_ok(sge)
+
+
+def test_a_binary_job_and_its_arguments_reach_the_guest(vm_env, sge):
+    r = sge.cmd("qsub", "-terse", "-cwd", "-j", "y", "-o", f"{sge.home}/o.$JOB_ID.$TASK_ID",
+                "-b", "y", "-v", "VIBATCH_IMAGE=testguest", "/bin/echo", "hello world", "two",
+                user=USER, cwd=sge.home)
+    job = r.stdout.strip()
+    assert sge.wait_accounted(job)["exit_status"] == "0"
+    assert output(sge, job) == "hello world two\n"
+
+
+def test_two_jobs_get_disjoint_cpus(vm_env, sge):
+    gate = os.path.join(sge.home, "gate")
+    script = ("echo started\n"
+              f"i=0; while [ ! -e {gate} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n")
+    jobs = [qsub(sge, script, "-v", "VIBATCH_IMAGE=testguest", "-l", "h_vmem=400M")
+            for _ in range(2)]
+    try:
+        for job in jobs:
+            wait_until(f"job {job} to start in its VM", lambda j=job: "started" in output(sge, j), 120)
+        conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
+        try:
+            pinned = {}
+            for job in jobs:
+                dom = hypervisor.lookup(conn, "vibatch-" + job)
+                pinned[job] = {c for vcpu in dom.vcpuPinInfo() for c, on in enumerate(vcpu) if on}
+                state = read_json(os.path.join(vm_env.cfg.state_dir, "jobs", job, "state.json"))
+                assert set(state["cpus"]) == pinned[job]
+        finally:
+            conn.close()
+        assert not pinned[jobs[0]] & pinned[jobs[1]]
+    finally:
+        with open(gate, "w"):
+            pass
+    for job in jobs:
+        assert sge.wait_accounted(job)["exit_status"] == "0"
+        assert leftovers(vm_env, job) == []
+    os.unlink(gate)
+
+
+def test_an_array_gets_one_vm_per_task(vm_env, sge):
+    job = qsub(sge, 'echo "task $SGE_TASK_ID on $(cat /etc/hostname)"\n', "-t", "1-3",
+               "-l", "vm_image=testguest,h_vmem=400M")
+    for task in (1, 2, 3):
+        rec = sge.wait_accounted(job, task)
+        assert rec["exit_status"] == "0", rec
+        assert output(sge, job, str(task)) == f"task {task} on vbguest\n"
+        assert leftovers(vm_env, f"{job}.{task}") == []
+
+
+def test_qdel_leaves_nothing_behind(vm_env, sge):
+    job = qsub(sge, "echo started\nsleep 600\n", "-v", "VIBATCH_IMAGE=testguest")
+    wait_until("the job to start in its VM", lambda: "started" in output(sge, job), 120)
+    assert sge.cmd("qdel", job, user=USER).returncode == 0
+    rec = sge.wait_accounted(job)     # the starter was SIGKILLed; the epilog destroyed the VM
+    assert rec["exit_status"].split()[0] == "137", rec
+    assert leftovers(vm_env, job) == []
+    assert_queue_ok(sge)
+
+
+def test_the_walltime_kills_the_job_and_leaves_nothing(vm_env, sge):
+    job = qsub(sge, "echo started\nsleep 600\n", "-l", "vm_image=testguest,h_rt=0:0:25")
+    rec = sge.wait_accounted(job, timeout=240)
+    assert rec["exit_status"].split()[0] == "137", rec
+    assert "started" in output(sge, job)
+    assert leftovers(vm_env, job) == []
+    assert_queue_ok(sge)
+
+
+def test_an_unknown_os_puts_the_job_not_the_queue_in_error_with_a_readable_message(vm_env, sge):
+    job = qsub(sge, "echo should-not-run\n", "-v", "VIBATCH_IMAGE=nosuch-os")
+    wait_until("the job to go into error", lambda: sge.job_state(job) == "Eqw", 120)
+    out = output(sge, job)
+    assert "vibatch: gridengine prolog failed (job fault): unknown image or OS 'nosuch-os'" in out
+    assert "you may ask for:" in out and "testguest" in out.split("you may ask for:")[1]
+    assert "should-not-run" not in out
+    assert_queue_ok(sge)
+    assert leftovers(vm_env, job) == []
+    assert sge.cmd("qdel", job, user=USER).returncode == 0
+    wait_until("the job to leave", lambda: sge.job_state(job) is None, 60)
+    # asked through the complex, qsub -w e refuses an image no queue offers at submit time
+    r = sge.cmd("qsub", "-w", "e", "-l", "vm_image=nosuch-os", "-b", "y", "/bin/true",
+                user=USER, cwd=sge.home)
+    assert r.returncode != 0 and "no suitable queues" in r.stdout + r.stderr
+
+
+def test_hooks_only_ever_exit_with_codes_grid_engine_reads_as_job_or_reschedule():
+    assert set(gridengine.EXIT["prolog"].values()) <= {0, 99, 100}
+    assert set(gridengine.EXIT["epilog"].values()) == {0}
+    assert gridengine.EXIT["prolog"][Outcome.JOB_FAULT] == 100
+    assert gridengine.main(["prolog", "17"]) == 99     # misconfigured command line: reschedule
+    assert gridengine.vm_job_id("17", "0") == "17" and gridengine.vm_job_id("17", "undefined") == "17"
+    assert gridengine.vm_job_id("17", "3") == "17.3"

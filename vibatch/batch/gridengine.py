@@ -1,0 +1,210 @@
+"""(Son of) Grid Engine: the VM's life in the queue's root prolog/epilog, the job sent into it by
+the queue's ``starter_method``.
+
+The contract (sge_queue_conf(5), sge_shepherd(8), and what 8.1.9 does here; see
+docs/batch/gridengine.md):
+
+- ``prolog root@<shim> $job_id $ja_task_id $job_owner $queue $host`` and the same for
+  ``epilog``: the shepherd runs them as root, in the job's cwd, with stdout/stderr appended to
+  the job's output files, and with the job's environment, which the user controls (``-v``,
+  ``PATH``, ``PYTHONPATH``): so the shims run ``python -I`` by absolute path, the identity comes
+  from the pseudo-variables on the command line, and the job's request comes from the qmaster
+  (``qstat -xml -j``), never from the environment. There is no prolog timeout.
+- Exit codes: 0 ok; **99 reschedules** the job; **100 puts the job in error** (``Eqw``);
+  anything else puts the **queue in error** (``E``) and reschedules. So: a job fault exits 100,
+  a node fault 99, and nothing else ever leaves the prolog. The epilog always exits 0: every
+  other code re-runs a job that already finished.
+- The OS: ``-l vm_image=NAME`` (a RESTRING complex the site defines) or ``-v VIBATCH_IMAGE=NAME``.
+- The cores are the job's PE slots; the memory ``h_vmem`` per slot times the slots; the
+  walltime ``h_rt``. The CPU ids are vibatch's own choice (SGE binds only with ``-binding``).
+- ``starter_method <shim>``: the shepherd starts it as the job user with the job's environment
+  and ``[job script copy | binary, args...]``; the script copy lives in execd's spool, so its
+  text is handed into the VM and run by ``$SGE_STARTER_SHELL_PATH``, as SGE's posix_compliant
+  mode would. ``qdel`` SIGKILLs the starter at once: the epilog is the backstop that destroys
+  the VM.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from typing import Mapping, Optional, Sequence
+
+from .. import config as config_mod
+from ..accel import lift_limits
+from ..errors import JobError, NodeError, ResourceRequestError
+from ..request import parse_memory_mb
+from . import BatchJob, Outcome, REFUSED_EXIT, clean_env_path, epilogue, exec_job, prologue, run_hook
+
+SYSTEM = "gridengine"
+QSTAT = "/usr/bin/qstat"
+QSTAT_TIMEOUT_S = 60
+DEFAULT_ALARM_S = 600     # SGE itself has no prolog timeout; ours keeps a hung boot bounded
+COMPLEX = "vm_image"
+EXIT = {
+    "prolog": {Outcome.OK: 0, Outcome.JOB_FAULT: 100, Outcome.NODE_FAULT: 99},
+    "epilog": {Outcome.OK: 0, Outcome.JOB_FAULT: 0, Outcome.NODE_FAULT: 0},
+}
+
+
+def vm_job_id(job_id: str, task: str) -> str:
+    """One VM per array task: '17' for a plain job (task 0 or 'undefined'), '17.3' for task 3."""
+    return f"{job_id}.{task}" if task.isdigit() and int(task) > 0 else job_id
+
+
+def qstat_job(job_id: str) -> ET.Element:
+    """The job's record from the qmaster, as XML (escaped, unlike qstat's text)."""
+    # Debian's qstat wrapper finds SGE_ROOT/SGE_CELL in /etc/default/gridengine: nothing is
+    # taken from this environment, which the job user controls (-v)
+    env = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
+    try:
+        r = subprocess.run([QSTAT, "-xml", "-j", job_id], env=env, capture_output=True,
+                           text=True, timeout=QSTAT_TIMEOUT_S, cwd="/")
+    except subprocess.TimeoutExpired:
+        raise NodeError(f"qstat -j {job_id} did not answer within {QSTAT_TIMEOUT_S} s") from None
+    except OSError as e:
+        raise NodeError(f"cannot run {QSTAT}: {e}") from None
+    if r.returncode != 0:
+        raise NodeError(f"qstat -j {job_id} failed: {r.stderr.strip() or r.stdout.strip()}")
+    try:
+        root = ET.fromstring(r.stdout)
+    except ET.ParseError as e:
+        raise NodeError(f"qstat -xml -j {job_id}: unreadable XML ({e})") from None
+    for el in root.iter("element"):
+        if el.findtext("JB_job_number") == job_id:
+            return el
+    raise NodeError(f"qstat -xml -j {job_id} has no record of job {job_id}")
+
+
+def _resources(job: ET.Element) -> dict[str, tuple[str, str]]:
+    out = {}
+    for req in job.findall("JB_hard_resource_list/qstat_l_requests"):
+        out[req.findtext("CE_name", "")] = (req.findtext("CE_stringval", ""),
+                                            req.findtext("CE_doubleval", ""))
+    return out
+
+
+def _env_list(job: ET.Element) -> dict[str, str]:
+    return {v.findtext("VA_variable", ""): v.findtext("VA_value", "")
+            for v in job.findall("JB_env_list/job_sublist")}
+
+
+def slots(job: ET.Element, nslots: Optional[str]) -> int:
+    """The PE slots: the request's range, narrowed by NSLOTS when the job asked for a range."""
+    rng = job.find("JB_pe_range/ranges")
+    if job.findtext("JB_pe") is None or rng is None:
+        return 1
+    lo, hi = int(rng.findtext("RN_min", "1")), int(rng.findtext("RN_max", "1"))
+    if lo == hi:
+        return lo
+    n = int(nslots) if (nslots or "").isdigit() else lo
+    return min(max(n, lo), hi)
+
+
+def job_from_prolog(cfg, argv: Sequence[str], job: ET.Element, env: Mapping[str, str]) -> BatchJob:
+    job_id, task, owner = argv[0], argv[1], argv[2]
+    queue = argv[3] if len(argv) > 3 else None
+    if job.findtext("JB_owner") != owner:
+        raise NodeError(f"qstat says job {job_id} belongs to {job.findtext('JB_owner')!r}, "
+                        f"the shepherd says {owner!r}")
+    res = _resources(job)
+    cores = slots(job, env.get("NSLOTS"))
+    memory_mb = cfg.jobs.default_memory_mb
+    if "h_vmem" in res:
+        try:
+            memory_mb = parse_memory_mb(res["h_vmem"][0]) * cores
+        except ResourceRequestError:
+            raise ResourceRequestError(f"invalid h_vmem {res['h_vmem'][0]!r}") from None
+    walltime = None
+    if "h_rt" in res:
+        try:
+            walltime = int(float(res["h_rt"][1])) or None
+        except ValueError:
+            walltime = None
+    image = res.get(COMPLEX, ("", ""))[0] or _env_list(job).get("VIBATCH_IMAGE") or None
+    workdir = job.findtext("JB_cwd") or _home(owner)
+    account = job.findtext("JB_account")
+    return BatchJob(job_id=vm_job_id(job_id, task), user=owner, cores=cores,
+                    memory_mb=memory_mb, workdir=workdir, image=image, walltime_s=walltime,
+                    queue=queue, account=None if account in (None, "", "sge") else account)
+
+
+def _home(user: str) -> str:
+    try:
+        return pwd.getpwnam(user).pw_dir
+    except KeyError:
+        raise JobError(f"user {user!r} does not exist on this host") from None
+
+
+def spool_config(env: Mapping[str, str]) -> dict[str, str]:
+    """``$SGE_JOB_SPOOL_DIR/config`` (key=value): the starter reads script_file and
+    handle_as_binary from it."""
+    out = {}
+    try:
+        with open(os.path.join(env.get("SGE_JOB_SPOOL_DIR", ""), "config")) as f:
+            for line in f:
+                k, sep, v = line.rstrip("\n").partition("=")
+                if sep:
+                    out[k] = v
+    except OSError:
+        pass
+    return out
+
+
+def starter(cfg, argv: Sequence[str], env: Mapping[str, str]) -> int:
+    job_id = vm_job_id(env.get("JOB_ID", ""), env.get("SGE_TASK_ID", ""))
+    conf = spool_config(env)
+    if argv and conf.get("handle_as_binary") == "0" and argv[0] == conf.get("script_file"):
+        shell = env.get("SGE_STARTER_SHELL_PATH") or "/bin/sh"
+        return exec_job(cfg, job_id, argv[1:], script=argv[0], interpreter=shell)
+    return exec_job(cfg, job_id, list(argv))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    alarm = DEFAULT_ALARM_S
+    config_path = config_mod.DEFAULT_PATH   # never from the environment: the user sets it
+    while len(argv) >= 2 and argv[0] in ("--alarm", "--config"):
+        if argv[0] == "--alarm":
+            alarm = int(argv[1])
+        else:
+            config_path = argv[1]
+        argv = argv[2:]
+    hook, args = (argv[0], argv[1:]) if argv else ("", [])
+    env = dict(os.environ)
+
+    if hook == "starter":   # as the job user, with the job's environment
+        try:
+            return starter(config_mod.load(config_path), args, env)
+        except Exception as e:  # noqa: BLE001 - report in the job's output, fail the job
+            print(f"vibatch: gridengine starter: {e}", file=sys.stderr)
+            return REFUSED_EXIT
+    if hook in ("prolog", "epilog") and len(args) < 3:
+        print(f"vibatch: gridengine {hook}: expected '$job_id $ja_task_id $job_owner "
+              f"[$queue]' as arguments, got {args!r}", file=sys.stderr)
+        return EXIT[hook][Outcome.NODE_FAULT]
+    clean_env_path()
+    lift_limits()   # the shepherd applies the job's h_vmem to root's hooks too
+    os.chdir("/")   # and starts them in the job's cwd, which is the user's
+
+    def run_prolog() -> None:
+        cfg = config_mod.load(config_path)
+        prologue(cfg, job_from_prolog(cfg, args, qstat_job(args[0]), env))
+
+    def run_epilog() -> None:
+        code = env.get("SGE_JOBEXIT_STAT", "")
+        epilogue(config_mod.load(config_path), vm_job_id(args[0], args[1]),
+                 int(code) if code.isdigit() else None)
+
+    if hook in ("prolog", "epilog"):
+        body = run_prolog if hook == "prolog" else run_epilog
+        return run_hook(SYSTEM, hook, body, EXIT[hook], alarm_s=alarm)
+    print("usage: python -I -m vibatch.batch.gridengine [--config PATH] "
+          "prolog|epilog JOB_ID TASK OWNER [QUEUE] | starter ARGS", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
