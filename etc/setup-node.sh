@@ -42,6 +42,13 @@ fi
 log "installing vibatch into $VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check "$REPO[test]"
 ln -sf "$VENV/bin/vibatch" /usr/local/bin/vibatch
+# the batch systems' hook shims, root-owned: point slurm.conf, the SGE queue or pbs_mom here
+for sys_dir in "$REPO"/hooks/*/; do
+  install -d -o root -g root -m 0755 "$PREFIX/hooks/$(basename "$sys_dir")"
+  for f in "$sys_dir"*; do
+    install -o root -g root -m 0755 "$f" "$PREFIX/hooks/$(basename "$sys_dir")/"
+  done
+done
 chmod -R a+rX "$PREFIX"
 
 mkdir -p /etc/vibatch

@@ -243,7 +243,7 @@ class SlurmCluster:
         """Wait until the job ended and its Epilog ran (the node no longer completing)."""
         done = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
-        job = self.wait_state(job_id, done, timeout)
+        self.wait_state(job_id, done, timeout)
         wait_until(f"job {job_id}'s epilog", lambda: "COMPLETING" not in self.job(job_id).get(
             "JobState", "") and "completing" not in self.node_state(), 120)
         return self.job(job_id)
