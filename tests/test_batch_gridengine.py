@@ -9,19 +9,13 @@ import sys
 import pytest
 
 from clusters import GridEngineCluster, wait_until
-from conftest import IMAGE_BUILD
-from vmhelp import add_batch_user, install_shims, leftovers
+from vmhelp import add_batch_user, guest_kernel, install_shims, leftovers
 from vibatch import hypervisor
 from vibatch.batch import Outcome, gridengine
 from vibatch.util import read_json
 
 USER, UID = "vbt-sge", 23405
 ARGS = "$job_id $ja_task_id $job_owner $queue $host"
-
-
-def guest_kernel() -> str:
-    with open(os.path.join(IMAGE_BUILD, "KVER")) as f:
-        return f.read().strip()
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,12 @@ import sys
 import pytest
 
 from clusters import SlurmCluster, wait_until
-from conftest import IMAGE_BUILD
-from vmhelp import add_batch_user, install_shims, leftovers
+from vmhelp import add_batch_user, guest_kernel, install_shims, leftovers
 from vibatch import hypervisor
 from vibatch.batch import slurm
 
 USER, UID = "vbt-slurm", 23404
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def guest_kernel() -> str:
-    with open(os.path.join(IMAGE_BUILD, "KVER")) as f:
-        return f.read().strip()
 
 
 @pytest.fixture(scope="module")

@@ -154,3 +154,10 @@ def install_shims(system: str, dest: str, replace: dict, modes: dict) -> str:
             f.write(text)
         os.chmod(path, mode)
     return dest
+
+
+def guest_kernel() -> str:
+    """The test image's kernel release, as the guest's `uname -r` prints it."""
+    from conftest import IMAGE_BUILD
+    with open(os.path.join(IMAGE_BUILD, "KVER")) as f:
+        return f.read().strip()

@@ -178,6 +178,30 @@ def clear_refusal(cfg, job_id: str) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class ShimCall:
+    hook: str
+    args: list
+    alarm_s: int
+    config_path: str
+
+
+def parse_shim_args(argv: Sequence[str], default_alarm_s: int) -> ShimCall:
+    """``[--alarm S] [--config PATH] HOOK ARGS...``, as the shims in hooks/<system>/ call us.
+    The config path is written into the shim, never taken from the environment: root's hooks
+    run with environments that batch systems partly hand over to the job's user."""
+    from .. import config as config_mod  # noqa: PLC0415
+    argv = list(argv)
+    alarm, config_path = default_alarm_s, config_mod.DEFAULT_PATH
+    while len(argv) >= 2 and argv[0] in ("--alarm", "--config"):
+        if argv[0] == "--alarm":      # the batch system's own hook timeout, if the site set one
+            alarm = int(argv[1])
+        else:
+            config_path = argv[1]
+        argv = argv[2:]
+    return ShimCall(argv[0] if argv else "", argv[1:], alarm, config_path)
+
+
 def home_of(user: str) -> str:
     import pwd  # noqa: PLC0415
     try:

@@ -36,7 +36,8 @@ from .. import config as config_mod
 from ..accel import lift_limits
 from ..errors import JobError, NodeError, ResourceRequestError
 from ..request import parse_memory_mb
-from . import BatchJob, Outcome, REFUSED_EXIT, clean_env_path, epilogue, exec_job, prologue, run_hook
+from . import (REFUSED_EXIT, BatchJob, Outcome, clean_env_path, epilogue, exec_job,
+               parse_shim_args, prologue, run_hook)
 
 SYSTEM = "gridengine"
 QSTAT = "/usr/bin/qstat"
@@ -163,16 +164,8 @@ def starter(cfg, argv: Sequence[str], env: Mapping[str, str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    alarm = DEFAULT_ALARM_S
-    config_path = config_mod.DEFAULT_PATH   # never from the environment: the user sets it
-    while len(argv) >= 2 and argv[0] in ("--alarm", "--config"):
-        if argv[0] == "--alarm":
-            alarm = int(argv[1])
-        else:
-            config_path = argv[1]
-        argv = argv[2:]
-    hook, args = (argv[0], argv[1:]) if argv else ("", [])
+    call = parse_shim_args(sys.argv[1:] if argv is None else argv, DEFAULT_ALARM_S)
+    hook, args, alarm, config_path = call.hook, call.args, call.alarm_s, call.config_path
     env = dict(os.environ)
 
     if hook == "starter":   # as the job user, with the job's environment

@@ -33,8 +33,8 @@ from .. import config as config_mod
 from ..errors import JobError, NodeError
 from ..library import Library
 from ..request import parse_cpu_list
-from . import (BatchJob, Outcome, REFUSED_EXIT, clean_env_path, clear_refusal, epilogue,
-               exec_job, prologue, record_refusal, run_hook)
+from . import (REFUSED_EXIT, BatchJob, Outcome, clean_env_path, clear_refusal, epilogue,
+               exec_job, parse_shim_args, prologue, record_refusal, run_hook)
 
 SYSTEM = "slurm"
 IMAGE_KEY = "vibatch_image"
@@ -168,16 +168,8 @@ def exit_code(env: Mapping[str, str]) -> Optional[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    alarm = DEFAULT_ALARM_S
-    config_path = config_mod.DEFAULT_PATH   # never from the environment
-    while len(argv) >= 2 and argv[0] in ("--alarm", "--config"):
-        if argv[0] == "--alarm":                 # the site's PrologEpilogTimeout, if set
-            alarm = int(argv[1])
-        else:
-            config_path = argv[1]
-        argv = argv[2:]
-    hook, args = (argv[0], argv[1:]) if argv else ("", [])
+    call = parse_shim_args(sys.argv[1:] if argv is None else argv, DEFAULT_ALARM_S)
+    hook, args, alarm, config_path = call.hook, call.args, call.alarm_s, call.config_path
     env = dict(os.environ)
 
     if hook == "exec":   # the rewritten script's interpreter: job user, batch step

@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 from .. import config as config_mod
 from ..errors import ResourceRequestError
 from ..library import Library
-from . import BatchJob, Outcome, clean_env_path, epilogue, exec_job, home_of, prologue, run_hook
+from . import (BatchJob, Outcome, clean_env_path, epilogue, exec_job, home_of, parse_shim_args,
+               prologue, run_hook)
 
 SYSTEM = "torque"
 PROLOGUE_ALARM_S = 300
@@ -101,16 +102,8 @@ def job_from_prologue(cfg, argv: Sequence[str]) -> BatchJob:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    alarm = PROLOGUE_ALARM_S
-    config_path = config_mod.DEFAULT_PATH   # never from the environment: these run as root
-    while len(argv) >= 2 and argv[0] in ("--alarm", "--config"):
-        if argv[0] == "--alarm":                 # the site's $prologalarm, if not 300
-            alarm = int(argv[1])
-        else:
-            config_path = argv[1]
-        argv = argv[2:]
-    hook, args = (argv[0], argv[1:]) if argv else ("", [])
+    call = parse_shim_args(sys.argv[1:] if argv is None else argv, PROLOGUE_ALARM_S)
+    hook, args, alarm, config_path = call.hook, call.args, call.alarm_s, call.config_path
 
     def cfg():
         return config_mod.load(config_path)
