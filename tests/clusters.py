@@ -235,9 +235,10 @@ class SlurmCluster:
         return out
 
     def wait_state(self, job_id: str, states: set[str], timeout: float) -> dict:
-        return wait_until(f"job {job_id} to reach {sorted(states)}",
-                          lambda: (lambda j: j if j.get("JobState") in states else None)(
-                              self.job(job_id)), timeout)
+        def reached() -> Optional[dict]:
+            job = self.job(job_id)
+            return job if job.get("JobState") in states else None
+        return wait_until(f"job {job_id} to reach {sorted(states)}", reached, timeout)
 
     def wait_finished(self, job_id: str, timeout: float = 180) -> dict:
         """Wait until the job ended and its Epilog ran (the node no longer completing)."""

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from clusters import GridEngineCluster, wait_until
-from vmhelp import add_batch_user, guest_kernel, install_shims, leftovers
+from vmhelp import batch_user, guest_kernel, install_shims, leftovers
 from vibatch import hypervisor
 from vibatch.batch import Outcome, gridengine
 from vibatch.util import read_json
@@ -20,7 +20,6 @@ ARGS = "$job_id $ja_task_id $job_owner $queue $host"
 
 @pytest.fixture(scope="module")
 def sge(vm_env):
-    home = add_batch_user(vm_env, USER, UID)
     hooks = install_shims("gridengine", os.path.join(vm_env.base, "sge-hooks"), {
         "/etc/vibatch/vibatch.yaml": vm_env.config_path,
         "/opt/vibatch/venv/bin/python": sys.executable,
@@ -29,13 +28,13 @@ def sge(vm_env):
         "prolog": f"root@{hooks}/prolog {ARGS}", "epilog": f"root@{hooks}/epilog {ARGS}",
         "starter_method": f"{hooks}/starter", "complex_values": "vm_image=testguest",
     }, complexes=["vm_image vmi RESTRING == YES NO NONE 0"])
-    try:
-        c.start()
-        c.home = home
-        yield c
-    finally:
-        c.stop()
-        subprocess.run(["userdel", USER], check=False, capture_output=True)
+    with batch_user(vm_env, USER, UID) as home:
+        try:
+            c.start()
+            c.home = home
+            yield c
+        finally:
+            c.stop()
 
 
 def qsub(c, script: str, *opts: str) -> str:

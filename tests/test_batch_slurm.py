@@ -9,17 +9,15 @@ import sys
 import pytest
 
 from clusters import SlurmCluster, wait_until
-from vmhelp import add_batch_user, guest_kernel, install_shims, leftovers
+from vmhelp import batch_user, guest_kernel, install_shims, leftovers
 from vibatch import hypervisor
 from vibatch.batch import slurm
 
 USER, UID = "vbt-slurm", 23404
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def cluster(vm_env):
-    home = add_batch_user(vm_env, USER, UID)
     hooks = os.path.join(vm_env.base, "slurm-hooks")
     offer = os.path.join(vm_env.base, "offer")
     install_shims("slurm", hooks, {
@@ -35,13 +33,13 @@ def cluster(vm_env):
         "PrologFlags": "Alloc", "KillWait": "5", "OverTimeLimit": "0", "FirstJobId": "7001",
         "JobRequeue": "0",
     }, features=["vibatch", "testguest"], job_submit_lua=os.path.join(hooks, "job_submit.lua"))
-    try:
-        c.start()
-        c.home = home
-        yield c
-    finally:
-        c.stop()
-        subprocess.run(["userdel", USER], check=False, capture_output=True)
+    with batch_user(vm_env, USER, UID) as home:
+        try:
+            c.start()
+            c.home = home
+            yield c
+        finally:
+            c.stop()
 
 
 def submit(c, script: str, *opts: str, cwd=None) -> str:

@@ -10,11 +10,10 @@ import sys
 
 import pytest
 
-from vmhelp import as_user, leftovers, variant
+from vmhelp import as_user, batch_user, install_shims, leftovers, variant
 from vibatch import config
 from vibatch.batch import torque
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER, UID = "vbt-torque", 23403
 
 
@@ -51,32 +50,17 @@ class PbsMom:
 
 def install_hooks(dest: str, config_path: str, alarm: int = 0) -> PbsMom:
     """Install the shipped shims as an admin would, pointing at this test node's config."""
-    os.makedirs(dest, exist_ok=True)
-    os.chmod(dest, 0o755)
-    for name in ("prologue", "epilogue", "job_starter"):
-        with open(os.path.join(REPO, "hooks", "torque", name)) as f:
-            text = f.read()
-        text = text.replace("/etc/vibatch/vibatch.yaml", config_path)
-        text = text.replace("/opt/vibatch/venv/bin/python", sys.executable)
-        if alarm:
-            text = text.replace(" --config ", f" --alarm {alarm} --config ")
-        path = os.path.join(dest, name)
-        with open(path, "w") as f:
-            f.write(text)
-        os.chmod(path, 0o555 if name == "job_starter" else 0o500)
-    return PbsMom(dest)
+    replace = {"/etc/vibatch/vibatch.yaml": config_path, "/opt/vibatch/venv/bin/python": sys.executable}
+    if alarm:
+        replace[" --config "] = f" --alarm {alarm} --config "
+    return PbsMom(install_shims("torque", dest, replace,
+                                {"prologue": 0o500, "epilogue": 0o500, "job_starter": 0o555}))
 
 
 @pytest.fixture(scope="module")
 def torque_user(vm_env):
-    home = os.path.join(vm_env.base, "home", USER)
-    os.makedirs(home)
-    os.chmod(os.path.dirname(home), 0o755)
-    subprocess.run(["useradd", "-u", str(UID), "-U", "-d", home, "-s", "/bin/sh", USER],
-                   check=True)
-    os.chown(home, UID, UID)
-    yield home
-    subprocess.run(["userdel", USER], check=False, capture_output=True)
+    with batch_user(vm_env, USER, UID) as home:
+        yield home
 
 
 @pytest.fixture(scope="module")

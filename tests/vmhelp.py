@@ -1,12 +1,14 @@
 """Helpers for the real-VM tests: run the CLI as the batch system would, check leftovers."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pwd
 import select
 import subprocess
 import time
+from typing import Iterator
 
 import filelock
 import yaml
@@ -127,8 +129,10 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
     return True
 
 
-def add_batch_user(env, name: str, uid: int) -> str:
-    """A job user with a real home (the batch systems' jobs start there); returns the home."""
+@contextlib.contextmanager
+def batch_user(env, name: str, uid: int) -> Iterator[str]:
+    """A job user with a real home (batch systems start jobs there), removed afterwards;
+    yields the home."""
     home = os.path.join(env.base, "home", name)
     os.makedirs(home)
     os.chmod(os.path.dirname(home), 0o755)
@@ -136,7 +140,10 @@ def add_batch_user(env, name: str, uid: int) -> str:
     subprocess.run(["useradd", "-u", str(uid), "-U", "-d", home, "-s", "/bin/sh", name],
                    check=True)
     os.chown(home, uid, uid)
-    return home
+    try:
+        yield home
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
 
 
 def install_shims(system: str, dest: str, replace: dict, modes: dict) -> str:

@@ -63,7 +63,8 @@ def choose(setting: str, state_dir: str, emulator: str,
     kernel, initrd = probe_files()
     accel, reason = probe(emulator, kernel, initrd)
     if not kernel or not _probe_can_run():
-        return accel   # inconclusive: probe again once a kernel-boot image is there
+        return accel   # inconclusive (no kernel-boot image, or a memory cap we cannot lift):
+                       # probe again next time
     atomic_write_json(cache_path, {"fingerprint": fp, "accel": accel, "reason": reason,
                                    "probed_at": time.time()}, mode=0o644)
     return accel

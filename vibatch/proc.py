@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass
+from typing import Optional
 
 from .errors import CommandFailed
 
@@ -15,10 +16,11 @@ class Result:
     stderr: str
 
 
-def run(argv: list[str], *, timeout: float, check: bool = True) -> Result:
+def run(argv: list[str], *, timeout: float, check: bool = True,
+        env: Optional[dict] = None, cwd: Optional[str] = None) -> Result:
     try:
         cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, env=env, cwd=cwd)
     except subprocess.TimeoutExpired as e:
         raise CommandFailed(f"{argv[0]} did not finish within {timeout:g} s") from e
     except OSError as e:

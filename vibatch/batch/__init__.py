@@ -149,16 +149,17 @@ def record_refusal(cfg, job_id: str, user: str, message: str) -> None:
     """Leave the prologue's reason for refusing a job where the job's starter (running as the
     job user) finds it: for systems whose prologue cannot fail one job without taking the node
     out (Slurm drains a node whose Prolog fails). Root's, readable by the job's user only."""
-    import pwd  # noqa: PLC0415
+    from ..errors import UnknownUser  # noqa: PLC0415
+    from ..request import resolve_user  # noqa: PLC0415
     from ..util import atomic_write  # noqa: PLC0415
     path = _refusal_path(cfg, job_id)
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
     atomic_write(path, (message.strip() + "\n").encode(), mode=0o400)
     try:
-        pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-        os.chown(path, pw.pw_uid, pw.pw_gid)
-    except (KeyError, ValueError):
-        os.chmod(path, 0o444)   # no such user: nobody can run this job anyway
+        ju = resolve_user(user)
+        os.chown(path, ju.uid, ju.gid)
+    except UnknownUser:
+        os.chmod(path, 0o444)   # no such user (or root): no job of theirs runs anyway
 
 
 def read_refusal(cfg, job_id: str) -> Optional[str]:
@@ -200,6 +201,12 @@ def parse_shim_args(argv: Sequence[str], default_alarm_s: int) -> ShimCall:
             config_path = argv[1]
         argv = argv[2:]
     return ShimCall(argv[0] if argv else "", argv[1:], alarm, config_path)
+
+
+def requestable_names(cfg) -> set[str]:
+    """Image names and aliases: what a node property or feature may name to pick an image."""
+    from ..library import Library  # noqa: PLC0415
+    return set(cfg.images.aliases) | set(Library(cfg.library_dir, cfg.state_dir).names())
 
 
 def home_of(user: str) -> str:

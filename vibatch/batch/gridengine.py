@@ -26,17 +26,16 @@ docs/batch/gridengine.md):
 from __future__ import annotations
 
 import os
-import pwd
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from typing import Mapping, Optional, Sequence
 
 from .. import config as config_mod
+from .. import proc
 from ..accel import lift_limits
-from ..errors import JobError, NodeError, ResourceRequestError
+from ..errors import NodeError, ResourceRequestError
 from ..request import parse_memory_mb
-from . import (REFUSED_EXIT, BatchJob, Outcome, clean_env_path, epilogue, exec_job,
+from . import (REFUSED_EXIT, BatchJob, Outcome, clean_env_path, epilogue, exec_job, home_of,
                parse_shim_args, prologue, run_hook)
 
 SYSTEM = "gridengine"
@@ -60,15 +59,7 @@ def qstat_job(job_id: str) -> ET.Element:
     # Debian's qstat wrapper finds SGE_ROOT/SGE_CELL in /etc/default/gridengine: nothing is
     # taken from this environment, which the job user controls (-v)
     env = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
-    try:
-        r = subprocess.run([QSTAT, "-xml", "-j", job_id], env=env, capture_output=True,
-                           text=True, timeout=QSTAT_TIMEOUT_S, cwd="/")
-    except subprocess.TimeoutExpired:
-        raise NodeError(f"qstat -j {job_id} did not answer within {QSTAT_TIMEOUT_S} s") from None
-    except OSError as e:
-        raise NodeError(f"cannot run {QSTAT}: {e}") from None
-    if r.returncode != 0:
-        raise NodeError(f"qstat -j {job_id} failed: {r.stderr.strip() or r.stdout.strip()}")
+    r = proc.run([QSTAT, "-xml", "-j", job_id], timeout=QSTAT_TIMEOUT_S, env=env, cwd="/")
     try:
         root = ET.fromstring(r.stdout)
     except ET.ParseError as e:
@@ -125,18 +116,11 @@ def job_from_prolog(cfg, argv: Sequence[str], job: ET.Element, env: Mapping[str,
         except ValueError:
             walltime = None
     image = res.get(COMPLEX, ("", ""))[0] or _env_list(job).get("VIBATCH_IMAGE") or None
-    workdir = job.findtext("JB_cwd") or _home(owner)
+    workdir = job.findtext("JB_cwd") or home_of(owner)
     account = job.findtext("JB_account")
     return BatchJob(job_id=vm_job_id(job_id, task), user=owner, cores=cores,
                     memory_mb=memory_mb, workdir=workdir, image=image, walltime_s=walltime,
                     queue=queue, account=None if account in (None, "", "sge") else account)
-
-
-def _home(user: str) -> str:
-    try:
-        return pwd.getpwnam(user).pw_dir
-    except KeyError:
-        raise JobError(f"user {user!r} does not exist on this host") from None
 
 
 def spool_config(env: Mapping[str, str]) -> dict[str, str]:

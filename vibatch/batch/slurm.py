@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from typing import Mapping, Optional, Sequence
 
 from .. import config as config_mod
+from .. import proc
 from ..errors import JobError, NodeError
-from ..library import Library
 from ..request import parse_cpu_list
 from . import (REFUSED_EXIT, BatchJob, Outcome, clean_env_path, clear_refusal, epilogue,
-               exec_job, parse_shim_args, prologue, record_refusal, run_hook)
+               exec_job, parse_shim_args, prologue, record_refusal, requestable_names, run_hook)
 
 SYSTEM = "slurm"
 IMAGE_KEY = "vibatch_image"
@@ -127,17 +126,8 @@ def scontrol_show(job_id: str, env: Mapping[str, str]) -> str:
     run_env = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
     if env.get("SLURM_CONF"):
         run_env["SLURM_CONF"] = env["SLURM_CONF"]
-    try:
-        r = subprocess.run([SCONTROL, "show", "job", "-d", job_id], env=run_env,
-                           capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise NodeError(f"scontrol show job {job_id} did not answer within "
-                        f"{SCONTROL_TIMEOUT_S} s") from None
-    except OSError as e:
-        raise NodeError(f"cannot run {SCONTROL}: {e}") from None
-    if r.returncode != 0:
-        raise NodeError(f"scontrol show job {job_id} failed: {r.stderr.strip()}")
-    return r.stdout
+    return proc.run([SCONTROL, "show", "job", "-d", job_id], timeout=SCONTROL_TIMEOUT_S,
+                    env=run_env).stdout
 
 
 def job_from_prolog(cfg, env: Mapping[str, str], show: str) -> BatchJob:
@@ -149,8 +139,7 @@ def job_from_prolog(cfg, env: Mapping[str, str], show: str) -> BatchJob:
     cpus, mem, limit = allocation(show, node, job_id)
     image = image_from_comment(env.get("SLURM_JOB_COMMENT"))
     if image is None:
-        known = set(cfg.images.aliases) | set(Library(cfg.library_dir, cfg.state_dir).names())
-        image = image_from_constraints(env.get("SLURM_JOB_CONSTRAINTS"), known)
+        image = image_from_constraints(env.get("SLURM_JOB_CONSTRAINTS"), requestable_names(cfg))
     return BatchJob(job_id=job_id, user=user, cores=len(cpus),
                     memory_mb=mem or cfg.jobs.default_memory_mb,
                     workdir=env.get("SLURM_JOB_WORK_DIR", ""), image=image, walltime_s=limit,

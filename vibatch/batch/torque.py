@@ -25,9 +25,8 @@ from typing import Optional, Sequence
 
 from .. import config as config_mod
 from ..errors import ResourceRequestError
-from ..library import Library
 from . import (BatchJob, Outcome, clean_env_path, epilogue, exec_job, home_of, parse_shim_args,
-               prologue, run_hook)
+               prologue, requestable_names, run_hook)
 
 SYSTEM = "torque"
 PROLOGUE_ALARM_S = 300
@@ -94,7 +93,7 @@ def job_from_prologue(cfg, argv: Sequence[str]) -> BatchJob:
     mem = limits.get("mem")
     memory_mb = parse_size_mb(mem) if mem else cfg.jobs.default_memory_mb
     walltime = parse_walltime(limits["walltime"]) if limits.get("walltime") else None
-    known = set(cfg.images.aliases) | set(Library(cfg.library_dir, cfg.state_dir).names())
+    known = requestable_names(cfg)
     image = next((p for p in props if p in known), None)
     return BatchJob(job_id=job_id, user=user, cores=cores, memory_mb=memory_mb,
                     workdir=home_of(user), image=image, walltime_s=walltime,
