@@ -115,6 +115,16 @@ def port_free(port: int) -> bool:
 CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+@contextlib.contextmanager
+def running(cluster):
+    """Start the cluster; stop it and remove its state however the block ends."""
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 class SlurmCluster:
     """slurmctld + slurmd + munged on this host, configured from a dict of slurm.conf lines."""
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from clusters import GridEngineCluster, wait_until
+from clusters import GridEngineCluster, running, wait_until
 from vmhelp import batch_user, guest_kernel, install_shims, leftovers
 from vibatch import hypervisor
 from vibatch.batch import Outcome, gridengine
@@ -28,13 +28,9 @@ def sge(vm_env):
         "prolog": f"root@{hooks}/prolog {ARGS}", "epilog": f"root@{hooks}/epilog {ARGS}",
         "starter_method": f"{hooks}/starter", "complex_values": "vm_image=testguest",
     }, complexes=["vm_image vmi RESTRING == YES NO NONE 0"])
-    with batch_user(vm_env, USER, UID) as home:
-        try:
-            c.start()
-            c.home = home
-            yield c
-        finally:
-            c.stop()
+    with batch_user(vm_env, USER, UID) as home, running(c):
+        c.home = home
+        yield c
 
 
 def qsub(c, script: str, *opts: str) -> str:

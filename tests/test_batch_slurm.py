@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from clusters import SlurmCluster, wait_until
+from clusters import SlurmCluster, running, wait_until
 from vmhelp import batch_user, guest_kernel, install_shims, leftovers
 from vibatch import hypervisor
 from vibatch.batch import slurm
@@ -33,13 +33,9 @@ def cluster(vm_env):
         "PrologFlags": "Alloc", "KillWait": "5", "OverTimeLimit": "0", "FirstJobId": "7001",
         "JobRequeue": "0",
     }, features=["vibatch", "testguest"], job_submit_lua=os.path.join(hooks, "job_submit.lua"))
-    with batch_user(vm_env, USER, UID) as home:
-        try:
-            c.start()
-            c.home = home
-            yield c
-        finally:
-            c.stop()
+    with batch_user(vm_env, USER, UID) as home, running(c):
+        c.home = home
+        yield c
 
 
 def submit(c, script: str, *opts: str, cwd=None) -> str:
