@@ -82,6 +82,11 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
+class HTCondorConfig:
+    daemon_user: str = "condor"        # the account HTCondor's daemons write job ad files as
+
+
+@dataclass(frozen=True)
 class Config:
     libvirt_uri: str = "qemu:///system"
     state_dir: str = "/var/lib/vibatch"
@@ -94,6 +99,7 @@ class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     exec: ExecConfig = field(default_factory=ExecConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    htcondor: HTCondorConfig = field(default_factory=HTCondorConfig)
     source: str = "<defaults>"
 
 
@@ -171,8 +177,10 @@ _CHECKS.update({
     "images.download_timeout_s": (float,) + _POSITIVE,
     "images.connect_timeout_s": (float,) + _POSITIVE,
 })
+_CHECKS["htcondor.daemon_user"] = (str, lambda v: bool(v), "must name HTCondor's daemon account "
+                                   "(CONDOR_IDS; usually condor)")
 _SECTIONS = {"host": HostConfig, "jobs": JobLimits, "vm": VmConfig, "exec": ExecConfig,
-             "images": ImagesConfig}
+             "images": ImagesConfig, "htcondor": HTCondorConfig}
 
 
 def _check(source: str, key: str, value: Any) -> Any:

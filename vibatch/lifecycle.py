@@ -71,11 +71,14 @@ def check_limits(cfg: Config, cores: int, memory_mb: int) -> None:
                                    f"{j.max_memory_mb} MiB")
 
 
-def prologue(node: Node, req: JobRequest, image: Optional[Image] = None) -> dict:
+def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
+             holder: Optional[int] = None) -> dict:
     """Bring up the job's VM. Returns the job's state record (with phase timings).
 
     The image is resolved through the site's policy unless the caller passes one (``vibatch
-    image test``, which an admin runs on images before endorsing them)."""
+    image test``, which an admin runs on images before endorsing them). ``holder`` is the pid
+    of a process whose life bounds the job's (HTCondor's condor_starter): once it is gone, the
+    job is over whatever its VM does, and ``reap`` ends it."""
     cfg = node.cfg
     check_limits(cfg, req.cores, req.memory_mb)
     paths = JobPaths.of(cfg, req.job_id)
@@ -101,6 +104,8 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None) -> dict
         "domain": paths.domain,
     }
     try:
+        if holder is not None:
+            state.update(holder_pid=holder, holder_start=_start_time(holder))
         atomic_write_json(paths.state_file, state)
         _bring_up(node, req, paths, image, slot, timer, state)
     except BaseException as exc:
@@ -144,7 +149,8 @@ def _reserve_job_dir(node: Node, paths: JobPaths) -> None:
     with hold(node.jobs_lock):
         if paths.exists():
             old = read_json(paths.state_file) or {}
-            if hypervisor.lookup(node.conn, paths.domain) is not None or _owner_alive(old):
+            if _owner_alive(old) or (_holder_alive(old) if "holder_pid" in old else
+                                     hypervisor.lookup(node.conn, paths.domain) is not None):
                 raise JobAlreadyRunning(f"job {paths.job_id} already has a VM on this node "
                                         f"({old.get('phase', 'starting')}); not starting another")
             _undo(node, paths)  # leftovers of a crashed prologue: clean, then start afresh
@@ -152,12 +158,45 @@ def _reserve_job_dir(node: Node, paths: JobPaths) -> None:
 
 
 def _owner_alive(state: dict) -> bool:
-    if state.get("phase") != "preparing" or "pid" not in state:
+    if state.get("phase") != "preparing":
+        return False
+    return _same_process(state.get("pid"), state.get("pid_start"))
+
+
+def _holder_alive(state: dict) -> bool:
+    """The job's holder process (if it has one) still runs: same pid, same start time."""
+    return _same_process(state.get("holder_pid"), state.get("holder_start"))
+
+
+def _same_process(pid: Any, start: Any) -> bool:
+    if not isinstance(pid, int) or not isinstance(start, (int, float)):
         return False
     try:
-        return abs(psutil.Process(state["pid"]).create_time() - state.get("pid_start", 0)) < 1
+        return abs(psutil.Process(pid).create_time() - start) < 1
     except psutil.Error:
         return False
+
+
+def _start_time(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        raise NodeError(f"the job's holder process {pid} has already ended") from None
+
+
+def jobs_held_by(cfg: Config, pid: int) -> list[str]:
+    """The jobs on this node whose holder is the running process ``pid``."""
+    try:
+        start = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return []
+    out = []
+    for job_id in _job_ids(cfg):
+        st = read_json(JobPaths.of(cfg, job_id).state_file) or {}
+        if st.get("holder_pid") == pid and isinstance(st.get("holder_start"), (int, float)) \
+                and abs(st["holder_start"] - start) < 1:
+            out.append(job_id)
+    return out
 
 
 def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: Slot,
@@ -355,6 +394,8 @@ def reap(node: Node) -> list[str]:
 
     - a job whose VM is gone and whose prologue is not running (QEMU died, the node rebooted,
       the epilogue never came): epilogue it, so it is accounted (``vm_end: gone``);
+    - a job whose holder process has ended (HTCondor's starter died or was killed before the
+      job's exit hook ran): epilogue it, VM and all;
     - a slot held by a job that has no directory: release it;
     - a vibatch domain whose job has no directory: destroy it.
     A job whose VM runs, or whose prologue is still running, is left alone.
@@ -365,8 +406,11 @@ def reap(node: Node) -> list[str]:
         stale = []
         for job_id in job_ids:
             paths = JobPaths.of(node.cfg, job_id)
-            if hypervisor.lookup(node.conn, paths.domain) is None and \
-                    not _owner_alive(read_json(paths.state_file) or {}):
+            state = read_json(paths.state_file) or {}
+            if _owner_alive(state):
+                continue
+            if ("holder_pid" in state and not _holder_alive(state)) or \
+                    hypervisor.lookup(node.conn, paths.domain) is None:
                 stale.append(job_id)
         for name in hypervisor.list_names(node.conn, DOMAIN_PREFIX):
             job_id = name[len(DOMAIN_PREFIX):]
@@ -377,8 +421,9 @@ def reap(node: Node) -> list[str]:
                     hypervisor.destroy(dom)
                     reaped.append(f"domain {name} (no job directory)")
     for job_id in stale:
-        epilogue(node, job_id)
-        reaped.append(f"job {job_id} (VM gone)")
+        record = epilogue(node, job_id)
+        why = "VM gone" if record is None or record["vm_end"] != "destroyed" else "holder gone"
+        reaped.append(f"job {job_id} ({why})")
     for job_id in node.slots.all():
         if not JobPaths.of(node.cfg, job_id).exists():
             node.slots.release(job_id)

@@ -92,7 +92,7 @@ def run_hook(system: str, hook: str, body: Callable[[], None], table: dict[Outco
     return table[outcome]
 
 
-def prologue(cfg, job: BatchJob) -> dict:
+def prologue(cfg, job: BatchJob, holder: Optional[int] = None) -> dict:
     from .. import lifecycle  # noqa: PLC0415
     from ..request import make_request  # noqa: PLC0415
     req = make_request(job_id=job.job_id, user=job.user, cores=job.cores,
@@ -101,7 +101,7 @@ def prologue(cfg, job: BatchJob) -> dict:
                        account=job.account)
     node = lifecycle.Node(cfg)
     try:
-        return lifecycle.prologue(node, req)
+        return lifecycle.prologue(node, req, holder=holder)
     finally:
         node.close()
 
@@ -185,22 +185,21 @@ class ShimCall:
     args: list
     alarm_s: int
     config_path: str
+    helper: str = ""
 
 
 def parse_shim_args(argv: Sequence[str], default_alarm_s: int) -> ShimCall:
-    """``[--alarm S] [--config PATH] HOOK ARGS...``, as the shims in hooks/<system>/ call us.
-    The config path is written into the shim, never taken from the environment: root's hooks
-    run with environments that batch systems partly hand over to the job's user."""
+    """``[--alarm S] [--config PATH] [--helper PATH] HOOK ARGS...``, as the shims in
+    hooks/<system>/ call us. Paths are written into the shim, never taken from the environment:
+    root's hooks run with environments that batch systems partly hand over to the job's user."""
     from .. import config as config_mod  # noqa: PLC0415
     argv = list(argv)
-    alarm, config_path = default_alarm_s, config_mod.DEFAULT_PATH
-    while len(argv) >= 2 and argv[0] in ("--alarm", "--config"):
-        if argv[0] == "--alarm":      # the batch system's own hook timeout, if the site set one
-            alarm = int(argv[1])
-        else:
-            config_path = argv[1]
+    opts = {"--alarm": str(default_alarm_s), "--config": config_mod.DEFAULT_PATH, "--helper": ""}
+    while len(argv) >= 2 and argv[0] in opts:
+        opts[argv[0]] = argv[1]   # --alarm: the batch system's own hook timeout, if set
         argv = argv[2:]
-    return ShimCall(argv[0] if argv else "", argv[1:], alarm, config_path)
+    return ShimCall(argv[0] if argv else "", argv[1:], int(opts["--alarm"]), opts["--config"],
+                    opts["--helper"])
 
 
 def requestable_names(cfg) -> set[str]:
