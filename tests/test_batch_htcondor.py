@@ -234,3 +234,36 @@ def test_ads_ids_and_sizes(tmp_path):
         htcondor.job_id_of(htcondor.parse_ad(b'Owner = "x"\n', "ad"))
     with pytest.raises(NodeError, match="SUDO_UID is missing"):
         htcondor.find_caller({})
+
+
+def test_offer_fragments_match_and_refuse_as_htcondor_evaluates_them():
+    import classad2
+    startd = dict(line.split(" = ", 1) for line in htcondor.config_fragment(
+        ["el9", "testguest"], "startd").splitlines() if not line.startswith("#"))
+    schedd = dict(line.split(" = ", 1) for line in htcondor.config_fragment(
+        ["el9", "testguest"], "schedd").splitlines() if not line.startswith("#"))
+    assert startd["STARTD_ATTRS"] == "$(STARTD_ATTRS) VibatchImages"
+    assert startd["START"].startswith("($(START)) && (")
+    machine = classad2.parseOne(f"VibatchImages = {startd['VibatchImages']}\n")
+    start = classad2.ExprTree(startd["START"][len("($(START)) && "):])
+    submit = classad2.ExprTree(schedd["SUBMIT_REQUIREMENT_VibatchImage"])
+    reason = classad2.ExprTree(schedd["SUBMIT_REQUIREMENT_VibatchImage_REASON"])
+    for attr, ok in (('"el9"', True), ('"TestGuest"', True), ('"el10"', False), (None, True),
+                     ("5", False)):
+        job = classad2.parseOne(f"VibatchImage = {attr}\n" if attr else "Owner = \"a\"\n")
+        assert (start.eval(machine, job) is True) == ok, attr     # the negotiator's match
+        assert (submit.eval(job) is True) == ok, attr              # condor_submit's check
+    assert reason.eval(classad2.parseOne('VibatchImage = "el10"\n')) == \
+        'vibatch: unknown OS "el10"; choose one of: el9, testguest'
+
+
+def test_image_offer_writes_the_fragments(vm_env):
+    out = os.path.join(vm_env.base, "condor-offer.conf")
+    r = vm_env.run("image", "offer", "--format", "htcondor-startd", "--output", out)
+    assert r.returncode == 0, r.stderr
+    with open(out) as f:
+        lines = f.read().splitlines()
+    assert 'VibatchImages = "silent,testguest"' in lines
+    r = vm_env.run("image", "offer", "--format", "htcondor-schedd")
+    assert 'stringListIMember(MY.VibatchImage, "silent,testguest")' in r.stdout
+    assert vm_env.run("image", "offer", "--format", "condor").returncode == 2

@@ -119,7 +119,12 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
         return _resolve(cfg, lib, args)
     if act == "offer":
         from .policy import offer  # noqa: PLC0415
-        text = "".join(f"{name}\n" for name in offer(cfg, lib))
+        names = offer(cfg, lib)
+        if args.format == "lines":
+            text = "".join(f"{name}\n" for name in names)
+        else:
+            from .batch.htcondor import config_fragment  # noqa: PLC0415
+            text = config_fragment(names, args.format.split("-", 1)[1])
         if args.output:
             atomic_write(args.output, text.encode(), mode=0o644)
         else:

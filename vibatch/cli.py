@@ -123,7 +123,11 @@ def _image_parsers(sub) -> None:
     rp.add_argument("--account")
     op = isub.add_parser("offer", help="the names a job may ask for (for submit-time checks, "
                          "e.g. Slurm's job_submit.lua)")
-    op.add_argument("--output", help="write them here, atomically, one per line (default: print)")
+    op.add_argument("--output", help="write them here, atomically (default: print)")
+    op.add_argument("--format", choices=("lines", "htcondor-startd", "htcondor-schedd"),
+                    default="lines", help="one name per line (default); or an HTCondor config "
+                    "fragment: for execute points (advertise the names, match only jobs asking "
+                    "for one of them) or for access points (refuse others at condor_submit)")
 
 
 def _catalog_parsers(sub) -> None:

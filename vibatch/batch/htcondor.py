@@ -138,6 +138,32 @@ def job_from_ads(cfg, job_ad: Any, machine_ad: Any, user: str, workdir: str) -> 
                     account=ad_str(job_ad, "AccountingGroup") or ad_str(job_ad, "AcctGroup"))
 
 
+def config_fragment(names: Sequence[str], daemon: str) -> str:
+    """HTCondor configuration from ``vibatch image offer --format htcondor-startd|schedd``.
+
+    startd (execute points): advertise the names this node offers as ``VibatchImages`` and
+    start only jobs that ask for none or for one of them, so the negotiator never sends a job
+    to a node that lacks its OS. schedd (access points): refuse any other name at submit."""
+    listed = ",".join(names)   # image names and aliases: letters, digits, '.', '_', '-' only
+    if daemon == "startd":
+        return (f"# vibatch image offer --format htcondor-startd: execute point configuration\n"
+                f'VibatchImages = "{listed}"\n'
+                f"STARTD_ATTRS = $(STARTD_ATTRS) VibatchImages\n"
+                f"START = ($(START)) && ({START_CLAUSE})\n")
+    choices = ", ".join(names) or "none: this node offers no image"
+    return (f"# vibatch image offer --format htcondor-schedd: access point configuration\n"
+            f"SUBMIT_REQUIREMENT_NAMES = $(SUBMIT_REQUIREMENT_NAMES) {IMAGE_ATTR}\n"
+            f"SUBMIT_REQUIREMENT_{IMAGE_ATTR} = {SUBMIT_CLAUSE.format(names=listed)}\n"
+            f"SUBMIT_REQUIREMENT_{IMAGE_ATTR}_REASON = strcat(\"vibatch: unknown OS \\\"\", "
+            f"MY.{IMAGE_ATTR}, \"\\\"; choose one of: {choices}\")\n")
+
+
+START_CLAUSE = (f"TARGET.{IMAGE_ATTR} is undefined || "
+                f"stringListIMember(TARGET.{IMAGE_ATTR}, MY.VibatchImages)")
+SUBMIT_CLAUSE = (f'MY.{IMAGE_ATTR} is undefined || stringListIMember(MY.{IMAGE_ATTR}, '
+                 '"{names}")')
+
+
 # ---------------------------------------------------------------------------------------------
 # The root helper: who is calling, and what may be believed
 @dataclass(frozen=True)
