@@ -267,3 +267,17 @@ def test_image_offer_writes_the_fragments(vm_env):
     r = vm_env.run("image", "offer", "--format", "htcondor-schedd")
     assert 'stringListIMember(MY.VibatchImage, "silent,testguest")' in r.stdout
     assert vm_env.run("image", "offer", "--format", "condor").returncode == 2
+
+
+def test_removal_while_the_vm_boots_never_starts_the_job(vm_env, tracker, condor):
+    starter = condor[0]
+    job = f"109.0@{SESSION}-ap.example.org"
+    # condor_rm arrives as soon as the prologue has claimed the job (its state directory exists)
+    r = starter.run(tracker, job_ad(109, '"testguest"'), "#!/bin/sh\necho ran\n",
+                    remove={"when": os.path.join(vm_env.cfg.state_dir, "jobs", job),
+                            "kill_sig_timeout": 120})
+    assert not r["never_started"], r
+    assert r["status"] == 128 + 15 and r["stdout"] == "" and r["error_file"] is None, r
+    assert r["job_exit"]["rc"] == 0
+    assert leftovers(vm_env, job) == []
+    assert [rec["vm_end"] for rec in accounted(vm_env, job)] == ["destroyed"]
