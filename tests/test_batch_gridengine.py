@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from clusters import GridEngineCluster, running, wait_until
-from vmhelp import batch_user, guest_kernel, install_shims, leftovers
-from vibatch import hypervisor
+from vmhelp import batch_user, guest_kernel, install_shims, leftovers, pinned_cpus
 from vibatch.batch import Outcome, gridengine
 from vibatch.util import read_json
 
@@ -89,16 +88,10 @@ def test_two_jobs_get_disjoint_cpus(vm_env, sge):
     try:
         for job in jobs:
             wait_until(f"job {job} to start in its VM", lambda j=job: "started" in output(sge, j), 120)
-        conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
-        try:
-            pinned = {}
-            for job in jobs:
-                dom = hypervisor.lookup(conn, "vibatch-" + job)
-                pinned[job] = {c for vcpu in dom.vcpuPinInfo() for c, on in enumerate(vcpu) if on}
-                state = read_json(os.path.join(vm_env.cfg.state_dir, "jobs", job, "state.json"))
-                assert set(state["cpus"]) == pinned[job]
-        finally:
-            conn.close()
+        pinned = pinned_cpus(vm_env, jobs)
+        for job in jobs:
+            state = read_json(os.path.join(vm_env.cfg.state_dir, "jobs", job, "state.json"))
+            assert set(state["cpus"]) == pinned[job]
         assert not pinned[jobs[0]] & pinned[jobs[1]]
     finally:
         with open(gate, "w"):

@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from clusters import SlurmCluster, running, wait_until
-from vmhelp import batch_user, guest_kernel, install_shims, leftovers
-from vibatch import hypervisor
+from vmhelp import batch_user, guest_kernel, install_shims, leftovers, pinned_cpus
 from vibatch.batch import slurm
 
 USER, UID = "vbt-slurm", 23404
@@ -87,14 +86,7 @@ def test_two_jobs_get_disjoint_cpus_from_their_allocation(vm_env, cluster):
         for job in jobs:
             wait_until(f"job {job} to start in its VM", lambda j=job: os.path.exists(
                 os.path.join(cluster.home, f"slurm-{j}.out")) and "started" in output(cluster, j), 120)
-        conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
-        try:
-            pinned = {}
-            for job in jobs:
-                dom = hypervisor.lookup(conn, "vibatch-" + job)
-                pinned[job] = {c for vcpu in dom.vcpuPinInfo() for c, on in enumerate(vcpu) if on}
-        finally:
-            conn.close()
+        pinned = pinned_cpus(vm_env, jobs)
         allocated = {}
         for job in jobs:
             show = cluster.cmd("scontrol", "show", "job", "-d", job).stdout

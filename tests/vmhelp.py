@@ -119,6 +119,17 @@ def leftovers(env, job: str) -> list[str]:
     return found
 
 
+def pinned_cpus(env, jobs) -> dict[str, set[int]]:
+    """The host CPUs each job's VM is pinned to, as libvirt reports them."""
+    from vibatch import hypervisor
+    conn = hypervisor.connect(env.cfg.libvirt_uri)
+    try:
+        return {job: {c for vcpu in hypervisor.lookup(conn, "vibatch-" + job).vcpuPinInfo()
+                      for c, on in enumerate(vcpu) if on} for job in jobs}
+    finally:
+        conn.close()
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
     """Poll ``predicate`` until true or ``timeout``: a bounded wait on a condition."""
     deadline = time.monotonic() + timeout

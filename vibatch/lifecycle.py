@@ -186,15 +186,10 @@ def _start_time(pid: int) -> float:
 
 def jobs_held_by(cfg: Config, pid: int) -> list[str]:
     """The jobs on this node whose holder is the running process ``pid``."""
-    try:
-        start = psutil.Process(pid).create_time()
-    except psutil.Error:
-        return []
     out = []
     for job_id in _job_ids(cfg):
         st = read_json(JobPaths.of(cfg, job_id).state_file) or {}
-        if st.get("holder_pid") == pid and isinstance(st.get("holder_start"), (int, float)) \
-                and abs(st["holder_start"] - start) < 1:
+        if st.get("holder_pid") == pid and _holder_alive(st):
             out.append(job_id)
     return out
 

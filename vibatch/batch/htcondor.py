@@ -209,9 +209,10 @@ def trusted_uids(cfg) -> set[int]:
     return uids
 
 
-def open_scratch(scratch: str, caller: Caller, trusted: set[int], daemon_user: str) -> int:
+def open_scratch(scratch: str, caller: Caller, trusted: set[int],
+                 daemon_user: str) -> tuple[int, str]:
     """A directory fd on the starter's scratch directory, ``<EXECUTE>/dir_<starter pid>``, in
-    an EXECUTE directory only HTCondor can write, handed to the job's user."""
+    an EXECUTE directory only HTCondor can write, handed to the job's user; and its real path."""
     real = os.path.realpath(scratch) if scratch else ""
     expected = f"dir_{caller.starter_pid}"
     if not os.path.isabs(scratch) or os.path.basename(real) != expected:
@@ -230,7 +231,7 @@ def open_scratch(scratch: str, caller: Caller, trusted: set[int], daemon_user: s
     if os.fstat(fd).st_uid != caller.uid:
         os.close(fd)
         raise NodeError(f"scratch directory {real} does not belong to the job's user")
-    return fd
+    return fd, real
 
 
 def read_trusted(dir_fd: int, name: str, where: str, trusted: set[int], caller: Caller,
@@ -266,9 +267,8 @@ def read_trusted(dir_fd: int, name: str, where: str, trusted: set[int], caller: 
 def helper_prepare(cfg, scratch: str, cwd: str, environ: dict) -> dict:
     caller = find_caller(environ)
     trusted = trusted_uids(cfg)
-    dfd = open_scratch(scratch, caller, trusted, cfg.htcondor.daemon_user)
+    dfd, where = open_scratch(scratch, caller, trusted, cfg.htcondor.daemon_user)
     try:
-        where = os.path.realpath(scratch)
         job_ad = parse_ad(read_trusted(dfd, JOB_AD, where, trusted, caller, True), JOB_AD)
         mdata = read_trusted(dfd, MACHINE_AD, where, trusted, caller, False)
         machine_ad = parse_ad(mdata, MACHINE_AD) if mdata is not None else None
@@ -321,6 +321,15 @@ def _helper_message(res: proc.Result) -> str:
     return "\n".join(lines) or f"sudo {res.argv[2]} exited with status {res.returncode}"
 
 
+def _finish(helper: str, timeout: float) -> Optional[str]:
+    """Have the helper end the VMs of our starter; None, or why it could not."""
+    try:
+        res = _helper(helper, "finish", [], timeout)
+    except VibatchError as e:
+        return e.message
+    return None if res.returncode == 0 else _helper_message(res)
+
+
 class _Pending:
     """Signals that arrive while the VM boots: acted on once the helper is done."""
 
@@ -364,19 +373,17 @@ def wrapper(config_path: str, helper: str, argv: Sequence[str], environ: dict) -
     try:
         res = _helper(helper, "prepare", ["--scratch", scratch], PREPARE_ALARM_S + SUDO_MARGIN_S)
     except VibatchError as e:
-        pending.restore()
         return node_fault(f"the VM helper: {e.message}")
-    if res.returncode == HELPER_EXIT[Outcome.JOB_FAULT]:
+    finally:
         pending.restore()
+    if res.returncode == HELPER_EXIT[Outcome.JOB_FAULT]:
         print(_helper_message(res), file=sys.stderr)
         return WRAPPER_JOB_FAULT_EXIT
     if res.returncode != 0:
-        pending.restore()
         return node_fault(_helper_message(res))
     try:
         if pending.signals:     # removed or vacated while booting: do not start the job
             return 128 + pending.signals[0]
-        pending.restore()
         try:
             cfg = config_mod.load(config_path)
             with open(os.path.join(scratch, JOB_AD), "rb") as f:
@@ -390,17 +397,10 @@ def wrapper(config_path: str, helper: str, argv: Sequence[str], environ: dict) -
             return WRAPPER_JOB_FAULT_EXIT
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # finish even if signalled again
-        _finish_quietly(helper)
-
-
-def _finish_quietly(helper: str) -> None:
-    try:
-        res = _helper(helper, "finish", [], FINISH_ALARM_S + SUDO_MARGIN_S)
-        if res.returncode != 0:
+        why = _finish(helper, FINISH_ALARM_S + SUDO_MARGIN_S)
+        if why is not None:
             print(f"vibatch: htcondor: ending the VM failed; the JOB_EXIT hook or `vibatch "
-                  f"reap` will: {_helper_message(res)}", file=sys.stderr)
-    except VibatchError as e:
-        print(f"vibatch: htcondor: ending the VM failed: {e.message}", file=sys.stderr)
+                  f"reap` will: {why}", file=sys.stderr)
 
 
 def job_exit(helper: str, argv: Sequence[str]) -> int:
@@ -411,15 +411,11 @@ def job_exit(helper: str, argv: Sequence[str]) -> int:
         sys.stdin.buffer.read(AD_MAX_BYTES)   # the job ad; not needed, but drain the pipe
     except (OSError, ValueError):
         pass
-    reason = argv[0] if argv else "?"
-    try:
-        res = _helper(helper, "finish", [], FINISH_ALARM_S + 3)
-    except VibatchError as e:
-        print(f"vibatch: htcondor job exit ({reason}): {e.message}", file=sys.stderr)
-        return 1
-    if res.returncode != 0:
-        print(f"vibatch: htcondor job exit ({reason}): {_helper_message(res)}", file=sys.stderr)
-    return 0 if res.returncode == 0 else 1
+    why = _finish(helper, FINISH_ALARM_S + 3)
+    if why is None:
+        return 0
+    print(f"vibatch: htcondor job exit ({argv[0] if argv else '?'}): {why}", file=sys.stderr)
+    return 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
