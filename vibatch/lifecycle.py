@@ -15,7 +15,7 @@ from typing import Any, Optional
 import filelock
 import psutil
 
-from . import accel, accounting, hypervisor, qemuimg
+from . import accel, accounting, hypervisor, qemuimg, share
 from .agent import AgentError, LibvirtAgent, SocketAgent
 from .config import Config
 from .domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
@@ -203,6 +203,8 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         qemuimg.create_overlay(image.disk.path, image.disk_format, paths.overlay)
         os.chown(paths.overlay, *qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
         os.chmod(paths.overlay, 0o600)
+    with timer.phase("shares"):
+        _start_shares(cfg, req, paths, slot, state)
     with timer.phase("domain_start"):
         kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
                             lambda: _probe_files(node, image))
@@ -215,6 +217,26 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         _wait_for_agent(root_agent, Deadline(cfg.vm.boot_timeout_s), cfg.vm.boot_timeout_s)
     with timer.phase("guest_setup"):
         _setup_guest(root_agent, req, paths, Deadline(cfg.vm.setup_timeout_s))
+
+
+def _start_shares(cfg: Config, req: JobRequest, paths: JobPaths, slot: Slot, state: dict) -> None:
+    """One virtiofsd per share, as the job user (share.py); recorded in the state before they
+    may run, so undo, epilogue and reap can always stop them."""
+    u = req.user
+    os.chown(paths.io, u.uid, u.gid, follow_symlinks=False)  # served as the job user
+    sources = share.job_shares(req.workdir, paths.io, paths.run, paths.state,
+                               (WORKDIR_TAG, IO_TAG))
+
+    def record(procs: list[dict]) -> None:
+        state["virtiofsd"] = procs
+        atomic_write_json(paths.state_file, state)
+    try:
+        share.start(req.job_id, sources, u.uid, u.gid, os.getgrouplist(u.name, u.gid), slot.cpus,
+                    cfg.vm.virtiofsd, qemu_ids(cfg), record)
+    finally:
+        for s in sources:
+            if s.fd is not None:
+                os.close(s.fd)
 
 
 def _probe_files(node: Node, image: Image) -> tuple[Optional[str], Optional[str]]:
@@ -241,10 +263,11 @@ def domain_spec(cfg: Config, req: JobRequest, paths: JobPaths, image: Image, slo
         name=paths.domain, accel=kind, vcpu_pins=slot.cpus, memory_mb=slot.memory_mb,
         disk_overlay=paths.overlay, disk_base=image.disk.path, disk_base_format=image.disk_format,
         console_log=paths.console, user_agent_socket=paths.socket,
-        shares=(Share(req.workdir, WORKDIR_TAG), Share(paths.io, IO_TAG)),
+        shares=tuple(Share(os.path.join(paths.run, tag + ".sock"), tag)
+                     for tag in (WORKDIR_TAG, IO_TAG)),
         kernel=image.kernel.path if image.kernel else None,
         initrd=image.initrd.path if image.initrd else None, cmdline=image.cmdline,
-        machine=cfg.vm.machine, emulator=cfg.vm.emulator, virtiofsd=cfg.vm.virtiofsd,
+        machine=cfg.vm.machine, emulator=cfg.vm.emulator,
         tcg_tb_cache_mb=cfg.vm.tcg_tb_cache_mb, network=cfg.vm.network,
         metadata=(("job_id", req.job_id), ("user", req.user.name), ("uid", str(req.user.uid)),
                   ("gid", str(req.user.gid)), ("image", image.name), ("image_digest", image.digest),
@@ -278,8 +301,7 @@ def _setup_guest(root_agent: LibvirtAgent, req: JobRequest, paths: JobPaths,
         msg = res.err.decode(errors="replace").strip() or f"exit status {res.wait_status}"
         raise BootFailed(f"guest setup failed: {msg.splitlines()[-1]}",
                          detail=res.err.decode(errors="replace"))
-    # The job user owns the io folder (it is shared in) and, once proven, the agent endpoint.
-    os.chown(paths.io, u.uid, u.gid)
+    # The job user owns the io folder (_start_shares) and, once proven, the agent endpoint.
     user_agent = SocketAgent(paths.socket)
     ids = _wait_for_user_agent(user_agent, deadline)
     if ids != (u.uid, u.gid):
@@ -310,6 +332,7 @@ def _undo(node: Node, paths: JobPaths) -> None:
     dom = hypervisor.lookup(node.conn, paths.domain)
     if dom is not None:
         hypervisor.destroy(dom)
+    share.stop((read_json(paths.state_file) or {}).get("virtiofsd", []))
     paths.remove()
     node.slots.release(paths.job_id)
 
@@ -336,6 +359,7 @@ def epilogue(node: Node, job_id: str, exit_code: Optional[int] = None) -> Option
         vm_state = "gone"   # e.g. QEMU OOM-killed at the memory cap
     if exit_code is None:
         exit_code = _exit_code_from_exec(paths)
+    share.stop((state or {}).get("virtiofsd", []))
     paths.remove()
     slot = node.slots.release(job_id)
     library_gc(node)
