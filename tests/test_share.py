@@ -106,14 +106,35 @@ def test_start_runs_virtiofsd_as_the_user_and_stop_ends_it(tree):
     recs = _start(tree, tree / "open", recorded.extend)
     assert recs == recorded and len(recs) == 1
     pid = recs[0]["pid"]
-    with open(f"/proc/{pid}/status") as f:
-        status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    status = _status(pid)
     assert status["Uid"].split() == [str(NOBODY)] * 4 and status["Seccomp"] == "2"
     assert os.readlink(f"/proc/{pid}/cwd") == str(tree / "open")
     assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
+    # a client connects (QEMU would): virtiofsd chroots, empties its bounding set, drops every
+    # capability, installs its own filter, and keeps running
+    import socket
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(_sock(tree))
+    deadline = time.monotonic() + 10
+    while _status(pid).get("Seccomp_filters") != "2" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    status = _status(pid)
+    assert status["State"].startswith("S"), status     # alive, waiting for vhost-user messages
+    assert status["CapEff"] == status["CapPrm"] == status["CapBnd"] == "0000000000000000"
+    assert status["Seccomp_filters"] == "2"             # ours and virtiofsd's own
+    client.close()
     share.stop(recs)
     assert _alive(recs) == []
     share.stop(recs)                                    # again: nothing to do, no error
+
+
+def _sock(tree):
+    return str(next(p for p in (tree / "run").iterdir() if p.name.endswith(".sock")))
+
+
+def _status(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
 @needs_root

@@ -346,7 +346,7 @@ def _child(arg: str) -> None:
         os._exit(1)
 
 
-CAP_SYS_CHROOT = 18
+CAP_SETPCAP, CAP_SYS_CHROOT = 8, 18
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
 # virtiofsd keeps these (to act as root on a host file system) unless told otherwise: none is
 # needed, as it never acts as anyone but the job user, and it holds none of them anyway
@@ -355,14 +355,16 @@ VIRTIOFSD_CAPS = ("chown", "dac_override", "fowner", "fsetid", "setgid", "setuid
 
 
 def _keep_chroot_capability(libc: ctypes.CDLL) -> None:
-    """Keep CAP_SYS_CHROOT (in our own user namespace only) across exec, so virtiofsd can
-    chroot into the share; it drops every capability right after."""
+    """Keep CAP_SYS_CHROOT and CAP_SETPCAP (in our own user namespace only) across exec:
+    virtiofsd chroots into the share, then empties its bounding set (libcap-ng refuses that
+    without CAP_SETPCAP) and drops every capability."""
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)      # _LINUX_CAPABILITY_VERSION_3
     data = (ctypes.c_uint32 * 6)()                      # {effective, permitted, inheritable} x2
     _check(libc.syscall(125, header, data), "capget")  # x86-64 capget
-    data[2] |= 1 << CAP_SYS_CHROOT
+    data[2] |= (1 << CAP_SYS_CHROOT) | (1 << CAP_SETPCAP)
     _check(libc.syscall(126, header, data), "capset")
-    _check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_SYS_CHROOT, 0, 0), "ambient")
+    for cap in (CAP_SYS_CHROOT, CAP_SETPCAP):
+        _check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), "ambient")
 
 
 # --- the seccomp filter -----------------------------------------------------------------------
