@@ -123,7 +123,7 @@ def test_image_test_warns_when_the_job_user_can_become_root(vm_env, rootable):
     warn = [line for line in r.stdout.splitlines() if line.startswith("WARN")]
     assert len(warn) == 1 and "cannot become root" in warn[0], r.stdout
     assert "setuid-root shell /opt/rootsh/sh" in warn[0]
-    assert "su to root without a password works" in warn[0]
+    assert "root has an empty password in /etc/passwd" in warn[0]
     assert all(c.startswith("PASS") for c in _checks(r.stdout))
 
 
