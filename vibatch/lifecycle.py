@@ -224,8 +224,7 @@ def _start_shares(cfg: Config, req: JobRequest, paths: JobPaths, slot: Slot, sta
     may run, so undo, epilogue and reap can always stop them."""
     u = req.user
     os.chown(paths.io, u.uid, u.gid, follow_symlinks=False)  # served as the job user
-    sources = share.job_shares(req.workdir, paths.io, paths.run, paths.state,
-                               (WORKDIR_TAG, IO_TAG))
+    sources = share.job_shares(req.workdir, paths.io, paths.state, (WORKDIR_TAG, IO_TAG))
 
     def record(procs: list[dict]) -> None:
         state["virtiofsd"] = procs
@@ -263,7 +262,7 @@ def domain_spec(cfg: Config, req: JobRequest, paths: JobPaths, image: Image, slo
         name=paths.domain, accel=kind, vcpu_pins=slot.cpus, memory_mb=slot.memory_mb,
         disk_overlay=paths.overlay, disk_base=image.disk.path, disk_base_format=image.disk_format,
         console_log=paths.console, user_agent_socket=paths.socket,
-        shares=tuple(Share(os.path.join(paths.run, tag + ".sock"), tag)
+        shares=tuple(Share(share.socket_path(paths.state, tag), tag)
                      for tag in (WORKDIR_TAG, IO_TAG)),
         kernel=image.kernel.path if image.kernel else None,
         initrd=image.initrd.path if image.initrd else None, cmdline=image.cmdline,

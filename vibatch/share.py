@@ -46,6 +46,7 @@ from typing import Callable, Optional, Sequence
 from .errors import MissingWorkdir, NodeError
 
 LAUNCH_TIMEOUT_S = 10.0
+SOCKET_PATH_MAX = 107
 STOP_TIMEOUT_S = 5.0
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
@@ -63,16 +64,22 @@ class ShareSource:
 
 
 # --- the parent (root, in the prologue) --------------------------------------------------------
-def job_shares(workdir: str, io_dir: str, run_dir: str, state_dir: str,
+def job_shares(workdir: str, io_dir: str, state_dir: str,
                tags: tuple[str, str]) -> list[ShareSource]:
     """The job's two shares: its working directory (checked as the user) and its I/O folder
-    (made by vibatch below root-owned directories, so opened by root)."""
+    (made by vibatch below root-owned directories, so opened by root). Sockets and mount points
+    live in the job's state directory (root, 0711): QEMU must reach the sockets by path and the
+    launcher, as the job user, its mount point; nobody can list or change that directory."""
     def source(tag: str, **kw) -> ShareSource:
-        return ShareSource(tag, os.path.join(run_dir, tag + ".sock"),
+        return ShareSource(tag, socket_path(state_dir, tag),
                            os.path.join(state_dir, f"virtiofsd-{tag}.log"),
-                           os.path.join(run_dir, tag + ".root"), **kw)
+                           os.path.join(state_dir, tag + ".root"), **kw)
     wd_tag, io_tag = tags
     return [source(wd_tag, path=workdir), source(io_tag, fd=open_own_dir(io_dir))]
+
+
+def socket_path(state_dir: str, tag: str) -> str:
+    return os.path.join(state_dir, tag + ".sock")
 
 
 def open_own_dir(path: str) -> int:
@@ -82,6 +89,9 @@ def open_own_dir(path: str) -> int:
 
 def _listen(path: str, owner: tuple[int, int]) -> socket.socket:
     """A listening socket only ``owner`` (QEMU's user) can connect to, from its first instant."""
+    if len(path.encode()) > SOCKET_PATH_MAX:
+        raise NodeError(f"the virtiofsd socket path {path} is longer than {SOCKET_PATH_MAX} "
+                        "bytes: shorten state_dir or the job id")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.fchmod(sock.fileno(), 0o600)    # the bound file gets this mode (before any umask)
