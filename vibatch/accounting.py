@@ -23,9 +23,17 @@ def append(path: str, record: dict) -> None:
         os.close(fd)
 
 
-def read(path: str) -> list[dict]:
+TAIL_BYTES = 1 << 20
+
+
+def contains(path: str, record_id: str) -> bool:
+    """Whether one of the file's last lines (its last MiB) is the record ``record_id``: a rerun
+    of an epilogue killed between its append and its next step comes within seconds."""
+    needle = f'"record_id": "{record_id}"'.encode()
     try:
         with open(path, "rb") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - TAIL_BYTES))
+            return needle in f.read()
     except FileNotFoundError:
-        return []
+        return False

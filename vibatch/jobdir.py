@@ -82,7 +82,19 @@ class JobPaths:
             if os.path.islink(path):
                 os.unlink(path)
             elif os.path.isdir(path):
-                shutil.rmtree(path)
+                shutil.rmtree(path, onerror=_gone_is_fine)
+
+    def remove_quietly(self) -> None:
+        """``remove`` for undo paths that must not raise over the error they report."""
+        try:
+            self.remove()
+        except OSError:
+            pass
+
+
+def _gone_is_fine(_func, _path, exc_info) -> None:
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
 
 
 def console_tail(path: str, lines: int) -> str:

@@ -108,6 +108,32 @@ class _Phase:
         self.timer.phases[self.name] = round(time.perf_counter() - self.start, 4)
 
 
+ERROR_LOG = "/var/log/vibatch/errors.log"
+ERROR_LOG_MAX = 1 << 20
+
+
+def log_error(what: str, exc: BaseException) -> None:
+    """Keep an unexpected error's traceback for the admin (root only; never raises). The user
+    sees one line; the log keeps the rest, in ``ERROR_LOG`` (rotated at 1 MiB)."""
+    import traceback  # noqa: PLC0415 - only on the error path
+    if os.geteuid() != 0:
+        return
+    text = (f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}: {what}\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    try:
+        os.makedirs(os.path.dirname(ERROR_LOG), mode=0o755, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(ERROR_LOG).st_size > ERROR_LOG_MAX:
+                os.replace(ERROR_LOG, ERROR_LOG + ".1")
+        fd = os.open(ERROR_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, text.encode(errors="replace")[:64 * 1024])
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def require_root(what: str) -> None:
     if os.geteuid() != 0:
         raise JobError(f"vibatch {what} must run as root")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from ..errors import NodeError, VibatchError
+from ..util import log_error
 
 
 class Outcome(enum.Enum):
@@ -77,8 +78,10 @@ def run_hook(system: str, hook: str, body: Callable[[], None], table: dict[Outco
         if e.detail:
             print(e.detail.rstrip("\n"), file=out)
     except Exception as e:  # an unexpected bug is the node's problem, never the user's
-        exc, message = e, f"{type(e).__name__}: {e}"
-        print(f"vibatch: {system} {hook} failed (node fault): {message}", file=out)
+        exc, message = e, f"unexpected {type(e).__name__}: {e}"
+        log_error(f"vibatch {system} {hook}", e)
+        print(f"vibatch: {system} {hook} failed (node fault): {message} (the traceback is in "
+              "the error log)", file=out)
     finally:
         if alarm_s:
             signal.alarm(0)
