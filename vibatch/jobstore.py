@@ -11,7 +11,8 @@ the step it names, so "phase X" means "step X may have happened; everything befo
     ending     someone (epilogue, reap, an undo) is tearing it down
     accounted  its accounting line is written; only files and the slot remain
 
-``owner_pid``/``owner_start`` name the process acting on the job now. A record whose owner is
+``owner_pid``/``owner_start`` name the process acting on the job now (none while it is
+``ready``: then it is the batch system's until its epilogue). A record whose owner is
 alive (same pid, same start time) is never touched by anyone else; a dead owner's record is
 taken over under the jobs lock (``take_over``) and finished from its phase, never guessed from a
 missing file.

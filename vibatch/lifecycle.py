@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import filelock
 
@@ -36,10 +36,18 @@ from .util import Deadline, PhaseTimer, atomic_write_json, hold, log_error, read
 
 @dataclass
 class Node:
-    """Everything a hook needs on this node, built from one Config."""
+    """Everything a hook needs on this node, built from one Config: the composition root.
+
+    Its ports are passed in, never imported by the steps: ``connect`` (uri -> a libvirt-python
+    style connection), ``root_agent`` (domain -> the guest's root agent) and ``user_agent``
+    (socket path -> the job user's agent). The defaults are the real ones; tests/fakes.py has
+    fakes that let the whole lifecycle run without root's libvirtd or a guest."""
 
     cfg: Config
     _conn: Any = field(default=None, repr=False)
+    connect: Callable[[str], Any] = field(default=hypervisor.connect, repr=False)
+    root_agent: Callable[[Any], Any] = field(default=LibvirtAgent, repr=False)
+    user_agent: Callable[[str], Any] = field(default=SocketAgent, repr=False)
 
     def __post_init__(self) -> None:
         for d in (self.cfg.state_dir, self.cfg.run_dir):
@@ -52,7 +60,7 @@ class Node:
     @property
     def conn(self) -> Any:
         if self._conn is None:
-            self._conn = hypervisor.connect(self.cfg.libvirt_uri)
+            self._conn = self.connect(self.cfg.libvirt_uri)
         return self._conn
 
     def close(self) -> None:
@@ -113,8 +121,9 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
                 slot, _ = node.slots.claim(req.job_id, req.cores, req.memory_mb, req.cpus)
                 state.update(cpus=list(slot.cpus), memory_mb=slot.memory_mb)
             _bring_up(node, req, paths, image, slot, timer, state)
+            # ready: nobody owns it now; it is the batch system's job until its epilogue
             jobstore.set_phase(paths, state, jobstore.READY, phases=timer.phases,
-                               ready_at=time.time())
+                               ready_at=time.time(), owner_pid=None, owner_start=None)
     except BaseException as exc:
         if isinstance(exc, VibatchError) and not exc.detail:  # read it before it is removed
             exc.detail = console_tail(paths.console, cfg.vm.console_tail_lines)
@@ -239,11 +248,12 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         faults.point("domain")
         jobstore.set_phase(paths, state, jobstore.DOMAIN, uuid=dom.UUIDString())
     with timer.phase("boot"):
-        root_agent = LibvirtAgent(dom)
+        root_agent = node.root_agent(dom)
         _wait_for_agent(root_agent, Deadline(cfg.vm.boot_timeout_s), cfg.vm.boot_timeout_s)
     faults.point("booted")
     with timer.phase("guest_setup"):
-        _setup_guest(root_agent, req, paths, Deadline(cfg.vm.setup_timeout_s))
+        _setup_guest(root_agent, node.user_agent(paths.socket), req, paths,
+                     Deadline(cfg.vm.setup_timeout_s))
     faults.point("set_up")
 
 
@@ -282,7 +292,7 @@ def domain_spec(cfg: Config, req: JobRequest, paths: JobPaths, image: Image, slo
                   ("state_dir", cfg.state_dir)))
 
 
-def _wait_for_agent(agent: LibvirtAgent, deadline: Deadline, timeout: float) -> None:
+def _wait_for_agent(agent: Any, deadline: Deadline, timeout: float) -> None:
     while True:
         try:
             agent.ping(timeout=1.0)
@@ -297,7 +307,7 @@ def _wait_for_agent(agent: LibvirtAgent, deadline: Deadline, timeout: float) -> 
         time.sleep(min(0.1, deadline.remaining()))
 
 
-def _setup_guest(root_agent: LibvirtAgent, req: JobRequest, paths: JobPaths,
+def _setup_guest(root_agent: Any, user_agent: Any, req: JobRequest, paths: JobPaths,
                  deadline: Deadline) -> None:
     u = req.user
     setup = SetupArgs(u.name, u.uid, u.gid, u.home, req.workdir)
@@ -311,7 +321,6 @@ def _setup_guest(root_agent: LibvirtAgent, req: JobRequest, paths: JobPaths,
                          detail=res.err.decode(errors="replace"))
     # The job user owns the io folder (it is shared in) and, once proven, the agent endpoint.
     os.chown(paths.io, u.uid, u.gid)
-    user_agent = SocketAgent(paths.socket)
     ids = _wait_for_user_agent(user_agent, deadline)
     if ids != (u.uid, u.gid):
         raise BootFailed(f"the guest's user agent runs as uid/gid {ids}, expected "
@@ -323,7 +332,7 @@ def _setup_guest(root_agent: LibvirtAgent, req: JobRequest, paths: JobPaths,
                                    "io_host": paths.io, "io_guest": GUEST_IO_DIR}, mode=0o644)
 
 
-def _wait_for_user_agent(agent: SocketAgent, deadline: Deadline) -> tuple[int, int]:
+def _wait_for_user_agent(agent: Any, deadline: Deadline) -> tuple[int, int]:
     while True:
         try:
             with agent.session(max(1.0, deadline.remaining())):
@@ -353,10 +362,14 @@ def _undo(node: Node, paths: JobPaths, state: dict, exc: BaseException) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
-def _take_over(paths: JobPaths, state: dict, ended_by: str) -> None:
+def _take_over(paths: JobPaths, state: dict, ended_by: str,
+               exit_code: Optional[int] = None) -> None:
     """Make this process the record's owner and move it to ``ending`` (under the jobs lock,
-    unless this process already owns it)."""
+    unless this process already owns it). The job's exit code, if the caller knows it, is kept
+    for whoever finishes the record."""
     fields = {**jobstore.me(), "ended_by": state.get("ended_by") or ended_by}
+    if exit_code is not None:
+        fields["exit_code"] = exit_code
     if jobstore.before(state.get("phase"), jobstore.ENDING):
         fields["ended_from"] = state.get("phase")
         jobstore.set_phase(paths, state, jobstore.ENDING, **fields)
@@ -371,7 +384,7 @@ def _end_unowned(node: Node, paths: JobPaths, state: Optional[dict], ended_by: s
         _end_vm(node, paths, {}, tolerate=False)
         _remove(node, paths)
         return None
-    _take_over(paths, state, ended_by)
+    _take_over(paths, state, ended_by, exit_code)
     return _finish(node, paths, state, ended_by=ended_by, exit_code=exit_code)
 
 
@@ -392,10 +405,20 @@ def _finish(node: Node, paths: JobPaths, state: dict, *, ended_by: str,
     faults.point("ending")
     record = None
     if state.get("phase") != jobstore.ACCOUNTED:
-        vm_end, cpu_time = _end_vm(node, paths, state, tolerate=best_effort)
+        if "vm_end" not in state:   # a rerun after a kill knows what the first run found
+            vm_end, cpu_time = _end_vm(node, paths, state, tolerate=best_effort)
+            try:
+                jobstore.set_phase(paths, state, jobstore.ENDING, vm_end=vm_end,
+                                   vm_cpu_time_s=cpu_time)
+            except NodeError:
+                if not best_effort:
+                    raise
+        vm_end, cpu_time = state.get("vm_end", "unknown"), state.get("vm_cpu_time_s")
         faults.point("vm_ended")
         slot = node.slots.get(paths.job_id)
         if slot is not None or not jobstore.before(state.get("ended_from", ""), jobstore.OVERLAY):
+            if exit_code is None:
+                exit_code = state.get("exit_code")
             if exit_code is None:
                 exit_code = jobstore.last_exit(paths)
             record = _record(state, slot, vm_end, cpu_time, exit_code, time.perf_counter() - t0)
@@ -530,7 +553,7 @@ def epilogue(node: Node, job_id: str, exit_code: Optional[int] = None) -> Option
                 _clear_orphan(node, job_id)
                 return None
             if not jobstore.owner_alive(state):
-                _take_over(paths, state, "epilogue")
+                _take_over(paths, state, "epilogue", exit_code)
                 break
             owner, preparing = state.get("owner_pid"), state.get("phase") in jobstore.PREPARING
         if not preparing:   # another epilogue or reap is ending it
