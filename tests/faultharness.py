@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -136,30 +135,10 @@ class Harness:
 
     def leftovers(self, job: str) -> list[str]:
         """Everything of ``job`` that outlived it: empty means nothing."""
-        from vibatch import hypervisor
-        cfg, found = self.cfg, []
-        conn = hypervisor.connect(cfg.libvirt_uri)
-        try:
-            if hypervisor.lookup(conn, "vibatch-" + job) is not None:
-                found.append("domain")
-        finally:
-            conn.close()
-        for d in (os.path.join(cfg.state_dir, "jobs", job), os.path.join(cfg.run_dir, "jobs", job),
-                  os.path.join(cfg.state_dir, "orphans", job)):
-            if os.path.lexists(d):
-                found.append(d)
-        try:
-            with open(os.path.join(cfg.state_dir, "slots.json")) as f:
-                if job in json.load(f).get("slots", {}):
-                    found.append("slot")
-        except FileNotFoundError:
-            pass
-        for lock in (os.path.join(cfg.state_dir, "slots.lock"), os.path.join(cfg.run_dir, "jobs.lock")):
-            with contextlib.suppress(FileNotFoundError), open(lock) as f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    found.append(f"held lock {lock}")
+        from vmhelp import leftovers   # domain, job directories, refusal, slot, held locks
+        cfg, found = self.cfg, leftovers(self, job)
+        if os.path.lexists(os.path.join(cfg.state_dir, "orphans", job)):
+            found.append("orphan mark")
         job_dir = os.path.join(cfg.state_dir, "jobs", job) + "/"
         for proc in psutil.process_iter(["cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or [])
@@ -316,7 +295,7 @@ def trial_libvirtd_lost(h: Harness, phase: str) -> list[str]:
     finally:
         start_libvirtd()
     problems += [f"{job}: left {x}" for x in h.leftovers(job)
-                 if x != "domain" and not x.startswith(("qemu", "virtiofsd", h.cfg.state_dir + "/orphans"))]
+                 if x not in ("domain", "orphan mark") and not x.startswith(("qemu", "virtiofsd"))]
     problems += expect_rc("reap", h.run(h.reap()), {0})
     return problems + h.check(job, 1)   # it claimed its slot before it needed libvirt
 
