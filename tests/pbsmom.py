@@ -2,19 +2,22 @@
 6.1 (built from source, run as a single node) was seen calling them, and applies pbs_mom's rules
 to their results. See docs/batch/torque.md, "The contract, as observed".
 
-- prologue and epilogue: root, but with the job user's supplementary groups; umask 0077; cwd
-  ``$PBS_HOME/mom_priv``; the environment of ``mom_priv/../pbs_environment`` plus ``PBS_*``
-  variables; stdin /dev/null; stdout/stderr appended to the job's ``.OU``/``.ER`` spool files; a
-  new session with SIGINT blocked and SIGQUIT, SIGPIPE ignored; at ``$prologalarm`` - 10 s the
-  whole session gets SIGKILL (no SIGTERM first). Argv: 8 for the prologue, 11 for the epilogue.
+- prologue and epilogue: root, but with the job user's supplementary groups; umask 0077 (the
+  epilogue 0022); cwd ``$PBS_HOME/mom_priv``; the environment of ``$PBS_HOME/pbs_environment``
+  plus ``PBS_*`` variables; stdin /dev/null; stdout/stderr appended to the job's ``.OU``/``.ER``
+  spool files; a new session with SIGPIPE ignored (one session also saw SIGINT blocked and
+  SIGQUIT ignored, as pbs_mom itself had them: the harness applies all three); at
+  ``$prologalarm`` - 10 s the whole session gets SIGKILL (no SIGTERM first). Argv: 8 for the
+  prologue, 11 for the epilogue.
 - ``$job_starter``: the job user (uid, gid, supplementary groups), umask 0077, cwd the home,
   the job's environment, argv ``[job_starter, <login shell>]``, stdin a pipe carrying
   ``<$PBS_HOME/mom_priv/jobs/<id>.SC>[ <qsub -F args>]\\n`` (the script is the user's, 0700).
 - the rules: prologue 0 runs the job; 1 aborts it (exit_status -2) and **the spool files are
   never copied to the user**; anything else, or the kill, is exit_status -14 and the job is
-  **run again at once on the same node** (unless the node went offline meanwhile). No epilogue
-  runs after a failed prologue. The job's exit_status is the starter's exit code, or 256 + N
-  after signal N. qdel is SIGTERM to the job's session.
+  **run again at once on the same node** (unless the node went offline meanwhile). The
+  epilogue runs after every prologue, a failed one too (argv 5 session id 0, argv 10 -2 or
+  -14). The job's exit_status is the starter's exit code, or 256 + N after signal N. qdel is
+  SIGTERM to the job's session.
 """
 from __future__ import annotations
 
@@ -48,9 +51,10 @@ class Job:
 
     @property
     def resources(self) -> str:
-        """argv 5 as pbs_mom 6.1 builds it (walltime, [mem,] nodes, neednodes)."""
-        mem = f"mem={self.mem}," if self.mem else ""
-        return f"walltime={self.walltime},{mem}nodes={self.nodes},neednodes={self.nodes}"
+        """argv 5 as pbs_mom 6.1 passed it for ``-l nodes=N,walltime=W,mem=M``: the user's
+        list in the user's order, then ``neednodes``."""
+        mem = f",mem={self.mem}" if self.mem else ""
+        return f"nodes={self.nodes},walltime={self.walltime}{mem},neednodes={self.nodes}"
 
 
 @dataclass
@@ -82,13 +86,13 @@ class PbsMom:
         return os.getgrouplist(user, pw.pw_gid)
 
     def _spawn(self, argv: list[str], env: dict, cwd: str, job: Job, stdin=subprocess.DEVNULL,
-               as_user: bool = False) -> subprocess.Popen:
+               as_user: bool = False, umask: int = 0o077) -> subprocess.Popen:
         pw = pwd.getpwnam(job.user)
         groups = self._groups(job.user)
 
         def child() -> None:
             os.setgroups(groups)          # root hooks too keep the user's supplementary groups
-            os.umask(0o077)
+            os.umask(umask)
             signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
             signal.signal(signal.SIGQUIT, signal.SIG_IGN)
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -129,7 +133,7 @@ class PbsMom:
     def _root_hook(self, hook: str, job: Job, argv: list[str], alarm: int) -> Optional[int]:
         """The hook's exit code, or None if pbs_mom's alarm killed its session."""
         p = self._spawn([os.path.join(self.hooks, hook), *argv], self._hook_env(job),
-                        self.mom_priv, job)
+                        self.mom_priv, job, umask=0o077 if hook == "prologue" else 0o022)
         try:
             return p.wait(timeout=alarm - 10 if alarm > 10 else alarm)
         except subprocess.TimeoutExpired:
@@ -142,9 +146,9 @@ class PbsMom:
                                                  job.resources, job.queue, job.account,
                                                  self.script_path(job)], self.alarm)
 
-    def epilogue(self, job: Job, exit_status: int) -> Optional[int]:
+    def epilogue(self, job: Job, exit_status: int, session: int = 12345) -> Optional[int]:
         return self._root_hook("epilogue", job, [
-            job.job_id, job.user, job.user, job.name, "12345", job.resources,
+            job.job_id, job.user, job.user, job.name, str(session), job.resources,
             "cput=00:00:00,vmem=0kb,walltime=00:00:01,mem=0kb,energy_used=0", job.queue,
             job.account, str(exit_status), self.script_path(job)], self.alarm)
 
@@ -185,12 +189,11 @@ class PbsMom:
                 rc = self.prologue(job)
                 if rc == 0:
                     break
-                if rc == 1:
-                    return Result(PROLOGUE_ABORT, len(starts), None, None,
-                                  self._read_spool(job, "ER"), starts)
-                if len(starts) >= max_runs or self.offline():
-                    return Result(PROLOGUE_RETRY, len(starts), None, None,
-                                  self._read_spool(job, "ER"), starts)
+                status = PROLOGUE_ABORT if rc == 1 else PROLOGUE_RETRY
+                self.epilogue(job, status, session=0)
+                if rc == 1 or len(starts) >= max_runs or self.offline():
+                    return Result(status, len(starts), None, None, self._read_spool(job, "ER"),
+                                  starts)
             p = self.start_starter(job)
             if during is not None:
                 during(p)

@@ -79,9 +79,10 @@ def test_qdel_runs_the_jobs_trap_in_the_guest(vm_env, tracker, mom, torque_user)
         "echo started\nwhile :; do sleep 1; done\n"))
     ou = os.path.join(mom.spool, f"{job.job_id}.OU")
 
-    def qdel(_p):
-        assert wait_until(lambda: "started" in open(ou).read(), 120)
-        mom.qdel(_p)
+    def qdel(p):
+        wait_until(lambda: "started" in open(ou).read() or p.poll() is not None, 120)
+        assert p.poll() is None, open(ou.replace(".OU", ".ER")).read()
+        mom.qdel(p)
     r = mom.run(job, during=qdel)
     assert r.exit_status == 3 and r.out == "started\ntrapped in vbguest\n", r.err
     assert leftovers(vm_env, job.job_id) == []
