@@ -269,10 +269,11 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg, node) -> in
 
 def _status(args: argparse.Namespace, cfg, node) -> int:
     from . import lifecycle  # noqa: PLC0415
+    from .batch import faults  # noqa: PLC0415
     jobs = lifecycle.running_jobs(node)
     slots = {j: s.to_json() for j, s in node.slots.all().items()}
     if args.json:
-        print(json.dumps({"jobs": jobs, "slots": slots,
+        print(json.dumps({"jobs": jobs, "slots": slots, "node_faults": faults.read(cfg),
                           "capacity": {"cpus": list(node.slots.capacity.cpus),
                                        "memory_mb": node.slots.capacity.memory_mb}}, indent=1))
         return 0
@@ -283,6 +284,8 @@ def _status(args: argparse.Namespace, cfg, node) -> int:
         print(f"{j['job_id']:24} {j.get('phase', '?'):10} {'up' if j['domain_active'] else 'down':6} "
               f"{j.get('user', '?'):12} {j.get('image', '?'):16} "
               f"{','.join(map(str, j.get('cpus', []))):8} {j.get('memory_mb', '?')}")
+    for line in faults.describe(cfg):
+        print(line)
     return 0
 
 

@@ -87,6 +87,14 @@ class HTCondorConfig:
 
 
 @dataclass(frozen=True)
+class TorqueConfig:
+    pbsnodes: str = "/usr/local/bin/pbsnodes"  # "": never take the node out, fail the job instead
+    node_name: str = ""                # this node in pbs_server's nodes file ("": the host name)
+    max_node_faults: int = 3           # node faults of one job here before the node is taken out
+    fault_backoff_s: float = 10.0      # wait before the first requeue, doubled for each next one
+
+
+@dataclass(frozen=True)
 class Config:
     libvirt_uri: str = "qemu:///system"
     state_dir: str = "/var/lib/vibatch"
@@ -100,6 +108,7 @@ class Config:
     exec: ExecConfig = field(default_factory=ExecConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     htcondor: HTCondorConfig = field(default_factory=HTCondorConfig)
+    torque: TorqueConfig = field(default_factory=TorqueConfig)
     source: str = "<defaults>"
 
 
@@ -179,8 +188,16 @@ _CHECKS.update({
 })
 _CHECKS["htcondor.daemon_user"] = (str, lambda v: bool(v), "must name HTCondor's daemon account "
                                    "(CONDOR_IDS; usually condor)")
+_CHECKS.update({
+    "torque.pbsnodes": (str, lambda v: v == "" or os.path.isabs(v),
+                        "must be an absolute path, or \"\" to never take the node out"),
+    "torque.node_name": (str, lambda v: "/" not in v and not v.startswith("-"),
+                         "must be a node name as pbs_server knows it (\"\": the host name)"),
+    "torque.max_node_faults": (int,) + _POSITIVE,
+    "torque.fault_backoff_s": (float, lambda v: 0 <= v <= 120, "must be between 0 and 120"),
+})
 _SECTIONS = {"host": HostConfig, "jobs": JobLimits, "vm": VmConfig, "exec": ExecConfig,
-             "images": ImagesConfig, "htcondor": HTCondorConfig}
+             "images": ImagesConfig, "htcondor": HTCondorConfig, "torque": TorqueConfig}
 
 
 def _check(source: str, key: str, value: Any) -> Any:

@@ -119,12 +119,13 @@ def epilogue(cfg, job_id: str, exit_code: Optional[int]) -> None:
 
 
 def exec_job(cfg, job_id: str, argv: Sequence[str], script: Optional[str] = None,
-             drop_first_line: bool = False, interpreter: Optional[str] = None) -> int:
+             drop_first_line: bool = False, interpreter: Optional[str] = None,
+             shell: Optional[str] = None) -> int:
     """The job starter's part: run the job in its VM, as the job user. ``script`` is a host
     file the guest cannot see (the batch system's spool copy of the job script): its text is
     handed to the guest and run with ``argv`` as its arguments (by ``interpreter``, a path in
-    the guest, if given; else by its own ``#!`` line). If the prologue refused the job,
-    say why, in the job's own error output, and fail it."""
+    the guest, if given; else by its own ``#!`` line, or by ``shell`` if it has none). If the
+    prologue refused the job, say why, in the job's own error output, and fail it."""
     from ..execjob import Exec  # noqa: PLC0415
     why = read_refusal(cfg, job_id)
     if why is not None:
@@ -137,6 +138,8 @@ def exec_job(cfg, job_id: str, argv: Sequence[str], script: Optional[str] = None
         text = f.read()
     if drop_first_line:
         text = text.split(b"\n", 1)[1] if b"\n" in text else b""
+    if interpreter is None and not text.startswith(b"#!"):
+        interpreter = shell
     return ex.run_script(text, list(argv), interpreter=interpreter)
 
 
