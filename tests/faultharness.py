@@ -5,7 +5,7 @@ real VMs, and after every trial check that nothing is left and no record is lost
     /opt/vibatch/venv/bin/python tests/faultharness.py --trials 1000 [--seed N]
 
 tests/test_faults.py runs one trial of each kind in the suite. A trial runs the real CLI in
-subprocesses; a fault point (vibatch/faults.py) is armed only in the harness's own child
+subprocesses; a fault point (vibatch/faultpoints.py) is armed only in the harness's own child
 process, through ``python -c``, never through the environment. Waits poll an observable (the
 job's record, libvirt, a process state) with a deadline; none sleeps to synchronise.
 """
@@ -31,7 +31,7 @@ TEARDOWN_POINTS = ("ending", "vm_ended", "record_kept", "accounted", "removed")
 NODE_FAULTS = set(range(20, 28))
 ARMED_CLI = ("import signal, sys\n"
              "if sys.argv[1]:\n"
-             "    import vibatch.faults as f; f.ARMED = sys.argv[1]; "
+             "    import vibatch.faultpoints as f; f.ARMED = sys.argv[1]; "
              "f.ACTION = getattr(signal, sys.argv[2])\n"
              "from vibatch.cli import main; sys.exit(main(sys.argv[3:]))")
 

@@ -11,7 +11,7 @@ import yaml
 
 from fakes import FakeHypervisor, FakeRootAgent, fake_node
 from imagehelp import make_disk
-from vibatch import config, faults, jobstore, lifecycle
+from vibatch import config, faultpoints, jobstore, lifecycle
 from vibatch.errors import BootFailed, HypervisorError, JobAlreadyRunning, NodeError
 from vibatch.jobdir import JobPaths
 from vibatch.library import Library
@@ -56,7 +56,7 @@ def in_child(fn, point=None, action=signal.SIGKILL) -> int:
     """Run ``fn`` in a forked child with fault ``point`` armed; return its wait status."""
     pid = os.fork()
     if pid == 0:
-        faults.ARMED, faults.ACTION = point, action
+        faultpoints.ARMED, faultpoints.ACTION = point, action
         try:
             fn()
             os._exit(0)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import filelock
 
-from . import accel, accounting, faults, hypervisor, jobstore, qemuimg
+from . import accel, accounting, faultpoints, hypervisor, jobstore, qemuimg
 from .agent import AgentError, LibvirtAgent, SocketAgent
 from .config import Config
 from .domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
@@ -115,7 +115,7 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
         _reserve(node, paths, state)
     try:
         with _stoppable():
-            faults.point("reserved")
+            faultpoints.point("reserved")
             with timer.phase("claim"):
                 jobstore.set_phase(paths, state, jobstore.SLOT)
                 slot, _ = node.slots.claim(req.job_id, req.cores, req.memory_mb, req.cpus)
@@ -229,7 +229,7 @@ def jobs_held_by(cfg: Config, pid: int) -> list[str]:
 def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: Slot,
               timer: PhaseTimer, state: dict) -> None:
     cfg = node.cfg
-    faults.point("slot")
+    faultpoints.point("slot")
     with timer.phase("image_check"):
         state["image_hashed"] = node.library.ensure_verified(image)
     with timer.phase("clone"):
@@ -237,7 +237,7 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         qemuimg.create_overlay(image.disk.path, image.disk_format, paths.overlay)
         os.chown(paths.overlay, *qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
         os.chmod(paths.overlay, 0o600)
-    faults.point("overlay")
+    faultpoints.point("overlay")
     with timer.phase("domain_start"):
         kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
                             lambda: _probe_files(node, image))
@@ -245,16 +245,16 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         jobstore.set_phase(paths, state, jobstore.DOMAIN, accel=kind)
         dom = hypervisor.start_capped(node.conn, render(spec),
                                       slot.memory_mb + cfg.vm.memory_overhead_mb)
-        faults.point("domain")
+        faultpoints.point("domain")
         jobstore.set_phase(paths, state, jobstore.DOMAIN, uuid=dom.UUIDString())
     with timer.phase("boot"):
         root_agent = node.root_agent(dom)
         _wait_for_agent(root_agent, Deadline(cfg.vm.boot_timeout_s), cfg.vm.boot_timeout_s)
-    faults.point("booted")
+    faultpoints.point("booted")
     with timer.phase("guest_setup"):
         _setup_guest(root_agent, node.user_agent(paths.socket), req, paths,
                      Deadline(cfg.vm.setup_timeout_s))
-    faults.point("set_up")
+    faultpoints.point("set_up")
 
 
 def _probe_files(node: Node, image: Image) -> tuple[Optional[str], Optional[str]]:
@@ -402,7 +402,7 @@ def _finish(node: Node, paths: JobPaths, state: dict, *, ended_by: str,
         except NodeError:
             if not best_effort:
                 raise
-    faults.point("ending")
+    faultpoints.point("ending")
     record = None
     if state.get("phase") != jobstore.ACCOUNTED:
         if "vm_end" not in state:   # a rerun after a kill knows what the first run found
@@ -414,7 +414,7 @@ def _finish(node: Node, paths: JobPaths, state: dict, *, ended_by: str,
                 if not best_effort:
                     raise
         vm_end, cpu_time = state.get("vm_end", "unknown"), state.get("vm_cpu_time_s")
-        faults.point("vm_ended")
+        faultpoints.point("vm_ended")
         slot = node.slots.get(paths.job_id)
         if slot is not None or not jobstore.before(state.get("ended_from", ""), jobstore.OVERLAY):
             if exit_code is None:
@@ -423,7 +423,7 @@ def _finish(node: Node, paths: JobPaths, state: dict, *, ended_by: str,
                 exit_code = jobstore.last_exit(paths)
             record = _record(state, slot, vm_end, cpu_time, exit_code, time.perf_counter() - t0)
             _account_once(node.cfg, paths, record, best_effort)
-        faults.point("accounted")
+        faultpoints.point("accounted")
         try:
             jobstore.set_phase(paths, state, jobstore.ACCOUNTED)
         except NodeError:
@@ -498,13 +498,13 @@ def _account_once(cfg: Config, paths: JobPaths, record: dict, best_effort: bool)
         except OSError:
             if not best_effort:
                 raise NodeError(f"cannot write {kept}") from None
-    faults.point("record_kept")
+    faultpoints.point("record_kept")
     accounting.append(cfg.accounting_file, record)
 
 
 def _remove(node: Node, paths: JobPaths) -> None:
     paths.remove()
-    faults.point("removed")
+    faultpoints.point("removed")
     node.slots.release(paths.job_id)
 
 
