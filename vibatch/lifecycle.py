@@ -12,10 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import filelock
 import psutil
 
-from . import accel, accounting, hypervisor, qemuimg
+from . import accel, accounting, disk, hypervisor, qemuimg, safeio
 from .agent import AgentError, LibvirtAgent, SocketAgent
 from .config import Config
 from .domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
@@ -28,7 +27,8 @@ from .node import capacity
 from .policy import Resolution, resolve, user_groups
 from .request import JobRequest
 from .slots import Slot, SlotAllocator
-from .util import Deadline, PhaseTimer, atomic_write_json, hold, read_json
+from .util import (Deadline, PhaseTimer, atomic_write_json, give_to, hold, private_dir, read_json,
+                   root_lock)
 
 
 @dataclass
@@ -40,11 +40,11 @@ class Node:
 
     def __post_init__(self) -> None:
         for d in (self.cfg.state_dir, self.cfg.run_dir):
-            os.makedirs(d, mode=0o755, exist_ok=True)
+            private_dir(d)   # 0711: users reach their own job's files, list nothing
         self.slots = SlotAllocator(self.cfg.state_dir, capacity(self.cfg), self.cfg.lock_timeout_s)
         self.library = Library(self.cfg.library_dir, self.cfg.state_dir, self.cfg.lock_timeout_s)
-        self.jobs_lock = filelock.FileLock(os.path.join(self.cfg.run_dir, "jobs.lock"),
-                                           timeout=self.cfg.lock_timeout_s)
+        self.jobs_lock = root_lock(os.path.join(self.cfg.run_dir, "jobs.lock"),
+                                   self.cfg.lock_timeout_s)
 
     @property
     def conn(self) -> Any:
@@ -89,6 +89,7 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
             image = resolve_image(node, req).image
         _reserve_job_dir(node, paths)
         try:
+            disk.admit(cfg, paths, image)
             slot, _ = node.slots.claim(req.job_id, req.cores, req.memory_mb, req.cpus)
         except BaseException:
             paths.remove()
@@ -285,8 +286,7 @@ def _setup_guest(root_agent: LibvirtAgent, req: JobRequest, paths: JobPaths,
     if ids != (u.uid, u.gid):
         raise BootFailed(f"the guest's user agent runs as uid/gid {ids}, expected "
                          f"{u.uid}/{u.gid}; refusing to hand it to the job")
-    os.chown(paths.socket, u.uid, u.gid)
-    os.chmod(paths.socket, 0o600)
+    give_to(paths.socket, u.uid, u.gid, 0o600)
     atomic_write_json(paths.info, {"job_id": req.job_id, "uid": u.uid, "gid": u.gid,
                                    "user": u.name, "home": u.home, "workdir": req.workdir,
                                    "io_host": paths.io, "io_guest": GUEST_IO_DIR}, mode=0o644)
@@ -353,17 +353,17 @@ def epilogue(node: Node, job_id: str, exit_code: Optional[int] = None) -> Option
         "vm_end": vm_state, "started_at": state.get("started_at"), "ended_at": time.time(),
         "prologue_completed": state.get("phase") == "running",
     }
-    accounting.append(cfg.accounting_file, record)
+    accounting.append(cfg.accounting_file, record, cfg.accounting_group)
     return record
 
 
 def _exit_code_from_exec(paths: JobPaths) -> Optional[int]:
-    """The last exit status ``vibatch exec`` recorded for this job, if any."""
+    """The last exit status ``vibatch exec`` recorded for this job, if any. The I/O folder is
+    the job's: whatever is at that name (a FIFO, a symlink, a device) is read safely or not."""
+    data = safeio.read_bounded(os.path.join(paths.io, "last-exit"), 32)
     try:
-        with open(os.path.join(paths.io, "last-exit"), "rb") as f:
-            data = f.read(32)
-        return int(data.strip())
-    except (OSError, ValueError):
+        return int(data.strip()) if data is not None else None
+    except ValueError:
         return None
 
 

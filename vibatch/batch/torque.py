@@ -117,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     clean_env_path()
     def run_prologue() -> None:
         c = cfg()
-        prologue(c, job_from_prologue(c, args))
+        prologue(c, lambda: job_from_prologue(c, args))
 
     def run_epilogue() -> None:
         code = int(args[9]) if len(args) > 9 and args[9].lstrip("-").isdigit() else None
