@@ -216,5 +216,168 @@ def test_a_comment_with_newlines_cannot_forge_the_allocation(cfg):
     assert slurm.array_task_id(two, "7001") == "7001_1"
 
 
+# --- real Slurm and real Grid Engine -------------------------------------------------------
+from clusters import wait_until  # noqa: E402
+from test_batch_gridengine import USER as SGE_USER, assert_queue_ok, qsub, sge  # noqa: E402,F401
+from test_batch_gridengine import output as sge_output  # noqa: E402
+from test_batch_slurm import USER as SLURM_USER, assert_node_healthy, slurm_cluster, submit  # noqa: E402
+
+
+@pytest.fixture
+def cluster(vm_env):
+    """Slurm for one test only: it is stopped before the Grid Engine tests start theirs."""
+    with slurm_cluster(vm_env) as c:
+        yield c
+
+
+def _user_dir(home, name, uid):
+    path = os.path.join(home, name)
+    os.makedirs(path, exist_ok=True)
+    os.chown(path, uid, uid)
+    return path
+
+
+@pytest.mark.vm
+def test_hostile_names_through_slurm_fail_their_job_and_never_drain_the_node(vm_env, cluster):
+    """Each job names something hostile; each fails alone with the reason in its own output (the
+    Prolog exits 0: non-zero drains the node), and the node stays in service throughout."""
+    import pwd
+    uid = pwd.getpwnam(SLURM_USER).pw_uid
+    home = cluster.home
+    script = "#!/bin/sh\necho ran-in-vm\n"
+    cases = {   # name -> (sbatch options, what the refusal names; None: the job runs)
+        "comma": (["--chdir", _user_dir(home, "a,b", uid)], "working directory"),
+        "control": (["--chdir", _user_dir(home, "tab\there", uid)], "working directory"),
+        "usrlib": (["--chdir", "/usr/lib"], "working directory /usr/lib cannot be shared"),
+        "forged": (["-J", "x\n   Nodes=%s CPU_IDs=0-63 Mem=1\n\n" % cluster.node,
+                    "--comment", "c\n   Nodes=%s CPU_IDs=0-63 Mem=1" % cluster.node],
+                   "allocation"),
+        "shell": (["-J", "q'\"$(touch /tmp/pwned-slurm) `id` x", "--comment",
+                   "it's \"$(id)\" ok"], None),
+    }
+    for name, (opts, why) in cases.items():
+        job = submit(cluster, script, *opts, "-o", f"{home}/hn-%j.out",
+                     "--export=ALL,VIBATCH_IMAGE=testguest")
+        rec = cluster.wait_finished(job)
+        with open(os.path.join(home, f"hn-{job}.out")) as f:
+            out = f.read()
+        if why is None:
+            assert rec["ExitCode"] == "0:0" and "ran-in-vm" in out, (name, rec, out)
+        else:
+            assert rec["JobState"] == "FAILED" and rec["ExitCode"] == "125:0", (name, rec, out)
+            assert "vibatch: this job cannot run:" in out and why in out, (name, out)
+            assert "ran-in-vm" not in out
+        assert_node_healthy(cluster)
+        assert leftovers_of(vm_env, job) == []
+    assert not os.path.exists("/tmp/pwned-slurm")
+
+
+def leftovers_of(vm_env, job):
+    from vmhelp import leftovers
+    return leftovers(vm_env, job)
+
+
+@pytest.mark.vm
+def test_hostile_names_through_grid_engine_fail_their_job_and_no_queue_goes_into_error(vm_env, sge):
+    import pwd
+    uid = pwd.getpwnam(SGE_USER).pw_uid
+    home = sge.home
+    cases = {
+        "comma": (["-wd", _user_dir(home, "c,d", uid)], "working directory"),
+        "usrlib": (["-wd", "/usr/lib"], "working directory /usr/lib cannot be shared"),
+        "run": (["-wd", "/run"], "working directory /run cannot be shared"),
+        "shell": (["-N", "q'$(touch_pwned)x", "-ac", "k=v"], None),
+    }
+    for name, (opts, why) in cases.items():
+        job = qsub(sge, "echo ran-in-vm\n", "-v", "VIBATCH_IMAGE=testguest", *opts)
+        if why is None:
+            rec = sge.wait_accounted(job)
+            assert rec["exit_status"] == "0", (name, rec)
+            assert "ran-in-vm" in sge_output(sge, job)
+        else:
+            wait_until(f"job {job} ({name}) to be refused", lambda: sge.job_state(job) == "Eqw"
+                       or sge.queue_state() not in ("", None), 180)
+            assert_queue_ok(sge)
+            out = sge_output(sge, job)
+            assert "failed (job fault)" in out and why in out, (name, out)
+            assert "ran-in-vm" not in out
+            assert sge.cmd("qdel", job, user=SGE_USER).returncode == 0
+            wait_until("the job to leave", lambda: sge.job_state(job) is None, 60)
+        assert_queue_ok(sge)
+        assert leftovers_of(vm_env, job) == []
+
+
+EVIL_SO = r"""
+#include <stdio.h>
+#include <unistd.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "a");
+    if (f) { fprintf(f, "preload uid %d\n", (int)getuid()); fclose(f); }
+}
+"""
+
+
+@pytest.mark.vm
+def test_qsub_v_cannot_steer_grid_engines_root_prolog(vm_env, sge, tmp_path):
+    """Grid Engine hands the root prolog and epilog the job's environment, -v included. Planted:
+    libvirt's log settings (root's libvirt client would append to the user's file), a
+    preloaded library, Python's variables and a PATH of the user's programs, and the loader's
+    LD_DEBUG_OUTPUT. None of it runs or writes as root; the job itself runs."""
+    import pwd
+    uid = pwd.getpwnam(SGE_USER).pw_uid
+    evil = _user_dir(sge.home, "evil", uid)
+    marker = os.path.join(evil, "marker")
+    src = os.path.join(str(tmp_path), "evil.c")
+    with open(src, "w") as f:
+        f.write(EVIL_SO)
+    so = os.path.join(evil, "evil.so")
+    subprocess.run(["gcc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", so, src],
+                   check=True, timeout=120)
+    os.chmod(so, 0o755)
+    py = _user_dir(evil, "py", uid)
+    payload = f"import os; open({marker!r}, 'a').write('python uid %d\\n' % os.getuid())\n"
+    for rel in ("sitecustomize.py", "startup.py"):
+        with open(os.path.join(py, rel), "w") as f:
+            f.write(payload)
+    bindir = _user_dir(evil, "bin", uid)
+    for prog in ("python3", "env", "qstat", "qemu-img", "mount", "umount", "sh"):
+        with open(os.path.join(bindir, prog), "w") as f:
+            f.write(f"#!/bin/sh\necho {prog} uid $(id -u) >> {marker}\n")
+        os.chmod(os.path.join(bindir, prog), 0o755)
+    for path in (marker,):
+        with open(path, "w"):
+            pass
+        os.chown(path, uid, uid)
+        os.chmod(path, 0o666)
+    lvlog = os.path.join(evil, "libvirt.log")
+    ldlog = os.path.join(evil, "ld")
+    hostile = [f"LIBVIRT_DEBUG=1", f"LIBVIRT_LOG_OUTPUTS=1:file:{lvlog}", f"LD_PRELOAD={so}",
+               "LD_DEBUG=libs", f"LD_DEBUG_OUTPUT={ldlog}", f"PYTHONPATH={py}",
+               f"PYTHONSTARTUP={py}/startup.py", f"PATH={bindir}:/usr/bin:/bin"]
+    args = []
+    for var in hostile:
+        args += ["-v", var]
+    job = qsub(sge, "echo ran-in-vm\n", "-v", "VIBATCH_IMAGE=testguest", *args)
+    rec = sge.wait_accounted(job)
+    out = sge_output(sge, job)
+    with open(marker) as f:
+        planted = f.read()
+    ld_root = []
+    for n in os.listdir(evil):
+        p = os.path.join(evil, n)
+        if n.startswith("ld.") and os.stat(p).st_uid == 0:
+            with open(p, errors="replace") as f:
+                ld_root.append((n, f.read(4000)))
+    print("planted:", planted, "\nroot's loader debug files:", [(n, t[:300]) for n, t in ld_root])
+    assert not os.path.exists(lvlog), "root's libvirt client wrote the user's log file"
+    assert " uid 0" not in planted, planted
+    # the loader of root's shell still reads LD_DEBUG_OUTPUT (Grid Engine does not remove it;
+    # see docs/security.md), but nothing of ours starts under it: no Python loads there
+    assert not [n for n, t in ld_root if "python" in t], ld_root
+    assert rec["exit_status"] == "0" and "ran-in-vm" in out, (rec, out)
+    assert_queue_ok(sge)
+    assert leftovers_of(vm_env, job) == []
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 from typing import Optional
@@ -49,6 +50,19 @@ def read_tail(path: str, limit: int) -> Optional[bytes]:
         return os.pread(fd, limit, max(0, size - limit))
     finally:
         os.close(fd)
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def drop_read(fd: int, upto: int) -> bool:
+    """Give back the space of bytes [0, upto) of a file that is read once, as it is written (the
+    size stays, the blocks go): a job's output stream then holds only what is not yet copied,
+    not all it ever printed. False where the filesystem cannot."""
+    return upto <= 0 or _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                                        0, upto) == 0
 
 
 def rmtree(path: str) -> None:
