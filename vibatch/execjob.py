@@ -99,6 +99,13 @@ class _Stream:
             os.unlink(self.path)
 
 
+def _full(path: str) -> bool:
+    try:
+        return os.statvfs(path).f_bavail == 0
+    except OSError:
+        return False
+
+
 class Exec:
     def __init__(self, cfg: Config, job_id: str):
         self.cfg = cfg
@@ -165,6 +172,9 @@ class Exec:
             out.pump(), err.pump()
             out.close(), err.close()
         self._record(status)
+        if status != 0 and _full(io_host):   # the job's own stderr could not say so
+            print(f"vibatch exec: the job's I/O folder ({io_guest} in the guest) is full: "
+                  "output written there was cut short", file=sys.stderr)
         return status
 
     def run_script(self, text: bytes, args: Sequence[str], stdout=None, stderr=None,
