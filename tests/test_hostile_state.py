@@ -237,7 +237,7 @@ def test_output_without_end_hits_the_cap_fails_the_job_alone_and_spares_the_disk
                             "head -c 200000000 /dev/zero > /run/vibatch/io/flood", cwd="/",
                             env=env, timeout=600)
     after = os.statvfs(vm_env.cfg.state_dir)
-    assert rc != 0 and "I/O folder is full" in err, (rc, err)
+    assert rc != 0 and "I/O folder (/run/vibatch/io in the guest) is full" in err, (rc, err)
     grew = (before.f_bavail - after.f_bavail) * before.f_frsize
     assert grew < 64 << 20, f"the state filesystem lost {grew >> 20} MiB"   # the flood: 190
     rc, _, err = exec_run(vm_env, job, "sh", "-c", "rm -f /run/vibatch/io/flood; "

@@ -361,10 +361,8 @@ def _exit_code_from_exec(paths: JobPaths) -> Optional[int]:
     """The last exit status ``vibatch exec`` recorded for this job, if any. The I/O folder is
     the job's: whatever is at that name (a FIFO, a symlink, a device) is read safely or not."""
     data = safeio.read_bounded(os.path.join(paths.io, "last-exit"), 32)
-    try:
-        return int(data.strip()) if data is not None else None
-    except ValueError:
-        return None
+    text = data.strip() if data is not None else b""
+    return int(text) if text.isdigit() and len(text) <= 3 and int(text) <= 255 else None
 
 
 def _job_ids(cfg: Config) -> list[str]:
