@@ -103,6 +103,40 @@ def test_a_root_hook_forgets_its_environment_and_limits(tmp_path):
     assert os.path.getsize(tmp_path / "big") == 100000
 
 
+def test_disk_space_is_admitted_per_job_at_claim_time(tmp_path, monkeypatch):
+    """Main admitted any number of jobs whatever their overlays could grow to. Now the sum of
+    what the node's jobs may still grow, plus the new job's, must fit in the free space."""
+    from types import SimpleNamespace
+    from vibatch import config, disk
+    from vibatch.errors import NoFreeSlot, ResourceRequestError
+    from vibatch.jobdir import JobPaths
+    cfg = config.parse({"state_dir": str(tmp_path), "run_dir": str(tmp_path / "run"),
+                        "host": {"reserved_disk_mb": 1024}, "jobs": {"max_disk_gb": 8}}, "t.yaml")
+    gib = 1 << 30
+    free = {"bytes": 10 * gib}
+    monkeypatch.setattr(disk.os, "statvfs", lambda p: SimpleNamespace(
+        f_bavail=free["bytes"] // 4096, f_frsize=4096))
+    image = SimpleNamespace(name="img", virtual_size=4 * gib)
+
+    def job(n):
+        p = JobPaths.of(cfg, f"j{n}")
+        os.makedirs(p.state)
+        return p
+    first = job(1)
+    assert disk.admit(cfg, first, image) == 4 * gib + disk.OVERHEAD
+    disk.admit(cfg, job(2), image)            # 8 GiB (+overhead) of 9 free above the reserve
+    with pytest.raises(NoFreeSlot, match="not enough disk space for job j3"):
+        disk.admit(cfg, job(3), image)
+    # what a job's overlay already holds is no longer free, and no longer to be reserved
+    with open(first.overlay, "wb") as f:
+        f.write(b"x" * (4 << 20))
+    free["bytes"] -= 4 << 20
+    with pytest.raises(NoFreeSlot):
+        disk.admit(cfg, JobPaths.of(cfg, "j3"), image)
+    with pytest.raises(ResourceRequestError, match="jobs.max_disk_gb"):
+        disk.admit(cfg, JobPaths.of(cfg, "j3"), SimpleNamespace(name="big", virtual_size=9 * gib))
+
+
 # --- real VMs --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def running(vm_env):
@@ -326,3 +360,47 @@ def _limited_prologue_and_epilogue(vm_env, job, tmp_path, limited):
                        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stdout + r.stderr
     assert leftovers(vm_env, job) == []
+
+
+def _virtlogd_cap() -> int:
+    """What virtlogd keeps of one log at most: max_size * (max_backups + 1), from its config."""
+    size, backups = 2097152, 3
+    try:
+        with open("/etc/libvirt/virtlogd.conf") as f:
+            for line in f:
+                key, _, value = line.partition("=")
+                if key.strip() == "max_size" and value.strip().isdigit():
+                    size = int(value)
+                if key.strip() == "max_backups" and value.strip().isdigit():
+                    backups = int(value)
+    except OSError:
+        pass
+    return size * (backups + 1)
+
+
+@pytest.mark.vm
+def test_a_guest_printing_without_end_to_its_console_fills_a_bounded_log(vm_env, tracker):
+    """Guest root writes to the serial console for as long as it likes: virtlogd rotates the
+    console log, so the job's console files never hold more than virtlogd keeps (on main the
+    console was a plain file QEMU appended to without bound)."""
+    import libvirt
+    from vibatch.agent import LibvirtAgent
+    from vibatch.util import Deadline
+    job = tracker.job_id()
+    assert prologue(vm_env, job).returncode == 0
+    cap = _virtlogd_cap()
+    want = cap + (4 << 20)
+    conn = libvirt.open(vm_env.cfg.libvirt_uri)
+    try:
+        agent = LibvirtAgent(conn.lookupByName("vibatch-" + job))
+        res = agent.run("/bin/sh", ["-c", f"head -c {want} /dev/zero | tr '\\0' x > /dev/ttyS0"],
+                        Deadline(600), what="console flood")
+        assert res.wait_status == 0, res.err
+    finally:
+        conn.close()
+    state = os.path.join(vm_env.cfg.state_dir, "jobs", job)
+    logs = {n: os.path.getsize(os.path.join(state, n)) for n in os.listdir(state)
+            if n.startswith("console.log")}
+    total = sum(logs.values())
+    assert len(logs) > 1, logs          # it was rotated: the flood really reached the log
+    assert total <= cap + (1 << 20), (total, cap, logs)
