@@ -11,6 +11,7 @@ never counts as the node's fault (which drains a Slurm node or reschedules on Gr
   node in service and no queue in error (``vm``).
 """
 import os
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 

@@ -7,7 +7,7 @@
         disk.json                   the disk space this job may grow into (root, 0600)
         io/                         the job user's, 0700: shared into the guest for exec's output;
                                     a tmpfs of its own (size jobs.io_max_mb, nosuid,nodev,noexec)
-    <run_dir>/jobs/<id>/            root, 0711
+    <run_dir>/jobs/<id>/            root, 0700 until the socket is handed over, then 0711
         agent.sock                  the job user's agent endpoint (the job user's, 0600)
         job.json                    what ``vibatch exec`` needs to know (0644)
 """
@@ -83,7 +83,7 @@ class JobPaths:
         for parent in (os.path.dirname(self.state), os.path.dirname(self.run)):
             os.makedirs(parent, mode=0o711, exist_ok=True)
         os.mkdir(self.state, 0o711)
-        os.mkdir(self.run, 0o711)
+        os.mkdir(self.run, 0o700)   # 0711 once the agent socket is the job user's (lifecycle)
         os.mkdir(self.io, 0o700)
         # the I/O folder is the job's to fill: a filesystem of its own, so it fills only that
         proc.run(["mount", "-t", "tmpfs", "-o", f"size={self.io_max_mb}m,nr_inodes={IO_MAX_INODES},"

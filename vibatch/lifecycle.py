@@ -287,6 +287,7 @@ def _setup_guest(root_agent: LibvirtAgent, req: JobRequest, paths: JobPaths,
         raise BootFailed(f"the guest's user agent runs as uid/gid {ids}, expected "
                          f"{u.uid}/{u.gid}; refusing to hand it to the job")
     give_to(paths.socket, u.uid, u.gid, 0o600)
+    os.chmod(paths.run, 0o711)   # only now can anyone but root reach the socket at all
     atomic_write_json(paths.info, {"job_id": req.job_id, "uid": u.uid, "gid": u.gid,
                                    "user": u.name, "home": u.home, "workdir": req.workdir,
                                    "io_host": paths.io, "io_guest": GUEST_IO_DIR}, mode=0o644)
