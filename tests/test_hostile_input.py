@@ -363,13 +363,16 @@ def test_qsub_v_cannot_steer_grid_engines_root_prolog(vm_env, sge, tmp_path):
     out = sge_output(sge, job)
     with open(marker) as f:
         planted = f.read()
-    ld_root = []
+    ld_root, ld_all = [], []
     for n in os.listdir(evil):
         p = os.path.join(evil, n)
-        if n.startswith("ld.") and os.stat(p).st_uid == 0:
-            with open(p, errors="replace") as f:
-                ld_root.append((n, f.read(4000)))
-    print("planted:", planted, "\nroot's loader debug files:", [(n, t[:300]) for n, t in ld_root])
+        if n.startswith("ld."):
+            ld_all.append((n, os.stat(p).st_uid))
+            if os.stat(p).st_uid == 0:
+                with open(p, errors="replace") as f:
+                    ld_root.append((n, f.read(4000)))
+    print("planted:", planted, "\nloader debug files (name, uid):", ld_all,
+          "\nroot's:", [(n, t[:300]) for n, t in ld_root])
     assert not os.path.exists(lvlog), "root's libvirt client wrote the user's log file"
     assert " uid 0" not in planted, planted
     # the loader of root's shell still reads LD_DEBUG_OUTPUT (Grid Engine does not remove it;
