@@ -20,11 +20,11 @@ missing file.
 from __future__ import annotations
 
 import os
-import stat
 from typing import Any, Optional
 
 import psutil
 
+from . import safeio
 from .config import Config
 from .errors import NodeError
 from .jobdir import JobPaths
@@ -143,18 +143,8 @@ def jobs_held_by(cfg: Config, pid: int) -> list[str]:
 
 def last_exit(paths: JobPaths) -> Optional[int]:
     """The last exit status ``vibatch exec`` recorded in the job's I/O folder, if any. The
-    folder is the job user's: the file is opened without following links or blocking, must be a
-    regular file, and only its first bytes are read."""
-    path = os.path.join(paths.io, LAST_EXIT)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return int(os.read(fd, 32).strip())
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
+    folder is the job user's: whatever is at that name (a FIFO, a symlink, a device) is read
+    safely or not at all, and only a wait status (0-255) is accepted."""
+    data = safeio.read_bounded(os.path.join(paths.io, LAST_EXIT), 32)
+    text = data.strip() if data is not None else b""
+    return int(text) if text.isdigit() and len(text) <= 3 and int(text) <= 255 else None

@@ -16,9 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-import filelock
-
-from . import accel, accounting, faultpoints, hypervisor, jobstore, qemuimg
+from . import accel, accounting, disk, faultpoints, hypervisor, jobstore, qemuimg
 from .agent import AgentError, LibvirtAgent, SocketAgent
 from .config import Config
 from .domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
@@ -31,7 +29,8 @@ from .node import capacity
 from .policy import Resolution, resolve, user_groups
 from .request import JobRequest
 from .slots import Slot, SlotAllocator
-from .util import Deadline, PhaseTimer, atomic_write_json, hold, log_error, read_json
+from .util import (Deadline, PhaseTimer, atomic_write_json, give_to, hold, log_error,
+                   private_dir, read_json, root_lock)
 
 
 @dataclass
@@ -51,11 +50,11 @@ class Node:
 
     def __post_init__(self) -> None:
         for d in (self.cfg.state_dir, self.cfg.run_dir):
-            os.makedirs(d, mode=0o755, exist_ok=True)
+            private_dir(d)   # 0711: users reach their own job's files, list nothing
         self.slots = SlotAllocator(self.cfg.state_dir, capacity(self.cfg), self.cfg.lock_timeout_s)
         self.library = Library(self.cfg.library_dir, self.cfg.state_dir, self.cfg.lock_timeout_s)
-        self.jobs_lock = filelock.FileLock(os.path.join(self.cfg.run_dir, "jobs.lock"),
-                                           timeout=self.cfg.lock_timeout_s)
+        self.jobs_lock = root_lock(os.path.join(self.cfg.run_dir, "jobs.lock"),
+                                   self.cfg.lock_timeout_s)
 
     @property
     def conn(self) -> Any:
@@ -118,6 +117,7 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
             faultpoints.point("reserved")
             with timer.phase("claim"):
                 jobstore.set_phase(paths, state, jobstore.SLOT)
+                disk.admit(cfg, paths, image)
                 slot, _ = node.slots.claim(req.job_id, req.cores, req.memory_mb, req.cpus)
                 state.update(cpus=list(slot.cpus), memory_mb=slot.memory_mb)
             _bring_up(node, req, paths, image, slot, timer, state)
@@ -325,8 +325,8 @@ def _setup_guest(root_agent: Any, user_agent: Any, req: JobRequest, paths: JobPa
     if ids != (u.uid, u.gid):
         raise BootFailed(f"the guest's user agent runs as uid/gid {ids}, expected "
                          f"{u.uid}/{u.gid}; refusing to hand it to the job")
-    os.chown(paths.socket, u.uid, u.gid)
-    os.chmod(paths.socket, 0o600)
+    give_to(paths.socket, u.uid, u.gid, 0o600)
+    os.chmod(paths.run, 0o711)   # only now can anyone but root reach the socket at all
     atomic_write_json(paths.info, {"job_id": req.job_id, "uid": u.uid, "gid": u.gid,
                                    "user": u.name, "home": u.home, "workdir": req.workdir,
                                    "io_host": paths.io, "io_guest": GUEST_IO_DIR}, mode=0o644)
@@ -499,7 +499,7 @@ def _account_once(cfg: Config, paths: JobPaths, record: dict, best_effort: bool)
             if not best_effort:
                 raise NodeError(f"cannot write {kept}") from None
     faultpoints.point("record_kept")
-    accounting.append(cfg.accounting_file, record)
+    accounting.append(cfg.accounting_file, record, cfg.accounting_group)
 
 
 def _remove(node: Node, paths: JobPaths) -> None:

@@ -45,6 +45,32 @@ def read_json(path: str, default: Any = None) -> Any:
         return default
 
 
+def root_lock(path: str, timeout: float) -> filelock.FileLock:
+    """A lock file only root can open: anyone who can open a lock file can flock it, and so
+    stall every hook that needs it. An older, wider lock file is narrowed."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if st.st_mode & 0o077 and os.geteuid() == st.st_uid:
+            os.chmod(path, 0o600, follow_symlinks=False)
+    return filelock.FileLock(path, timeout=timeout, mode=0o600)
+
+
+def private_dir(path: str, mode: int = 0o711) -> None:
+    """Create ``path`` (and parents) or narrow it to ``mode``: others may pass through a state
+    directory to what is theirs, never list it or create in it."""
+    os.makedirs(path, mode=mode, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid == os.geteuid() and st.st_mode & 0o7777 & ~mode:
+        os.chmod(path, st.st_mode & 0o7777 & mode)
+
+
+def give_to(path: str, uid: int, gid: int, mode: int) -> None:
+    """Hand a root-made file (the job's agent socket) to a user: its mode first, so that at no
+    moment does the user's group (or anyone) get the access the old mode gave."""
+    os.chmod(path, mode)   # the path is in a root-owned directory: no symlink to follow
+    os.chown(path, uid, gid)
+
+
 @contextlib.contextmanager
 def hold(lock: filelock.BaseFileLock, timeout: Optional[float] = None) -> Iterator[None]:
     """Hold ``lock`` (acquired within ``timeout``, default the lock's own), or raise LockTimeout

@@ -245,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         c = cfg()
         clear_refusal(c, job_id)
         try:
-            prologue(c, job_from_prologue(c, args))
+            prologue(c, lambda: job_from_prologue(c, args))
         except NoFreeSlot:
             seen["busy"] = True
             raise
