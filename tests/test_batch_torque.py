@@ -1,119 +1,180 @@
-"""Torque/PBS by contract: pbs_mom cannot be installed here, so a harness calls the shipped hooks
-exactly as pbs_mom does (argv, empty environment, stdin /dev/null, cwd /, root for the prologue
-and epilogue, the job user with the job's environment for $job_starter, and the alarm), and the
-tests check Torque's exit-code rules: 0 ok, 1 fail without retry, other non-zero requeue."""
+"""Torque/PBS by contract: the harness in pbsmom.py calls the shipped hooks exactly as a real
+pbs_mom 6.1 was seen calling them (umask 0077, cwd mom_priv, pbs_environment + PBS_* variables,
+the user's supplementary groups, `job_starter <login shell>` with the script's path on stdin,
+$prologalarm - 10 s then SIGKILL of the session) and applies its rules: prologue 1 aborts the job
+and its output never reaches the user; any other failure reruns it at once on the same node."""
 import json
 import os
-import stat
+import pwd
 import subprocess
 import sys
+import time
 
 import pytest
 
-from vmhelp import as_user, batch_user, install_shims, leftovers, variant
+from pbsmom import Job, PbsMom, fake_pbsnodes
+from vmhelp import batch_user, guest_kernel, install_shims, leftovers, variant, wait_until
 from vibatch import config
 from vibatch.batch import torque
 
 USER, UID = "vbt-torque", 23403
 
 
-class PbsMom:
-    """Calls hooks the way pbs_mom's start_exec.c/prolog.c do."""
-
-    def __init__(self, hooks: str):
-        self.hooks = hooks
-
-    def _root(self, hook: str, argv: list[str], timeout: float):
-        path = os.path.join(self.hooks, hook)
-        st = os.stat(path)   # pbs_mom refuses a hook that is not root-owned or is writable
-        assert st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        return subprocess.run([path, *argv], env={}, stdin=subprocess.DEVNULL, cwd="/",
-                              capture_output=True, text=True, timeout=timeout)
-
-    def prologue(self, job_id, user, limits, queue="batch", account="", timeout=300):
-        return self._root("prologue", [job_id, user, user, "job-name", limits, queue, account],
-                          timeout)
-
-    def epilogue(self, job_id, user, exit_code, timeout=300):
-        return self._root("epilogue", [job_id, user, user, "job-name", "12345", "nodes=1:ppn=1",
-                                       "cput=00:00:01,mem=1kb,walltime=00:00:05", "batch", "",
-                                       str(exit_code)], timeout)
-
-    def starter(self, job_id, user, home, *cmd, timeout=120):
-        env = {"PBS_JOBID": job_id, "PBS_O_WORKDIR": home, "PBS_QUEUE": "batch", "HOME": home,
-               "USER": user, "LOGNAME": user, "PATH": "/usr/bin:/bin", "SHELL": "/bin/sh",
-               "PBS_ENVIRONMENT": "PBS_BATCH"}
-        return subprocess.run([os.path.join(self.hooks, "job_starter"), *cmd], env=env,
-                              stdin=subprocess.DEVNULL, cwd=home, capture_output=True, text=True,
-                              timeout=timeout, **as_user(user))
-
-
-def install_hooks(dest: str, config_path: str, alarm: int = 0) -> PbsMom:
+def install_hooks(dest: str, config_path: str, alarm: int = 0) -> str:
     """Install the shipped shims as an admin would, pointing at this test node's config."""
-    replace = {"/etc/vibatch/vibatch.yaml": config_path, "/opt/vibatch/venv/bin/python": sys.executable}
+    replace = {"/etc/vibatch/vibatch.yaml": config_path,
+               "/opt/vibatch/venv/bin/python": sys.executable}
     if alarm:
         replace[" --config "] = f" --alarm {alarm} --config "
-    return PbsMom(install_shims("torque", dest, replace,
-                                {"prologue": 0o500, "epilogue": 0o500, "job_starter": 0o555}))
+    return install_shims("torque", dest, replace,
+                         {"prologue": 0o500, "epilogue": 0o500, "job_starter": 0o555})
+
+
+def mom_for(vm_env, name: str, config_path: str, alarm: int = 300) -> PbsMom:
+    base = os.path.join(vm_env.base, f"torque-{name}")
+    hooks = install_hooks(os.path.join(base, "hooks"), config_path, alarm if alarm != 300 else 0)
+    return PbsMom(os.path.join(base, "pbs_home"), hooks, alarm,
+                  offline_flag=os.path.join(base, "offline"))
 
 
 @pytest.fixture(scope="module")
 def torque_user(vm_env):
-    with batch_user(vm_env, USER, UID) as home:
+    # a login shell the guest does not have: pbs_mom passes it to the job starter
+    with batch_user(vm_env, USER, UID, shell="/bin/bash") as home:
         yield home
 
 
 @pytest.fixture(scope="module")
-def mom(vm_env):
-    return install_hooks(os.path.join(vm_env.base, "torque-hooks"), vm_env.config_path)
+def mom(vm_env, torque_user):
+    return mom_for(vm_env, "main", vm_env.config_path)
 
 
-def test_job_runs_in_its_vm_and_its_exit_code_is_accounted(vm_env, tracker, mom, torque_user):
-    job = tracker.job_id(".torque-srv")
-    r = mom.prologue(job, USER, "neednodes=1:ppn=1,nodes=1:ppn=1,mem=512mb,walltime=00:10:00")
-    assert r.returncode == 0, r.stderr
-    r = mom.starter(job, USER, torque_user, "/bin/sh", "-c",
-                    'echo "in $(cat /etc/hostname) as $(id -un), cwd $PWD, job $PBS_JOBID"; exit 7')
-    assert r.returncode == 7, r.stderr
-    assert r.stdout.strip() == f"in vbguest as {USER}, cwd {torque_user}, job {job}"
-    r = mom.epilogue(job, USER, 7)
-    assert r.returncode == 0, r.stderr
+@pytest.mark.vm
+def test_a_job_runs_in_its_vm_as_pbs_mom_starts_it(vm_env, tracker, mom, torque_user):
+    # pbs_mom: prologue under umask 0077 (the job's disk must still be readable by QEMU's
+    # user), then `job_starter /bin/bash` with "<script> <qsub -F args>" on stdin; the guest
+    # has no bash, and this script has no #! line: the image's shell runs it
+    job = Job(tracker.job_id(".torque-srv"), USER, mem="512mb", args="one 'two words'",
+              script='echo "in $(cat /etc/hostname) $(uname -r) as $(id -un), cwd $PWD, '
+                     'job $PBS_JOBID"\nfor a in "$@"; do echo "arg: $a"; done\n'
+                     'echo done > result.txt\nexit 7\n')
+    r = mom.run(job)
+    assert (r.exit_status, r.runs) == (7, 1), r.spool_err
+    assert r.out.splitlines() == [
+        f"in vbguest {guest_kernel()} as {USER}, cwd {torque_user}, job {job.job_id}",
+        "arg: one", "arg: two words"], r.err
+    result = os.path.join(torque_user, "result.txt")
+    assert os.stat(result).st_uid == UID and open(result).read() == "done\n"
     rec = [json.loads(line) for line in open(vm_env.cfg.accounting_file)]
-    assert [x["exit_code"] for x in rec if x["job_id"] == job] == [7]
-    assert leftovers(vm_env, job) == []
-    assert mom.epilogue(job, USER, 7).returncode == 0          # a second epilogue is harmless
+    assert [x["exit_code"] for x in rec if x["job_id"] == job.job_id] == [7]
+    assert leftovers(vm_env, job.job_id) == []
+    assert mom.epilogue(job, 7) == 0          # a second epilogue is harmless
 
 
-def test_a_users_mistake_fails_the_job_without_retry(vm_env, tracker, mom, torque_user):
-    job = tracker.job_id(".torque-srv")
-    # vbt-alice's home does not exist: the job is at fault, pbs_mom must not requeue it
-    r = mom.prologue(job, "vbt-alice", "nodes=1:ppn=1,mem=512mb")
-    assert r.returncode == 1
-    assert "job fault" in r.stderr and "working directory /nonexistent does not exist" in r.stderr
-    assert leftovers(vm_env, job) == []
-    r = mom.prologue(job, USER, "nodes=1:ppn=64")
-    assert r.returncode == 1 and "64 cores requested" in r.stderr
-    assert mom.epilogue(job, "vbt-alice", -3).returncode == 0   # after a failed prologue
+@pytest.mark.vm
+def test_qdel_runs_the_jobs_trap_in_the_guest(vm_env, tracker, mom, torque_user):
+    # a script with its own #! line; qdel is SIGTERM to the job's session
+    job = Job(tracker.job_id(".torque-srv"), USER, script=(
+        "#!/bin/sh\ntrap 'echo trapped in $(cat /etc/hostname); exit 3' TERM\n"
+        "echo started\nwhile :; do sleep 1; done\n"))
+    ou = os.path.join(mom.spool, f"{job.job_id}.OU")
+
+    def qdel(p):
+        wait_until(lambda: "started" in open(ou).read() or p.poll() is not None, 120)
+        assert p.poll() is None, open(ou.replace(".OU", ".ER")).read()
+        mom.qdel(p)
+    r = mom.run(job, during=qdel)
+    assert r.exit_status == 3 and r.out == "started\ntrapped in vbguest\n", r.err
+    assert leftovers(vm_env, job.job_id) == []
 
 
-def test_a_node_fault_requeues_before_pbs_moms_alarm(vm_env, tracker, torque_user):
-    cfg = variant(vm_env, "torque-alarm", {"vm": {"boot_timeout_s": 120}})
-    mom = install_hooks(os.path.join(vm_env.base, "torque-hooks-alarm"), cfg, alarm=26)
-    job = tracker.job_id(".torque-srv")
-    # the "silent" image never answers; our own deadline (26 - 20 s) ends the prologue, cleans
-    # up, and exits 2 (requeue) well before pbs_mom would kill it at 26 s
-    r = mom.prologue(job, USER, "nodes=1:ppn=1:silent", timeout=26)
-    assert r.returncode == 2, r.stderr
-    assert "node fault" in r.stderr and "did not finish within 6 s" in r.stderr
-    assert leftovers(vm_env, job) == []
+def test_a_jobs_fault_fails_it_with_the_reason_in_its_own_error_file(vm_env, tracker, mom,
+                                                                     torque_user):
+    # pbs_mom never copies an aborted job's (prologue exit 1) output to the user: the reason
+    # must come through the job starter
+    job = Job(tracker.job_id(".torque-srv"), USER, mem="4096gb")
+    r = mom.run(job)
+    assert r.runs == 1 and r.exit_status == 125, (r.exit_status, r.spool_err)
+    assert "vibatch: this job cannot run: 4194304 MiB requested; this node gives jobs at most" \
+        in r.err
+    assert leftovers(vm_env, job.job_id) == [] and not mom.offline()
+    job = Job(tracker.job_id(".torque-srv"), USER, nodes="1:ppn=64")
+    r = mom.run(job)
+    assert r.exit_status == 125 and "64 cores requested" in r.err, r.spool_err
+    assert leftovers(vm_env, job.job_id) == [] and not mom.offline()
 
 
-def test_starter_without_a_vm_fails_the_job_with_a_message(vm_env, mom, torque_user):
-    r = mom.starter("99999.torque-srv", USER, torque_user, "/bin/sh", "-c", "true")
-    assert r.returncode == 125 and "has no running VM on this node" in r.stderr
+def node_fault_mom(vm_env, name: str, pbsnodes_rc: int = 0):
+    base = os.path.join(vm_env.base, f"torque-{name}")
+    os.makedirs(base, exist_ok=True)
+    log, flag = os.path.join(base, "pbsnodes.log"), os.path.join(base, "offline")
+    tool = fake_pbsnodes(os.path.join(base, "pbsnodes"), log, flag, pbsnodes_rc)
+    # a node whose QEMU is gone: every VM start fails, quickly, as the node's fault
+    cfg = variant(vm_env, name, {"vm": {"emulator": "/nonexistent/qemu-system-x86_64"},
+                                 "torque": {"pbsnodes": tool, "node_name": "node07",
+                                            "max_node_faults": 3, "fault_backoff_s": 1}})
+    return mom_for(vm_env, name, cfg), log, cfg
 
 
-def test_limits_and_node_properties(tmp_path):
+def test_a_node_fault_backs_off_then_takes_the_node_out(vm_env, tracker, torque_user):
+    mom, log, cfg = node_fault_mom(vm_env, "nodefault")
+    job = Job(tracker.job_id(".torque-srv"), USER)
+    r = mom.run(job, max_runs=6)
+    # pbs_mom reruns at once: the hooks themselves must stop the loop
+    assert r.runs == 3 and mom.offline(), (r.runs, r.spool_err)
+    gaps = [b - a for a, b in zip(r.prologue_starts, r.prologue_starts[1:])]
+    assert gaps[0] >= 1 and gaps[1] >= 2, gaps          # back-off 1 s, then 2 s
+    args = open(log).read().splitlines()
+    assert args[0] == "-o" and args[1] == "-N" and args[3] == "node07", args
+    assert f"job {job.job_id} failed 3 times here" in args[2] and "node07" not in args[2]
+    assert "took node node07 out of service" in r.spool_err
+    assert leftovers(vm_env, job.job_id) == []
+    st = subprocess.run([sys.executable, "-m", "vibatch", "--config", cfg, "status"],
+                        capture_output=True, text=True, timeout=60)
+    assert "node taken out of service by vibatch" in st.stdout, st.stdout + st.stderr
+
+
+def test_a_node_fault_that_cannot_offline_the_node_fails_the_job_with_the_reason(
+        vm_env, tracker, torque_user):
+    mom, log, _cfg = node_fault_mom(vm_env, "nodefault-nopbsnodes", pbsnodes_rc=1)
+    job = Job(tracker.job_id(".torque-srv"), USER)
+    r = mom.run(job, max_runs=6)
+    assert r.runs == 3 and not mom.offline() and r.exit_status == 125, r.spool_err
+    assert "node node07 failed to start this job's VM 3 times" in r.err
+    assert leftovers(vm_env, job.job_id) == []
+
+
+@pytest.mark.vm
+def test_a_hung_boot_requeues_before_pbs_mom_kills_the_session(vm_env, tracker, torque_user):
+    cfg = variant(vm_env, "torque-alarm", {"vm": {"boot_timeout_s": 120},
+                                           "torque": {"fault_backoff_s": 30}})
+    # $prologalarm 26: pbs_mom SIGKILLs the session at 16 s; vibatch gives up at 6 s, cleans
+    # up, and its back-off stays within what is left
+    mom = mom_for(vm_env, "alarm", cfg, alarm=26)
+    job = Job(tracker.job_id(".torque-srv"), USER, nodes="1:ppn=1:silent")
+    t0 = time.monotonic()
+    r = mom.run(job, max_runs=1)
+    assert r.exit_status == -14 and "node fault" in r.spool_err, r.spool_err
+    assert "did not finish within 6 s" in r.spool_err and time.monotonic() - t0 < 16
+    assert leftovers(vm_env, job.job_id) == []
+
+
+def test_the_starter_without_a_vm_or_a_script_fails_the_job_with_a_message(vm_env, mom,
+                                                                            torque_user):
+    job = Job("99999.torque-srv", USER)
+    p = mom.start_starter(job)
+    assert p.wait(timeout=60) == 125
+    assert "has no running VM on this node" in open(os.path.join(mom.spool, "99999.torque-srv.ER")).read()
+    os.unlink(os.path.join(mom.spool, "99999.torque-srv.ER"))
+    pw = pwd.getpwnam(USER)
+    r = subprocess.run([os.path.join(mom.hooks, "job_starter"), "/bin/bash"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                       env={"PBS_JOBID": "99999.torque-srv", "PATH": "/bin:/usr/bin"},
+                       user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+    assert r.returncode == 125 and "held no complete line naming the job script" in r.stderr
+
+
+def test_limits_node_properties_and_the_script_line(tmp_path):
     (tmp_path / "state").mkdir()
     cfg = config.parse({"state_dir": str(tmp_path / "state"), "library_dir": str(tmp_path / "lib"),
                         "images": {"aliases": {"el9": "alma9"}}}, "t")
@@ -124,13 +185,27 @@ def test_limits_and_node_properties(tmp_path):
     assert torque.parse_walltime("01:02:03") == 3723 and torque.parse_walltime("90") == 90
     with pytest.raises(Exception, match="invalid Torque memory size"):
         torque.parse_size_mb("lots")
+    # argv 5 as pbs_mom 6.1 passes it
     job = torque.job_from_prologue(cfg, ["7.srv", "nobody", "nogroup", "n",
-                                         "nodes=1:ppn=2:bigmem:el9,mem=1gb,walltime=00:05:00",
-                                         "short", "proj"])
+                                         "walltime=00:05:00,mem=1gb,nodes=1:ppn=2:bigmem:el9,"
+                                         "neednodes=1:ppn=2:bigmem:el9", "short", "proj",
+                                         "/var/spool/torque/mom_priv/jobs/7.srv.SC"])
     assert (job.cores, job.memory_mb, job.image, job.walltime_s, job.queue, job.account) == \
         (2, 1024, "el9", 300, "short", "proj")
     plain = torque.job_from_prologue(cfg, ["7.srv", "nobody", "g", "n", "ncpus=3", "q", ""])
     assert (plain.cores, plain.image, plain.account) == (3, None, None)
     with pytest.raises(Exception, match="expected at least 7"):
         torque.job_from_prologue(cfg, ["7.srv"])
+    sc = "/var/spool/torque/mom_priv/jobs/7.srv.SC"
+    assert torque.parse_script_line(sc) == (sc, [])
+    assert torque.parse_script_line(f"exec {sc} a 'b c' \"d\"") == (sc, ["a", "b c", "d"])
+    with pytest.raises(Exception, match="does not name a job script"):
+        torque.parse_script_line("")
+    with pytest.raises(Exception, match="cannot split"):
+        torque.parse_script_line(f"{sc} 'open")
 
+
+def test_node_fault_backoff_stays_within_the_alarm():
+    from vibatch.batch.faults import backoff_s
+    assert [backoff_s(n, 10, 1000) for n in (1, 2, 3)] == [10, 20, 40]
+    assert backoff_s(3, 10, 25) == 25 and backoff_s(1, 10, -3) == 0

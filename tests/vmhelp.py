@@ -177,14 +177,14 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
 
 
 @contextlib.contextmanager
-def batch_user(env, name: str, uid: int) -> Iterator[str]:
+def batch_user(env, name: str, uid: int, shell: str = "/bin/sh") -> Iterator[str]:
     """A job user with a real home (batch systems start jobs there), removed afterwards;
     yields the home."""
     home = os.path.join(env.base, "home", name)
     os.makedirs(home)
     os.chmod(os.path.dirname(home), 0o755)
     subprocess.run(["userdel", name], check=False, capture_output=True)
-    subprocess.run(["useradd", "-u", str(uid), "-U", "-d", home, "-s", "/bin/sh", name],
+    subprocess.run(["useradd", "-u", str(uid), "-U", "-d", home, "-s", shell, name],
                    check=True)
     os.chown(home, uid, uid)
     try:

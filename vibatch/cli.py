@@ -42,8 +42,15 @@ def _add_job_resources(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", help="exact host CPU ids the batch system gave the job, e.g. 2-3")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line naming the argument at fault, exit 2 (not the usage text)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description="Per-job virtual machines for batch systems.",
+    ap = _Parser(prog=PROG, description="Per-job virtual machines for batch systems.",
                                  epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
     ap.add_argument("--config", help=f"config file (default: ${config_mod.ENV_VAR} or "
                     f"{config_mod.DEFAULT_PATH})")
@@ -170,6 +177,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug is the node's fault, in one line
+        from .util import log_error  # noqa: PLC0415
+        log_error(f"vibatch {args.command}", e)
+        print(f"{PROG}: error: unexpected {type(e).__name__}: {e} (node fault; the traceback "
+              "is in the error log)", file=sys.stderr)
+        return 20
 
 
 def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int:
@@ -256,10 +269,11 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg, node) -> in
 
 def _status(args: argparse.Namespace, cfg, node) -> int:
     from . import lifecycle  # noqa: PLC0415
+    from .batch import faults  # noqa: PLC0415
     jobs = lifecycle.running_jobs(node)
     slots = {j: s.to_json() for j, s in node.slots.all().items()}
     if args.json:
-        print(json.dumps({"jobs": jobs, "slots": slots,
+        print(json.dumps({"jobs": jobs, "slots": slots, "node_faults": faults.read(cfg),
                           "capacity": {"cpus": list(node.slots.capacity.cpus),
                                        "memory_mb": node.slots.capacity.memory_mb}}, indent=1))
         return 0
@@ -270,6 +284,8 @@ def _status(args: argparse.Namespace, cfg, node) -> int:
         print(f"{j['job_id']:24} {j.get('phase', '?'):10} {'up' if j['domain_active'] else 'down':6} "
               f"{j.get('user', '?'):12} {j.get('image', '?'):16} "
               f"{','.join(map(str, j.get('cpus', []))):8} {j.get('memory_mb', '?')}")
+    for line in faults.describe(cfg):
+        print(line)
     return 0
 
 

@@ -1,40 +1,64 @@
-"""Torque/PBS: prologue/epilogue run by pbs_mom as root, forwarding through ``$job_starter``.
+"""Torque/PBS: prologue/epilogue run by pbs_mom as root, the job sent into the VM by
+``$job_starter``.
 
-The contract (Torque 6/7 docs and pbs_mom's source; see docs/batch/torque.md):
+The contract, as a real pbs_mom 6.1 was seen doing it (and its source, prolog.c/start_exec.c;
+see docs/batch/torque.md):
 
-- ``prologue`` argv: 1 job id, 2 user, 3 group, 4 job name, 5 resource limits, 6 queue,
-  7 account, [8 script path, 9 host list]. Empty environment, stdin /dev/null, stdout/stderr go
-  to the job's output and error files. Killed after ``$prologalarm`` (default 300 s).
-- ``epilogue`` argv: 1-4 as above, 5 session id, 6 resource limits, 7 resources used, 8 queue,
-  9 account, 10 the job's exit code, [11 script path].
-- exit codes: 0 ok; **1 = the job fails, no retry**; any other non-zero = **requeue**.
-- ``$job_starter``: exec'd as the job user with the job's environment as
-  ``job_starter <shell> <args>``.
+- ``prologue`` argv: 1 job id, 2 user, 3 group, 4 job name, 5 resource list, 6 queue,
+  7 account, 8 script path. Root with the job user's supplementary groups, umask 0077, cwd
+  ``$PBS_HOME/mom_priv``, an environment of ``pbs_environment`` plus ``PBS_*`` variables (we read
+  none of it), stdin /dev/null, stdout/stderr the job's spool files, a new session with SIGINT
+  blocked and SIGQUIT/SIGPIPE ignored. ``$prologalarm`` - 10 s after the start pbs_mom SIGKILLs
+  the session. Exit 0 runs the job; **1 aborts it and its output is never copied to the user**;
+  anything else (or the kill) requeues it **at once, on this node, without limit**.
+- ``epilogue`` argv: 1-4 as above, 5 session id, 6 resource list, 7 resources used, 8 queue,
+  9 account, 10 the job's exit status, 11 script path. Its exit code is only logged.
+- ``$job_starter``: argv ``[job_starter, <the user's login shell>]`` as the job user, umask 0077,
+  cwd the user's home, the job's environment; stdin is a pipe carrying one line
+  ``[exec ]<script path>[ <qsub -F arguments>]`` (pbs_mom means it for that shell).
+
+So a job's fault never exits 1 (the user would never see why): the prologue exits 0 and leaves
+the reason, and the starter prints it in the job's error file and fails the job (exit 125), as
+for Slurm. A node's fault exits 2 (requeue) after a back-off, and the ``max_node_faults``-th of
+one job takes the node out with ``pbsnodes -o -N`` (see faults.py).
 
 The OS is chosen with a node property in the job's node spec (``qsub -l nodes=1:ppn=2:el9``):
-a property that names an image or alias selects it. The scheduler only places such a job on
-nodes that carry that property, so a typo never reaches a node. Otherwise the queue's default
-(``images.queue_defaults``) or the site default applies.
+a property that names an image or alias selects it. qsub refuses a property no node has, so a
+typo never reaches a node. Otherwise the queue's default (``images.queue_defaults``) or the
+site default applies.
 """
 from __future__ import annotations
 
 import os
 import re
+import select
+import shlex
+import signal
+import socket
 import sys
+import time
 from typing import Optional, Sequence
 
 from .. import config as config_mod
-from ..errors import ResourceRequestError
-from . import (BatchJob, Outcome, clean_env_path, epilogue, exec_job, home_of, parse_shim_args,
-               prologue, requestable_names, run_hook)
+from .. import proc
+from ..errors import CommandFailed, JobError, NoFreeSlot, ResourceRequestError
+from . import (REFUSED_EXIT, BatchJob, Outcome, clean_env_path, clear_refusal, epilogue,
+               exec_job, faults, home_of, parse_shim_args, prologue, record_refusal,
+               requestable_names, run_hook)
 
 SYSTEM = "torque"
 PROLOGUE_ALARM_S = 300
+KILL_EARLY_S = 10        # pbs_mom SIGKILLs the hook's session at $prologalarm - 10 s
 MARGIN_S = 20            # finish (and clean up) this long before pbs_mom's alarm
+REQUEUE = 2
 EXIT = {
-    "prologue": {Outcome.OK: 0, Outcome.JOB_FAULT: 1, Outcome.NODE_FAULT: 2},
+    "prologue": {Outcome.OK: 0, Outcome.JOB_FAULT: 0, Outcome.NODE_FAULT: REQUEUE},
     "epilogue": {Outcome.OK: 0, Outcome.JOB_FAULT: 0, Outcome.NODE_FAULT: 2},
 }
+SCRIPT_LINE_MAX = 64 * 1024
+SCRIPT_LINE_TIMEOUT_S = 30
+PBSNODES_TIMEOUT_S = 30
+GUEST_SHELL = "/bin/sh"  # runs a job script without a #! line: the image's shell, not the host's
 _UNITS = {"b": 1 / 2**20, "kb": 1 / 1024, "mb": 1, "gb": 1024, "tb": 1024**2}
 
 
@@ -100,38 +124,155 @@ def job_from_prologue(cfg, argv: Sequence[str]) -> BatchJob:
                     queue=queue or None, account=account or None)
 
 
+def reset_root_hook() -> None:
+    """Undo what pbs_mom hands its root hooks: umask 0077 (libvirt's QEMU user could not read the
+    job's disk), the job user's supplementary groups, SIGINT blocked and SIGQUIT ignored (both
+    inherited by every process we start), a user's PATH."""
+    clean_env_path()
+    os.umask(0o022)
+    os.setgroups([0])
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    os.chdir("/")
+
+
+def read_script_line(fd: int, timeout_s: float = SCRIPT_LINE_TIMEOUT_S) -> str:
+    """The line pbs_mom writes on the starter's stdin (a pipe it then closes), bounded in size
+    and time."""
+    if os.isatty(fd):
+        raise JobError("interactive jobs (qsub -I) cannot run in a vibatch VM")
+    end, data = time.monotonic() + timeout_s, b""
+    while b"\n" not in data and len(data) < SCRIPT_LINE_MAX:
+        ready, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
+        if not ready:
+            raise JobError(f"pbs_mom sent no job script on the job starter's stdin within "
+                           f"{timeout_s:g} s")
+        chunk = os.read(fd, SCRIPT_LINE_MAX - len(data))
+        if not chunk:
+            break
+        data += chunk
+    if b"\n" not in data:
+        raise JobError("the job starter's stdin held no complete line naming the job script "
+                       "(is $job_starter set in mom_priv/config, and is this a batch job?)")
+    return data.split(b"\n", 1)[0].decode(errors="surrogateescape")
+
+
+def parse_script_line(line: str) -> tuple[str, list[str]]:
+    """``[exec ]<script> [qsub -F arguments]`` -> (script, arguments). The arguments are split
+    as a POSIX shell splits words (quotes honoured; no variable or glob expansion)."""
+    try:
+        words = shlex.split(line)
+    except ValueError as e:
+        raise JobError(f"cannot split the job's qsub -F arguments ({e}): {line!r}") from None
+    if words[:1] == ["exec"]:
+        words = words[1:]
+    if not words or not os.path.isabs(words[0]):
+        raise JobError(f"the job starter's stdin does not name a job script: {line!r}")
+    return words[0], words[1:]
+
+
+def job_starter(config_path: str) -> int:
+    """As the job user, with the job's environment: run the job script in the job's VM."""
+    try:
+        script, args = parse_script_line(read_script_line(0))
+        return exec_job(config_mod.load(config_path), os.environ.get("PBS_JOBID", ""), args,
+                        script=script, shell=GUEST_SHELL)
+    except Exception as e:  # noqa: BLE001 - report in the job's output, fail the job
+        print(f"vibatch: torque job starter: {e}", file=sys.stderr)
+        return REFUSED_EXIT
+
+
+def node_name(cfg) -> str:
+    return cfg.torque.node_name or socket.gethostname()
+
+
+def after_node_fault(cfg, job_id: str, user: str, message: str, busy: bool,
+                     budget_s: float) -> int:
+    """A node fault of ``job_id`` here: wait, then ask for a requeue; at the
+    ``max_node_faults``-th one take the node out (``pbsnodes -o``) so the requeue goes
+    elsewhere, or, if that cannot be done, fail the job with the reason in its own output.
+    ``busy`` (no free slot: other jobs hold the node) never takes the node out."""
+    tc = cfg.torque
+    count = faults.record(cfg, job_id, message)
+    if busy or count < tc.max_node_faults:
+        wait = faults.backoff_s(count, tc.fault_backoff_s, budget_s)
+        print(f"vibatch: torque prologue: node fault {count} of job {job_id} here"
+              f"{'' if busy else f' (the node is taken out at {tc.max_node_faults})'}; "
+              f"requeue after {wait:.0f} s", file=sys.stderr, flush=True)
+        time.sleep(wait)
+        return REQUEUE
+    node = node_name(cfg)
+    note = f"vibatch: job {job_id} failed {count} times here: {message}"[:200]
+    if tc.pbsnodes:
+        try:
+            proc.run([tc.pbsnodes, "-o", "-N", note, node], timeout=PBSNODES_TIMEOUT_S,
+                     env={"PATH": os.environ["PATH"], "LC_ALL": "C"})
+            faults.offlined(cfg, job_id, note)
+            print(f"vibatch: torque prologue: took node {node} out of service (pbsnodes -o): "
+                  f"{note}", file=sys.stderr, flush=True)
+            return REQUEUE
+        except CommandFailed as e:
+            print(f"vibatch: torque prologue: could not take node {node} out of service: {e}",
+                  file=sys.stderr)
+    record_refusal(cfg, job_id, user, f"node {node} failed to start this job's VM {count} "
+                   f"times: {message}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    started = time.monotonic()
     call = parse_shim_args(sys.argv[1:] if argv is None else argv, PROLOGUE_ALARM_S)
     hook, args, alarm, config_path = call.hook, call.args, call.alarm_s, call.config_path
+    if hook == "job_starter":
+        return job_starter(config_path)
+    if hook not in ("prologue", "epilogue"):
+        print("usage: python -I -m vibatch.batch.torque [--alarm S] [--config PATH] "
+              "prologue|epilogue|job_starter ...", file=sys.stderr)
+        return 2
+    reset_root_hook()
+    if not args:
+        print(f"vibatch: torque {hook}: no job id", file=sys.stderr)
+        return 0 if hook == "epilogue" else REQUEUE
+    job_id, user = args[0], args[1] if len(args) > 1 else ""
+    seen = {}
 
     def cfg():
-        return config_mod.load(config_path)
+        if "cfg" not in seen:
+            seen["cfg"] = config_mod.load(config_path)
+        return seen["cfg"]
 
-    if hook == "job_starter":   # as the job user, with the job's environment
-        job_id = os.environ.get("PBS_JOBID", "")
-        try:
-            return exec_job(cfg(), job_id, args)
-        except Exception as e:  # noqa: BLE001 - report in the job's output, fail the job
-            print(f"vibatch: torque job starter: {e}", file=sys.stderr)
-            return 125
-    clean_env_path()
     def run_prologue() -> None:
         c = cfg()
-        prologue(c, job_from_prologue(c, args))
+        clear_refusal(c, job_id)
+        try:
+            prologue(c, lambda: job_from_prologue(c, args))
+        except NoFreeSlot:
+            seen["busy"] = True
+            raise
+        faults.clear(c, job_id, back_in_service=True)
 
     def run_epilogue() -> None:
-        code = int(args[9]) if len(args) > 9 and args[9].lstrip("-").isdigit() else None
-        epilogue(cfg(), args[0], code)
+        c = cfg()
+        code = int(args[9]) if len(args) > 9 and re.match(r"^-?\d+$", args[9]) else None
+        clear_refusal(c, job_id)
+        if code is None or code >= 0:   # the job ran: its prologue's faults are history
+            faults.clear(c, job_id)
+        epilogue(c, job_id, code)
 
-    if hook == "epilogue" and not args:
-        print("vibatch: torque epilogue: no job id", file=sys.stderr)
-        return 0
-    if hook in ("prologue", "epilogue"):
-        body = run_prologue if hook == "prologue" else run_epilogue
-        return run_hook(SYSTEM, hook, body, EXIT[hook], alarm_s=max(5, alarm - MARGIN_S))
-    print("usage: python -I -m vibatch.batch.torque [--alarm S] prologue|epilogue|job_starter ...",
-          file=sys.stderr)
-    return 2
+    def on_fault(outcome: Outcome, message: str) -> None:
+        if outcome is Outcome.JOB_FAULT:
+            record_refusal(cfg(), job_id, user, message)
+        else:
+            budget = alarm - KILL_EARLY_S - 5 - (time.monotonic() - started)
+            seen["code"] = after_node_fault(cfg(), job_id, user, message,
+                                            seen.get("busy", False), budget)
+
+    if hook == "epilogue":
+        return run_hook(SYSTEM, hook, run_epilogue, EXIT[hook],
+                        alarm_s=max(5, alarm - MARGIN_S))
+    code = run_hook(SYSTEM, hook, run_prologue, EXIT[hook], alarm_s=max(5, alarm - MARGIN_S),
+                    on_fault=on_fault)
+    return seen.get("code", code)
 
 
 if __name__ == "__main__":

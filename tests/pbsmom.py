@@ -1,0 +1,235 @@
+"""A contract harness for Torque's pbs_mom: it calls the shipped hooks exactly as a real pbs_mom
+6.1 (built from source, run as a single node) was seen calling them, and applies pbs_mom's rules
+to their results. See docs/batch/torque.md, "The contract, as observed".
+
+- prologue and epilogue: root, but with the job user's supplementary groups; umask 0077 (the
+  epilogue 0022); cwd ``$PBS_HOME/mom_priv``; the environment of ``$PBS_HOME/pbs_environment``
+  plus ``PBS_*`` variables; stdin /dev/null; stdout/stderr appended to the job's ``.OU``/``.ER``
+  spool files; a new session with SIGPIPE ignored (one session also saw SIGINT blocked and
+  SIGQUIT ignored, as pbs_mom itself had them: the harness applies all three); at
+  ``$prologalarm`` - 10 s the whole session gets SIGKILL (no SIGTERM first). Argv: 8 for the
+  prologue, 11 for the epilogue.
+- ``$job_starter``: the job user (uid, gid, supplementary groups), umask 0077, cwd the home,
+  the job's environment, argv ``[job_starter, <login shell>]``, stdin a pipe carrying
+  ``<$PBS_HOME/mom_priv/jobs/<id>.SC>[ <qsub -F args>]\\n`` (the script is the user's, 0700).
+- the rules: prologue 0 runs the job; 1 aborts it (exit_status -2) and **the spool files are
+  never copied to the user**; anything else, or the kill, is exit_status -14 and the job is
+  **run again at once on the same node** (unless the node went offline meanwhile). The
+  epilogue runs after every prologue, a failed one too (argv 5 session id 0, argv 10 -2 or
+  -14). The job's exit_status is the starter's exit code, or 256 + N after signal N. qdel is
+  SIGTERM to the job's session.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+PBS_ENVIRONMENT = {"PATH": "/bin:/usr/bin", "LANG": "C.UTF-8"}
+PROLOGUE_ABORT = -2     # JOB_EXEC_FAIL2
+PROLOGUE_RETRY = -14    # JOB_EXEC_RETRY_PROLOGUE
+SIG_BASE = 256
+
+
+@dataclass
+class Job:
+    job_id: str
+    user: str
+    nodes: str = "1:ppn=1"            # -l nodes=...
+    walltime: str = "00:10:00"
+    mem: str = ""                     # -l mem=...
+    script: str = "true\n"
+    args: str = ""                    # qsub -F "..."
+    queue: str = "batch"
+    account: str = ""
+    name: str = "job.sh"
+
+    @property
+    def resources(self) -> str:
+        """argv 5 as pbs_mom 6.1 passed it for ``-l nodes=N,walltime=W,mem=M``: the user's
+        list in the user's order, then ``neednodes``."""
+        mem = f",mem={self.mem}" if self.mem else ""
+        return f"nodes={self.nodes},walltime={self.walltime}{mem},neednodes={self.nodes}"
+
+
+@dataclass
+class Result:
+    exit_status: int
+    runs: int                          # how often the prologue ran (1 + hot requeues)
+    out: Optional[str]                 # the user's -o file; None: pbs_mom never copied it
+    err: Optional[str]
+    spool_err: str                     # what the .ER spool file held at the end of the last run
+    prologue_starts: list = field(default_factory=list)   # monotonic times
+
+
+class PbsMom:
+    def __init__(self, home: str, hooks: str, alarm: int = 300,
+                 offline_flag: Optional[str] = None):
+        self.home, self.hooks, self.alarm = home, hooks, alarm
+        self.offline_flag = offline_flag   # the fake pbsnodes creates it on `pbsnodes -o`
+        self.mom_priv = os.path.join(home, "mom_priv")
+        self.spool = os.path.join(home, "spool")
+        for d, mode in ((home, 0o755), (self.mom_priv, 0o751),
+                        (os.path.join(self.mom_priv, "jobs"), 0o751), (self.spool, 0o1777)):
+            os.makedirs(d, exist_ok=True)
+            os.chmod(d, mode)
+
+    # -- how pbs_mom starts its children ------------------------------------------------------
+    @staticmethod
+    def _groups(user: str) -> list[int]:
+        pw = pwd.getpwnam(user)
+        return os.getgrouplist(user, pw.pw_gid)
+
+    def _spawn(self, argv: list[str], env: dict, cwd: str, job: Job, stdin=subprocess.DEVNULL,
+               as_user: bool = False, umask: int = 0o077) -> subprocess.Popen:
+        pw = pwd.getpwnam(job.user)
+        groups = self._groups(job.user)
+
+        def child() -> None:
+            os.setgroups(groups)          # root hooks too keep the user's supplementary groups
+            os.umask(umask)
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+            signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+            if as_user:
+                os.setgid(pw.pw_gid)
+                os.setuid(pw.pw_uid)
+
+        out = open(self._spool_file(job, "OU"), "ab")
+        err = open(self._spool_file(job, "ER"), "ab")
+        try:
+            return subprocess.Popen(argv, env=env, cwd=cwd, stdin=stdin, stdout=out, stderr=err,
+                                    start_new_session=True, preexec_fn=child,
+                                    restore_signals=False)
+        finally:
+            out.close()
+            err.close()
+
+    def _spool_file(self, job: Job, kind: str) -> str:
+        path = os.path.join(self.spool, f"{job.job_id}.{kind}")
+        if not os.path.exists(path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            pw = pwd.getpwnam(job.user)
+            os.fchown(fd, pw.pw_uid, pw.pw_gid)
+            os.close(fd)
+        return path
+
+    def _hook_env(self, job: Job) -> dict:
+        home = pwd.getpwnam(job.user).pw_dir
+        ppn = job.nodes.split("ppn=")[1].split(":")[0] if "ppn=" in job.nodes else "1"
+        return {**PBS_ENVIRONMENT, "PBS_MSHOST": os.uname().nodename,
+                "PBS_NODEFILE": os.path.join(self.home, "aux", job.job_id),
+                "PBS_NODENUM": "0", "PBS_NP": ppn, "PBS_NUM_NODES": "1", "PBS_NUM_PPN": ppn,
+                "PBS_O_WORKDIR": home, "PBS_RESOURCE_NODES": job.nodes}
+
+    def script_path(self, job: Job) -> str:
+        return os.path.join(self.mom_priv, "jobs", f"{job.job_id}.SC")
+
+    def _root_hook(self, hook: str, job: Job, argv: list[str], alarm: int) -> Optional[int]:
+        """The hook's exit code, or None if pbs_mom's alarm killed its session."""
+        p = self._spawn([os.path.join(self.hooks, hook), *argv], self._hook_env(job),
+                        self.mom_priv, job, umask=0o077 if hook == "prologue" else 0o022)
+        try:
+            return p.wait(timeout=alarm - 10 if alarm > 10 else alarm)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            return None
+
+    def prologue(self, job: Job) -> Optional[int]:
+        return self._root_hook("prologue", job, [job.job_id, job.user, job.user, job.name,
+                                                 job.resources, job.queue, job.account,
+                                                 self.script_path(job)], self.alarm)
+
+    def epilogue(self, job: Job, exit_status: int, session: int = 12345) -> Optional[int]:
+        return self._root_hook("epilogue", job, [
+            job.job_id, job.user, job.user, job.name, str(session), job.resources,
+            "cput=00:00:00,vmem=0kb,walltime=00:00:01,mem=0kb,energy_used=0", job.queue,
+            job.account, str(exit_status), self.script_path(job)], self.alarm)
+
+    def start_starter(self, job: Job) -> subprocess.Popen:
+        """The job's process: ``job_starter <login shell>``, the script's path on stdin."""
+        pw = pwd.getpwnam(job.user)
+        env = {"HOME": pw.pw_dir, "LOGNAME": job.user, "USER": job.user, "SHELL": pw.pw_shell,
+               "PATH": "/bin:/usr/bin", "LANG": "C.UTF-8", "PBS_JOBID": job.job_id,
+               "PBS_JOBNAME": job.name, "PBS_QUEUE": job.queue, "PBS_O_WORKDIR": pw.pw_dir,
+               "PBS_O_HOME": pw.pw_dir, "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_TASKNUM": "1",
+               "PBS_NODENUM": "0", "PBS_VNODENUM": "0", "ENVIRONMENT": "BATCH"}
+        p = self._spawn([os.path.join(self.hooks, "job_starter"), pw.pw_shell], env, pw.pw_dir,
+                        job, stdin=subprocess.PIPE, as_user=True)
+        line = self.script_path(job) + (f" {job.args}" if job.args else "") + "\n"
+        p.stdin.write(line.encode())
+        p.stdin.close()
+        return p
+
+    @staticmethod
+    def exit_status(rc: int) -> int:
+        return SIG_BASE - rc if rc < 0 else rc
+
+    # -- one job, start to end, with pbs_mom's rules ------------------------------------------
+    def run(self, job: Job, max_runs: int = 6, during=None, timeout: float = 300) -> Result:
+        """Queue ``job`` on this node until it ends or the node goes offline; ``during(p)`` is
+        called with the running starter (e.g. to qdel it)."""
+        pw = pwd.getpwnam(job.user)
+        script = self.script_path(job)
+        starts: list[float] = []
+        try:
+            while True:
+                self._reset_spool(job)
+                with open(script, "w") as f:
+                    f.write(job.script)
+                os.chown(script, pw.pw_uid, pw.pw_gid)
+                os.chmod(script, 0o700)
+                starts.append(time.monotonic())
+                rc = self.prologue(job)
+                if rc == 0:
+                    break
+                status = PROLOGUE_ABORT if rc == 1 else PROLOGUE_RETRY
+                self.epilogue(job, status, session=0)
+                if rc == 1 or len(starts) >= max_runs or self.offline():
+                    return Result(status, len(starts), None, None, self._read_spool(job, "ER"),
+                                  starts)
+            p = self.start_starter(job)
+            if during is not None:
+                during(p)
+            status = self.exit_status(p.wait(timeout=timeout))
+            self.epilogue(job, status)
+            out, err = self._read_spool(job, "OU"), self._read_spool(job, "ER")
+            return Result(status, len(starts), out, err, err, starts)
+        finally:
+            for path in (script, self._spool_file(job, "OU"), self._spool_file(job, "ER")):
+                if os.path.exists(path):
+                    os.unlink(path)
+
+    def offline(self) -> bool:
+        return self.offline_flag is not None and os.path.exists(self.offline_flag)
+
+    def qdel(self, p: subprocess.Popen) -> None:
+        os.killpg(p.pid, signal.SIGTERM)
+
+    def _reset_spool(self, job: Job) -> None:
+        for kind in ("OU", "ER"):
+            with open(self._spool_file(job, kind), "w"):
+                pass
+
+    def _read_spool(self, job: Job, kind: str) -> str:
+        with open(self._spool_file(job, kind), errors="replace") as f:
+            return f.read()
+
+
+def fake_pbsnodes(path: str, log: str, flag: str, rc: int = 0) -> str:
+    """A pbsnodes that records its argv and, for ``-o``, marks the node offline."""
+    with open(path, "w") as f:
+        f.write(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {log}\n'
+                f'[ "$1" = -o ] && [ {rc} = 0 ] && : > {flag}\nexit {rc}\n')
+    os.chmod(path, 0o755)
+    return path
+
+
+def remove(home: str) -> None:
+    shutil.rmtree(home, ignore_errors=True)
