@@ -10,12 +10,12 @@ each virtiofsd itself and hands libvirt only its socket (``<source socket=...>``
   searchable by the user), then ``fchdir``s into exactly that directory. The I/O folder, which
   vibatch created below root-owned directories, is opened by root and passed as a descriptor;
 - it enters a new user namespace that maps only the job's own uid and gid (what an unprivileged
-  user may do for itself), plus new mount, network, IPC and UTS namespaces;
+  user may do for itself), plus new network, IPC and UTS namespaces;
 - it installs a seccomp filter that refuses setuid/setgid mode bits (chmod, create, mkdir,
   mknod), device nodes, xattr writes, openat2 and io_uring, and any non-x86-64 system call;
-- it bind-mounts its current directory (the one that was checked) onto an empty root-owned
-  directory, in that mount namespace only, and execs virtiofsd with ``sandbox=chroot`` on that
-  path: virtiofsd serves the directory that was checked, whatever happens to its path later.
+- it execs virtiofsd with ``sandbox=chroot`` and ``source=/proc/self/fd/N/.``, N being the
+  descriptor of the directory that was checked: virtiofsd chroots into exactly that directory,
+  whatever happens to its path later.
 
 So a file the guest creates, as any guest uid, is created by a process that is the job's user
 and cannot become anyone else: guest uids other than the job's are refused (EINVAL, since
@@ -58,7 +58,6 @@ class ShareSource:
     tag: str
     socket: str            # the vhost-user socket QEMU connects to
     log: str               # virtiofsd's stderr
-    mount_point: str       # an empty root-owned directory: the share, in virtiofsd's namespace
     path: Optional[str] = None
     fd: Optional[int] = None
 
@@ -67,13 +66,11 @@ class ShareSource:
 def job_shares(workdir: str, io_dir: str, state_dir: str,
                tags: tuple[str, str]) -> list[ShareSource]:
     """The job's two shares: its working directory (checked as the user) and its I/O folder
-    (made by vibatch below root-owned directories, so opened by root). Sockets and mount points
-    live in the job's state directory (root, 0711): QEMU must reach the sockets by path and the
-    launcher, as the job user, its mount point; nobody can list or change that directory."""
+    (made by vibatch below root-owned directories, so opened by root). The sockets live in the
+    job's state directory (root, 0711): QEMU reaches them by path, nobody can list it."""
     def source(tag: str, **kw) -> ShareSource:
         return ShareSource(tag, socket_path(state_dir, tag),
-                           os.path.join(state_dir, f"virtiofsd-{tag}.log"),
-                           os.path.join(state_dir, tag + ".root"), **kw)
+                           os.path.join(state_dir, f"virtiofsd-{tag}.log"), **kw)
     wd_tag, io_tag = tags
     return [source(wd_tag, path=workdir), source(io_tag, fd=open_own_dir(io_dir))]
 
@@ -123,7 +120,6 @@ def start(job_id: str, shares: Sequence[ShareSource], uid: int, gid: int,
     opened: list[object] = []
     try:
         for share in shares:
-            os.mkdir(share.mount_point, 0o755)
             sock = _listen(share.socket, qemu)
             opened.append(sock)
             r_fd, w_fd = os.pipe()
@@ -133,7 +129,7 @@ def start(job_id: str, shares: Sequence[ShareSource], uid: int, gid: int,
             spec = {"uid": uid, "gid": gid, "groups": list(groups), "cpus": list(cpus),
                     "tag": share.tag, "path": share.path, "fd": share.fd,
                     "listen": sock.fileno(), "status": w_fd, "virtiofsd": virtiofsd,
-                    "name": process_name(job_id, share.tag), "mount_point": share.mount_point}
+                    "name": process_name(job_id, share.tag)}
             keep = [sock.fileno(), w_fd] + ([share.fd] if share.fd is not None else [])
             try:
                 p = subprocess.Popen(_child_argv(spec), stdin=subprocess.PIPE,
@@ -231,10 +227,9 @@ def stop(records: Sequence[dict], timeout: float = STOP_TIMEOUT_S) -> None:
 
 
 # --- the launcher (child) ---------------------------------------------------------------------
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUTS, CLONE_NEWIPC = 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 4, 38, 22, 2
-MS_BIND, MS_REC = 4096, 16384
 
 
 class _Refused(Exception):
@@ -325,7 +320,7 @@ def _child(arg: str) -> None:
         else:
             fd = spec["fd"]
             os.fchdir(fd)
-        os.close(fd)
+        os.set_inheritable(fd, True)            # virtiofsd serves the share through it
         # 2. become the job user for good, without supplementary groups (virtiofsd drops them
         #    itself, and could not in a namespace where setgroups is denied)
         os.seteuid(0)
@@ -339,20 +334,17 @@ def _child(arg: str) -> None:
         _check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)   # virtiofsd: one fd per inode
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC
-                            | CLONE_NEWUTS), "unshare")
+        _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS),
+               "unshare")
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
         _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
-        # virtiofsd needs the share by path (it changes directory before its chroot): bind the
-        # checked directory, our cwd, onto a root-owned empty directory, in our mount namespace
-        # only; no one but the job user's own processes can see or change that namespace
-        _check(libc.mount(b".", spec["mount_point"].encode(), None, MS_BIND | MS_REC, None),
-               "bind mount")
         _keep_chroot_capability(libc)
         install_filter(libc)
         argv = [spec["name"], f"--fd={spec['listen']}",
-                "-o", "source=" + spec["mount_point"], "-o", "sandbox=chroot", "-o", "cache=none",
+                # virtiofsd changes directory to / before its chroot, so it gets the share by
+                # path: the descriptor of the checked directory, which it holds (no swap window)
+                "-o", f"source=/proc/self/fd/{fd}/.", "-o", "sandbox=chroot", "-o", "cache=none",
                 "-o", "no_xattr", "-o", "no_posix_acl", "-o", "log_level=err",
                 "-o", "modcaps=" + ":".join("-" + c for c in VIRTIOFSD_CAPS), "--rlimit-nofile=0"]
         os.write(status, b"ok\n")
