@@ -7,4 +7,5 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 "$REPO/etc/setup-node.sh" --no-demo
 cd "$REPO"
-exec "${VIBATCH_PREFIX:-/opt/vibatch}/venv/bin/python" -m pytest -p no:cacheprovider -q -rs tests "$@"
+# no path given: pytest runs testpaths (tests/); with paths, just those
+exec "${VIBATCH_PREFIX:-/opt/vibatch}/venv/bin/python" -m pytest -p no:cacheprovider -q -rs "$@"

@@ -2,6 +2,7 @@
 Epilog and job_submit.lua installed, and jobs submitted with sbatch by an ordinary user. Each job
 boots a real guest; the tests read what Slurm recorded (job state, exit code, node state) and
 what the job printed, and check that nothing is left behind."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,6 +18,13 @@ USER, UID = "vbt-slurm", 23404
 
 @pytest.fixture(scope="module")
 def cluster(vm_env):
+    with slurm_cluster(vm_env) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def slurm_cluster(vm_env):
+    """A running one-node Slurm with vibatch's hooks and a batch user (c.home), stopped after."""
     hooks = os.path.join(vm_env.base, "slurm-hooks")
     offer = os.path.join(vm_env.base, "offer")
     install_shims("slurm", hooks, {

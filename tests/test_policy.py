@@ -82,7 +82,8 @@ def test_blocked_by_name_or_digest(lib):
 
 
 def test_allow_lists_by_group_and_account(lib):
-    c = cfg(allow_groups={"cms": ["el9"]}, allow_accounts={"legacy-proj": ["el7-legacy"]})
+    c = cfg(allow_groups={"cms": ["el9"]}, allow_accounts={"legacy-proj": ["el7-legacy"]},
+            accounts_enforced=True)
     assert resolve(c, lib, "alma9-2026.11", groups=["cms"]).image.name == "alma9-2026.11"
     with pytest.raises(ImageNotAllowed, match=r"not allowed for your groups or account; you may "
                                               r"ask for: el9, alma9-2026.11$"):
@@ -125,3 +126,14 @@ def test_config_rejects_chained_aliases_and_bad_entries():
         cfg(blocked=["sha512:xyz"])
     with pytest.raises(Exception, match="images.allow_groups"):
         cfg(allow_groups={"cms": "el9"})
+
+
+def test_an_account_allow_list_needs_the_admin_to_say_accounts_are_enforced(lib):
+    """The account is the user's choice (sbatch -A, qsub -A): a list keyed by it is refused
+    unless the config says the batch system enforces accounts, and ignored when it is off."""
+    with pytest.raises(config.ConfigError, match="images.allow_accounts: a job's account is the "
+                                                 "user's choice"):
+        cfg(allow_accounts={"legacy-proj": ["el7-legacy"]})
+    c = cfg(allow_groups={"cms": ["el9"]}, accounts_enforced=False)
+    with pytest.raises(ImageNotAllowed):
+        resolve(c, lib, "el7", groups=["cms"], account="legacy-proj")

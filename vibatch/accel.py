@@ -16,21 +16,11 @@ import tempfile
 import time
 from typing import Callable, Optional
 
+from .hygiene import lift_limits  # noqa: F401 - the probe runs under it; adapters import it here
 from .util import atomic_write_json, read_json
 
 PROBE_TIMEOUT_S = 10.0
 PROBE_MIN_AS = 2 << 30   # address space a probe QEMU needs to answer at all
-
-
-def lift_limits() -> None:
-    """The probe runs under whatever the hook inherited (Grid Engine applies the job's h_vmem
-    to the root prolog): no address-space cap it can lift, and never a core file."""
-    try:
-        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    except (ValueError, OSError):
-        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def _probe_can_run() -> bool:
@@ -66,7 +56,7 @@ def choose(setting: str, state_dir: str, emulator: str,
         return accel   # inconclusive (no kernel-boot image, or a memory cap we cannot lift):
                        # probe again next time
     atomic_write_json(cache_path, {"fingerprint": fp, "accel": accel, "reason": reason,
-                                   "probed_at": time.time()}, mode=0o644)
+                                   "probed_at": time.time()})
     return accel
 
 

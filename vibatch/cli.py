@@ -42,8 +42,15 @@ def _add_job_resources(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", help="exact host CPU ids the batch system gave the job, e.g. 2-3")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line naming the argument at fault, exit 2 (not the usage text)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description="Per-job virtual machines for batch systems.",
+    ap = _Parser(prog=PROG, description="Per-job virtual machines for batch systems.",
                                  epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
     ap.add_argument("--config", help=f"config file (default: ${config_mod.ENV_VAR} or "
                     f"{config_mod.DEFAULT_PATH})")
@@ -170,6 +177,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug is the node's fault, in one line
+        from .util import log_error  # noqa: PLC0415
+        log_error(f"vibatch {args.command}", e)
+        print(f"{PROG}: error: unexpected {type(e).__name__}: {e} (node fault; the traceback "
+              "is in the error log)", file=sys.stderr)
+        return 20
 
 
 def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int:

@@ -32,6 +32,7 @@ DEFAULT_ENV_EXCLUDE = [
 class HostConfig:
     reserved_cpus: tuple = ()          # host CPU ids never given to jobs
     reserved_memory_mb: int = 1024     # memory kept for the host
+    reserved_disk_mb: int = 2048       # free space kept on the state filesystem for the host
     cpus: tuple = ()                   # host CPU ids usable at all (empty: all online)
 
 
@@ -42,6 +43,8 @@ class JobLimits:
     default_memory_mb: int = 512
     min_memory_mb: int = 128
     max_memory_mb: int = 0             # 0: as much as the node can give
+    max_disk_gb: int = 0               # largest disk an image may give a job (0: no limit)
+    io_max_mb: int = 256               # size of a job's I/O folder (a tmpfs: host memory)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class ImagesConfig:
     queue_defaults: dict = field(default_factory=dict)   # queue/partition -> image or alias
     allow_groups: dict = field(default_factory=dict)     # unix group -> images/aliases it may use
     allow_accounts: dict = field(default_factory=dict)   # account -> images/aliases it may use
+    # the user chooses the account (sbatch -A, qsub -A): allow_accounts is honoured only when the
+    # admin states that the batch system lets users charge only accounts they belong to
+    accounts_enforced: bool = False
     blocked: tuple = ()                # image names or sha512:<hex> digests no job may use
     max_virtual_size_gb: int = 100     # largest virtual disk size accepted into the library
     verify_interval_h: float = 168.0   # `image verify --due` rehashes versions older than this
@@ -101,6 +107,7 @@ class Config:
     run_dir: str = "/run/vibatch"
     library_dir: str = "/var/lib/vibatch/images"
     accounting_file: str = "/var/log/vibatch/accounting.jsonl"
+    accounting_group: str = ""         # the admins' group that may read it ("": root only)
     lock_timeout_s: float = 30.0
     host: HostConfig = field(default_factory=HostConfig)
     jobs: JobLimits = field(default_factory=JobLimits)
@@ -120,12 +127,17 @@ _CHECKS: dict[str, tuple] = {
     "libvirt_uri": (str, lambda v: "://" in v, "must be a libvirt URI such as qemu:///system"),
     "state_dir": (str,) + _ABS, "run_dir": (str,) + _ABS, "library_dir": (str,) + _ABS,
     "accounting_file": (str,) + _ABS,
+    "accounting_group": (str, lambda v: v == "" or valid_name(v),
+                         "must name a unix group (or be empty: root only)"),
     "lock_timeout_s": (float,) + _POSITIVE,
     "host.reserved_cpus": (list, lambda v: all(isinstance(c, int) and c >= 0 for c in v),
                            "must be a list of CPU ids (integers >= 0)"),
     "host.cpus": (list, lambda v: all(isinstance(c, int) and c >= 0 for c in v),
                   "must be a list of CPU ids (integers >= 0)"),
     "host.reserved_memory_mb": (int,) + _NONNEG,
+    "host.reserved_disk_mb": (int,) + _NONNEG,
+    "jobs.max_disk_gb": (int,) + _NONNEG,
+    "jobs.io_max_mb": (int, lambda v: 1 <= v <= 65536, "must be between 1 and 65536"),
     "jobs.default_cores": (int,) + _POSITIVE, "jobs.max_cores": (int,) + _NONNEG,
     "jobs.default_memory_mb": (int, lambda v: v >= 64, "must be at least 64"),
     "jobs.min_memory_mb": (int, lambda v: v >= 64, "must be at least 64"),
@@ -174,6 +186,7 @@ _CHECKS.update({
                               "must map account names to lists of images or aliases"),
     "images.blocked": (list, lambda v: all(_refs(x) or _digest(x) for x in v),
                        "must list image names or sha512:<128 hex digits> digests"),
+    "images.accounts_enforced": (bool, lambda v: True, ""),
     "images.max_virtual_size_gb": (int,) + _POSITIVE,
     "images.verify_interval_h": (float,) + _NONNEG,
     "images.trusted_keys": (list, lambda v: all(map(_key, v)),
@@ -204,7 +217,7 @@ def _check(source: str, key: str, value: Any) -> Any:
     typ, ok, reason = _CHECKS[key]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, typ):
+    if (isinstance(value, bool) and typ is not bool) or not isinstance(value, typ):
         raise ConfigError(f"{source}: {key}: expected {typ.__name__}, got {type(value).__name__} "
                           f"({value!r})")
     if not ok(value):
@@ -258,6 +271,11 @@ def _cross_check(cfg: Config) -> None:
         if target in cfg.images.aliases:
             raise ConfigError(f"{cfg.source}: images.aliases: {alias!r} points at another alias "
                               f"{target!r}; aliases name images directly")
+    if cfg.images.allow_accounts and not cfg.images.accounts_enforced:
+        raise ConfigError(f"{cfg.source}: images.allow_accounts: a job's account is the user's "
+                          "choice (sbatch -A, qsub -A, AccountingGroup); set "
+                          "images.accounts_enforced: true only if the batch system refuses "
+                          "accounts the user does not belong to (see docs/security.md)")
     if cfg.host.cpus and set(cfg.host.reserved_cpus) >= set(cfg.host.cpus):
         raise ConfigError(f"{cfg.source}: host.reserved_cpus: reserves every CPU in host.cpus")
 

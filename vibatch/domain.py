@@ -105,7 +105,9 @@ def build(spec: DomainSpec) -> ET.Element:
     dev = _sub(dom, "devices")
     _sub(dev, "emulator", spec.emulator)
     disk = _sub(dev, "disk", type="file", device="disk")
-    _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
+    # a full host filesystem gives the guest I/O errors (the job fails), never a paused VM
+    _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap",
+         error_policy="report")
     _sub(disk, "source", file=spec.disk_overlay)
     backing = _sub(disk, "backingStore", type="file")
     _sub(backing, "format", type=spec.disk_base_format)
@@ -122,8 +124,10 @@ def build(spec: DomainSpec) -> ET.Element:
     if spec.network == "user":
         iface = _sub(dev, "interface", type="user")
         _sub(iface, "model", type="virtio")
-    serial = _sub(dev, "serial", type="file")
-    _sub(serial, "source", path=spec.console_log)
+    # the console goes through virtlogd, which rotates it (virtlogd.conf max_size, max_backups):
+    # a guest printing without end fills at most that much of the state filesystem
+    serial = _sub(dev, "serial", type="pty")
+    _sub(serial, "log", file=spec.console_log, append="off")
     _sub(serial, "target", port="0")
     root_agent = _sub(dev, "channel", type="unix")
     _sub(root_agent, "target", type="virtio", name=GUEST_AGENT_PORT)

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Iterator, Optional, Sequence
 
+from . import safeio
 from .agent import AgentError, SocketAgent
 from .config import Config
 from .errors import ExecError
@@ -26,7 +27,8 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signa
 JOB_ID_VARS = ("VIBATCH_JOB_ID", "SLURM_JOB_ID", "JOB_ID", "PBS_JOBID", "CONDOR_JOB_ID")
 LOCK_TIMEOUT_S = 30.0
 AGENT_TIMEOUT_S = 30.0
-FAST_PHASE_S = 1.0   # keep one agent connection this long: short commands finish in it
+FAST_PHASE_S = 1.0
+DROP_EVERY = 1 << 20   # give back the space of copied output each MiB   # keep one agent connection this long: short commands finish in it
 
 # In the guest, as the job user. Outer: become a session (and process-group) leader when setsid
 # exists, so a forwarded signal reaches the whole job; setsid does not fork here because the
@@ -77,6 +79,7 @@ class _Stream:
         if os.getuid() == 0:  # root running a job (vibatch run): the job user must write it
             os.fchown(fd, *owner)
         self.f = os.fdopen(fd, "rb", buffering=0)
+        self.pos = self.dropped = 0
 
     def pump(self) -> int:
         n = 0
@@ -85,12 +88,22 @@ class _Stream:
             n += len(chunk)
         if n:
             self.sink.flush()
+            self.pos += n
+            if self.pos - self.dropped >= DROP_EVERY and safeio.drop_read(self.f.fileno(), self.pos):
+                self.dropped = self.pos   # the I/O folder is capped: keep only the backlog
         return n
 
     def close(self) -> None:
         self.f.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def _full(path: str) -> bool:
+    try:
+        return os.statvfs(path).f_bavail == 0
+    except OSError:
+        return False
 
 
 class Exec:
@@ -159,6 +172,9 @@ class Exec:
             out.pump(), err.pump()
             out.close(), err.close()
         self._record(status)
+        if status != 0 and _full(io_host):   # the job's own stderr could not say so
+            print(f"vibatch exec: the job's I/O folder ({io_guest} in the guest) is full: "
+                  "output written there was cut short", file=sys.stderr)
         return status
 
     def run_script(self, text: bytes, args: Sequence[str], stdout=None, stderr=None,

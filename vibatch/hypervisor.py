@@ -63,6 +63,16 @@ def destroy(dom: libvirt.virDomain) -> bool:
         raise HypervisorError(f"could not destroy {dom.name()}: {e.get_error_message()}") from None
 
 
+def is_active(dom: libvirt.virDomain) -> bool:
+    """The domain still runs; False once it is gone (QEMU died, destroyed)."""
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError as e:
+        if e.get_error_code() in _GONE:
+            return False
+        raise HypervisorError(f"libvirt: {e.get_error_message()}") from None
+
+
 def cpu_time_s(dom: libvirt.virDomain) -> Optional[float]:
     try:
         return dom.getCPUStats(True)[0]["cpu_time"] / 1e9

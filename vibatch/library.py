@@ -29,13 +29,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
-import filelock
 
 from . import qemuimg
 from .errors import (ImageInUse, ImageIntegrityError, ImageRejected, LibraryError,
                      LockTimeout, UnknownImage)
 from .names import valid_name
-from .util import atomic_write_json, hold, read_json
+from .util import atomic_write_json, hold, read_json, root_lock
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2
@@ -112,10 +111,9 @@ class Library:
         self.staging = os.path.join(library_dir, STAGING)
         self.cache_path = os.path.join(state_dir, "verified.json")
         self.quarantine_path = os.path.join(state_dir, "quarantine.json")
-        self.cache_lock = filelock.FileLock(os.path.join(state_dir, "verified.lock"),
-                                            timeout=lock_timeout)
+        self.cache_lock = root_lock(os.path.join(state_dir, "verified.lock"), lock_timeout)
         # changes to names and versions (add, sync, remove, gc) take this one
-        self.lock = filelock.FileLock(os.path.join(state_dir, "library.lock"), timeout=lock_timeout)
+        self.lock = root_lock(os.path.join(state_dir, "library.lock"), lock_timeout)
 
     # -- lookup ------------------------------------------------------------------------------
     def names(self) -> list[str]:

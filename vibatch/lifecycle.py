@@ -6,21 +6,22 @@ there is nothing to clean.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import signal
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
-import filelock
-import psutil
-
-from . import accel, accounting, hypervisor, qemuimg
+from . import accel, accounting, disk, faultpoints, hypervisor, jobstore, qemuimg
 from .agent import AgentError, LibvirtAgent, SocketAgent
 from .config import Config
 from .domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
-from .errors import (BootFailed, ConfigError, JobAlreadyRunning, LockTimeout, NodeError,
-                     ResourceRequestError, VibatchError)
+from .errors import (BootFailed, ConfigError, HypervisorError, JobAlreadyRunning, LockTimeout,
+                     NodeError, ResourceRequestError, VibatchError)
 from .guestsetup import GUEST_IO_DIR, SetupArgs
 from .jobdir import DOMAIN_PREFIX, JobPaths, console_tail
 from .library import IN_USE_UNKNOWN, Image, Library
@@ -28,28 +29,37 @@ from .node import capacity
 from .policy import Resolution, resolve, user_groups
 from .request import JobRequest
 from .slots import Slot, SlotAllocator
-from .util import Deadline, PhaseTimer, atomic_write_json, hold, read_json
+from .util import (Deadline, PhaseTimer, atomic_write_json, give_to, hold, log_error,
+                   private_dir, read_json, root_lock)
 
 
 @dataclass
 class Node:
-    """Everything a hook needs on this node, built from one Config."""
+    """Everything a hook needs on this node, built from one Config: the composition root.
+
+    Its ports are passed in, never imported by the steps: ``connect`` (uri -> a libvirt-python
+    style connection), ``root_agent`` (domain -> the guest's root agent) and ``user_agent``
+    (socket path -> the job user's agent). The defaults are the real ones; tests/fakes.py has
+    fakes that let the whole lifecycle run without root's libvirtd or a guest."""
 
     cfg: Config
     _conn: Any = field(default=None, repr=False)
+    connect: Callable[[str], Any] = field(default=hypervisor.connect, repr=False)
+    root_agent: Callable[[Any], Any] = field(default=LibvirtAgent, repr=False)
+    user_agent: Callable[[str], Any] = field(default=SocketAgent, repr=False)
 
     def __post_init__(self) -> None:
         for d in (self.cfg.state_dir, self.cfg.run_dir):
-            os.makedirs(d, mode=0o755, exist_ok=True)
+            private_dir(d)   # 0711: users reach their own job's files, list nothing
         self.slots = SlotAllocator(self.cfg.state_dir, capacity(self.cfg), self.cfg.lock_timeout_s)
         self.library = Library(self.cfg.library_dir, self.cfg.state_dir, self.cfg.lock_timeout_s)
-        self.jobs_lock = filelock.FileLock(os.path.join(self.cfg.run_dir, "jobs.lock"),
-                                           timeout=self.cfg.lock_timeout_s)
+        self.jobs_lock = root_lock(os.path.join(self.cfg.run_dir, "jobs.lock"),
+                                   self.cfg.lock_timeout_s)
 
     @property
     def conn(self) -> Any:
         if self._conn is None:
-            self._conn = hypervisor.connect(self.cfg.libvirt_uri)
+            self._conn = self.connect(self.cfg.libvirt_uri)
         return self._conn
 
     def close(self) -> None:
@@ -78,7 +88,11 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
     The image is resolved through the site's policy unless the caller passes one (``vibatch
     image test``, which an admin runs on images before endorsing them). ``holder`` is the pid
     of a process whose life bounds the job's (HTCondor's condor_starter): once it is gone, the
-    job is over whatever its VM does, and ``reap`` ends it."""
+    job is over whatever its VM does, and ``reap`` ends it.
+
+    Each step is preceded by its phase in the job's record (jobstore). Whatever stops the
+    prologue (an error, SIGTERM, the hook's alarm) undoes what it made and accounts for it once;
+    a SIGKILL leaves the record to the next epilogue, reap or prologue for the same job."""
     cfg = node.cfg
     check_limits(cfg, req.cores, req.memory_mb)
     paths = JobPaths.of(cfg, req.job_id)
@@ -87,35 +101,55 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
     with timer.phase("claim"):
         if image is None:
             image = resolve_image(node, req).image
-        _reserve_job_dir(node, paths)
-        try:
-            slot, _ = node.slots.claim(req.job_id, req.cores, req.memory_mb, req.cpus)
-        except BaseException:
-            paths.remove()
-            raise
-    state: dict[str, Any] = {
-        "job_id": req.job_id, "phase": "preparing", "pid": os.getpid(),
-        "pid_start": psutil.Process().create_time(), "started_at": started,
-        "user": req.user.name, "uid": req.user.uid, "gid": req.user.gid,
-        "image": image.name, "image_digest": image.digest, "image_dir": image.dir,
-        "requested_image": req.image, "queue": req.queue, "account": req.account,
-        "cpus": list(slot.cpus),
-        "memory_mb": slot.memory_mb, "workdir": req.workdir, "walltime_s": req.walltime_s,
-        "domain": paths.domain,
-    }
-    try:
+        state: dict[str, Any] = {
+            "version": 2, "job_id": req.job_id, "phase": jobstore.RESERVED, **jobstore.me(),
+            "started_at": started,
+            "user": req.user.name, "uid": req.user.uid, "gid": req.user.gid,
+            "image": image.name, "image_digest": image.digest, "image_dir": image.dir,
+            "requested_image": req.image, "queue": req.queue, "account": req.account,
+            "workdir": req.workdir, "walltime_s": req.walltime_s, "domain": paths.domain,
+        }
         if holder is not None:
             state.update(holder_pid=holder, holder_start=_start_time(holder))
-        atomic_write_json(paths.state_file, state)
-        _bring_up(node, req, paths, image, slot, timer, state)
+        _reserve(node, paths, state)
+    try:
+        with _stoppable():
+            faultpoints.point("reserved")
+            with timer.phase("claim"):
+                jobstore.set_phase(paths, state, jobstore.SLOT)
+                disk.admit(cfg, paths, image)
+                slot, _ = node.slots.claim(req.job_id, req.cores, req.memory_mb, req.cpus)
+                state.update(cpus=list(slot.cpus), memory_mb=slot.memory_mb)
+            _bring_up(node, req, paths, image, slot, timer, state)
+            # ready: nobody owns it now; it is the batch system's job until its epilogue
+            jobstore.set_phase(paths, state, jobstore.READY, phases=timer.phases,
+                               ready_at=time.time(), owner_pid=None, owner_start=None)
     except BaseException as exc:
         if isinstance(exc, VibatchError) and not exc.detail:  # read it before it is removed
             exc.detail = console_tail(paths.console, cfg.vm.console_tail_lines)
-        _undo(node, paths)
+        _undo(node, paths, state, exc)
         raise
-    state.update(phase="running", phases=timer.phases, ready_at=time.time())
-    atomic_write_json(paths.state_file, state)
     return state
+
+
+class Stopped(NodeError):
+    """The prologue was asked to stop (SIGTERM): by the batch system, or by an epilogue."""
+
+
+@contextlib.contextmanager
+def _stoppable() -> Iterator[None]:
+    """SIGTERM ends the prologue through its undo, not halfway (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(_signum, _frame):
+        raise Stopped("the prologue was stopped (SIGTERM) before the VM was ready")
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_image(node: Node, req: JobRequest) -> Resolution:
@@ -125,14 +159,7 @@ def resolve_image(node: Node, req: JobRequest) -> Resolution:
 
 def images_in_use(cfg: Config) -> dict[str, list[str]]:
     """Library versions (real directories) used by jobs on this node -> their job ids."""
-    used: dict[str, list[str]] = {}
-    for job_id in _job_ids(cfg):
-        state = read_json(JobPaths.of(cfg, job_id).state_file)
-        if state is None:   # a prologue between resolving its image and recording it
-            used.setdefault(IN_USE_UNKNOWN, []).append(job_id)
-        elif state.get("image_dir"):
-            used.setdefault(state["image_dir"], []).append(job_id)
-    return used
+    return jobstore.images_in_use(cfg, IN_USE_UNKNOWN)
 
 
 def library_gc(node: Node) -> list[str]:
@@ -144,77 +171,90 @@ def library_gc(node: Node) -> list[str]:
         return []
 
 
-def _reserve_job_dir(node: Node, paths: JobPaths) -> None:
-    """Create the job's directories, or refuse: a job never gets two VMs."""
+def _reserve(node: Node, paths: JobPaths, state: dict) -> None:
+    """Create the job's directories and its record, or refuse: one job id, one owner. Both
+    happen under the jobs lock, so a directory seen without a record under that lock is the
+    leftover of a process that died there."""
     with hold(node.jobs_lock):
         if paths.exists():
-            old = read_json(paths.state_file) or {}
-            if _owner_alive(old) or (_holder_alive(old) if "holder_pid" in old else
-                                     hypervisor.lookup(node.conn, paths.domain) is not None):
+            old = jobstore.read(paths)
+            if old is not None and (jobstore.owner_alive(old) or _still_running(node, paths, old)):
                 raise JobAlreadyRunning(f"job {paths.job_id} already has a VM on this node "
-                                        f"({old.get('phase', 'starting')}); not starting another")
-            _undo(node, paths)  # leftovers of a crashed prologue: clean, then start afresh
-        paths.create()
+                                        f"({_describe(old)}); not starting another")
+            # leftovers of a crashed run of this job: account and clean them, then start afresh
+            _end_unowned(node, paths, old, "prologue")
+        _clear_orphan(node, paths.job_id)
+        try:
+            paths.create()
+        except OSError as e:
+            paths.remove_quietly()
+            raise NodeError(f"cannot create the job's directories ({e.filename}: "
+                            f"{e.strerror})") from None
+        try:
+            jobstore.write(paths, state)
+        except NodeError:
+            paths.remove_quietly()
+            raise
 
 
-def _owner_alive(state: dict) -> bool:
-    if state.get("phase") != "preparing":
+def _still_running(node: Node, paths: JobPaths, state: dict) -> bool:
+    """A finished prologue's job that is still on: its holder runs, or (without one) its VM."""
+    if state.get("phase") != jobstore.READY:
         return False
-    return _same_process(state.get("pid"), state.get("pid_start"))
+    if "holder_pid" in state:
+        return jobstore.holder_alive(state)
+    return hypervisor.lookup(node.conn, paths.domain) is not None
 
 
-def _holder_alive(state: dict) -> bool:
-    """The job's holder process (if it has one) still runs: same pid, same start time."""
-    return _same_process(state.get("holder_pid"), state.get("holder_start"))
-
-
-def _same_process(pid: Any, start: Any) -> bool:
-    if not isinstance(pid, int) or not isinstance(start, (int, float)):
-        return False
-    try:
-        return abs(psutil.Process(pid).create_time() - start) < 1
-    except psutil.Error:
-        return False
+def _describe(state: dict) -> str:
+    phase = state.get("phase", "?")
+    if jobstore.owner_alive(state):
+        doing = "being prepared" if phase in jobstore.PREPARING else "being ended"
+        return f"{doing} by pid {state.get('owner_pid')}"
+    return "its VM is running" if phase == jobstore.READY else f"phase {phase}"
 
 
 def _start_time(pid: int) -> float:
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        return jobstore.process_start(pid)
+    except NodeError:
         raise NodeError(f"the job's holder process {pid} has already ended") from None
 
 
 def jobs_held_by(cfg: Config, pid: int) -> list[str]:
     """The jobs on this node whose holder is the running process ``pid``."""
-    out = []
-    for job_id in _job_ids(cfg):
-        st = read_json(JobPaths.of(cfg, job_id).state_file) or {}
-        if st.get("holder_pid") == pid and _holder_alive(st):
-            out.append(job_id)
-    return out
+    return jobstore.jobs_held_by(cfg, pid)
 
 
 def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: Slot,
               timer: PhaseTimer, state: dict) -> None:
     cfg = node.cfg
+    faultpoints.point("slot")
     with timer.phase("image_check"):
         state["image_hashed"] = node.library.ensure_verified(image)
     with timer.phase("clone"):
+        jobstore.set_phase(paths, state, jobstore.OVERLAY)
         qemuimg.create_overlay(image.disk.path, image.disk_format, paths.overlay)
         os.chown(paths.overlay, *qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
         os.chmod(paths.overlay, 0o600)
+    faultpoints.point("overlay")
     with timer.phase("domain_start"):
         kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
                             lambda: _probe_files(node, image))
         spec = domain_spec(cfg, req, paths, image, slot, kind)
+        jobstore.set_phase(paths, state, jobstore.DOMAIN, accel=kind)
         dom = hypervisor.start_capped(node.conn, render(spec),
                                       slot.memory_mb + cfg.vm.memory_overhead_mb)
-        state.update(accel=kind, uuid=dom.UUIDString())
+        faultpoints.point("domain")
+        jobstore.set_phase(paths, state, jobstore.DOMAIN, uuid=dom.UUIDString())
     with timer.phase("boot"):
-        root_agent = LibvirtAgent(dom)
+        root_agent = node.root_agent(dom)
         _wait_for_agent(root_agent, Deadline(cfg.vm.boot_timeout_s), cfg.vm.boot_timeout_s)
+    faultpoints.point("booted")
     with timer.phase("guest_setup"):
-        _setup_guest(root_agent, req, paths, Deadline(cfg.vm.setup_timeout_s))
+        _setup_guest(root_agent, node.user_agent(paths.socket), req, paths,
+                     Deadline(cfg.vm.setup_timeout_s))
+    faultpoints.point("set_up")
 
 
 def _probe_files(node: Node, image: Image) -> tuple[Optional[str], Optional[str]]:
@@ -248,17 +288,18 @@ def domain_spec(cfg: Config, req: JobRequest, paths: JobPaths, image: Image, slo
         tcg_tb_cache_mb=cfg.vm.tcg_tb_cache_mb, network=cfg.vm.network,
         metadata=(("job_id", req.job_id), ("user", req.user.name), ("uid", str(req.user.uid)),
                   ("gid", str(req.user.gid)), ("image", image.name), ("image_digest", image.digest),
-                  ("cpus", ",".join(map(str, slot.cpus))), ("memory_mb", str(slot.memory_mb))))
+                  ("cpus", ",".join(map(str, slot.cpus))), ("memory_mb", str(slot.memory_mb)),
+                  ("state_dir", cfg.state_dir)))
 
 
-def _wait_for_agent(agent: LibvirtAgent, deadline: Deadline, timeout: float) -> None:
+def _wait_for_agent(agent: Any, deadline: Deadline, timeout: float) -> None:
     while True:
         try:
             agent.ping(timeout=1.0)
             return
         except AgentError:
             pass
-        if not agent.domain.isActive():
+        if not hypervisor.is_active(agent.domain):
             raise BootFailed("the VM stopped while booting (see the console below)")
         if deadline.expired():
             raise BootFailed(f"the guest agent did not answer within {timeout:g} s of boot "
@@ -266,7 +307,7 @@ def _wait_for_agent(agent: LibvirtAgent, deadline: Deadline, timeout: float) -> 
         time.sleep(min(0.1, deadline.remaining()))
 
 
-def _setup_guest(root_agent: LibvirtAgent, req: JobRequest, paths: JobPaths,
+def _setup_guest(root_agent: Any, user_agent: Any, req: JobRequest, paths: JobPaths,
                  deadline: Deadline) -> None:
     u = req.user
     setup = SetupArgs(u.name, u.uid, u.gid, u.home, req.workdir)
@@ -280,19 +321,18 @@ def _setup_guest(root_agent: LibvirtAgent, req: JobRequest, paths: JobPaths,
                          detail=res.err.decode(errors="replace"))
     # The job user owns the io folder (it is shared in) and, once proven, the agent endpoint.
     os.chown(paths.io, u.uid, u.gid)
-    user_agent = SocketAgent(paths.socket)
     ids = _wait_for_user_agent(user_agent, deadline)
     if ids != (u.uid, u.gid):
         raise BootFailed(f"the guest's user agent runs as uid/gid {ids}, expected "
                          f"{u.uid}/{u.gid}; refusing to hand it to the job")
-    os.chown(paths.socket, u.uid, u.gid)
-    os.chmod(paths.socket, 0o600)
+    give_to(paths.socket, u.uid, u.gid, 0o600)
+    os.chmod(paths.run, 0o711)   # only now can anyone but root reach the socket at all
     atomic_write_json(paths.info, {"job_id": req.job_id, "uid": u.uid, "gid": u.gid,
                                    "user": u.name, "home": u.home, "workdir": req.workdir,
                                    "io_host": paths.io, "io_guest": GUEST_IO_DIR}, mode=0o644)
 
 
-def _wait_for_user_agent(agent: SocketAgent, deadline: Deadline) -> tuple[int, int]:
+def _wait_for_user_agent(agent: Any, deadline: Deadline) -> tuple[int, int]:
     while True:
         try:
             with agent.session(max(1.0, deadline.remaining())):
@@ -305,81 +345,242 @@ def _wait_for_user_agent(agent: SocketAgent, deadline: Deadline) -> tuple[int, i
             time.sleep(min(0.05, deadline.remaining()))
 
 
-def _undo(node: Node, paths: JobPaths) -> None:
-    """Remove everything of this job: VM, directories, slot. Safe to repeat."""
-    dom = hypervisor.lookup(node.conn, paths.domain)
-    if dom is not None:
-        hypervisor.destroy(dom)
+def _undo(node: Node, paths: JobPaths, state: dict, exc: BaseException) -> None:
+    """Tear down what this prologue made, whatever failed, and never raise: the caller reports
+    the original error. SIGTERM and the alarm wait until it is done. If libvirt is gone, the
+    directories and the slot are still released and the domain is left marked for ``reap``."""
+    blocked = {signal.SIGTERM, signal.SIGALRM}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        _finish(node, paths, state, ended_by="prologue", best_effort=True)
+    except BaseException as e:  # noqa: BLE001 - the original error is the one to report
+        log_error(f"undo of job {paths.job_id} after {type(exc).__name__}: {exc}", e)
+        paths.remove_quietly()
+        with contextlib.suppress(Exception):
+            node.slots.release(paths.job_id)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _take_over(paths: JobPaths, state: dict, ended_by: str,
+               exit_code: Optional[int] = None) -> None:
+    """Make this process the record's owner and move it to ``ending`` (under the jobs lock,
+    unless this process already owns it). The job's exit code, if the caller knows it, is kept
+    for whoever finishes the record."""
+    fields = {**jobstore.me(), "ended_by": state.get("ended_by") or ended_by}
+    if exit_code is not None:
+        fields["exit_code"] = exit_code
+    if jobstore.before(state.get("phase"), jobstore.ENDING):
+        fields["ended_from"] = state.get("phase")
+        jobstore.set_phase(paths, state, jobstore.ENDING, **fields)
+    else:
+        jobstore.set_phase(paths, state, state["phase"], **fields)
+
+
+def _end_unowned(node: Node, paths: JobPaths, state: Optional[dict], ended_by: str,
+                 exit_code: Optional[int] = None) -> Optional[dict]:
+    """End a job nobody alive owns (held: the jobs lock). Returns its accounting record."""
+    if state is None:   # directories without a record: nothing was claimed for them yet
+        _end_vm(node, paths, {}, tolerate=False)
+        _remove(node, paths)
+        return None
+    _take_over(paths, state, ended_by, exit_code)
+    return _finish(node, paths, state, ended_by=ended_by, exit_code=exit_code)
+
+
+def _finish(node: Node, paths: JobPaths, state: dict, *, ended_by: str,
+            exit_code: Optional[int] = None, best_effort: bool = False) -> Optional[dict]:
+    """Tear the job down from whatever phase its record is in: VM, accounting (exactly once,
+    before anything it describes is removed), directories, slot. Safe to repeat after a kill
+    at any point. ``best_effort`` (a prologue's undo) goes on when the record cannot be written
+    or libvirt is unreachable."""
+    t0 = time.perf_counter()
+    if jobstore.before(state.get("phase"), jobstore.ENDING) or \
+            state.get("owner_pid") != os.getpid():
+        try:
+            _take_over(paths, state, ended_by)
+        except NodeError:
+            if not best_effort:
+                raise
+    faultpoints.point("ending")
+    record = None
+    if state.get("phase") != jobstore.ACCOUNTED:
+        if "vm_end" not in state:   # a rerun after a kill knows what the first run found
+            vm_end, cpu_time = _end_vm(node, paths, state, tolerate=best_effort)
+            try:
+                jobstore.set_phase(paths, state, jobstore.ENDING, vm_end=vm_end,
+                                   vm_cpu_time_s=cpu_time)
+            except NodeError:
+                if not best_effort:
+                    raise
+        vm_end, cpu_time = state.get("vm_end", "unknown"), state.get("vm_cpu_time_s")
+        faultpoints.point("vm_ended")
+        slot = node.slots.get(paths.job_id)
+        if slot is not None or not jobstore.before(state.get("ended_from", ""), jobstore.OVERLAY):
+            if exit_code is None:
+                exit_code = state.get("exit_code")
+            if exit_code is None:
+                exit_code = jobstore.last_exit(paths)
+            record = _record(state, slot, vm_end, cpu_time, exit_code, time.perf_counter() - t0)
+            _account_once(node.cfg, paths, record, best_effort)
+        faultpoints.point("accounted")
+        try:
+            jobstore.set_phase(paths, state, jobstore.ACCOUNTED)
+        except NodeError:
+            if not best_effort:
+                raise
+    _remove(node, paths)
+    library_gc(node)
+    return record
+
+
+def _end_vm(node: Node, paths: JobPaths, state: dict, tolerate: bool
+            ) -> tuple[str, Optional[float]]:
+    """Destroy the job's VM if it has one. Returns (what happened to it, its CPU seconds)."""
+    try:
+        dom = hypervisor.lookup(node.conn, paths.domain)
+        if dom is not None:
+            xml = hypervisor.xml_desc(dom)
+            if xml and not _ours(node.cfg, read_metadata(xml), paths.job_id):
+                raise NodeError(f"domain {paths.domain} exists but was not started by this "
+                                f"vibatch for job {paths.job_id}; leaving it alone")
+            cpu_time = hypervisor.cpu_time_s(dom)
+            if hypervisor.destroy(dom):
+                return "destroyed", cpu_time
+    except HypervisorError as e:
+        if not tolerate:
+            raise
+        _mark_orphan(node, paths, state, e)
+        return "unknown", None
+    # gone before we came: it died (QEMU killed, OOM at the cap, node rebooted) or never was
+    return ("gone" if state.get("uuid") else "never_started"), None
+
+
+def _ours(cfg: Config, meta: dict, job_id: str) -> bool:
+    return meta.get("job_id") == job_id and meta.get("state_dir", cfg.state_dir) == cfg.state_dir
+
+
+def _record(state: dict, slot: Optional[Slot], vm_end: str, cpu_time: Optional[float],
+            exit_code: Optional[int], teardown_s: float) -> dict:
+    phases = dict(state.get("phases") or {})
+    phases["epilogue"] = round(teardown_s, 4)
+    cpus = state.get("cpus") or (list(slot.cpus) if slot else None)
+    return {
+        "record_id": uuid.uuid4().hex, "job_id": state.get("job_id"),
+        "user": state.get("user"), "uid": state.get("uid"),
+        "image": state.get("image"), "image_digest": state.get("image_digest"),
+        "cpus": cpus, "cores": len(cpus or []),
+        "memory_mb": state.get("memory_mb") or (slot.memory_mb if slot else None),
+        "accel": state.get("accel"), "phases": phases, "exit_code": exit_code,
+        "vm_cpu_time_s": round(cpu_time, 3) if cpu_time is not None else None,
+        "vm_end": vm_end, "started_at": state.get("started_at"), "ended_at": time.time(),
+        "prologue_completed": state.get("ended_from") == jobstore.READY,
+        "ended_by": state.get("ended_by"),
+    }
+
+
+def _account_once(cfg: Config, paths: JobPaths, record: dict, best_effort: bool) -> None:
+    """Append the job's accounting line exactly once, across kills and reruns: the line is
+    first kept in the job's directory, and a rerun appends it only if the file lacks it."""
+    kept = os.path.join(paths.state, jobstore.RECORD_FILE)
+    try:
+        previous = read_json(kept)
+    except ValueError:
+        previous = None
+    if isinstance(previous, dict) and previous.get("record_id"):
+        record.clear()
+        record.update(previous)
+        if accounting.contains(cfg.accounting_file, record["record_id"]):
+            return
+    else:
+        try:
+            atomic_write_json(kept, record)
+        except OSError:
+            if not best_effort:
+                raise NodeError(f"cannot write {kept}") from None
+    faultpoints.point("record_kept")
+    accounting.append(cfg.accounting_file, record, cfg.accounting_group)
+
+
+def _remove(node: Node, paths: JobPaths) -> None:
     paths.remove()
+    faultpoints.point("removed")
     node.slots.release(paths.job_id)
+
+
+def _orphan_path(cfg: Config, job_id: str) -> str:
+    return os.path.join(cfg.state_dir, "orphans", job_id)
+
+
+def _mark_orphan(node: Node, paths: JobPaths, state: dict, why: Exception) -> None:
+    """libvirt could not be asked about the job's VM: leave its name for the next ``reap``."""
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(_orphan_path(node.cfg, paths.job_id)), mode=0o700,
+                    exist_ok=True)
+        atomic_write_json(_orphan_path(node.cfg, paths.job_id),
+                          {"domain": paths.domain, "uuid": state.get("uuid"), "why": str(why),
+                           "at": time.time()})
+
+
+def _clear_orphan(node: Node, job_id: str) -> Optional[str]:
+    """Destroy a VM left by an undo that could not reach libvirt; forget it once it is gone."""
+    path = _orphan_path(node.cfg, job_id)
+    if not os.path.exists(path):
+        return None
+    paths = JobPaths.of(node.cfg, job_id)
+    vm_end, _ = _end_vm(node, paths, {"uuid": "?"}, tolerate=False)
+    os.unlink(path)
+    return vm_end
 
 
 # ---------------------------------------------------------------------------------------------
 def epilogue(node: Node, job_id: str, exit_code: Optional[int] = None) -> Optional[dict]:
-    """Tear the job's VM down and account for it. Returns the record, or None if nothing ran."""
+    """Tear the job's VM down and account for it. Returns the record, or None if nothing ran
+    (or another process, alive, is ending it: that one accounts).
+
+    A prologue still running for the job is asked to stop (SIGTERM: it undoes itself) and, if
+    it has not within the lock timeout, killed; then its record is finished here."""
     cfg = node.cfg
     paths = JobPaths.of(cfg, job_id)
-    t0 = time.perf_counter()
-    state = read_json(paths.state_file)
-    dom = hypervisor.lookup(node.conn, paths.domain)
-    cpu_time = None
-    vm_state = "absent"
-    if dom is not None:
-        xml = hypervisor.xml_desc(dom)
-        meta = read_metadata(xml) if xml else {}
-        if xml and meta.get("job_id") != job_id:
-            raise NodeError(f"domain {paths.domain} exists but was not started by vibatch for "
-                            f"job {job_id}; leaving it alone")
-        cpu_time = hypervisor.cpu_time_s(dom)
-        vm_state = "destroyed" if hypervisor.destroy(dom) else "gone"
-    elif state is not None:
-        vm_state = "gone"   # e.g. QEMU OOM-killed at the memory cap
-    if exit_code is None:
-        exit_code = _exit_code_from_exec(paths)
-    paths.remove()
-    slot = node.slots.release(job_id)
-    library_gc(node)
-    if state is None:
-        return None
-    phases = dict(state.get("phases", {}))
-    phases["epilogue"] = round(time.perf_counter() - t0, 4)
-    record = {
-        "job_id": job_id, "user": state.get("user"), "uid": state.get("uid"),
-        "image": state.get("image"), "image_digest": state.get("image_digest"),
-        "cpus": state.get("cpus") or (list(slot.cpus) if slot else None),
-        "cores": len(state.get("cpus") or []), "memory_mb": state.get("memory_mb"),
-        "accel": state.get("accel"), "phases": phases, "exit_code": exit_code,
-        "vm_cpu_time_s": round(cpu_time, 3) if cpu_time is not None else None,
-        "vm_end": vm_state, "started_at": state.get("started_at"), "ended_at": time.time(),
-        "prologue_completed": state.get("phase") == "running",
-    }
-    accounting.append(cfg.accounting_file, record)
-    return record
+    deadline = Deadline(cfg.lock_timeout_s)
+    signalled = False
+    while True:
+        with hold(node.jobs_lock):
+            state = jobstore.read(paths) if paths.exists() else None
+            if state is None:   # nothing ran, or directories without a record
+                if paths.exists() or node.slots.get(job_id) is not None:
+                    _end_unowned(node, paths, None, "epilogue")
+                _clear_orphan(node, job_id)
+                return None
+            if not jobstore.owner_alive(state):
+                _take_over(paths, state, "epilogue", exit_code)
+                break
+            owner, preparing = state.get("owner_pid"), state.get("phase") in jobstore.PREPARING
+        if not preparing:   # another epilogue or reap is ending it
+            if deadline.expired():
+                raise LockTimeout(f"job {job_id} is being ended by pid {owner}, which did not "
+                                  f"finish within {cfg.lock_timeout_s:g} s")
+        elif not signalled:
+            _signal(owner, signal.SIGTERM)
+            signalled = True
+        elif deadline.expired():
+            _signal(owner, signal.SIGKILL)
+        time.sleep(0.05)
+    return _finish(node, paths, state, ended_by="epilogue", exit_code=exit_code)
 
 
-def _exit_code_from_exec(paths: JobPaths) -> Optional[int]:
-    """The last exit status ``vibatch exec`` recorded for this job, if any."""
-    try:
-        with open(os.path.join(paths.io, "last-exit"), "rb") as f:
-            data = f.read(32)
-        return int(data.strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _job_ids(cfg: Config) -> list[str]:
-    """The jobs with a directory on this node."""
-    jobs_dir = os.path.join(cfg.state_dir, "jobs")
-    return sorted(os.listdir(jobs_dir)) if os.path.isdir(jobs_dir) else []
+def _signal(pid: Any, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError, TypeError):
+        os.kill(pid, signum)
 
 
 def running_jobs(node: Node) -> list[dict]:
     """State records of the jobs with a directory on this node, with their domain's liveness."""
     out = []
-    for job_id in _job_ids(node.cfg):
-        paths = JobPaths.of(node.cfg, job_id)
-        st = read_json(paths.state_file) or {"job_id": job_id, "phase": "unknown"}
+    for paths, st in jobstore.records(node.cfg):
+        st = dict(st or {"job_id": paths.job_id, "phase": "unknown"})
         st["domain_active"] = hypervisor.lookup(node.conn, paths.domain) is not None
+        st["owner_alive"] = jobstore.owner_alive(st)
         out.append(st)
     return out
 
@@ -387,40 +588,71 @@ def running_jobs(node: Node) -> list[dict]:
 def reap(node: Node) -> list[str]:
     """Clean up after crashes, reboots and libvirtd restarts; return what was reaped.
 
-    - a job whose VM is gone and whose prologue is not running (QEMU died, the node rebooted,
-      the epilogue never came): epilogue it, so it is accounted (``vm_end: gone``);
-    - a job whose holder process has ended (HTCondor's starter died or was killed before the
-      job's exit hook ran): epilogue it, VM and all;
-    - a slot held by a job that has no directory: release it;
-    - a vibatch domain whose job has no directory: destroy it.
-    A job whose VM runs, or whose prologue is still running, is left alone.
+    Safe to run at any time, beside live prologues and epilogues (from cron every minute). It
+    ends exactly the jobs nobody alive owns that cannot go on:
+    - a prologue that died (any phase before ``ready``, with its VM or without);
+    - an epilogue or reap that died (``ending``/``accounted``): it is finished;
+    - a ready job whose VM is gone (QEMU died, the node rebooted, the epilogue never came);
+    - a ready job whose holder process has ended (HTCondor's starter died before the job's
+      exit hook ran), VM and all;
+    and it releases slots of jobs with no directory, and destroys vibatch domains of this node
+    whose job has no directory (e.g. left by an undo while libvirt was down). A job whose
+    record has a live owner is never touched.
     """
-    reaped: list[str] = []
+    out: list[str] = []
+    todo: list[tuple[JobPaths, Optional[dict], str]] = []
     with hold(node.jobs_lock):
-        job_ids = _job_ids(node.cfg)
-        stale = []
-        for job_id in job_ids:
-            paths = JobPaths.of(node.cfg, job_id)
-            state = read_json(paths.state_file) or {}
-            if _owner_alive(state):
+        for paths, state in jobstore.records(node.cfg):
+            why = _reap_reason(node, paths, state)
+            if why is None:
                 continue
-            if ("holder_pid" in state and not _holder_alive(state)) or \
-                    hypervisor.lookup(node.conn, paths.domain) is None:
-                stale.append(job_id)
+            if state is None:
+                _end_unowned(node, paths, None, "reap")
+                out.append(f"job {paths.job_id} ({why})")
+                continue
+            _take_over(paths, state, "reap")
+            todo.append((paths, state, why))
+        job_ids = set(jobstore.job_ids(node.cfg))
         for name in hypervisor.list_names(node.conn, DOMAIN_PREFIX):
             job_id = name[len(DOMAIN_PREFIX):]
+            if job_id in job_ids:
+                continue
+            dom = hypervisor.lookup(node.conn, name)
+            xml = hypervisor.xml_desc(dom) if dom else None
+            if xml and _ours(node.cfg, read_metadata(xml), job_id) and hypervisor.destroy(dom):
+                out.append(f"domain {name} (no job directory)")
+        for job_id in _orphans(node.cfg):
             if job_id not in job_ids:
-                dom = hypervisor.lookup(node.conn, name)
-                xml = hypervisor.xml_desc(dom) if dom else None
-                if xml and read_metadata(xml).get("job_id") == job_id:
-                    hypervisor.destroy(dom)
-                    reaped.append(f"domain {name} (no job directory)")
-    for job_id in stale:
-        record = epilogue(node, job_id)
-        why = "VM gone" if record is None or record["vm_end"] != "destroyed" else "holder gone"
-        reaped.append(f"job {job_id} ({why})")
+                _clear_orphan(node, job_id)
+    for paths, state, why in todo:
+        _finish(node, paths, state, ended_by="reap")
+        out.append(f"job {paths.job_id} ({why})")
     for job_id in node.slots.all():
         if not JobPaths.of(node.cfg, job_id).exists():
             node.slots.release(job_id)
-            reaped.append(f"slot of job {job_id} (no job directory)")
-    return reaped
+            out.append(f"slot of job {job_id} (no job directory)")
+    return out
+
+
+def _reap_reason(node: Node, paths: JobPaths, state: Optional[dict]) -> Optional[str]:
+    if state is None:
+        return "directories without a record"
+    phase = state.get("phase")
+    if phase == "corrupt" or jobstore.owner_alive(state):
+        return None
+    if phase in (jobstore.ENDING, jobstore.ACCOUNTED):
+        return "its epilogue died"
+    if phase != jobstore.READY:
+        return "its prologue died"
+    if "holder_pid" in state and not jobstore.holder_alive(state):
+        return "holder gone"
+    if hypervisor.lookup(node.conn, paths.domain) is None:
+        return "VM gone"
+    return None
+
+
+def _orphans(cfg: Config) -> list[str]:
+    try:
+        return sorted(os.listdir(os.path.join(cfg.state_dir, "orphans")))
+    except FileNotFoundError:
+        return []

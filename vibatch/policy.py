@@ -44,7 +44,7 @@ def user_groups(user: str, gid: int) -> list[str]:
 def allow_list(cfg: Config, groups: Sequence[str], account: Optional[str]) -> Optional[set[str]]:
     """The names this user may use, or None when no allow-list applies to them."""
     lists = [cfg.images.allow_groups[g] for g in groups if g in cfg.images.allow_groups]
-    if account and account in cfg.images.allow_accounts:
+    if account and cfg.images.accounts_enforced and account in cfg.images.allow_accounts:
         lists.append(cfg.images.allow_accounts[account])
     if not lists:
         return None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import CommandFailed
+from .hygiene import minimal_env
 
 
 @dataclass
@@ -18,6 +19,9 @@ class Result:
 
 def run(argv: list[str], *, timeout: float, check: bool = True,
         env: Optional[dict] = None, cwd: Optional[str] = None) -> Result:
+    """``env`` is the child's whole environment: by default ``hygiene.minimal_env()``, never ours."""
+    if env is None:
+        env = minimal_env()
     try:
         cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
                             stdin=subprocess.DEVNULL, env=env, cwd=cwd)

@@ -7,12 +7,20 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .errors import BadJobId, MissingWorkdir, ResourceRequestError, UnknownUser
+from .errors import (BadJobId, JobError, MissingWorkdir, ResourceRequestError, UnknownImage,
+                     UnknownUser)
+from .names import valid_name
 
 # Slurm 123 / 123_4, Grid Engine 123.4, PBS 123.server / 123[4].server, HTCondor 12.0
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+:\[\]-]{0,127}$")
-_SYSTEM_DIRS = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/root",
-                "/run", "/sbin", "/sys", "/usr", "/var", "/tmp"}
+# the guest mounts the working directory at the same path: never over (or under) what it needs
+_SYSTEM_DIRS = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
+                "/root", "/run", "/sbin", "/sys", "/usr", "/var", "/tmp", "/home", "/opt", "/srv",
+                "/var/lib", "/var/log", "/var/cache", "/var/spool"}
+_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
+                 "/run", "/sbin", "/sys", "/usr", "/var/run", "/var/lock")
+WORKDIR_MAX = 1024
+TEXT_MAX = 256
 _MEMORY = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 
 
@@ -26,6 +34,52 @@ def check_job_id(job_id: str) -> str:
         raise BadJobId(f"invalid job id {job_id!r}: use letters, digits and _ . @ + : [ ] - "
                        "(at most 128, starting with a letter or digit)")
     return job_id
+
+
+def check_text(what: str, value: str, max_len: int = TEXT_MAX) -> str:
+    """A user-chosen string that vibatch keeps or passes on (queue, account, user name): printable
+    UTF-8 without control characters, at most ``max_len`` characters."""
+    if not isinstance(value, str):
+        raise JobError(f"invalid {what} {value!r}: not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise JobError(f"invalid {what} {value!r}: it is not valid UTF-8") from None
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        raise JobError(f"invalid {what} {value!r}: it holds control characters")
+    if len(value) > max_len:
+        raise JobError(f"invalid {what}: longer than {max_len} characters")
+    return value
+
+
+def check_workdir(workdir: str) -> str:
+    """The job's working directory as text: absolute, UTF-8, no control characters and no comma
+    (virtiofsd's options are comma-separated), and clear of the guest's own system directories
+    (the guest mounts it at the same path). Returns it normalised."""
+    if not isinstance(workdir, str) or not workdir:
+        raise MissingWorkdir("the job has no working directory")
+    try:
+        workdir.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MissingWorkdir(f"working directory {workdir!r} is not valid UTF-8: rename it") from None
+    bad = sorted({c for c in workdir if ord(c) < 32 or 127 <= ord(c) < 160 or c == ","})
+    if bad:
+        raise MissingWorkdir(f"working directory {workdir!r} holds {', '.join(map(repr, bad))}, "
+                             "which cannot be shared into a VM: use another directory")
+    if len(workdir) > WORKDIR_MAX:
+        raise MissingWorkdir(f"working directory {workdir[:60]!r}... is longer than "
+                             f"{WORKDIR_MAX} characters")
+    if not os.path.isabs(workdir):
+        raise MissingWorkdir(f"working directory {workdir!r} is not an absolute path")
+    workdir = os.path.normpath(workdir)
+    if workdir.startswith("//"):
+        workdir = "/" + workdir.lstrip("/")
+    for path in {workdir, os.path.realpath(workdir)}:
+        if path in _SYSTEM_DIRS or any(path == t or path.startswith(t + "/") for t in _SYSTEM_TREES):
+            raise MissingWorkdir(f"working directory {workdir} cannot be shared into a VM: "
+                                 f"{path} is, or is inside, a system directory the guest needs "
+                                 "for itself")
+    return workdir
 
 
 def parse_memory_mb(text: str) -> int:
@@ -61,6 +115,10 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     return tuple(sorted(cpus))
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class JobUser:
     name: str
@@ -72,8 +130,9 @@ class JobUser:
 def resolve_user(user: str) -> JobUser:
     """A name or a numeric uid, resolved from the host's user database."""
     try:
+        check_text("user name", str(user), 64)
         pw = pwd.getpwuid(int(user)) if str(user).isdigit() else pwd.getpwnam(str(user))
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError, JobError):
         raise UnknownUser(f"user {user!r} does not exist on this host") from None
     if pw.pw_uid == 0:
         raise UnknownUser(f"user {pw.pw_name!r} is root: vibatch never runs a job as root")
@@ -98,24 +157,29 @@ def make_request(job_id: str, user: str, cores: int, memory_mb: int, image: Opti
                  workdir: str, walltime_s: Optional[int] = None,
                  cpus: Optional[Sequence[int]] = None, queue: Optional[str] = None,
                  account: Optional[str] = None) -> JobRequest:
+    """Every value here may come from the job's user: each is checked before anything is made,
+    and a bad one is the job's fault (JobError), never an exception of another kind."""
     check_job_id(job_id)
     juser = resolve_user(user)
-    if not isinstance(cores, int) or cores < 1:
+    if not _is_int(cores) or cores < 1:
         raise ResourceRequestError(f"invalid core count {cores!r}: must be at least 1")
+    if not _is_int(memory_mb) or memory_mb < 1:
+        raise ResourceRequestError(f"invalid memory {memory_mb!r} MiB: must be at least 1")
+    if cpus is not None and not all(_is_int(c) and c >= 0 for c in cpus):
+        raise ResourceRequestError(f"the batch system gave invalid CPU ids {list(cpus)!r}")
     if cpus is not None and len(set(cpus)) != cores:
         raise ResourceRequestError(f"the batch system gave {len(set(cpus))} CPU ids "
                                    f"({','.join(map(str, cpus))}) for {cores} cores")
-    if walltime_s is not None and walltime_s <= 0:
+    if walltime_s is not None and (not _is_int(walltime_s) or walltime_s <= 0):
         raise ResourceRequestError(f"invalid walltime {walltime_s!r}: must be positive")
-    if not os.path.isabs(workdir):
-        raise MissingWorkdir(f"working directory {workdir!r} is not an absolute path")
-    workdir = os.path.normpath(workdir)
+    if image is not None and image != "" and not valid_name(image):
+        raise UnknownImage(f"invalid image or OS name {image!r}: use letters, digits and . _ + - "
+                           "(at most 64, starting with a letter or digit)")
+    queue = check_text("queue", queue) if queue is not None else None
+    account = check_text("account", account) if account is not None else None
+    workdir = check_workdir(workdir)
     if not os.path.isdir(workdir):
         raise MissingWorkdir(f"working directory {workdir} does not exist")
-    top = "/" + workdir.strip("/").split("/", 1)[0]
-    if workdir in _SYSTEM_DIRS or top in ("/proc", "/sys", "/dev"):
-        raise MissingWorkdir(f"working directory {workdir} cannot be shared into a VM: it is a "
-                             "system directory the guest needs for itself")
     return JobRequest(job_id, juser, cores, memory_mb, image or None, workdir, walltime_s,
                       tuple(sorted(set(cpus))) if cpus is not None else None,
                       queue or None, account or None)

@@ -11,10 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import filelock
-
 from .errors import NoFreeSlot, ResourceRequestError
-from .util import atomic_write_json, hold, read_json
+from .util import atomic_write_json, hold, read_json, root_lock
 
 
 @dataclass(frozen=True)
@@ -37,14 +35,14 @@ class SlotAllocator:
     def __init__(self, state_dir: str, capacity: Capacity, lock_timeout: float):
         self.path = os.path.join(state_dir, "slots.json")
         self.capacity = capacity
-        self.lock = filelock.FileLock(os.path.join(state_dir, "slots.lock"), timeout=lock_timeout)
+        self.lock = root_lock(os.path.join(state_dir, "slots.lock"), lock_timeout)
 
     # -- locked state access ----------------------------------------------------------------
     def _load(self) -> dict:
         return read_json(self.path, {"version": 1, "slots": {}})
 
     def _save(self, state: dict) -> None:
-        atomic_write_json(self.path, state, mode=0o644)
+        atomic_write_json(self.path, state)   # root only: 0600
 
     # -- API ---------------------------------------------------------------------------------
     def claim(self, job_id: str, cores: int, memory_mb: int,

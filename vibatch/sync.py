@@ -18,14 +18,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import filelock
 
 from . import catalog as catalog_mod
 from . import fetch
 from .config import Config
 from .errors import CatalogRejected, VibatchError
 from .library import DOWNLOADS, FILE_NAMES, Image, Library, make_manifest, seal
-from .util import Deadline, atomic_write_json, hold, read_json
+from .util import Deadline, atomic_write_json, hold, read_json, root_lock
 
 
 @dataclass
@@ -52,7 +51,7 @@ def sync(cfg: Config, library: Library, url: str, in_use: Callable[[], dict],
     url = fetch.normalize(url)
     fetch.scheme(url)
     report = Report(url)
-    lock = filelock.FileLock(os.path.join(cfg.state_dir, "sync.lock"), timeout=cfg.lock_timeout_s)
+    lock = root_lock(os.path.join(cfg.state_dir, "sync.lock"), cfg.lock_timeout_s)
     with hold(lock):
         data = fetch.fetch_bytes(url, catalog_mod.MAX_BYTES, cfg.images.connect_timeout_s)
         cat = catalog_mod.parse(data, cfg.images.trusted_keys, url, now)

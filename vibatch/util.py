@@ -45,6 +45,32 @@ def read_json(path: str, default: Any = None) -> Any:
         return default
 
 
+def root_lock(path: str, timeout: float) -> filelock.FileLock:
+    """A lock file only root can open: anyone who can open a lock file can flock it, and so
+    stall every hook that needs it. An older, wider lock file is narrowed."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if st.st_mode & 0o077 and os.geteuid() == st.st_uid:
+            os.chmod(path, 0o600, follow_symlinks=False)
+    return filelock.FileLock(path, timeout=timeout, mode=0o600)
+
+
+def private_dir(path: str, mode: int = 0o711) -> None:
+    """Create ``path`` (and parents) or narrow it to ``mode``: others may pass through a state
+    directory to what is theirs, never list it or create in it."""
+    os.makedirs(path, mode=mode, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid == os.geteuid() and st.st_mode & 0o7777 & ~mode:
+        os.chmod(path, st.st_mode & 0o7777 & mode)
+
+
+def give_to(path: str, uid: int, gid: int, mode: int) -> None:
+    """Hand a root-made file (the job's agent socket) to a user: its mode first, so that at no
+    moment does the user's group (or anyone) get the access the old mode gave."""
+    os.chmod(path, mode)   # the path is in a root-owned directory: no symlink to follow
+    os.chown(path, uid, gid)
+
+
 @contextlib.contextmanager
 def hold(lock: filelock.BaseFileLock, timeout: Optional[float] = None) -> Iterator[None]:
     """Hold ``lock`` (acquired within ``timeout``, default the lock's own), or raise LockTimeout
@@ -104,8 +130,35 @@ class _Phase:
     def __enter__(self) -> None:
         self.start = time.perf_counter()
 
-    def __exit__(self, *exc: object) -> None:
-        self.timer.phases[self.name] = round(time.perf_counter() - self.start, 4)
+    def __exit__(self, *exc: object) -> None:   # a phase entered twice adds up
+        spent = time.perf_counter() - self.start
+        self.timer.phases[self.name] = round(self.timer.phases.get(self.name, 0.0) + spent, 4)
+
+
+ERROR_LOG = "/var/log/vibatch/errors.log"
+ERROR_LOG_MAX = 1 << 20
+
+
+def log_error(what: str, exc: BaseException) -> None:
+    """Keep an unexpected error's traceback for the admin (root only; never raises). The user
+    sees one line; the log keeps the rest, in ``ERROR_LOG`` (rotated at 1 MiB)."""
+    import traceback  # noqa: PLC0415 - only on the error path
+    if os.geteuid() != 0:
+        return
+    text = (f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}: {what}\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    try:
+        os.makedirs(os.path.dirname(ERROR_LOG), mode=0o755, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(ERROR_LOG).st_size > ERROR_LOG_MAX:
+                os.replace(ERROR_LOG, ERROR_LOG + ".1")
+        fd = os.open(ERROR_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, text.encode(errors="replace")[:64 * 1024])
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def require_root(what: str) -> None:

@@ -20,7 +20,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from ..errors import NodeError, VibatchError
+from ..errors import JobError, NodeError, VibatchError
+from ..util import log_error
 
 
 class Outcome(enum.Enum):
@@ -77,8 +78,10 @@ def run_hook(system: str, hook: str, body: Callable[[], None], table: dict[Outco
         if e.detail:
             print(e.detail.rstrip("\n"), file=out)
     except Exception as e:  # an unexpected bug is the node's problem, never the user's
-        exc, message = e, f"{type(e).__name__}: {e}"
-        print(f"vibatch: {system} {hook} failed (node fault): {message}", file=out)
+        exc, message = e, f"unexpected {type(e).__name__}: {e}"
+        log_error(f"vibatch {system} {hook}", e)
+        print(f"vibatch: {system} {hook} failed (node fault): {message} (the traceback is in "
+              "the error log)", file=out)
     finally:
         if alarm_s:
             signal.alarm(0)
@@ -92,13 +95,33 @@ def run_hook(system: str, hook: str, body: Callable[[], None], table: dict[Outco
     return table[outcome]
 
 
-def prologue(cfg, job: BatchJob, holder: Optional[int] = None) -> dict:
-    from .. import lifecycle  # noqa: PLC0415
+class UnreadableRequest(JobError):
+    """The job's request could not be read: until it has been, a failure is the job's."""
+
+
+def read_request(job: "BatchJob | Callable[[], BatchJob]"):
+    """The core's request from an adapter's ``BatchJob`` (or from a parser of the job's values,
+    called here). Until the request is known valid, every value in it may be the user's: an
+    unexpected exception while reading it is the job's fault, not the node's. The node's own
+    failures (a NodeError from a parser: the batch system broke its contract) stay the node's."""
     from ..request import make_request  # noqa: PLC0415
-    req = make_request(job_id=job.job_id, user=job.user, cores=job.cores,
-                       memory_mb=job.memory_mb, image=job.image, workdir=job.workdir,
-                       walltime_s=job.walltime_s, cpus=job.cpus, queue=job.queue,
-                       account=job.account)
+    try:
+        if callable(job):
+            job = job()
+        return make_request(job_id=job.job_id, user=job.user, cores=job.cores,
+                            memory_mb=job.memory_mb, image=job.image, workdir=job.workdir,
+                            walltime_s=job.walltime_s, cpus=job.cpus, queue=job.queue,
+                            account=job.account)
+    except VibatchError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError,
+            UnicodeError, RecursionError) as e:
+        raise UnreadableRequest(f"cannot read this job's request: {type(e).__name__}: {e}") from e
+
+
+def prologue(cfg, job: "BatchJob | Callable[[], BatchJob]", holder: Optional[int] = None) -> dict:
+    from .. import lifecycle  # noqa: PLC0415
+    req = read_request(job)
     node = lifecycle.Node(cfg)
     try:
         return lifecycle.prologue(node, req, holder=holder)
@@ -220,5 +243,7 @@ def home_of(user: str) -> str:
 
 
 def clean_env_path() -> None:
-    """Root hooks may inherit a user's PATH: use the system's."""
-    os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    """A root hook's first act: the environment it was given (partly the job user's) is
+    emptied and its limits lifted (hygiene.enter_root_hook). Callers copy what they read first."""
+    from ..hygiene import enter_root_hook  # noqa: PLC0415
+    enter_root_hook()

@@ -168,7 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def run_prolog() -> None:
         cfg = config_mod.load(config_path)
-        prologue(cfg, job_from_prolog(cfg, args, qstat_job(args[0]), env))
+        record = qstat_job(args[0])   # the node's: its failure is the node's
+        prologue(cfg, lambda: job_from_prolog(cfg, args, record, env))
 
     def run_epilog() -> None:
         code = env.get("SGE_JOBEXIT_STAT", "")

@@ -100,14 +100,14 @@ def parse_time_limit(text: str) -> Optional[int]:
 def allocation(show: str, node: str, job_id: str) -> tuple[tuple[int, ...], int, Optional[int]]:
     """(CPU ids, memory MiB, time limit s) of ``node`` from ``scontrol show job -d``.
 
-    For an array's master id, scontrol prints every task's record: only the one starting with
-    ``JobId=<job_id>`` counts. That text is not escaped: a job name or comment may hold lines
-    that look like a record or an allocation, so both must be unique, or the job is refused."""
-    records = [r for r in re.split(r"\n[ \t]*\n", show) if r.startswith(f"JobId={job_id} ")]
-    if len(records) != 1:
-        raise JobError(f"cannot read job {job_id}'s record from scontrol ({len(records)} "
-                       "candidates; does the job name or comment hold 'JobId=...'?)")
-    show = records[0]
+    ``show`` must be one record (for an array task, ask for ``array_task_id()``). That text is
+    not escaped: a job name or comment may hold lines that look like a record or an allocation
+    (and blank lines, which would cut a record short), so the whole text must hold exactly one
+    record start and one allocation line for this node, or the job is refused."""
+    starts = [line for line in show.splitlines() if line.startswith("JobId=")]
+    if len(starts) != 1 or not starts[0].startswith(f"JobId={job_id} "):
+        raise JobError(f"cannot read job {job_id}'s record from scontrol ({len(starts)} "
+                       "records; does the job name or comment hold 'JobId=...'?)")
     details = []
     for line in show.splitlines():
         m = _DETAIL.match(line)
@@ -120,6 +120,19 @@ def allocation(show: str, node: str, job_id: str) -> tuple[tuple[int, ...], int,
     limits = [m.group(1) for m in map(_RUNTIME.match, show.splitlines()) if m]
     cpus = parse_cpu_list(details[0].group(2))
     return cpus, int(details[0].group(3)), parse_time_limit(limits[0]) if len(limits) == 1 else None
+
+
+def array_task_id(show: str, job_id: str) -> Optional[str]:
+    """For an array task whose id is also its array's, scontrol prints every task's record: the
+    task's own name (``ArrayJobId_ArrayTaskId``, printed before any text the user chose on the
+    record's first line), to ask for its record alone. None for one record."""
+    if sum(line.startswith("JobId=") for line in show.splitlines()) < 2:
+        return None
+    for line in show.splitlines():
+        m = re.match(rf"^JobId={re.escape(job_id)} ArrayJobId=(\d+) ArrayTaskId=(\d+) ", line)
+        if m:
+            return f"{m.group(1)}_{m.group(2)}"
+    return None
 
 
 def scontrol_show(job_id: str, env: Mapping[str, str]) -> str:
@@ -178,7 +191,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = config_mod.load(config_path)
         if not job_id:
             raise NodeError("no SLURM_JOB_ID in the Prolog's environment")
-        prologue(cfg, job_from_prolog(cfg, env, scontrol_show(job_id, env)))
+        show = scontrol_show(job_id, env)   # the node's: its failure is the node's
+        task = array_task_id(show, job_id)
+        if task is not None:
+            show = scontrol_show(task, env)
+        prologue(cfg, lambda: job_from_prolog(cfg, env, show))
 
     def refuse(outcome: Outcome, message: str) -> None:
         if outcome is Outcome.JOB_FAULT:

@@ -1,0 +1,289 @@
+"""The core lifecycle (prologue, epilogue, reap) on fake ports (tests/fakes.py): every phase
+killed in a forked child, then what remains is checked exactly. Runs in seconds, no VM; needs
+root (the overlay is handed to QEMU's user) and qemu-img."""
+import json
+import os
+import signal
+import stat
+
+import pytest
+import yaml
+
+from fakes import FakeHypervisor, FakeRootAgent, fake_node
+from imagehelp import make_disk
+from vibatch import config, faultpoints, jobstore, lifecycle
+from vibatch.errors import BootFailed, HypervisorError, JobAlreadyRunning, NodeError
+from vibatch.jobdir import JobPaths
+from vibatch.library import Library
+from vibatch.request import make_request
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the prologue chowns the overlay")
+
+PROLOGUE_POINTS = ("reserved", "slot", "overlay", "domain", "booted", "set_up")
+TEARDOWN_POINTS = ("ending", "vm_ended", "record_kept", "accounted", "removed")
+
+
+@pytest.fixture
+def site(tmp_path):
+    data = {"state_dir": f"{tmp_path}/state", "run_dir": f"{tmp_path}/run",
+            "library_dir": f"{tmp_path}/lib", "accounting_file": f"{tmp_path}/acct.jsonl",
+            "lock_timeout_s": 3, "images": {"default": "mini"},
+            "host": {"cpus": [0, 1, 2, 3], "reserved_memory_mb": 0},
+            "vm": {"acceleration": "tcg", "boot_timeout_s": 2, "setup_timeout_s": 2}}
+    path = tmp_path / "vibatch.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = config.load(str(path))
+    os.makedirs(cfg.state_dir)
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\0" * 4096)
+    Library(cfg.library_dir, cfg.state_dir).add(make_disk(str(tmp_path / "d.qcow2"), "mini"),
+                                                name="mini", os_name="t", os_version="1",
+                                                kernel=str(kernel))
+    work = tmp_path / "work"
+    work.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(work, 0o777)
+    hv = FakeHypervisor(str(tmp_path / "domains.json"))
+    return cfg, hv, str(work)
+
+
+def request(cfg, work, job="j1", cores=1):
+    return make_request(job_id=job, user="nobody", cores=cores, memory_mb=256, image=None,
+                        workdir=work, walltime_s=None, cpus=None, queue=None, account=None)
+
+
+def in_child(fn, point=None, action=signal.SIGKILL) -> int:
+    """Run ``fn`` in a forked child with fault ``point`` armed; return its wait status."""
+    pid = os.fork()
+    if pid == 0:
+        faultpoints.ARMED, faultpoints.ACTION = point, action
+        try:
+            fn()
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(3)
+    if action == signal.SIGSTOP:
+        _, status = os.waitpid(pid, os.WUNTRACED)
+        return pid if os.WIFSTOPPED(status) else -1
+    return os.waitpid(pid, 0)[1]
+
+
+def remains(cfg, hv, job="j1") -> list:
+    paths = JobPaths.of(cfg, job)
+    left = [p for p in (paths.state, paths.run, os.path.join(cfg.state_dir, "orphans", job))
+            if os.path.lexists(p)]
+    left += ["domain"] if "vibatch-" + job in hv.domains() else []
+    node = lifecycle.Node(cfg)
+    left += ["slot"] if node.slots.get(job) else []
+    return left
+
+
+def records(cfg, job="j1") -> list:
+    try:
+        with open(cfg.accounting_file) as f:
+            return [r for r in map(json.loads, f) if r["job_id"] == job]
+    except FileNotFoundError:
+        return []
+
+
+def test_prologue_and_epilogue(site):
+    cfg, hv, work = site
+    node = fake_node(cfg, hv)
+    state = lifecycle.prologue(node, request(cfg, work))
+    assert state["phase"] == jobstore.READY and jobstore.read(JobPaths.of(cfg, "j1"))["phase"] == "ready"
+    assert "vibatch-j1" in hv.domains() and node.slots.get("j1").cpus == (0,)
+    record = lifecycle.epilogue(fake_node(cfg, hv), "j1", 0)
+    assert record["vm_end"] == "destroyed" and record["prologue_completed"] is True
+    assert remains(cfg, hv) == [] and records(cfg) == [record]
+    assert lifecycle.epilogue(fake_node(cfg, hv), "j1") is None   # twice: nothing to do
+    assert len(records(cfg)) == 1
+
+
+@pytest.mark.parametrize("point", PROLOGUE_POINTS)
+@pytest.mark.parametrize("then", ["reap", "epilogue", "prologue"])
+def test_prologue_killed_at_every_phase(site, point, then):
+    """Item 1 (reap after a prologue died with its domain), item 4's cause, and a requeued job
+    on the same node: whatever takes over leaves nothing and accounts exactly once."""
+    cfg, hv, work = site
+    status = in_child(lambda: lifecycle.prologue(fake_node(cfg, hv), request(cfg, work)), point)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert jobstore.read(JobPaths.of(cfg, "j1"))["phase"] in jobstore.PREPARING
+    node = fake_node(cfg, hv)
+    if then == "reap":
+        assert lifecycle.reap(node) == ["job j1 (its prologue died)"]
+    elif then == "epilogue":
+        lifecycle.epilogue(node, "j1")
+    else:
+        lifecycle.prologue(node, request(cfg, work))
+        lifecycle.epilogue(fake_node(cfg, hv), "j1")
+    assert remains(cfg, hv) == []
+    got = records(cfg)
+    first = got[:1] if point != "reserved" else []
+    assert len(got) == len(first) + (then == "prologue")
+    if first:
+        ends = {"slot": "never_started", "overlay": "never_started"}
+        assert first[0]["vm_end"] == ends.get(point, "destroyed")
+        assert first[0]["prologue_completed"] is False
+    assert lifecycle.reap(fake_node(cfg, hv)) == []   # a second reap finds nothing
+
+
+@pytest.mark.parametrize("point", TEARDOWN_POINTS)
+@pytest.mark.parametrize("then", ["reap", "epilogue"])
+def test_epilogue_killed_at_every_step_accounts_once(site, point, then):
+    """Item 7: the accounting line is written before anything it describes goes, once."""
+    cfg, hv, work = site
+    lifecycle.prologue(fake_node(cfg, hv), request(cfg, work))
+    status = in_child(lambda: lifecycle.epilogue(fake_node(cfg, hv), "j1", 7), point)
+    assert os.WIFSIGNALED(status)
+    node = fake_node(cfg, hv)
+    lifecycle.epilogue(node, "j1", 7) if then == "epilogue" else lifecycle.reap(node)
+    assert remains(cfg, hv) == []
+    got = records(cfg)
+    assert len(got) == 1 and got[0]["vm_end"] == "destroyed" and got[0]["exit_code"] == 7
+
+
+@pytest.mark.parametrize("point", TEARDOWN_POINTS)
+def test_undo_killed_at_every_step(site, point):
+    """A failing prologue's undo, killed halfway: reap finishes it, one line."""
+    cfg, hv, work = site
+    FakeRootAgent.setup_status = 1
+    try:
+        status = in_child(lambda: lifecycle.prologue(fake_node(cfg, hv), request(cfg, work)), point)
+    finally:
+        FakeRootAgent.setup_status = 0
+    assert os.WIFSIGNALED(status)
+    lifecycle.reap(fake_node(cfg, hv))
+    assert remains(cfg, hv) == [] and len(records(cfg)) == 1
+
+
+def test_failed_prologue_undoes_and_accounts(site):
+    cfg, hv, work = site
+    FakeRootAgent.setup_status = 1
+    try:
+        with pytest.raises(BootFailed, match="guest setup failed"):
+            lifecycle.prologue(fake_node(cfg, hv), request(cfg, work))
+    finally:
+        FakeRootAgent.setup_status = 0
+    assert remains(cfg, hv) == []
+    [rec] = records(cfg)
+    assert rec["vm_end"] == "destroyed" and rec["ended_by"] == "prologue"
+
+
+def test_vm_that_never_started_says_so(site):
+    """Item 8: vm_end is never_started, not gone, when createXML failed."""
+    cfg, hv, work = site
+    hv.fail_create = "cannot access storage file"
+    with pytest.raises(HypervisorError, match="cannot access storage"):
+        lifecycle.prologue(fake_node(cfg, hv), request(cfg, work))
+    assert remains(cfg, hv) == []
+    assert [r["vm_end"] for r in records(cfg)] == ["never_started"]
+
+
+def test_qemu_dying_in_the_boot_wait_is_a_boot_failure(site, monkeypatch):
+    """Item 2: the domain vanishes while the prologue waits for its agent: 21, not a crash."""
+    cfg, hv, work = site
+    pings = []
+
+    def ping(self, timeout=1.0):
+        pings.append(1)
+        hv.kill(self.domain.name())   # QEMU killed: the transient domain is gone
+        raise lifecycle.AgentError("guest agent: not up")
+    monkeypatch.setattr(FakeRootAgent, "ping", ping)
+    with pytest.raises(BootFailed, match="stopped while booting"):
+        lifecycle.prologue(fake_node(cfg, hv), request(cfg, work))
+    assert pings and remains(cfg, hv) == []
+    assert [r["vm_end"] for r in records(cfg)] == ["gone"]
+
+
+@pytest.mark.parametrize("point", ["overlay", "domain", "booted"])
+def test_lost_libvirt_still_releases_and_marks_for_reap(site, point):
+    """Item 3: libvirt goes away mid-prologue; the undo releases directories and slot, reports
+    the original error, and leaves the domain to the next reap."""
+    cfg, hv, work = site
+    pid = in_child(lambda: lifecycle.prologue(fake_node(cfg, hv), request(cfg, work)), point,
+                   signal.SIGSTOP)
+    hv.down = True                                   # the child's later calls fail
+    os.kill(pid, signal.SIGCONT)
+    status = os.waitpid(pid, 0)[1]
+    hv.down = False
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+    left = remains(cfg, hv)
+    assert JobPaths.of(cfg, "j1").state not in left and "slot" not in left
+    lifecycle.reap(fake_node(cfg, hv))
+    assert remains(cfg, hv) == [] and len(records(cfg)) == 1
+
+
+def test_second_prologue_beside_a_live_one_gets_16_and_touches_nothing(site):
+    """Items 4 and 5: a live owner's record is never touched, by a prologue or a reap."""
+    cfg, hv, work = site
+    pid = in_child(lambda: lifecycle.prologue(fake_node(cfg, hv), request(cfg, work)), "domain",
+                   signal.SIGSTOP)
+    before = jobstore.read(JobPaths.of(cfg, "j1"))
+    with pytest.raises(JobAlreadyRunning, match=r"being prepared by pid \d+"):
+        lifecycle.prologue(fake_node(cfg, hv), request(cfg, work))
+    assert lifecycle.reap(fake_node(cfg, hv)) == []
+    assert jobstore.read(JobPaths.of(cfg, "j1")) == before
+    os.kill(pid, signal.SIGCONT)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert jobstore.read(JobPaths.of(cfg, "j1"))["phase"] == "ready"
+    assert lifecycle.Node(cfg).slots.get("j1").cpus == (0,)
+
+
+def test_second_prologue_for_a_running_job_says_so(site):
+    """Item 8: the 16 message says what the job is doing (not "preparing")."""
+    cfg, hv, work = site
+    lifecycle.prologue(fake_node(cfg, hv), request(cfg, work))
+    with pytest.raises(JobAlreadyRunning, match=r"\(its VM is running\)"):
+        lifecycle.prologue(fake_node(cfg, hv), request(cfg, work))
+
+
+def test_epilogue_stops_a_live_prologue(site):
+    """The batch system ends a job whose prologue still runs: SIGTERM, its undo, one line."""
+    cfg, hv, work = site
+    pid = in_child(lambda: lifecycle.prologue(fake_node(cfg, hv), request(cfg, work)), "booted",
+                   signal.SIGSTOP)
+    os.kill(pid, signal.SIGCONT)   # running again; the epilogue's SIGTERM lands in its steps
+    lifecycle.epilogue(fake_node(cfg, hv), "j1")
+    status = os.waitpid(pid, 0)[1]
+    assert not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
+    assert remains(cfg, hv) == [] and len(records(cfg)) == 1
+
+
+@pytest.mark.parametrize("where", ["state_dir", "run_dir"])
+def test_unwritable_job_directories_are_a_node_fault(site, where):
+    """Item 6: an OS error on the job directories maps to a one-line node fault; nothing left."""
+    cfg, hv, work = site
+    jobs = os.path.join(getattr(cfg, where), "jobs")
+    os.makedirs(jobs, exist_ok=True)
+    os.rename(jobs, jobs + ".real")
+    open(jobs, "w").close()        # a file where the directory should be: ENOTDIR for root too
+    try:
+        with pytest.raises(NodeError, match="cannot create the job's directories") as e:
+            lifecycle.prologue(fake_node(cfg, hv), request(cfg, work))
+    finally:
+        os.unlink(jobs)
+        os.rename(jobs + ".real", jobs)
+    assert "\n" not in str(e.value)
+    assert remains(cfg, hv) == [] and records(cfg) == []
+
+
+def test_reap_leaves_other_nodes_domains_alone(site):
+    """Domains whose metadata names another state_dir (another vibatch config) are not ours."""
+    cfg, hv, work = site
+    lifecycle.prologue(fake_node(cfg, hv), request(cfg, work, job="other"))
+    other = config.load(cfg.source)
+    import dataclasses
+    mine = dataclasses.replace(other, state_dir=other.state_dir + "2", run_dir=other.run_dir + "2")
+    assert lifecycle.reap(fake_node(mine, hv)) == []
+    assert "vibatch-other" in hv.domains()
+
+
+def test_error_log_is_root_only(tmp_path, monkeypatch):
+    from vibatch import util
+    monkeypatch.setattr(util, "ERROR_LOG", str(tmp_path / "log" / "errors.log"))
+    try:
+        raise ValueError("boom")
+    except ValueError as e:
+        util.log_error("test", e)
+    st = os.stat(util.ERROR_LOG)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and "ValueError: boom" in open(util.ERROR_LOG).read()
