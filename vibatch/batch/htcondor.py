@@ -479,15 +479,15 @@ def prepare_job(helper: str, environ: dict) -> int:
             message = _helper_message(res)
     except VibatchError as e:
         outcome, message = Outcome.NODE_FAULT, f"the VM helper: {e.message}"
+    first = (message.splitlines() or [""])[0]
     if outcome is Outcome.NODE_FAULT:
         print(f"vibatch: htcondor prepare_job (node fault; the job goes back to Idle): {message}",
               file=sys.stderr)
         # the first line (the console tail stays in the StarterLog): into the job's event log
         print(f"HookStatusCode = {REQUEUE_HOOK_STATUS}\nHookStatusMessage = "
-              f"{_classad_string((message.splitlines() or [""])[0] + ' (the job goes back to Idle)')}")
+              f"{_classad_string(first + ' (the job goes back to Idle)')}")
     elif outcome is Outcome.JOB_FAULT:   # a warning in the job's event log; the wrapper fails it
-        print(f"HookStatusCode = 0\nHookStatusMessage = "
-              f"{_classad_string((message.splitlines() or [""])[0])}")
+        print(f"HookStatusCode = 0\nHookStatusMessage = {_classad_string(first)}")
     return 0
 
 
