@@ -194,12 +194,6 @@ def jobs_held_by(cfg: Config, pid: int) -> list[str]:
     return out
 
 
-def holder_gone(cfg: Config, job_id: str) -> bool:
-    """The job exists with a holder process, and that process has ended (its run is over)."""
-    st = read_json(JobPaths.of(cfg, job_id).state_file) or {}
-    return "holder_pid" in st and not _holder_alive(st)
-
-
 def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: Slot,
               timer: PhaseTimer, state: dict) -> None:
     cfg = node.cfg

@@ -46,7 +46,9 @@ from .. import config as config_mod
 from .. import lifecycle, proc
 from ..accel import lift_limits
 from ..errors import NodeError, ResourceRequestError, VibatchError
+from ..jobdir import JobPaths
 from ..request import check_job_id, resolve_user
+from ..util import read_json
 from . import (BatchJob, Outcome, clean_env_path, epilogue, exec_job, parse_shim_args,
                prologue, run_hook)
 
@@ -378,6 +380,13 @@ def slot_ad(caller: Caller, trusted: set[int], condor: Condor, address_file: str
     return pick_slot(ads, caller.starter_pid, slot_name_of(caller.starter_pid))
 
 
+def _stale_run(cfg, job_id: str) -> bool:
+    """The job is on this node, held by a process that has ended (a starter that died)."""
+    st = read_json(JobPaths.of(cfg, job_id).state_file) or {}
+    pid = st.get("holder_pid")
+    return isinstance(pid, int) and job_id not in lifecycle.jobs_held_by(cfg, pid)
+
+
 def helper_prepare(cfg, config_path: str, scratch: str, cwd: str, environ: dict) -> None:
     """Boot the VM of the caller's job (once: a second call, from the wrapper after the
     PREPARE_JOB hook, finds it) and print its job id."""
@@ -402,7 +411,7 @@ def helper_prepare(cfg, config_path: str, scratch: str, cwd: str, environ: dict)
     job = job_from_ads(cfg, ad, ad, resolve_user(str(caller.uid)).name, workdir)
     # a run of this job whose starter died leaves its id taken: end that run. Only this job's:
     # a node-wide reap here would take another job's prologue that has not written its state.
-    if lifecycle.holder_gone(cfg, job.job_id):
+    if _stale_run(cfg, job.job_id):
         epilogue(cfg, job.job_id, None)
     prologue(cfg, job, holder=caller.starter_pid)
     print(job.job_id)
