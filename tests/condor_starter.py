@@ -1,27 +1,40 @@
-"""A stand-in for condor_starter, for the HTCondor contract tests (HTCondor's daemons cannot be
-installed here). It runs as root under the process name ``condor_starter`` and does, in order,
-what the starter does for a vanilla job with USER_JOB_WRAPPER and a JOB_EXIT hook (HTCondor's
-manual: starter.rst, hooks.rst, env-of-job.rst; condor_starter's source):
+"""A stand-in for condor_starter (and for the two startd queries the VM helper makes), for the
+HTCondor contract tests. It encodes what a real HTCondor 25.0.13 starter was seen doing for a
+vanilla job with USER_JOB_WRAPPER and the PREPARE_JOB and JOB_EXIT hooks (a personal pool built
+from source; see docs/batch/htcondor.md), in order:
 
-1. makes the scratch directory ``<EXECUTE>/dir_<its pid>`` as HTCondor's account and writes
-   ``.job.ad`` and ``.machine.ad`` into it (mode 0644), then hands the directory to the job user;
-2. transfers the job's input files into it, as the job user;
-3. starts ``USER_JOB_WRAPPER <executable> <args...>`` as the job user, in its own session, in
-   the scratch directory (or the job's Iwd without file transfer), stdin from /dev/null and
-   stdout/stderr into files, with the job's environment plus the starter's variables;
-4. on removal, sends the job's kill signal (``KillSig``, SIGTERM by default) to the wrapper and,
-   after the kill-signal timeout, SIGKILL to its whole process group;
-5. after the job, reads ``$_CONDOR_WRAPPER_ERROR_FILE`` (present: the job goes back to Idle)
-   and runs the JOB_EXIT hook as the job user, with the reason as argv and the job ad on stdin,
-   killing it after 30 s;
-6. removes the scratch directory.
+1. as root (real uid 0; effective uid HTCondor's account while it waits), under the process name
+   ``condor_starter``, with ``-a <slot>`` on its command line as the startd starts it,
+   it makes ``<EXECUTE>/dir_<its pid>`` and hands it to the job user (mode 0700); the startd's
+   slot ad now names it (``StarterPid``; not before 25.0) and holds the job's STARTD_JOB_ATTRS;
+2. it writes ``.job.ad``, ``.machine.ad`` and the chirp config into it *as the user* (0644);
+3. it runs ``<Keyword>_HOOK_PREPARE_JOB`` as the user, job ad on stdin, with the starter's
+   environment (CONDOR_PRIVATE_INHERIT too). ``HookStatusCode`` on its stdout overrides its exit
+   status: 1-299 holds the job, 300 and more put it back to Idle; either way the job never runs;
+4. it starts ``USER_JOB_WRAPPER <scratch>/<executable> <args...>`` as the user, in its own
+   session, in the scratch directory (or the Iwd without file transfer), stdin /dev/null,
+   stdout/stderr into files, with the job's environment plus the starter's variables and **no
+   PATH**;
+5. condor_rm sends the job's KillSig to the wrapper, then SIGKILL to its process group after the
+   kill-signal timeout;
+6. after the job it looks for ``$_CONDOR_WRAPPER_ERROR_FILE`` *as its own account*, which cannot
+   enter the user's 0700 directory, so the file is never seen (23.0, which wrote the directory
+   as its account, saw it and requeued the job: ``legacy_23`` in the spec);
+7. it runs the JOB_EXIT hook as the user with ``exit`` (also after the wrapper was SIGKILLed) or
+   ``evict`` (after condor_rm), the job ad on stdin, the starter's environment plus the job's,
+   root's PATH, CONDOR_CONFIG, CONDOR_PRIVATE_INHERIT and _CONDOR_MAINJOB_EXIT_CODE; it kills
+   the hook after 30 s;
+8. it removes the scratch directory.
 
-Usage: ``python condor_starter.py SPEC.json``; the outcome is written as JSON to spec["result"].
-Standard library only.
+Usage: ``python condor_starter.py -f -a slot1_1 SPEC.json``; the outcome is written as
+JSON to spec["result"]. ``python condor_starter.py tool condor_status|condor_config_val ARGS``
+plays those two tools, reading the fake pool that $CONDOR_CONFIG (a JSON file) describes.
+Standard library only (except ``submit_requirement``, which uses HTCondor's ClassAd library).
 """
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +44,10 @@ import time
 PR_SET_NAME = 15
 ERROR_FILE = ".job_wrapper_failure"
 JOB_EXIT_TIMEOUT_S = 30
+SLOT = "slot1_1"
+# the session key DaemonCore hands its children (a real one is a long random string)
+PRIVATE_INHERIT = "SessionKey:44ab0e1f5d83-secret-4c1d9b7a; Family:14fc6e9e0a"
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def write_as(path, data, uid, gid, mode):
@@ -49,6 +66,14 @@ def read(path):
         return None
 
 
+def read_as(path, uid, gid):
+    """The file's text as ``uid`` sees it; None when that user cannot read it."""
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.stdout.write(open(sys.argv[1])"
+                        ".read())", path], capture_output=True, text=True, user=uid, group=gid,
+                       extra_groups=[], timeout=30, env={})
+    return r.stdout if r.returncode == 0 else None
+
+
 def wait_for(path, timeout):
     """A bounded wait for the job to reach its steady state (it creates ``path``)."""
     end = time.monotonic() + timeout
@@ -59,83 +84,263 @@ def wait_for(path, timeout):
     return True
 
 
+def ad_lines(text):
+    """``Name = expr`` lines of a ClassAd in the long format, by attribute name."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*(.*)$", line)
+        if m:
+            out[m[1]] = m[2]
+    return out
+
+
+def hook_status(rc, stdout):
+    """StarterHookMgr: a HookStatusCode on stdout overrides the exit status (not a signal)."""
+    if rc < 0:
+        return rc
+    m = re.search(r"^\s*HookStatusCode\s*=\s*(\d+)\s*$", stdout, re.M | re.I)
+    return int(m[1]) if m else rc
+
+
+class Privs:
+    """Real uid 0 throughout; effective uid HTCondor's account except while acting as root."""
+
+    def __init__(self, duid, dgid):
+        self.duid, self.dgid = duid, dgid
+
+    def condor(self):
+        os.setegid(self.dgid)
+        os.seteuid(self.duid)
+
+    def root(self):
+        os.seteuid(0)
+        os.setegid(0)
+
+
 def main():
-    with open(sys.argv[1]) as f:
+    args = sys.argv[1:]
+    if args[:1] == ["tool"]:
+        return tool(args[1], args[2:])
+    slot = args[args.index("-a") + 1] if "-a" in args else SLOT
+    with open(args[-1]) as f:
         spec = json.load(f)
     ctypes.CDLL(None).prctl(PR_SET_NAME, b"condor_starter", 0, 0, 0)
     uid, gid = spec["uid"], spec["gid"]
     duid, dgid = spec["daemon_uid"], spec["daemon_gid"]
+    privs = Privs(duid, dgid)
+    legacy = spec.get("legacy_23")
     scratch = os.path.join(spec["execute"], f"dir_{os.getpid()}")
     os.mkdir(scratch, 0o700)
     os.chown(scratch, duid, dgid)
     job_ad_path = os.path.join(scratch, ".job.ad")
     machine_ad_path = os.path.join(scratch, ".machine.ad")
-    write_as(job_ad_path, spec["job_ad"], duid, dgid, 0o644)
-    write_as(machine_ad_path, spec["machine_ad"], duid, dgid, 0o644)
+    chirp_path = os.path.join(scratch, ".chirp.config")
+    ad_owner = (duid, dgid) if legacy else (uid, gid)   # 24.0 on: the ads are the user's
+    if legacy:
+        write_as(job_ad_path, spec["job_ad"], *ad_owner, 0o644)
+        write_as(machine_ad_path, spec["machine_ad"], *ad_owner, 0o644)
     os.chown(scratch, uid, gid)
+    if not legacy:
+        write_as(job_ad_path, spec["job_ad"], *ad_owner, 0o644)
+        write_as(machine_ad_path, spec["machine_ad"], *ad_owner, 0o644)
+    write_as(chirp_path, "127.0.0.1 40001 chirp-cookie\n", uid, gid, 0o600)
+    publish_slot(spec, slot, scratch)
     # file transfer puts the executable and inputs into the scratch directory, as the user; a job
     # without file transfer runs its executable from the shared file system (its Iwd here)
     files_dir = spec.get("iwd") or scratch
     for name, (text, mode) in spec["files"].items():
         write_as(os.path.join(files_dir, name), text, uid, gid, mode)
-    if spec.get("tamper_job_ad"):     # the job's user replaces the ad before the wrapper runs
-        os.unlink(job_ad_path)
-        write_as(job_ad_path, spec["tamper_job_ad"], uid, gid, 0o644)
+    if spec.get("tamper"):     # the job's user rewrites its ads before the VM boots
+        for name, text in spec["tamper"].items():
+            path = os.path.join(scratch, name)
+            os.unlink(path)
+            write_as(path, text, uid, gid, 0o644)
+    iwd = spec.get("iwd") or scratch
+    starter_env = {   # Starter::PublishToEnv, as the hooks and the wrapper get it
+        "BATCH_SYSTEM": "HTCondor", "_CONDOR_SCRATCH_DIR": scratch, "_CONDOR_SLOT": slot,
+        "_CONDOR_JOB_AD": job_ad_path, "_CONDOR_MACHINE_AD": machine_ad_path,
+        "_CONDOR_JOB_IWD": iwd, "_CONDOR_BIN": "/usr/bin", "_CONDOR_CHIRP_CONFIG": chirp_path,
+        "CONDOR_STARTER_PID": str(os.getpid()), "TMPDIR": "/tmp",
+        f"_CONDOR_ANCESTOR_{os.getppid()}": f"{os.getppid()}:1764540000:1094218790",
+        f"_CONDOR_ANCESTOR_{os.getpid()}": f"{os.getpid()}:1764540001:2052466453",
+        "OMP_NUM_THREADS": str(spec.get("cpus", 1))}
+    # the hooks: DaemonCore children, with the master's environment and HTCondor's secrets
+    hook_env = dict(starter_env, PATH=ROOT_PATH, CONDOR_CONFIG=spec.get("condor_config", ""),
+                    TMPDIR=scratch, CONDOR_PRIVATE_INHERIT=PRIVATE_INHERIT,
+                    CONDOR_PRIVATE_SHARED_PORT_COOKIE="25de6dbfae8b0a27-cookie",
+                    CONDOR_INHERIT=f"{os.getpid()} <127.0.0.1:40149?addrs=127.0.0.1-40149> 0 1",
+                    CONDOR_PARENT_ID=f"node:{os.getpid()}:1764540001")
+    job_ad = read(job_ad_path)
+    result = {"pid": os.getpid(), "scratch": scratch, "status": None, "reason": None,
+              "outcome": "completed", "stdout": None, "stderr": None, "error_file": None,
+              "prepare_job": None, "job_exit": None, "never_started": False, "removal_s": None}
 
-    env = dict(spec["env"])
-    env.update({"_CONDOR_SCRATCH_DIR": scratch, "_CONDOR_SLOT": "slot1_1",
-                "_CONDOR_JOB_AD": job_ad_path, "_CONDOR_MACHINE_AD": machine_ad_path,
-                "_CONDOR_JOB_IWD": spec.get("iwd") or scratch, "BATCH_SYSTEM": "HTCondor",
-                "_CONDOR_WRAPPER_ERROR_FILE": os.path.join(scratch, ERROR_FILE),
-                "TMPDIR": scratch, "OMP_NUM_THREADS": str(spec.get("cpus", 1))})
+    if spec.get("prepare_job"):
+        privs.condor()
+        try:
+            h = run_hook(privs, [spec["prepare_job"]], job_ad, hook_env, scratch, uid,
+                         gid, timeout=spec.get("job_timeout", 300))
+        finally:
+            privs.root()
+        code = hook_status(h["rc"], h["stdout"]) if h["rc"] is not None else -9
+        result["prepare_job"] = dict(h, status=code)
+        if code != 0:   # notifyStarterError, RemoteShutdownFast: the job never runs
+            result["outcome"] = "held" if 0 < code < 300 else "requeued"
+            finish(spec, result, scratch)
+            return 0
+
+    env = dict(spec["env"], **starter_env)
+    env["_CONDOR_WRAPPER_ERROR_FILE"] = os.path.join(scratch, ERROR_FILE)
+    env.pop("PATH", None)          # the submit file sets none: the wrapper gets no PATH
     out_path, err_path = os.path.join(scratch, "_condor_stdout"), os.path.join(scratch,
                                                                                "_condor_stderr")
     write_as(out_path, b"", uid, gid, 0o644)
     write_as(err_path, b"", uid, gid, 0o644)
     executable = os.path.join(files_dir, spec["executable"])
-    cwd = spec.get("iwd") or scratch
     with open(out_path, "ab") as out, open(err_path, "ab") as err:
-        job = subprocess.Popen([spec["wrapper"], executable, *spec["args"]], env=env, cwd=cwd,
+        job = subprocess.Popen([spec["wrapper"], executable, *spec["args"]], env=env, cwd=iwd,
                                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                user=uid, group=gid, extra_groups=[], start_new_session=True)
-    reason, removed_at, never_started = "exit", None, False
+    reason, removed_at = "exit", None
     remove = spec.get("remove")
     if remove:     # condor_rm once the job is running: KillSig, then SIGKILL after the timeout
-        never_started = not wait_for(os.path.join(cwd, remove["when"]), remove.get("within", 120))
-        reason, removed_at = "remove", time.monotonic()
-        job.send_signal(remove.get("kill_sig", signal.SIGTERM))   # the job's KillSig
-        try:
-            job.wait(timeout=remove["kill_sig_timeout"])
-        except subprocess.TimeoutExpired:
-            os.killpg(job.pid, signal.SIGKILL)
+        result["never_started"] = not wait_for(os.path.join(iwd, remove["when"]),
+                                               remove.get("within", 120))
+        if remove.get("kill_wrapper"):    # someone SIGKILLs the wrapper: the reason is "exit"
+            os.kill(job.pid, signal.SIGKILL)
+        else:
+            reason, removed_at = "evict", time.monotonic()
+            job.send_signal(remove.get("kill_sig", signal.SIGTERM))   # the job's KillSig
+            try:
+                job.wait(timeout=remove["kill_sig_timeout"])
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, signal.SIGKILL)
+    privs.condor()
     try:
         status = job.wait(timeout=spec.get("job_timeout", 300))
     except subprocess.TimeoutExpired:
+        privs.root()
         os.killpg(job.pid, signal.SIGKILL)
         status = job.wait()
+    finally:
+        privs.root()
     ended = time.monotonic()
+    # the starter stats the error file as its own account
     error_file = read(os.path.join(scratch, ERROR_FILE))
-    hook = None
+    seen = read_as(os.path.join(scratch, ERROR_FILE), duid, dgid)
+    result.update(status=status, reason=reason, error_file=error_file, error_file_seen=seen,
+                  stdout=read(out_path), stderr=read(err_path),
+                  removal_s=round(ended - removed_at, 2) if removed_at is not None else None)
+    if seen is not None and status != 0:
+        result["outcome"] = "requeued"
     if spec.get("job_exit"):
-        with open(job_ad_path, "rb") as f:
-            ad = f.read()
+        exit_env = dict(env, **hook_env)
+        exit_env["_CONDOR_MAINJOB_EXIT_CODE"] = str(status if status >= 0 else 128 - status)
+        privs.condor()
         try:
-            h = subprocess.run([spec["job_exit"], reason], input=ad, capture_output=True,
-                               env={"_CONDOR_SCRATCH_DIR": scratch, "BATCH_SYSTEM": "HTCondor"},
-                               cwd=scratch, user=uid, group=gid, extra_groups=[],
-                               timeout=JOB_EXIT_TIMEOUT_S)
-            hook = {"rc": h.returncode, "stderr": h.stderr.decode(errors="replace")}
-        except subprocess.TimeoutExpired:
-            hook = {"rc": None, "stderr": "killed after the JOB_EXIT timeout"}
-    result = {"pid": os.getpid(), "scratch": scratch, "status": status, "reason": reason,
-              "stdout": read(out_path), "stderr": read(err_path), "error_file": error_file,
-              "job_exit": hook, "never_started": never_started,
-              "removal_s": round(ended - removed_at, 2) if removed_at is not None else None}
+            result["job_exit"] = run_hook(privs, [spec["job_exit"], reason], job_ad, exit_env,
+                                          scratch, uid, gid, timeout=JOB_EXIT_TIMEOUT_S)
+        finally:
+            privs.root()
+    finish(spec, result, scratch)
+    return 0
+
+
+def run_hook(privs, argv, stdin, env, cwd, uid, gid, timeout):
+    privs.root()
+    try:
+        h = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env, cwd=cwd, user=uid, group=gid,
+                             extra_groups=[])
+    finally:
+        privs.condor()
+    try:
+        out, err = h.communicate(stdin.encode(), timeout=timeout)
+        return {"rc": h.returncode, "stdout": out.decode(errors="replace"),
+                "stderr": err.decode(errors="replace")}
+    except subprocess.TimeoutExpired:
+        privs.root()
+        h.kill()
+        h.communicate()
+        return {"rc": None, "stdout": "", "stderr": "killed after the hook's timeout"}
+
+
+def finish(spec, result, scratch):
+    unpublish_slot(spec)
     if not spec.get("keep_scratch"):
         shutil.rmtree(scratch, ignore_errors=True)
     with open(spec["result"], "w") as f:
         json.dump(result, f)
 
 
+# ---------------------------------------------------------------------------------------------
+# The startd's view: the slot ad a real startd answers `condor_status -direct` with
+def slot_path(spec):
+    return os.path.join(spec["startd_dir"], f"{spec['slot_ad_name']}.ad")
+
+
+def publish_slot(spec, slot, scratch):
+    """Claim::publish and STARTD_JOB_ATTRS: the claim's job id, the slot's size, the job's
+    listed attributes (from the schedd's copy of the job ad, not the scratch directory's)."""
+    job = ad_lines(spec["job_ad"])
+    machine = ad_lines(spec["machine_ad"])
+    lines = [f'Name = "{slot}@node"', 'State = "Claimed"', 'Activity = "Busy"',
+             f"Cpus = {machine.get('Cpus', '1')}", f"Memory = {machine.get('Memory', '512')}",
+             f'JobId = "{job["ClusterId"]}.{job["ProcId"]}"']
+    for attr in ("GlobalJobId", "AccountingGroup", "RemoteOwner"):
+        if attr in job:
+            lines.append(f"{attr} = {job[attr]}")
+    if not spec.get("no_starter_pid"):    # 25.0 on
+        lines.append(f"StarterPid = {os.getpid()}")
+    for attr in spec.get("startd_job_attrs", ()):
+        if attr in job:
+            lines.append(f"{attr} = {job[attr]}")
+    spec["slot_ad_name"] = slot
+    write_as(slot_path(spec), "\n".join(lines) + "\n", spec["daemon_uid"], spec["daemon_gid"],
+             0o644)
+
+
+def unpublish_slot(spec):
+    try:
+        os.unlink(slot_path(spec))
+    except (FileNotFoundError, KeyError):
+        pass
+
+
+def tool(name, args):
+    """condor_config_val NAME... / condor_status -direct ADDR -startd -l, on the fake pool."""
+    with open(os.environ["CONDOR_CONFIG"]) as f:
+        pool = json.load(f)
+    if name == "condor_config_val":
+        for param in args:
+            if param not in pool["params"]:
+                print(f"Not defined: {param}", file=sys.stderr)
+                return 1
+            print(pool["params"][param])
+        return 0
+    if name == "condor_status":
+        with open(pool["params"]["STARTD_ADDRESS_FILE"]) as f:
+            address = f.readline().strip()
+        if args != ["-direct", address, "-l"]:    # -startd would ask for the daemon's own ad
+            print(f"condor_status: this stand-in answers only -direct {address} -l",
+                  file=sys.stderr)
+            return 1
+        idle = '\nName = "slot2@node"\nState = "Unclaimed"\nActivity = "Idle"\nCpus = 1\n'
+        ads = [read(os.path.join(pool["startd_dir"], n)) for n in
+               sorted(os.listdir(pool["startd_dir"]))]
+        sys.stdout.write("\n".join([a for a in ads if a] + [idle]))
+        return 0
+    return 2
+
+
+def submit_requirement(expr, reason, job_ad_text, schedd_ad_text='MyType = "Scheduler"\n'):
+    """How the schedd evaluates SUBMIT_REQUIREMENT_<name>: MY is the schedd's own ad, TARGET the
+    job. Returns (accepted, the reason text or None)."""
+    import classad2
+    schedd, job = classad2.parseOne(schedd_ad_text), classad2.parseOne(job_ad_text)
+    ok = classad2.ExprTree(expr).eval(schedd, job) is True
+    return ok, None if ok else classad2.ExprTree(reason).eval(schedd, job)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -33,6 +33,20 @@ def pytest_runtest_makereport(item, call):
         item.failed_call = True
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_io_mounts_left(tmp_path_factory):
+    """Each job's I/O folder is a tmpfs (jobdir.JobPaths.create). A test that makes job
+    directories in its own tmp_path and leaves them to pytest would leave those mounts (and
+    pytest could not remove its temporary directories): detach whatever is left under them."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    with open("/proc/self/mounts") as f:
+        left = [line.split()[1] for line in f if line.startswith("vibatch-io ")]
+    for mnt in left:
+        if mnt.startswith((base + "/", "/var/tmp/vibatch-tests/" + SESSION + "/")):
+            subprocess.run(["umount", "--lazy", mnt], check=False, capture_output=True)
+
+
 def vibatch_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "vibatch", *args]
 

@@ -1,7 +1,8 @@
-"""HTCondor by contract: its daemons cannot be installed here, so tests/condor_starter.py plays
-condor_starter exactly as HTCondor's manual and source describe it (scratch directory and ad
-files, the job user, environment, argv, kill signals, the wrapper error file, the JOB_EXIT hook
-and its timeout), runs the shipped hooks with real sudo, and boots real VMs."""
+"""HTCondor by contract: tests/condor_starter.py plays condor_starter (and the startd's answers
+to the helper's two queries) as a real HTCondor 25.0.13 was seen doing it: the ads written as the
+job's user, an error file the starter cannot read, PREPARE_JOB's HookStatusCode, the real
+environment (no PATH for the wrapper; CONDOR_PRIVATE_INHERIT for the hooks), exit/evict for the
+JOB_EXIT hook. The shipped hooks run with real sudo and boot real VMs."""
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 from clusters import apt_install
 from conftest import SESSION, vibatch_cmd
 from vmhelp import batch_user, guest_kernel, install_shims, leftovers, variant
+from condor_starter import PRIVATE_INHERIT, submit_requirement
 from vibatch import config
 from vibatch.batch import htcondor
 from vibatch.errors import NodeError, ResourceRequestError
@@ -20,6 +22,7 @@ USER, UID = "vbt-htcondor", 23406
 DAEMON, DAEMON_UID = "vbt-condor", 23407
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUDOERS = "/etc/sudoers.d/vibatch-tests-htcondor"
+ADDRESS = "<127.0.0.1:40000?addrs=127.0.0.1-40000&alias=node>"
 
 
 def job_ad(cluster: int, image: str | None = None, extra: str = "", iwd: str = "") -> str:
@@ -39,12 +42,13 @@ MACHINE_AD = 'Name = "slot1_1@node"\nCpus = 1\nMemory = 640\nSlotType = "Dynamic
 class Starter:
     """Runs tests/condor_starter.py, as root, for one job."""
 
-    def __init__(self, env, hooks: str, execute: str):
-        self.env, self.hooks, self.execute = env, hooks, execute
+    def __init__(self, env, hooks: str, pool: dict):
+        self.env, self.hooks, self.pool = env, hooks, pool
+        self.execute = pool["execute"]
         self.n = 0
 
     def run(self, tracker, ad: str, script: str, args=(), iwd=None, remove=None,
-            job_exit=True, tamper=None, timeout=300) -> dict:
+            job_exit=True, prepare_job=True, tamper=None, timeout=300, **extra) -> dict:
         self.n += 1
         spec_path = os.path.join(self.env.base, f"condor-spec-{self.n}.json")
         result = os.path.join(self.env.base, f"condor-result-{self.n}.json")
@@ -54,35 +58,73 @@ class Starter:
                 "args": list(args), "env": {"JOB_VAR": "from the submit file"},
                 "wrapper": os.path.join(self.hooks, "wrapper"), "iwd": iwd, "remove": remove,
                 "job_exit": os.path.join(self.hooks, "job_exit") if job_exit else None,
-                "tamper_job_ad": tamper, "result": result, "job_timeout": timeout}
+                "prepare_job": os.path.join(self.hooks, "prepare_job") if prepare_job else None,
+                "tamper": tamper, "result": result, "job_timeout": timeout,
+                "condor_config": self.pool["condor_config"],
+                "startd_dir": self.pool["startd_dir"],
+                "startd_job_attrs": list(htcondor.SLOT_JOB_ATTRS), **extra}
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        tracker.jobs.append(htcondor.job_id_of(htcondor.parse_ad(ad.encode(), "ad")))   # torn down whatever happens
-        subprocess.run([sys.executable, os.path.join(HERE, "condor_starter.py"), spec_path],
+        tracker.jobs.append(htcondor.job_id_of(htcondor.parse_ad(ad.encode(), "ad")))
+        subprocess.run([sys.executable, os.path.join(HERE, "condor_starter.py"), "-f", "-a",
+                        "slot1_1", spec_path],
                        check=True, timeout=timeout + 60, cwd="/", env={"PATH": "/usr/bin:/bin"})
         with open(result) as f:
             return json.load(f)
+
+
+def fake_pool(base: str) -> dict:
+    """HTCondor's directories as a startd leaves them (owned by its account), its address file,
+    a CONDOR_CONFIG the stand-in tools read, and those tools in a bin directory."""
+    root = os.path.join(base, "condor")
+    pool = {d: os.path.join(root, d) for d in ("execute", "log", "startd", "bin")}
+    for d in pool.values():
+        os.makedirs(d)
+        os.chmod(d, 0o755)
+    for d in ("execute", "log", "startd"):
+        os.chown(pool[d], DAEMON_UID, DAEMON_UID)
+    address_file = os.path.join(pool["log"], ".startd_address")
+    with open(address_file, "w") as f:
+        f.write(f"{ADDRESS}\n$CondorVersion: 25.0.13 2026-08-19 $\n")
+    os.chown(address_file, DAEMON_UID, DAEMON_UID)
+    for tool in ("condor_config_val", "condor_status"):
+        path = os.path.join(pool["bin"], tool)
+        with open(path, "w") as f:
+            f.write(f'#!/bin/sh\nexec {sys.executable} {HERE}/condor_starter.py tool {tool} "$@"\n')
+        os.chmod(path, 0o755)
+    pool["condor_config"] = os.path.join(root, "condor_config.json")
+    pool["startd_dir"] = pool["startd"]
+    pool["address_file"] = address_file
+    set_params(pool, MOUNT_UNDER_SCRATCH='"/tmp"')   # a site's choice: the tests live in /var/tmp
+    return pool
+
+
+def htcondor_cfg(pool: dict) -> dict:
+    return {"daemon_user": DAEMON, "condor_config": pool["condor_config"], "bin_dir": pool["bin"]}
+
+
+def set_params(pool: dict, **params) -> None:
+    data = {"params": {"STARTD_ADDRESS_FILE": pool["address_file"], **params},
+            "startd_dir": pool["startd_dir"]}
+    with open(pool["condor_config"], "w") as f:
+        json.dump(data, f)
 
 
 @pytest.fixture(scope="module")
 def condor(vm_env):
     apt_install(["sudo"])
     with batch_user(vm_env, USER, UID) as home, batch_user(vm_env, DAEMON, DAEMON_UID):
-        cfg_path = variant(vm_env, "htcondor", {"htcondor": {"daemon_user": DAEMON}})
+        pool = fake_pool(vm_env.base)
+        cfg_path = variant(vm_env, "htcondor", {"htcondor": htcondor_cfg(pool)})
         hooks = install_shims("htcondor", os.path.join(vm_env.base, "condor-hooks"), {
             "/etc/vibatch/vibatch.yaml": cfg_path, "/opt/vibatch/venv/bin/python": sys.executable,
             "/opt/vibatch/hooks/htcondor/": os.path.join(vm_env.base, "condor-hooks") + "/"},
-            {"wrapper": 0o755, "job_exit": 0o755, "vm-helper": 0o755})
-        execute = os.path.join(vm_env.base, "condor", "execute")
-        os.makedirs(execute)
-        os.chmod(os.path.dirname(execute), 0o755)
-        os.chown(execute, DAEMON_UID, DAEMON_UID)
-        os.chmod(execute, 0o755)
+            {"wrapper": 0o755, "job_exit": 0o755, "vm-helper": 0o755, "prepare_job": 0o755})
         with open(SUDOERS, "w") as f:   # the one rule docs/batch/htcondor.md asks for
             f.write(f"ALL ALL=(root) NOPASSWD: {hooks}/vm-helper\n")
         os.chmod(SUDOERS, 0o440)
         try:
-            yield Starter(vm_env, hooks, execute), home, cfg_path
+            yield Starter(vm_env, hooks, pool), home, cfg_path
         finally:
             os.unlink(SUDOERS)
 
@@ -92,22 +134,42 @@ def accounted(env, job):
         return [r for r in map(json.loads, f) if r["job_id"] == job]
 
 
+def files_holding(top: str, needle: str) -> list[str]:
+    found = []
+    for d, _dirs, files in os.walk(top):
+        for name in files:
+            try:
+                with open(os.path.join(d, name), "rb") as f:
+                    if needle.encode() in f.read(1 << 22):
+                        found.append(os.path.join(d, name))
+            except OSError:
+                pass
+    return found
+
+
 def test_job_runs_in_its_vm_as_the_user_with_its_exit_code(vm_env, tracker, condor):
     starter, _home, _cfg = condor
+    # the job's own ads (the user's files since 24.0) ask for more than the slot gives: ignored
     r = starter.run(tracker, job_ad(101, '"testguest"'),
                     '#!/bin/sh\necho "kernel $(uname -r) user $(id -un) cwd $PWD args $*"\n'
-                    'echo "env $JOB_VAR, batch $BATCH_SYSTEM"\necho oops >&2\nexit 7\n',
+                    'echo "env $JOB_VAR, batch $BATCH_SYSTEM"\nenv >&2\nexit 7\n',
                     args=["a b", "c"])
     job = f"101.0@{SESSION}-ap.example.org"
-    assert r["status"] == 7, r
+    assert r["status"] == 7 and r["outcome"] == "completed", r
+    assert r["prepare_job"] == {"rc": 0, "stdout": "", "stderr": "", "status": 0}   # booted it
     assert r["error_file"] is None
     assert r["stdout"].splitlines() == [
         f"kernel {guest_kernel()} user {USER} cwd {r['scratch']} args a b c",
         "env from the submit file, batch HTCondor"]
-    assert r["stderr"] == "oops\n"
-    assert r["job_exit"] == {"rc": 0, "stderr": ""}      # the wrapper had already ended the VM
+    assert "JOB_VAR=from the submit file\n" in r["stderr"]
+    # HTCondor's session key (in the hooks' environment) reaches neither the guest nor a file
+    assert "CONDOR_PRIVATE_INHERIT" not in r["stderr"] and PRIVATE_INHERIT not in r["stderr"]
+    for top in (vm_env.cfg.state_dir, vm_env.cfg.run_dir,
+                os.path.dirname(vm_env.cfg.accounting_file)):
+        assert files_holding(top, PRIVATE_INHERIT.split(";")[0]) == []
+    assert r["job_exit"] == {"rc": 0, "stdout": "", "stderr": ""}  # nothing left to end
     [rec] = accounted(vm_env, job)
-    # the slot's size comes from the machine ad (640 MiB), not the smaller request (512 MiB)
+    # the slot's size comes from the startd's slot ad (640 MiB), not the smaller request
     assert (rec["exit_code"], rec["cores"], rec["memory_mb"], rec["image"]) == (7, 1, 640,
                                                                                  "testguest")
     assert leftovers(vm_env, job) == []
@@ -115,64 +177,88 @@ def test_job_runs_in_its_vm_as_the_user_with_its_exit_code(vm_env, tracker, cond
 
 def test_an_unknown_os_fails_the_job_with_the_choices_and_no_requeue(vm_env, tracker, condor):
     starter = condor[0]
-    r = starter.run(tracker, job_ad(102, '"el10"'), "#!/bin/sh\necho never\n")
-    assert r["status"] == htcondor.WRAPPER_JOB_FAULT_EXIT
-    assert r["error_file"] is None                # no error file: HTCondor must not rerun it
-    assert r["stdout"] == ""
-    assert "el10" in r["stderr"] and "testguest" in r["stderr"] and "job fault" in r["stderr"]
-    assert leftovers(vm_env, f"102.0@{SESSION}-ap.example.org") == []
-    r = starter.run(tracker, job_ad(103, "42"), "#!/bin/sh\necho never\n")
+    # a case-changed name is another name: the helper, START and the submit check agree
+    for n, image in ((102, '"el10"'), (103, '"TestGuest"')):
+        r = starter.run(tracker, job_ad(n, image), "#!/bin/sh\necho never\n")
+        assert r["status"] == htcondor.WRAPPER_JOB_FAULT_EXIT and r["outcome"] == "completed"
+        assert r["prepare_job"]["status"] == 0     # a warning only: the wrapper fails the job
+        assert "HookStatusMessage" in r["prepare_job"]["stdout"]
+        assert r["error_file"] is None
+        assert r["stdout"] == ""
+        assert image.strip('"') in r["stderr"] and "testguest" in r["stderr"], r
+        assert "job fault" in r["stderr"]
+        assert leftovers(vm_env, f"{n}.0@{SESSION}-ap.example.org") == []
+    r = starter.run(tracker, job_ad(104, "42"), "#!/bin/sh\necho never\n", prepare_job=False)
     assert r["status"] == 125 and 'VibatchImage = "el9"' in r["stderr"]
 
 
-def test_a_node_fault_writes_the_error_file_so_the_job_goes_back_to_idle(vm_env, tracker, condor):
+def test_a_node_fault_requeues_the_job_only_from_prepare_job(vm_env, tracker, condor):
     starter, _home, cfg_path = condor
     with open(cfg_path) as f:
         saved = f.read()
     # a guest that never answers, within a short boot timeout: the node's fault
-    variant_path = variant(vm_env, "htcondor", {"htcondor": {"daemon_user": DAEMON},
-                                                "vm": {"boot_timeout_s": 8}})
-    assert variant_path == cfg_path
+    variant(vm_env, "htcondor", {"htcondor": htcondor_cfg(starter.pool),
+                                 "vm": {"boot_timeout_s": 8}})
     try:
-        r = starter.run(tracker, job_ad(104, '"silent"'), "#!/bin/sh\necho never\n")
+        r = starter.run(tracker, job_ad(105, '"silent"'), "#!/bin/sh\necho never\n")
+        # without the hook the wrapper meets the fault, and its error file is not seen
+        w = starter.run(tracker, job_ad(106, '"silent"'), "#!/bin/sh\necho never\n",
+                        prepare_job=False)
     finally:
         with open(cfg_path, "w") as f:
             f.write(saved)
-    assert r["status"] == htcondor.WRAPPER_NODE_FAULT_EXIT
-    assert r["error_file"] is not None and r["error_file"].count("\n") == 1
-    assert "did not answer within 8 s" in r["error_file"]
-    assert "node fault" in r["stderr"]
-    assert leftovers(vm_env, f"104.0@{SESSION}-ap.example.org") == []
+    assert r["outcome"] == "requeued" and r["status"] is None, r     # the wrapper never ran
+    assert r["prepare_job"]["status"] == htcondor.REQUEUE_HOOK_STATUS
+    assert "did not answer within 8 s" in r["prepare_job"]["stdout"]
+    assert r["prepare_job"]["stdout"].count("\n") == 2                # two one-line attributes
+    assert leftovers(vm_env, f"105.0@{SESSION}-ap.example.org") == []
+    assert w["outcome"] == "completed" and w["status"] == htcondor.WRAPPER_NODE_FAULT_EXIT, w
+    assert w["error_file"] is not None and w["error_file_seen"] is None
+    assert "do not rerun it" in w["stderr"] and "will run again" not in w["stderr"]
+    assert leftovers(vm_env, f"106.0@{SESSION}-ap.example.org") == []
+
+
+def test_mount_under_scratch_over_vibatch_is_refused(vm_env, tracker, condor):
+    starter = condor[0]
+    set_params(starter.pool, MOUNT_UNDER_SCRATCH='"/tmp,/var/tmp"')   # the default, as printed
+    try:
+        r = starter.run(tracker, job_ad(107, '"testguest"'), "#!/bin/sh\necho never\n")
+    finally:
+        set_params(starter.pool, MOUNT_UNDER_SCRATCH='"/tmp"')
+    assert r["outcome"] == "requeued", r
+    assert "MOUNT_UNDER_SCRATCH = /tmp,/var/tmp gives" in r["prepare_job"]["stdout"]
+    assert f"{vm_env.cfg.state_dir} (in /var/tmp)" in r["prepare_job"]["stdout"]
+    assert leftovers(vm_env, f"107.0@{SESSION}-ap.example.org") == []
 
 
 def test_condor_rm_signals_the_job_in_its_vm_and_leaves_nothing(vm_env, tracker, condor):
     starter, home, _cfg = condor
     # no file transfer: the job starts in its Iwd (the user's home), which the VM shares
-    r = starter.run(tracker, job_ad(105, '"testguest"', iwd=home),
+    r = starter.run(tracker, job_ad(108, '"testguest"', iwd=home),
                     "#!/bin/sh\ntrap 'echo got TERM in $PWD; exit 143' TERM\n"
-                    "touch started.105\nsleep 300 & wait\n",
-                    iwd=home, remove={"when": "started.105", "kill_sig_timeout": 60})
+                    "touch started.108\nsleep 300 & wait\n",
+                    iwd=home, remove={"when": "started.108", "kill_sig_timeout": 60})
     assert not r["never_started"], r
-    assert r["reason"] == "remove" and r["status"] == 143, r
+    assert r["reason"] == "evict" and r["status"] == 143, r
     assert r["stdout"] == f"got TERM in {home}\n"
     assert r["job_exit"]["rc"] == 0
-    assert leftovers(vm_env, f"105.0@{SESSION}-ap.example.org") == []
+    assert leftovers(vm_env, f"108.0@{SESSION}-ap.example.org") == []
 
 
 def test_a_sigkilled_wrapper_is_cleaned_up_by_the_job_exit_hook_or_by_reap(vm_env, tracker,
                                                                               condor):
     starter, home, cfg_path = condor
     script = "#!/bin/sh\ntouch started.$1\nsleep 300\n"
-    r = starter.run(tracker, job_ad(106, '"testguest"', iwd=home), script, args=["106"],
-                    iwd=home, remove={"when": "started.106", "kill_sig": 9, "kill_sig_timeout": 30})
+    r = starter.run(tracker, job_ad(109, '"testguest"', iwd=home), script, args=["109"],
+                    iwd=home, remove={"when": "started.109", "kill_wrapper": True})
     assert not r["never_started"], r
-    assert r["status"] == -9 and r["job_exit"]["rc"] == 0     # the hook ended the VM
-    assert leftovers(vm_env, f"106.0@{SESSION}-ap.example.org") == []
+    assert r["status"] == -9 and r["reason"] == "exit" and r["job_exit"]["rc"] == 0, r
+    assert leftovers(vm_env, f"109.0@{SESSION}-ap.example.org") == []
     # no hook either: the VM outlives its starter until `vibatch reap` sees the starter gone
-    r = starter.run(tracker, job_ad(107, '"testguest"', iwd=home), script, args=["107"],
-                    iwd=home, remove={"when": "started.107", "kill_sig": 9, "kill_sig_timeout": 30},
+    r = starter.run(tracker, job_ad(110, '"testguest"', iwd=home), script, args=["110"],
+                    iwd=home, remove={"when": "started.110", "kill_wrapper": True},
                     job_exit=False)
-    job = f"107.0@{SESSION}-ap.example.org"
+    job = f"110.0@{SESSION}-ap.example.org"
     assert r["status"] == -9 and "domain" in leftovers(vm_env, job)
     out = subprocess.run(vibatch_cmd("--config", cfg_path, "reap"), capture_output=True,
                          text=True, timeout=120)
@@ -181,17 +267,23 @@ def test_a_sigkilled_wrapper_is_cleaned_up_by_the_job_exit_hook_or_by_reap(vm_en
     assert [rec["vm_end"] for rec in accounted(vm_env, job)] == ["destroyed"]
 
 
-def test_a_replaced_job_ad_is_refused(vm_env, tracker, condor):
-    starter = condor[0]
-    forged = job_ad(108, '"testguest"', extra="RequestCpus = 64")
-    r = starter.run(tracker, job_ad(108, '"testguest"'), "#!/bin/sh\necho never\n",
-                    tamper=forged)
-    assert r["status"] == 125 and r["error_file"] is None
-    assert "was replaced by the job's user" in r["stderr"]
-    assert leftovers(vm_env, f"108.0@{SESSION}-ap.example.org") == []
+def test_forged_ads_in_the_scratch_directory_change_nothing(vm_env, tracker, condor):
+    starter, home, _cfg = condor
+    # the user rewrites both ads (theirs since 24.0): another job's id, 64 cores, 64 GiB, /root
+    forged = job_ad(999, '"silent"', iwd="/root", extra="RequestCpus = 64")
+    r = starter.run(tracker, job_ad(111, '"testguest"'),
+                    '#!/bin/sh\necho "cores $(nproc) job $VIBATCH_JOB_ID cwd $PWD"\n',
+                    tamper={".job.ad": forged, ".machine.ad": "Cpus = 64\nMemory = 65536\n"})
+    job = f"111.0@{SESSION}-ap.example.org"
+    assert r["status"] == 0, r
+    assert r["stdout"] == f"cores 1 job {job} cwd {r['scratch']}\n"
+    [rec] = accounted(vm_env, job)
+    assert (rec["cores"], rec["memory_mb"], rec["image"]) == (1, 640, "testguest")
+    assert leftovers(vm_env, job) == [] and accounted(vm_env, f"999.0@{SESSION}-ap.example.org") \
+        == []
 
 
-def test_the_helper_refuses_callers_outside_a_job(vm_env, condor):
+def test_the_helper_refuses_callers_outside_a_job_and_a_forged_startd(vm_env, condor, tmp_path):
     starter, home, _cfg = condor
     helper = os.path.join(starter.hooks, "vm-helper")
     fake = os.path.join(starter.execute, f"dir_{os.getpid()}")
@@ -205,6 +297,44 @@ def test_the_helper_refuses_callers_outside_a_job(vm_env, condor):
     r = subprocess.run([helper, "finish"], capture_output=True, text=True, timeout=60,
                        env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 4 and "SUDO_UID is missing" in r.stderr
+    # an address file the user could write (theirs, or in a directory of theirs) is not the
+    # startd's: a user's own "startd" could then answer with any slot ad
+    trusted = {0, DAEMON_UID}
+    assert htcondor.read_address_file(starter.pool["address_file"], trusted) == ADDRESS
+    forged = tmp_path / "log"
+    forged.mkdir()
+    (forged / ".startd_address").write_text("<127.0.0.1:1>\n")
+    os.chown(forged / ".startd_address", UID, UID)
+    with pytest.raises(NodeError, match="writable by no one else"):
+        htcondor.read_address_file(str(forged / ".startd_address"), trusted)
+    os.chown(forged / ".startd_address", DAEMON_UID, DAEMON_UID)
+    os.chown(forged, UID, UID)
+    with pytest.raises(NodeError, match="writable by no one else"):
+        htcondor.read_address_file(str(forged / ".startd_address"), trusted)
+
+
+def test_the_slot_is_the_one_running_our_starter():
+    parse = htcondor.parse_ads
+    text = ('Name = "slot1_1@n"\nState = "Claimed"\nJobId = "5.0"\nStarterPid = 41\nIwd = "/w"\n'
+            '\nName = "slot1_2@n"\nState = "Claimed"\nJobId = "6.0"\nStarterPid = 42\n'
+            'Iwd = "/v"\n\nName = "slot2@n"\nState = "Unclaimed"\n')
+    ads = parse(text, "t")
+    assert len(ads) == 3
+    assert htcondor.pick_slot(ads, 42, "slot1_1")["JobId"] == "6.0"    # 25: StarterPid wins
+    with pytest.raises(NodeError, match="0 slots running condor_starter 43"):
+        htcondor.pick_slot(ads, 43, "slot1_1")        # a slot with a StarterPid is another's
+    old = parse('Name = "slot1@n"\nState = "Claimed"\nJobId = "7.0"\nIwd = "/w"\n'
+                '\nName = "slot2@n"\nState = "Claimed"\nJobId = "8.0"\nIwd = "/w"\n', "t")
+    assert htcondor.pick_slot(old, 43, "slot2")["JobId"] == "8.0"      # 23/24: -slot-name
+    with pytest.raises(NodeError, match="not running a job"):
+        htcondor.pick_slot(parse('Name = "slot1@n"\nState = "Unclaimed"\n', "t"), 1, "slot1")
+    with pytest.raises(NodeError, match="STARTD_JOB_ATTRS"):
+        htcondor.pick_slot(parse('Name = "slot1@n"\nState = "Claimed"\nJobId = "1.0"\n', "t"),
+                           1, "slot1")
+    assert htcondor.mount_under_scratch_conflicts("/tmp,/var/tmp", ["/var/tmp/x", "/tmpx",
+                                                                    "/var/lib"]) \
+        == ["/var/tmp/x (in /var/tmp)"]
+    assert htcondor.mount_under_scratch_conflicts("", ["/tmp/x"]) == []
 
 
 def test_ads_ids_and_sizes(tmp_path):
@@ -213,6 +343,8 @@ def test_ads_ids_and_sizes(tmp_path):
     assert htcondor.job_id_of(ad) == f"7.0@{SESSION}-ap.example.org"
     no_schedd = htcondor.parse_ad(b"ClusterId = 9\nProcId = 3\n", "ad")
     assert htcondor.job_id_of(no_schedd) == "9.3"
+    slot = htcondor.parse_ad(b'JobId = "12.4"\nGlobalJobId = "ap#12.4#1"\n', "ad")
+    assert htcondor.job_id_of(slot) == "12.4@ap"
     odd = htcondor.parse_ad(b'ClusterId = 1\nProcId = 0\nGlobalJobId = "a/..b c#1.0#5"\n', "ad")
     assert htcondor.job_id_of(odd) == "1.0@a_.b_c"
     machine = htcondor.parse_ad(MACHINE_AD.encode(), "m")
@@ -246,15 +378,19 @@ def test_offer_fragments_match_and_refuse_as_htcondor_evaluates_them():
     assert startd["START"].startswith("($(START)) && (")
     machine = classad2.parseOne(f"VibatchImages = {startd['VibatchImages']}\n")
     start = classad2.ExprTree(startd["START"][len("($(START)) && "):])
-    submit = classad2.ExprTree(schedd["SUBMIT_REQUIREMENT_VibatchImage"])
-    reason = classad2.ExprTree(schedd["SUBMIT_REQUIREMENT_VibatchImage_REASON"])
-    for attr, ok in (('"el9"', True), ('"TestGuest"', True), ('"el10"', False), (None, True),
+    submit, reason = (schedd["SUBMIT_REQUIREMENT_VibatchImage"],
+                      schedd["SUBMIT_REQUIREMENT_VibatchImage_REASON"])
+    # names are case-sensitive, as the helper compares them
+    for attr, ok in (('"el9"', True), ('"TestGuest"', False), ('"el10"', False), (None, True),
                      ("5", False)):
-        job = classad2.parseOne(f"VibatchImage = {attr}\n" if attr else "Owner = \"a\"\n")
+        text = f"VibatchImage = {attr}\n" if attr else "Owner = \"a\"\n"
+        job = classad2.parseOne(text)
         assert (start.eval(machine, job) is True) == ok, attr     # the negotiator's match
-        assert (submit.eval(job) is True) == ok, attr              # condor_submit's check
-    assert reason.eval(classad2.parseOne('VibatchImage = "el10"\n')) == \
-        'vibatch: unknown OS "el10"; choose one of: el9, testguest'
+        assert submit_requirement(submit, reason, text)[0] == ok, attr   # the schedd's check
+    assert submit_requirement(submit, reason, 'VibatchImage = "el10"\n')[1] == \
+        'vibatch: unknown OS "el10" (names are case-sensitive); choose one of: el9, testguest'
+    assert submit_requirement(submit, reason, "VibatchImage = 5\n")[1].startswith(
+        'vibatch: unknown OS "5"')
 
 
 def test_image_offer_writes_the_fragments(vm_env):
@@ -265,15 +401,16 @@ def test_image_offer_writes_the_fragments(vm_env):
         lines = f.read().splitlines()
     assert 'VibatchImages = "silent,testguest"' in lines
     r = vm_env.run("image", "offer", "--format", "htcondor-schedd")
-    assert 'stringListIMember(MY.VibatchImage, "silent,testguest")' in r.stdout
+    assert 'stringListMember(TARGET.VibatchImage, "silent,testguest")' in r.stdout
     assert vm_env.run("image", "offer", "--format", "condor").returncode == 2
 
 
 def test_removal_while_the_vm_boots_never_starts_the_job(vm_env, tracker, condor):
     starter = condor[0]
-    job = f"109.0@{SESSION}-ap.example.org"
+    job = f"112.0@{SESSION}-ap.example.org"
     # condor_rm arrives as soon as the prologue has claimed the job (its state directory exists)
-    r = starter.run(tracker, job_ad(109, '"testguest"'), "#!/bin/sh\necho ran\n",
+    r = starter.run(tracker, job_ad(112, '"testguest"'), "#!/bin/sh\necho ran\n",
+                    prepare_job=False,
                     remove={"when": os.path.join(vm_env.cfg.state_dir, "jobs", job),
                             "kill_sig_timeout": 120})
     assert not r["never_started"], r

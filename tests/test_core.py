@@ -44,7 +44,10 @@ def site(tmp_path):
     os.chmod(tmp_path, 0o755)
     os.chmod(work, 0o777)
     hv = FakeHypervisor(str(tmp_path / "domains.json"))
-    return cfg, hv, str(work)
+    yield cfg, hv, str(work)
+    hv.down = False
+    for job in jobstore.job_ids(cfg):   # what a test left running (its I/O folder is a mount)
+        lifecycle.epilogue(fake_node(cfg, hv), job)
 
 
 def request(cfg, work, job="j1", cores=1):

@@ -330,8 +330,8 @@ def test_a_root_hook_started_with_a_hostile_environment_uses_none_of_it(vm_env, 
 @pytest.mark.vm
 def test_a_prologue_under_the_batch_systems_limits_is_not_killed_halfway(vm_env, tracker,
                                                                         tmp_path):
-    """Started with RLIMIT_FSIZE 1 byte (a write of state.json raised SIGXFSZ and killed the
-    prologue halfway, leaving its job directory and slot) and 1 s of CPU time (SIGXCPU)."""
+    """Started with RLIMIT_FSIZE 1 byte (on main the prologue's first state write failed with
+    EFBIG, a node fault: Torque requeues the job) and 1 s of CPU time (SIGXCPU)."""
     import resource
     inf = resource.RLIM_INFINITY
 

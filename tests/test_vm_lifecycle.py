@@ -209,7 +209,9 @@ def test_reap_after_a_crash(vm_env, tracker):
     conn.lookupByName("vibatch-" + crashed).destroy()          # as if QEMU died
     orphan = tracker.job_id()
     assert prologue(vm_env, orphan).returncode == 0
-    shutil.rmtree(os.path.join(vm_env.cfg.state_dir, "jobs", orphan))  # as if its state was lost
+    lost = os.path.join(vm_env.cfg.state_dir, "jobs", orphan)   # as if its state was lost (a
+    subprocess.run(["umount", "--lazy", os.path.join(lost, "io")], check=True)   # reboot: no tmpfs)
+    shutil.rmtree(lost)
     SlotAllocator(vm_env.cfg.state_dir, Capacity((0, 1), 100000), 5).release(orphan)
     stray = tracker.job_id()
     SlotAllocator(vm_env.cfg.state_dir, Capacity((0, 1), 100000), 5).claim(stray, 1, 64)

@@ -89,7 +89,9 @@ class ImagesConfig:
 
 @dataclass(frozen=True)
 class HTCondorConfig:
-    daemon_user: str = "condor"        # the account HTCondor's daemons write job ad files as
+    daemon_user: str = "condor"        # HTCondor's account (CONDOR_IDS): owns EXECUTE and LOG
+    condor_config: str = "/etc/condor/condor_config"   # CONDOR_CONFIG for the tools the helper runs
+    bin_dir: str = "/usr/bin"          # where condor_config_val and condor_status are
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,8 @@ _CHECKS.update({
     "torque.max_node_faults": (int,) + _POSITIVE,
     "torque.fault_backoff_s": (float, lambda v: 0 <= v <= 120, "must be between 0 and 120"),
 })
+_CHECKS["htcondor.condor_config"] = (str, os.path.isabs, "must be an absolute path")
+_CHECKS["htcondor.bin_dir"] = (str, os.path.isabs, "must be an absolute path")
 _SECTIONS = {"host": HostConfig, "jobs": JobLimits, "vm": VmConfig, "exec": ExecConfig,
              "images": ImagesConfig, "htcondor": HTCondorConfig, "torque": TorqueConfig}
 

@@ -1,29 +1,32 @@
-"""HTCondor: ``USER_JOB_WRAPPER`` and the starter's ``JOB_EXIT`` hook, both run as the job user,
-with a root helper (``vm-helper``, reached through sudo) that boots and tears down the job's VM.
+"""HTCondor: ``USER_JOB_WRAPPER``, the starter's ``PREPARE_JOB`` and ``JOB_EXIT`` hooks, all run
+as the job user, with a root helper (``vm-helper``, reached through sudo) that boots and tears down
+the job's VM. What a real condor_starter does (seen on HTCondor 25.0.13, built from source; see
+docs/batch/htcondor.md and tests/condor_starter.py):
 
-The contract (HTCondor manual: admin-manual/configuration/starter.rst and hooks.rst,
-users-manual/env-of-job.rst; condor_starter's source; see docs/batch/htcondor.md):
+- condor_starter (real uid root, effective uid HTCondor's account) makes the scratch directory
+  ``$(EXECUTE)/dir_<its pid>``, hands it to the job user (0700), and since 24.0 writes
+  ``.job.ad`` and ``.machine.ad`` into it *as the user*. So the ad files are the user's: the
+  helper never reads them.
+- ``<Keyword>_HOOK_PREPARE_JOB`` runs as the user, after file transfer, with the job ad on stdin.
+  A ``HookStatusCode`` of 300 or more on its stdout is a shadow exception: the job goes back to
+  Idle. 1 to 299 holds the job. This is the only way a node fault requeues the job on 24 and 25:
+  the starter looks for ``$_CONDOR_WRAPPER_ERROR_FILE`` as its own account, which cannot enter
+  the user's 0700 scratch directory (23.0 wrote the directory as its account and did see it).
+- ``USER_JOB_WRAPPER`` runs as the user with argv ``<scratch>/<executable> <args>``, no PATH, in
+  its own session, stdin /dev/null, cwd the scratch directory (or the Iwd without file
+  transfer). Its exit status is the job's; condor_rm's KillSig goes to it.
+- ``<Keyword>_HOOK_JOB_EXIT`` runs as the user after the job (``exit``, also after SIGKILL, or
+  ``evict`` after condor_rm), with the starter's environment, which holds HTCondor's session key
+  (``CONDOR_PRIVATE_INHERIT``); the starter waits 30 s for it.
 
-- condor_starter (real uid root) makes the scratch directory ``$(EXECUTE)/dir_<its pid>``,
-  writes ``.job.ad`` and ``.machine.ad`` into it as HTCondor's account, hands the directory to
-  the job user and starts ``USER_JOB_WRAPPER`` as the job user, in the job's initial working
-  directory, with the job's environment plus ``_CONDOR_SCRATCH_DIR``, ``_CONDOR_JOB_AD``,
-  ``_CONDOR_MACHINE_AD``, ``_CONDOR_WRAPPER_ERROR_FILE`` and ``BATCH_SYSTEM=HTCondor``. argv is
-  the job's executable (full path) and its arguments. The wrapper stands for the job: its exit
-  status becomes the job's, and the starter's signals (condor_rm, vacate) go to it.
-- A wrapper that cannot run the job writes ``$_CONDOR_WRAPPER_ERROR_FILE`` and exits non-zero:
-  the job goes back to Idle (to run again), and the file's text goes to the StarterLog.
-- ``<Keyword>_HOOK_JOB_EXIT`` runs as the job user once the job has ended, with argv
-  ``exit|remove|hold|evict`` and the job ad on stdin; the starter waits
-  ``<Keyword>_HOOK_JOB_EXIT_TIMEOUT`` (30 s) for it.
-
-Booting a VM needs root, which the job user reaches only through the helper. The helper believes
-nothing the user says: it finds the root condor_starter among its own ancestors, checks that the
-process the starter runs is the sudo caller's, and takes the scratch directory from the
-starter's pid and the job (id, cores, memory, requested image) from ad files that HTCondor's
-account wrote. The VM's life is bound to that starter: the wrapper ends it when the job ends, the
-JOB_EXIT hook when the starter removes or evicts the job, and ``vibatch reap`` once the starter
-is gone.
+The helper believes nothing the user says. It finds the root condor_starter among its own
+ancestors and checks that the process the starter runs is the sudo caller's; the scratch
+directory must be that starter's. The job (id, cores, memory, OS, Iwd) comes from the local
+startd's own slot ad, asked for by root at the address HTCondor's account wrote in LOG, for the
+slot whose ``StarterPid`` (25.0 on) or ``-slot-name`` (the starter's command line, written by
+the startd) is that starter's. The VM's life is bound to the starter: the wrapper ends it when
+the job ends, the JOB_EXIT hook when the starter removes or evicts the job, and ``vibatch reap``
+once the starter is gone.
 
 The OS is chosen with a job attribute, ``+VibatchImage = "el9"`` in the submit file.
 """
@@ -43,45 +46,67 @@ from .. import config as config_mod
 from .. import lifecycle, proc
 from ..accel import lift_limits
 from ..errors import NodeError, ResourceRequestError, VibatchError
+from ..jobdir import JobPaths
 from ..request import check_job_id, resolve_user
+from ..util import read_json
 from . import (BatchJob, Outcome, clean_env_path, epilogue, exec_job, parse_shim_args,
                prologue, run_hook)
 
 SYSTEM = "htcondor"
 SUDO = "/usr/bin/sudo"
+SUDO_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}   # nothing of the job's reaches sudo
+TOOL_ENV_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 STARTER_NAME = "condor_starter"
-JOB_AD, MACHINE_AD = ".job.ad", ".machine.ad"
 IMAGE_ATTR = "VibatchImage"
+# The job attributes the startd must copy into the slot ad (STARTD_JOB_ATTRS) for the helper.
+SLOT_JOB_ATTRS = (IMAGE_ATTR, "Iwd", "AllowedJobDuration")
 AD_MAX_BYTES = 1 << 20
+TOOL_TIMEOUT_S = 30
 MAX_ANCESTRY = 64
-PREPARE_ALARM_S = 600     # the helper's own deadline for booting; USER_JOB_WRAPPER has none
+PREPARE_ALARM_S = 600     # the helper's own deadline for booting; the hooks have none
 FINISH_ALARM_S = 25       # the starter waits 30 s for the JOB_EXIT hook
 SUDO_MARGIN_S = 15
-# Between our wrapper and our helper only: HTCondor never sees these.
+# HTCondor's secrets in the starter's environment (the hooks get it; DaemonCore's session key
+# CONDOR_PRIVATE_INHERIT, the shared port cookie, the parent's address): never passed on.
+SECRET_ENV_PREFIXES = ("CONDOR_PRIVATE_", "CONDOR_INHERIT")
+# Between our hooks and our helper only: HTCondor never sees these.
 HELPER_EXIT = {Outcome.OK: 0, Outcome.JOB_FAULT: 3, Outcome.NODE_FAULT: 4}
-# What HTCondor sees from the wrapper (docs/batch/htcondor.md). A job fault: the job completes
-# with this code and the reason in its error output. A node fault: the error file plus a
-# non-zero code put the job back to Idle, to run again.
+# What HTCondor sees (docs/batch/htcondor.md). A job fault: the job completes with 125 and the
+# reason in its error output. A node fault in PREPARE_JOB: HookStatusCode 300 (>= 300), a shadow
+# exception, and the job goes back to Idle. A node fault in the wrapper: exit 1 (HTCondor 23
+# requeues it, reading the error file; 24 and 25 cannot read that file and end the job).
 WRAPPER_JOB_FAULT_EXIT = 125
 WRAPPER_NODE_FAULT_EXIT = 1
-
-
-class AdTampered(ResourceRequestError):
-    """An ad file in the scratch directory was replaced by the job's user."""
+REQUEUE_HOOK_STATUS = 300
 
 
 # ---------------------------------------------------------------------------------------------
 # ClassAds
-def parse_ad(data: bytes, what: str) -> Any:
-    """One ClassAd in the ``condor_q -l`` format the starter writes, with HTCondor's parser."""
+def _classad():
     try:
         import classad2  # noqa: PLC0415 - only HTCondor nodes need the htcondor package
     except ImportError:
         raise NodeError("the htcondor Python package (its ClassAd parser) is missing from "
                         "vibatch's environment: pip install 'vibatch[htcondor]'") from None
+    return classad2
+
+
+def parse_ads(text: str, what: str) -> list:
+    """The ClassAds in ``condor_status -l`` output (blank-line separated), HTCondor's parser."""
+    classad2 = _classad()
+    try:
+        ads = [ad for ad in classad2.parseAds(text) if len(ad)]
+    except Exception as e:  # noqa: BLE001 - the parser's own exception types vary by release
+        raise NodeError(f"{what}: not ClassAds ({e})") from None
+    return ads
+
+
+def parse_ad(data: bytes, what: str) -> Any:
+    """One ClassAd in the ``condor_q -l`` format."""
+    classad2 = _classad()
     try:
         ad = classad2.parseOne(data.decode("utf-8", errors="replace"))
-    except Exception as e:  # noqa: BLE001 - the parser's own exception types vary by release
+    except Exception as e:  # noqa: BLE001
         raise NodeError(f"{what}: not a ClassAd ({e})") from None
     if len(ad) == 0:
         raise NodeError(f"{what}: not a ClassAd (no attributes parsed)")
@@ -112,18 +137,23 @@ def ad_str(ad: Any, attr: str) -> Optional[str]:
 
 
 def job_id_of(ad: Any) -> str:
-    """``<ClusterId>.<ProcId>@<schedd>``: unique on the node even across access points."""
+    """``<ClusterId>.<ProcId>@<schedd>``: unique on the node even across access points. A job
+    ad has ClusterId and ProcId; the startd's slot ad has JobId ``"<cluster>.<proc>"``."""
     cluster, procid = ad_int(ad, "ClusterId"), ad_int(ad, "ProcId")
     if cluster is None or procid is None:
-        raise NodeError("the job ad has no ClusterId/ProcId")
+        m = re.fullmatch(r"(\d+)\.(\d+)", ad_str(ad, "JobId") or "")
+        if not m:
+            raise NodeError("the ad has no ClusterId/ProcId (nor a JobId)")
+        cluster, procid = int(m[1]), int(m[2])
     schedd = (ad_str(ad, "GlobalJobId") or "").split("#", 1)[0]
     schedd = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9_.@+:-]", "_", schedd)).strip(".")[:96]
     return check_job_id(f"{cluster}.{procid}@{schedd}" if schedd else f"{cluster}.{procid}")
 
 
 def job_from_ads(cfg, job_ad: Any, machine_ad: Any, user: str, workdir: str) -> BatchJob:
-    """The slot's cores and memory (the machine ad: what HTCondor provisioned, which may exceed
-    the request), else the job's request, else the site's defaults."""
+    """The slot's cores and memory (what HTCondor provisioned, which may exceed the request),
+    else the job's request, else the site's defaults. The helper passes the startd's slot ad as
+    both: it holds the slot's Cpus and Memory and the job's attributes in STARTD_JOB_ATTRS."""
     image = _value(job_ad, IMAGE_ATTR)
     if IMAGE_ATTR in job_ad and not (isinstance(image, str) and image):
         raise ResourceRequestError(f"the job attribute {IMAGE_ATTR} must be an OS or image name "
@@ -143,7 +173,9 @@ def config_fragment(names: Sequence[str], daemon: str) -> str:
 
     startd (execute points): advertise the names this node offers as ``VibatchImages`` and
     start only jobs that ask for none or for one of them, so the negotiator never sends a job
-    to a node that lacks its OS. schedd (access points): refuse any other name at submit."""
+    to a node that lacks its OS. schedd (access points): refuse any other name at submit; the
+    schedd evaluates SUBMIT_REQUIREMENT with MY bound to its own ad, so the job is TARGET.
+    Names are compared case-sensitively everywhere (stringListMember), as the helper does."""
     listed = ",".join(names)   # image names and aliases: letters, digits, '.', '_', '-' only
     if daemon == "startd":
         return (f"# vibatch image offer --format htcondor-startd: execute point configuration\n"
@@ -155,13 +187,14 @@ def config_fragment(names: Sequence[str], daemon: str) -> str:
             f"SUBMIT_REQUIREMENT_NAMES = $(SUBMIT_REQUIREMENT_NAMES) {IMAGE_ATTR}\n"
             f"SUBMIT_REQUIREMENT_{IMAGE_ATTR} = {SUBMIT_CLAUSE.format(names=listed)}\n"
             f"SUBMIT_REQUIREMENT_{IMAGE_ATTR}_REASON = strcat(\"vibatch: unknown OS \\\"\", "
-            f"MY.{IMAGE_ATTR}, \"\\\"; choose one of: {choices}\")\n")
+            f"string(TARGET.{IMAGE_ATTR}), \"\\\" (names are case-sensitive); choose one of: "
+            f"{choices}\")\n")
 
 
 START_CLAUSE = (f"TARGET.{IMAGE_ATTR} is undefined || "
-                f"stringListIMember(TARGET.{IMAGE_ATTR}, MY.VibatchImages)")
-SUBMIT_CLAUSE = (f'MY.{IMAGE_ATTR} is undefined || stringListIMember(MY.{IMAGE_ATTR}, '
-                 '"{names}")')
+                f"stringListMember(TARGET.{IMAGE_ATTR}, MY.VibatchImages)")
+SUBMIT_CLAUSE = (f'TARGET.{IMAGE_ATTR} is undefined || (isString(TARGET.{IMAGE_ATTR}) && '
+                 f'stringListMember(TARGET.{IMAGE_ATTR}, "{{names}}"))')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +206,8 @@ class Caller:
 
 
 def find_caller(environ: dict) -> Caller:
-    """The sudo caller, which must be the process a root condor_starter runs (the wrapper or
-    the JOB_EXIT hook): sudo's SUDO_UID, and our ancestry up to that starter."""
+    """The sudo caller, which must be the process a root condor_starter runs (a hook or the
+    wrapper): sudo's SUDO_UID, and our ancestry up to that starter (real uid 0)."""
     sudo_uid = environ.get("SUDO_UID", "")
     if not sudo_uid.isdigit() or int(sudo_uid) == 0:
         raise NodeError("the VM helper runs only through sudo, called by a job's user "
@@ -199,7 +232,7 @@ def find_caller(environ: dict) -> Caller:
 
 
 def trusted_uids(cfg) -> set[int]:
-    """Who may have written the ad files: root and HTCondor's own account."""
+    """Who may own EXECUTE and the startd's address file: root and HTCondor's own account."""
     import pwd  # noqa: PLC0415
     uids = {0}
     try:
@@ -234,59 +267,154 @@ def open_scratch(scratch: str, caller: Caller, trusted: set[int],
     return fd, real
 
 
-def read_trusted(dir_fd: int, name: str, where: str, trusted: set[int], caller: Caller,
-                 required: bool) -> Optional[bytes]:
-    """An ad file as HTCondor's account wrote it: a regular file it owns, with one link,
-    writable by no one else. One the job's user put there is the job's fault."""
-    path = f"{where}/{name}"
+class Condor:
+    """HTCondor's own tools, run by root with an explicit environment: the site's CONDOR_CONFIG
+    (from vibatch's config, never from the caller) and a system PATH."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.env = {"CONDOR_CONFIG": cfg.htcondor.condor_config, "PATH": TOOL_ENV_PATH}
+
+    def run(self, tool: str, args: Sequence[str]) -> str:
+        res = proc.run([os.path.join(self.cfg.htcondor.bin_dir, tool), *args],
+                       timeout=TOOL_TIMEOUT_S, check=False, env=self.env)
+        if res.returncode != 0:
+            last = (res.stderr.strip().splitlines() or ["no error output"])[-1]
+            raise NodeError(f"{tool} {' '.join(args)} failed (exit {res.returncode}): {last}")
+        return res.stdout
+
+    def params(self, *names: str) -> list[str]:
+        out = self.run("condor_config_val", names).splitlines()
+        if len(out) != len(names):
+            raise NodeError(f"condor_config_val {' '.join(names)}: expected {len(names)} lines, "
+                            f"got {len(out)}")
+        return [line.strip() for line in out]
+
+
+def mount_under_scratch_conflicts(value: str, paths: Sequence[str]) -> list[str]:
+    """The paths that lie in a directory MOUNT_UNDER_SCRATCH names: the starter gives each job
+    (and so the wrapper, sudo and this helper) a private, job-writable copy of it."""
+    dirs = [d.rstrip("/") for d in re.split(r"[\s,]+", value.strip('"')) if d.startswith("/")]
+    return [f"{p} (in {d})" for p in paths for d in dirs
+            if d and (p == d or p.startswith(d + "/"))]
+
+
+def check_mounts(cfg, config_path: str, value: str) -> None:
+    paths = [cfg.state_dir, cfg.run_dir, cfg.library_dir, os.path.dirname(cfg.accounting_file),
+             config_path, sys.prefix, cfg.htcondor.bin_dir, cfg.htcondor.condor_config]
+    value = value.strip('"')    # condor_config_val prints the default in quotes
+    bad = mount_under_scratch_conflicts(value, [os.path.abspath(p) for p in paths])
+    if bad:
+        raise NodeError(f"MOUNT_UNDER_SCRATCH = {value} gives each job a private copy of "
+                        f"{', '.join(bad)}: vibatch and HTCondor's tools must live elsewhere")
+
+
+def read_address_file(path: str, trusted: set[int]) -> str:
+    """The startd's address (a sinful string), as HTCondor's account wrote it in LOG."""
+    if not os.path.isabs(path):
+        raise NodeError(f"STARTD_ADDRESS_FILE {path!r} is not an absolute path")
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
-    except FileNotFoundError:
-        if required:
-            raise NodeError(f"{path}: missing (condor_starter writes it before the job)") from None
-        return None
+        pst = os.stat(os.path.dirname(path))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
-        raise AdTampered(f"{path}: cannot be trusted ({e.strerror})") from None
+        raise NodeError(f"the startd's address file {path}: {e.strerror} (is the startd "
+                        "running?)") from None
     try:
         st = os.fstat(fd)
-        if st.st_uid == caller.uid:
-            raise AdTampered(f"{path} was replaced by the job's user; refusing to trust it")
-        if not stat.S_ISREG(st.st_mode) or st.st_uid not in trusted or st.st_nlink != 1 \
-                or st.st_mode & 0o022:
-            raise NodeError(f"{path}: not as HTCondor writes it (owner uid {st.st_uid}, "
-                            f"{st.st_nlink} links, mode {stat.S_IMODE(st.st_mode):o}); is "
-                            "htcondor.daemon_user HTCondor's account?")
-        if st.st_size > AD_MAX_BYTES:
-            raise NodeError(f"{path}: larger than {AD_MAX_BYTES} bytes")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(AD_MAX_BYTES + 1)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in trusted or st.st_mode & 0o022 \
+                or pst.st_uid not in trusted or pst.st_mode & 0o022:
+            raise NodeError(f"{path}: the startd's address file and its directory must belong "
+                            "to root or htcondor.daemon_user and be writable by no one else")
+        data = os.read(fd, 4096).decode(errors="replace")
     finally:
         os.close(fd)
+    first = (data.splitlines() or [""])[0].strip()
+    if not re.fullmatch(r"<[^<>\s]+>", first):
+        raise NodeError(f"{path}: no startd address in it")
+    return first
 
 
-def helper_prepare(cfg, scratch: str, cwd: str, environ: dict) -> dict:
+def slot_name_of(starter_pid: int) -> Optional[str]:
+    """``-slot-name NAME`` from the starter's command line (the startd wrote it; only root can
+    change a root process's memory). HTCondor 23 and 24 have no StarterPid in the slot ad."""
+    try:
+        with open(f"/proc/{starter_pid}/cmdline", "rb") as f:
+            argv = f.read(65536).decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for flag in ("-slot-name", "-a"):
+        if flag in argv[:-1]:
+            name = argv[argv.index(flag) + 1]
+            if re.fullmatch(r"slot\d+(_\d+)?", name):
+                return name
+    return None
+
+
+def pick_slot(ads: Sequence[Any], starter_pid: int, slot_name: Optional[str]) -> Any:
+    """The one slot ad whose StarterPid is the starter's (25.0 on); before 25.0, the one named
+    as the starter's command line says, which has no StarterPid."""
+    mine = [ad for ad in ads if ad_int(ad, "StarterPid") == starter_pid]
+    if not mine:
+        mine = [ad for ad in ads if slot_name and "StarterPid" not in ad
+                and (ad_str(ad, "Name") or "").split("@", 1)[0] == slot_name]
+    if len(mine) != 1:
+        raise NodeError(f"the startd has {len(mine)} slots running condor_starter {starter_pid} "
+                        f"(slot {slot_name or '?'}; expected one)")
+    ad = mine[0]
+    if ad_str(ad, "State") != "Claimed" or not ad_str(ad, "JobId"):
+        raise NodeError(f"slot {ad_str(ad, 'Name')} is not running a job (State "
+                        f"{ad_str(ad, 'State')})")
+    if "Iwd" not in ad:
+        raise NodeError(f"the slot ad lacks the job's attributes: add "
+                        f"'STARTD_JOB_ATTRS = $(STARTD_JOB_ATTRS) {' '.join(SLOT_JOB_ATTRS)}' "
+                        "to the execute point's configuration (docs/batch/htcondor.md)")
+    return ad
+
+
+def slot_ad(caller: Caller, trusted: set[int], condor: Condor, address_file: str) -> Any:
+    """The startd's own ad for the slot that runs the caller's starter, asked for directly at
+    the address HTCondor's account wrote (not through the collector)."""
+    address = read_address_file(address_file, trusted)
+    ads = parse_ads(condor.run("condor_status", ["-direct", address, "-l"]),
+                    "the startd's slot ads")
+    return pick_slot(ads, caller.starter_pid, slot_name_of(caller.starter_pid))
+
+
+def _stale_run(cfg, job_id: str) -> bool:
+    """The job is on this node, held by a process that has ended (a starter that died)."""
+    st = read_json(JobPaths.of(cfg, job_id).state_file) or {}
+    pid = st.get("holder_pid")
+    return isinstance(pid, int) and job_id not in lifecycle.jobs_held_by(cfg, pid)
+
+
+def helper_prepare(cfg, config_path: str, scratch: str, cwd: str, environ: dict) -> None:
+    """Boot the VM of the caller's job (once: a second call, from the wrapper after the
+    PREPARE_JOB hook, finds it) and print its job id."""
     caller = find_caller(environ)
+    held = lifecycle.jobs_held_by(cfg, caller.starter_pid)
+    if held:
+        print(held[0])
+        return
     trusted = trusted_uids(cfg)
     dfd, where = open_scratch(scratch, caller, trusted, cfg.htcondor.daemon_user)
-    try:
-        job_ad = parse_ad(read_trusted(dfd, JOB_AD, where, trusted, caller, True), JOB_AD)
-        mdata = read_trusted(dfd, MACHINE_AD, where, trusted, caller, False)
-        machine_ad = parse_ad(mdata, MACHINE_AD) if mdata is not None else None
-    finally:
-        os.close(dfd)
-    iwd = ad_str(job_ad, "Iwd")
+    os.close(dfd)
+    condor = Condor(cfg)
+    address_file, mounts = condor.params("STARTD_ADDRESS_FILE", "MOUNT_UNDER_SCRATCH")
+    check_mounts(cfg, config_path, mounts)
+    ad = slot_ad(caller, trusted, condor, address_file)
+    iwd = ad_str(ad, "Iwd")
     # HTCondor starts the job in its scratch directory (file transfer) or in its Iwd (shared
     # file system); the VM shares that one directory.
     workdir = os.path.realpath(cwd)
     if workdir not in (where, os.path.realpath(iwd) if iwd else where):
         raise NodeError(f"the job was started in {cwd}, neither its scratch directory nor its Iwd")
-    job = job_from_ads(cfg, job_ad, machine_ad, resolve_user(str(caller.uid)).name, workdir)
-    node = lifecycle.Node(cfg)
-    try:
-        lifecycle.reap(node)   # a run of this job whose starter died leaves its id taken
-    finally:
-        node.close()
-    return prologue(cfg, job, holder=caller.starter_pid)
+    job = job_from_ads(cfg, ad, ad, resolve_user(str(caller.uid)).name, workdir)
+    # a run of this job whose starter died leaves its id taken: end that run. Only this job's:
+    # a node-wide reap here would take another job's prologue that has not written its state.
+    if _stale_run(cfg, job.job_id):
+        epilogue(cfg, job.job_id, None)
+    prologue(cfg, job, holder=caller.starter_pid)
+    print(job.job_id)
 
 
 def helper_finish(cfg, environ: dict) -> list[str]:
@@ -313,7 +441,8 @@ def _no_new_privs() -> bool:
 
 
 def _helper(helper: str, verb: str, args: Sequence[str], timeout: float) -> proc.Result:
-    return proc.run([SUDO, "-n", helper, verb, *args], timeout=timeout, check=False)
+    return proc.run([SUDO, "-n", helper, verb, *args], timeout=timeout, check=False,
+                    env=dict(SUDO_ENV))
 
 
 def _helper_message(res: proc.Result) -> str:
@@ -328,6 +457,47 @@ def _finish(helper: str, timeout: float) -> Optional[str]:
     except VibatchError as e:
         return e.message
     return None if res.returncode == 0 else _helper_message(res)
+
+
+def _drain_stdin() -> None:
+    try:
+        sys.stdin.buffer.read(AD_MAX_BYTES)   # the job ad; not needed, but drain the pipe
+    except (OSError, ValueError):
+        pass
+
+
+def _classad_string(text: str) -> str:
+    return '"' + _one_line(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def prepare_job(helper: str, environ: dict) -> int:
+    """The starter's PREPARE_JOB hook: boot the VM before the wrapper runs, so that a node
+    fault can put the job back to Idle (HookStatusCode 300). A job fault is left to the
+    wrapper, which reports it in the job's own error output."""
+    _drain_stdin()
+    scratch = environ.get("_CONDOR_SCRATCH_DIR", "")
+    try:
+        os.chdir(environ.get("_CONDOR_JOB_IWD") or scratch)   # where the job will start
+    except OSError:
+        pass
+    message = ""
+    try:
+        res = _helper(helper, "prepare", ["--scratch", scratch], PREPARE_ALARM_S + SUDO_MARGIN_S)
+        outcome = {0: Outcome.OK, 3: Outcome.JOB_FAULT}.get(res.returncode, Outcome.NODE_FAULT)
+        if outcome is not Outcome.OK:
+            message = _helper_message(res)
+    except VibatchError as e:
+        outcome, message = Outcome.NODE_FAULT, f"the VM helper: {e.message}"
+    first = (message.splitlines() or [""])[0]
+    if outcome is Outcome.NODE_FAULT:
+        print(f"vibatch: htcondor prepare_job (node fault; the job goes back to Idle): {message}",
+              file=sys.stderr)
+        # the first line (the console tail stays in the StarterLog): into the job's event log
+        print(f"HookStatusCode = {REQUEUE_HOOK_STATUS}\nHookStatusMessage = "
+              f"{_classad_string(first + ' (the job goes back to Idle)')}")
+    elif outcome is Outcome.JOB_FAULT:   # a warning in the job's event log; the wrapper fails it
+        print(f"HookStatusCode = 0\nHookStatusMessage = {_classad_string(first)}")
+    return 0
 
 
 class _Pending:
@@ -349,11 +519,14 @@ class _Pending:
 def wrapper(config_path: str, helper: str, argv: Sequence[str], environ: dict) -> int:
     err_file = environ.get("_CONDOR_WRAPPER_ERROR_FILE", "")
     scratch = environ.get("_CONDOR_SCRATCH_DIR", "")
+    for name in [n for n in os.environ if n.startswith(SECRET_ENV_PREFIXES)]:
+        del os.environ[name]     # the guest gets the job's environment, never HTCondor's keys
 
     def node_fault(message: str) -> int:
-        print(f"vibatch: htcondor wrapper (node fault, the job will run again): {message}",
-              file=sys.stderr)
-        if err_file:   # one line: HTCondor copies it into the StarterLog and the job's ad
+        print(f"vibatch: htcondor wrapper (node fault): {message}\nvibatch: the job ends with "
+              f"exit {WRAPPER_NODE_FAULT_EXIT}; HTCondor 24 and later do not rerun it (only a "
+              "node fault in the PREPARE_JOB hook sends a job back to Idle)", file=sys.stderr)
+        if err_file:   # HTCondor 23 reads it and reruns the job; one line, copied into its ad
             try:
                 with open(err_file, "w") as f:
                     f.write(f"vibatch: {_one_line(message)}\n")
@@ -386,8 +559,7 @@ def wrapper(config_path: str, helper: str, argv: Sequence[str], environ: dict) -
             return 128 + pending.signals[0]
         try:
             cfg = config_mod.load(config_path)
-            with open(os.path.join(scratch, JOB_AD), "rb") as f:
-                job_id = job_id_of(parse_ad(f.read(AD_MAX_BYTES + 1), JOB_AD))
+            job_id = check_job_id((res.stdout.strip().splitlines() or [""])[-1])
             return exec_job(cfg, job_id, list(argv))
         except VibatchError as e:
             print(f"vibatch: htcondor wrapper: {e.message}", file=sys.stderr)
@@ -404,13 +576,9 @@ def wrapper(config_path: str, helper: str, argv: Sequence[str], environ: dict) -
 
 
 def job_exit(helper: str, argv: Sequence[str]) -> int:
-    """The starter's JOB_EXIT hook: whatever the reason (exit, remove, hold, evict), the
-    job's VM ends. Its exit code changes nothing in HTCondor; its stderr goes to the
-    StarterLog."""
-    try:
-        sys.stdin.buffer.read(AD_MAX_BYTES)   # the job ad; not needed, but drain the pipe
-    except (OSError, ValueError):
-        pass
+    """The starter's JOB_EXIT hook: whatever the reason (exit, evict...), the job's VM ends.
+    Its exit code changes nothing in HTCondor; its stderr goes to the StarterLog."""
+    _drain_stdin()
     why = _finish(helper, FINISH_ALARM_S + 3)
     if why is None:
         return 0
@@ -423,6 +591,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     hook, args = call.hook, call.args
     if hook == "wrapper":     # as the job user, with the job's environment
         return wrapper(call.config_path, call.helper, args, dict(os.environ))
+    if hook == "prepare_job":  # as the job user, with the starter's environment
+        return prepare_job(call.helper, dict(os.environ))
     if hook == "job_exit":    # as the job user
         return job_exit(call.helper, args)
     if hook == "helper" and args[:1] in (["prepare"], ["finish"]):   # root, through sudo
@@ -439,15 +609,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         def body() -> None:
             cfg = config_mod.load(call.config_path)
             if verb == "prepare":
-                helper_prepare(cfg, scratch, cwd, environ)
+                helper_prepare(cfg, call.config_path, scratch, cwd, environ)
             else:
                 helper_finish(cfg, environ)
 
         alarm = call.alarm_s if verb == "prepare" else FINISH_ALARM_S
         return run_hook(SYSTEM, verb, body, HELPER_EXIT, alarm_s=alarm)
     print("usage: python -I -m vibatch.batch.htcondor [--config PATH] [--helper PATH] "
-          "wrapper EXECUTABLE [ARGS...] | job_exit REASON | helper prepare --scratch DIR | "
-          "helper finish", file=sys.stderr)
+          "wrapper EXECUTABLE [ARGS...] | prepare_job | job_exit REASON | "
+          "helper prepare --scratch DIR | helper finish", file=sys.stderr)
     return 2
 
 

@@ -41,6 +41,7 @@ from typing import Optional, Sequence
 
 from .. import config as config_mod
 from .. import proc
+from ..hygiene import minimal_env
 from ..errors import CommandFailed, JobError, NoFreeSlot, ResourceRequestError
 from . import (REFUSED_EXIT, BatchJob, Outcome, clean_env_path, clear_refusal, epilogue,
                exec_job, faults, home_of, parse_shim_args, prologue, record_refusal,
@@ -125,11 +126,11 @@ def job_from_prologue(cfg, argv: Sequence[str]) -> BatchJob:
 
 
 def reset_root_hook() -> None:
-    """Undo what pbs_mom hands its root hooks: umask 0077 (libvirt's QEMU user could not read the
-    job's disk), the job user's supplementary groups, SIGINT blocked and SIGQUIT ignored (both
-    inherited by every process we start), a user's PATH."""
+    """Undo what pbs_mom hands its root hooks: its environment and umask 0077 (libvirt's QEMU
+    user could not read the job's disk; clean_env_path sets 022), the job user's supplementary
+    groups, and the signal dispositions pbs_mom was started with (SIGINT blocked, SIGQUIT
+    ignored: inherited by every process we start)."""
     clean_env_path()
-    os.umask(0o022)
     os.setgroups([0])
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
@@ -206,7 +207,7 @@ def after_node_fault(cfg, job_id: str, user: str, message: str, busy: bool,
     if tc.pbsnodes:
         try:
             proc.run([tc.pbsnodes, "-o", "-N", note, node], timeout=PBSNODES_TIMEOUT_S,
-                     env={"PATH": os.environ["PATH"], "LC_ALL": "C"})
+                     env=minimal_env())
             faults.offlined(cfg, job_id, note)
             print(f"vibatch: torque prologue: took node {node} out of service (pbsnodes -o): "
                   f"{note}", file=sys.stderr, flush=True)
