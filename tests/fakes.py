@@ -204,21 +204,8 @@ class FakeUserAgent:
         return ExecStatus(exited=True, exitcode=0, out=f"{meta['uid']}\n{meta['gid']}\n".encode())
 
 
-class FakeShares:
-    """share.py's start/stop without virtiofsd (the fake guest reads no shares)."""
-
-    @staticmethod
-    def start(job_id, sources, uid, gid, groups, cpus, virtiofsd, qemu, record, timeout=None):
-        record([])
-        return []
-
-    @staticmethod
-    def stop(records, timeout=None) -> None:
-        return None
-
-
 def fake_node(cfg: Any, hv: FakeHypervisor):
     """A Node of ``cfg`` whose ports are the fakes."""
     from vibatch.lifecycle import Node
     return Node(cfg, connect=hv.connect, root_agent=FakeRootAgent,
-                user_agent=lambda path: FakeUserAgent(hv, path), shares=FakeShares())
+                user_agent=lambda path: FakeUserAgent(hv, path))

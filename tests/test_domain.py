@@ -13,8 +13,7 @@ BASE = dict(name="vibatch-42", vcpu_pins=(1,), memory_mb=512,
             disk_base="/var/lib/vibatch/images/testguest/disk.qcow2", disk_base_format="qcow2",
             console_log="/var/lib/vibatch/jobs/42/console.log",
             user_agent_socket="/run/vibatch/jobs/42/agent.sock",
-            shares=(Share("/run/vibatch/jobs/42/vbjob.sock", "vbjob"),
-                    Share("/run/vibatch/jobs/42/vbio.sock", "vbio")),
+            shares=(Share("/home/alice/run1", "vbjob"), Share("/var/lib/vibatch/jobs/42/io", "vbio")),
             metadata=(("job_id", "42"), ("user", "alice"), ("image_digest", "sha256:abc")))
 CASES = {
     "tcg-kernel-1cpu": DomainSpec(accel="tcg", kernel="/lib/vmlinux", initrd="/lib/initrd",
@@ -45,7 +44,7 @@ def test_every_spec_field_changes_the_xml():
                "disk_overlay": "/x", "disk_base": "/y", "disk_base_format": "raw",
                "console_log": "/c", "user_agent_socket": "/s", "shares": (),
                "kernel": None, "initrd": None, "cmdline": "quiet", "machine": "pc",
-               "emulator": "/e", "tcg_tb_cache_mb": 32, "network": "user",
+               "emulator": "/e", "virtiofsd": "/v", "tcg_tb_cache_mb": 32, "network": "user",
                "metadata": (("job_id", "43"),)}
     assert set(changes) == {f.name for f in dataclasses.fields(DomainSpec)}
     for field, value in changes.items():

@@ -55,9 +55,8 @@ def test_make_request_checks(tmp_path):
     wd = str(tmp_path)
     r = make_request("7", "nobody", 2, 512, "img", wd + "/", cpus=[3, 2])
     assert r.workdir == wd and r.cpus == (2, 3)
-    # root does not test existence (an oracle below others' 0700 directories): the share
-    # launcher does, as the job's user (test_vm_lifecycle.test_missing_workdir, test_share)
-    assert make_request("7", "nobody", 1, 512, "img", wd + "/missing").workdir == wd + "/missing"
+    with pytest.raises(MissingWorkdir, match="does not exist"):
+        make_request("7", "nobody", 1, 512, "img", wd + "/missing")
     with pytest.raises(MissingWorkdir, match="not an absolute path"):
         make_request("7", "nobody", 1, 512, "img", "relative")
     with pytest.raises(MissingWorkdir, match="system directory"):

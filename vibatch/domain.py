@@ -20,7 +20,7 @@ IO_TAG = "vbio"
 
 @dataclass(frozen=True)
 class Share:
-    socket: str         # the vhost-user socket of the virtiofsd vibatch started (share.py)
+    source: str
     tag: str
 
 
@@ -41,6 +41,7 @@ class DomainSpec:
     cmdline: str = ""
     machine: str = "q35"
     emulator: str = "/usr/bin/qemu-system-x86_64"
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
     tcg_tb_cache_mb: int = 64
     network: str = "none"
     metadata: tuple[tuple[str, str], ...] = ()   # (key, value) recorded in <metadata>
@@ -113,12 +114,12 @@ def build(spec: DomainSpec) -> ET.Element:
     _sub(backing, "source", file=spec.disk_base)
     _sub(backing, "backingStore")
     _sub(disk, "target", dev="vda", bus="virtio")
-    # virtiofsd is started by vibatch as the job's user (share.py), not by libvirt as root:
-    # libvirt only connects QEMU to its socket
     for share in spec.shares:
-        fs = _sub(dev, "filesystem", type="mount")
+        fs = _sub(dev, "filesystem", type="mount", accessmode="passthrough")
         _sub(fs, "driver", type="virtiofs", queue="1024")
-        _sub(fs, "source", socket=share.socket)
+        binary = _sub(fs, "binary", path=spec.virtiofsd)
+        _sub(binary, "cache", mode="none")
+        _sub(fs, "source", dir=share.source)
         _sub(fs, "target", dir=share.tag)
     if spec.network == "user":
         iface = _sub(dev, "interface", type="user")

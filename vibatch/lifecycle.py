@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-from . import accel, accounting, disk, faultpoints, hypervisor, jobstore, qemuimg, share
+from . import accel, accounting, disk, faultpoints, hypervisor, jobstore, qemuimg
 from .agent import AgentError, LibvirtAgent, SocketAgent
 from .config import Config
 from .domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
@@ -47,7 +47,6 @@ class Node:
     connect: Callable[[str], Any] = field(default=hypervisor.connect, repr=False)
     root_agent: Callable[[Any], Any] = field(default=LibvirtAgent, repr=False)
     user_agent: Callable[[str], Any] = field(default=SocketAgent, repr=False)
-    shares: Any = field(default=share, repr=False)   # start/stop of the virtiofsd (share.py)
 
     def __post_init__(self) -> None:
         for d in (self.cfg.state_dir, self.cfg.run_dir):
@@ -239,8 +238,6 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         os.chown(paths.overlay, *qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
         os.chmod(paths.overlay, 0o600)
     faultpoints.point("overlay")
-    with timer.phase("shares"):
-        _start_shares(node, req, paths, slot, state)
     with timer.phase("domain_start"):
         kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
                             lambda: _probe_files(node, image))
@@ -258,25 +255,6 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         _setup_guest(root_agent, node.user_agent(paths.socket), req, paths,
                      Deadline(cfg.vm.setup_timeout_s))
     faultpoints.point("set_up")
-
-
-def _start_shares(node: Node, req: JobRequest, paths: JobPaths, slot: Slot, state: dict) -> None:
-    """One virtiofsd per share, as the job user (share.py); recorded in the state before they
-    may run, so undo, epilogue and reap can always stop them."""
-    u = req.user
-    os.chown(paths.io, u.uid, u.gid, follow_symlinks=False)  # served as the job user
-    sources = share.job_shares(req.workdir, paths.io, paths.state, (WORKDIR_TAG, IO_TAG))
-
-    def record(procs: list[dict]) -> None:
-        state["virtiofsd"] = procs
-        jobstore.write(paths, state)
-    try:
-        node.shares.start(req.job_id, sources, u.uid, u.gid, os.getgrouplist(u.name, u.gid),
-                          slot.cpus, node.cfg.vm.virtiofsd, qemu_ids(node.cfg), record)
-    finally:
-        for s in sources:
-            if s.fd is not None:
-                os.close(s.fd)
 
 
 def _probe_files(node: Node, image: Image) -> tuple[Optional[str], Optional[str]]:
@@ -303,11 +281,10 @@ def domain_spec(cfg: Config, req: JobRequest, paths: JobPaths, image: Image, slo
         name=paths.domain, accel=kind, vcpu_pins=slot.cpus, memory_mb=slot.memory_mb,
         disk_overlay=paths.overlay, disk_base=image.disk.path, disk_base_format=image.disk_format,
         console_log=paths.console, user_agent_socket=paths.socket,
-        shares=tuple(Share(share.socket_path(paths.state, tag), tag)
-                     for tag in (WORKDIR_TAG, IO_TAG)),
+        shares=(Share(req.workdir, WORKDIR_TAG), Share(paths.io, IO_TAG)),
         kernel=image.kernel.path if image.kernel else None,
         initrd=image.initrd.path if image.initrd else None, cmdline=image.cmdline,
-        machine=cfg.vm.machine, emulator=cfg.vm.emulator,
+        machine=cfg.vm.machine, emulator=cfg.vm.emulator, virtiofsd=cfg.vm.virtiofsd,
         tcg_tb_cache_mb=cfg.vm.tcg_tb_cache_mb, network=cfg.vm.network,
         metadata=(("job_id", req.job_id), ("user", req.user.name), ("uid", str(req.user.uid)),
                   ("gid", str(req.user.gid)), ("image", image.name), ("image_digest", image.digest),
@@ -342,7 +319,8 @@ def _setup_guest(root_agent: Any, user_agent: Any, req: JobRequest, paths: JobPa
         msg = res.err.decode(errors="replace").strip() or f"exit status {res.wait_status}"
         raise BootFailed(f"guest setup failed: {msg.splitlines()[-1]}",
                          detail=res.err.decode(errors="replace"))
-    # The job user owns the io folder (_start_shares) and, once proven, the agent endpoint.
+    # The job user owns the io folder (it is shared in) and, once proven, the agent endpoint.
+    os.chown(paths.io, u.uid, u.gid)
     ids = _wait_for_user_agent(user_agent, deadline)
     if ids != (u.uid, u.gid):
         raise BootFailed(f"the guest's user agent runs as uid/gid {ids}, expected "
@@ -377,8 +355,6 @@ def _undo(node: Node, paths: JobPaths, state: dict, exc: BaseException) -> None:
         _finish(node, paths, state, ended_by="prologue", best_effort=True)
     except BaseException as e:  # noqa: BLE001 - the original error is the one to report
         log_error(f"undo of job {paths.job_id} after {type(exc).__name__}: {exc}", e)
-        with contextlib.suppress(Exception):
-            node.shares.stop(state.get("virtiofsd", []))
         paths.remove_quietly()
         with contextlib.suppress(Exception):
             node.slots.release(paths.job_id)
@@ -453,7 +429,6 @@ def _finish(node: Node, paths: JobPaths, state: dict, *, ended_by: str,
         except NodeError:
             if not best_effort:
                 raise
-    node.shares.stop(state.get("virtiofsd", []))   # after the VM: they end with QEMU's link
     _remove(node, paths)
     library_gc(node)
     return record
