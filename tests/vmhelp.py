@@ -145,7 +145,7 @@ def batch_user(env, name: str, uid: int, shell: str = "/bin/sh") -> Iterator[str
     """A job user with a real home (batch systems start jobs there), removed afterwards;
     yields the home."""
     home = os.path.join(env.base, "home", name)
-    os.makedirs(home)
+    os.makedirs(home, exist_ok=True)   # another cluster of this session may have made it
     os.chmod(os.path.dirname(home), 0o755)
     subprocess.run(["userdel", name], check=False, capture_output=True)
     subprocess.run(["useradd", "-u", str(uid), "-U", "-d", home, "-s", shell, name],
