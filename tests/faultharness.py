@@ -91,12 +91,10 @@ class Harness:
         return self.popen("reap", **kw)
 
     @staticmethod
-    def finish(p: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+    def run(p: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+        """Wait for a started command (bounded); its exit code, stdout and stderr."""
         out, err = p.communicate(timeout=timeout)
         return p.returncode, out, err
-
-    def run(self, p: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
-        return self.finish(p, timeout)
 
     # -- observables -------------------------------------------------------------------------
     def state(self, job: str) -> dict:
