@@ -91,7 +91,7 @@ def test_a_root_hook_forgets_its_environment_and_limits(tmp_path):
         resource.setrlimit(resource.RLIMIT_CPU, (30, inf))
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, inf))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-I", "-c", code, repo, str(tmp_path / "big")],
+    r = subprocess.run([sys.executable, "-I", "-B", "-c", code, repo, str(tmp_path / "big")],
                        env={"LIBVIRT_DEBUG": "1", "LIBVIRT_LOG_OUTPUTS": "1:file:/tmp/x",
                             "PATH": str(tmp_path)}, preexec_fn=tight, capture_output=True,
                        text=True, timeout=60)
