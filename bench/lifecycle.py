@@ -9,6 +9,7 @@ node's own jobs and slots are not touched). Prints markdown tables (medians over
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pwd
 import shutil
@@ -103,7 +104,9 @@ def bare_runs(cfg, runs: int, workdir: str) -> dict[str, list[float]]:
         os.chmod(d, 0o711)
         os.mkdir(os.path.join(d, "io"))
         paths = JobPaths(f"bare{i}", d, d)
-        xml = render(domain_spec(cfg, req, paths, image, Slot("bare", (0,), 512), kind))
+        # no shares: the bare path is QEMU and the guest alone (no share specs, no virtiofsd)
+        xml = render(dataclasses.replace(
+            domain_spec(cfg, req, paths, image, Slot("bare", (0,), 512), kind), shares=()))
         xml = xml.replace(f"<name>vibatch-bare{i}</name>", f"<name>vbbare-{os.getpid()}-{i}</name>")
         t0 = time.perf_counter()
         qemuimg.create_overlay(image.disk.path, image.disk_format, paths.overlay)
@@ -173,10 +176,13 @@ def main() -> None:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
     print(f"## vibatch prologue/exec/epilogue, median of {args.runs} runs (seconds)\n")
     print("| phase | median | min | max |\n|---|---|---|---|")
-    for k in ("claim", "image_check", "clone", "domain_start", "boot", "guest_setup",
+    for k in ("claim", "image_check", "clone", "shares", "domain_start", "boot", "guest_setup",
               "prologue_total", "exec_true", "bare_guest_exec_true", "epilogue"):
+        if k not in vb:
+            continue
         print(f"| {k} | {median(vb[k]):.3f} | {min(vb[k]):.3f} | {max(vb[k]):.3f} |")
-    print(f"\n## bare path (overlay + createXML + agent ping), median of {args.runs} runs\n")
+    print(f"\n## bare path (overlay + createXML + agent ping, no shares), median of {args.runs} "
+          "runs\n")
     print("| step | median |\n|---|---|")
     for k in ("clone", "domain_start", "boot", "total"):
         print(f"| {k} | {median(bare[k]):.3f} |")

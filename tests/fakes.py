@@ -204,8 +204,15 @@ class FakeUserAgent:
         return ExecStatus(exited=True, exitcode=0, out=f"{meta['uid']}\n{meta['gid']}\n".encode())
 
 
+def fake_check_workdir(path, uid, gid, groups) -> None:
+    """share.check_as_user without dropping to the user: the fake tests run as any user."""
+    from vibatch.errors import MissingWorkdir
+    if not os.path.isdir(path):
+        raise MissingWorkdir(f"working directory {path} does not exist")
+
+
 def fake_node(cfg: Any, hv: FakeHypervisor):
     """A Node of ``cfg`` whose ports are the fakes."""
     from vibatch.lifecycle import Node
     return Node(cfg, connect=hv.connect, root_agent=FakeRootAgent,
-                user_agent=lambda path: FakeUserAgent(hv, path))
+                user_agent=lambda path: FakeUserAgent(hv, path), check_workdir=fake_check_workdir)

@@ -137,13 +137,12 @@ class Harness:
         cfg, found = self.cfg, leftovers(self, job)
         if os.path.lexists(os.path.join(cfg.state_dir, "orphans", job)):
             found.append("orphan mark")
-        job_dir = os.path.join(cfg.state_dir, "jobs", job) + "/"
         for proc in psutil.process_iter(["cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or [])
             if f"guest=vibatch-{job}," in cmd:
                 found.append(f"qemu pid {proc.pid}")
-            elif "virtiofsd" in cmd and (job_dir in cmd or f"/jobs/{job}/" in cmd):
-                found.append(f"virtiofsd pid {proc.pid}")
+            elif ("virtiofsd" in cmd or "vibatch.share" in cmd) and f"/jobs/{job}/" in cmd:
+                found.append(f"share launcher pid {proc.pid}")   # before it exec'd virtiofsd
         return found
 
     def check(self, job: str, records: int | tuple[int, ...]) -> list[str]:
@@ -293,7 +292,8 @@ def trial_libvirtd_lost(h: Harness, phase: str) -> list[str]:
     finally:
         start_libvirtd()
     problems += [f"{job}: left {x}" for x in h.leftovers(job)
-                 if x not in ("domain", "orphan mark") and not x.startswith(("qemu", "virtiofsd"))]
+                 if x not in ("domain", "orphan mark")
+                 and not x.startswith(("qemu", "virtiofsd", "share launcher"))]
     problems += expect_rc("reap", h.run(h.reap()), {0})
     return problems + h.check(job, 1)   # it claimed its slot before it needed libvirt
 

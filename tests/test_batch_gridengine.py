@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from clusters import GridEngineCluster, running, wait_until
-from vmhelp import batch_user, guest_kernel, install_shims, leftovers, pinned_cpus
+from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, pinned_cpus,
+                    private_workdir)
 from vibatch.batch import Outcome, gridengine
 from vibatch.util import read_json
 
@@ -146,6 +147,21 @@ def test_an_unknown_os_puts_the_job_not_the_queue_in_error_with_a_readable_messa
     r = sge.cmd("qsub", "-w", "e", "-l", "vm_image=nosuch-os", "-b", "y", "/bin/true",
                 user=USER, cwd=sge.home)
     assert r.returncode != 0 and "no suitable queues" in r.stdout + r.stderr
+
+
+def test_a_wd_below_another_users_0700_directory_is_refused_and_the_queue_stays_ok(vm_env, sge):
+    # -wd into root's 0700 directory: refused for the job's user, who never reads the file there
+    with private_workdir(vm_env, "sge-private") as inside:
+        job = qsub(sge, "cat data\n", "-wd", inside)
+        wait_until("the job to fail or finish", lambda: sge.job_state(job) in (None, "Eqw"), 120)
+        out = output(sge, job)
+        print(out)
+        assert "secret" not in out
+        assert_queue_ok(sge)
+        assert leftovers(vm_env, job) == []
+        if sge.job_state(job) == "Eqw":
+            assert sge.cmd("qdel", job, user=USER).returncode == 0
+            wait_until("the job to leave", lambda: sge.job_state(job) is None, 60)
 
 
 def test_hooks_only_ever_exit_with_codes_grid_engine_reads_as_job_or_reschedule():

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from clusters import SlurmCluster, running, wait_until
-from vmhelp import batch_user, guest_kernel, install_shims, leftovers, pinned_cpus
+from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, pinned_cpus,
+                    private_workdir)
 from vibatch.batch import slurm
 
 USER, UID = "vbt-slurm", 23404
@@ -182,6 +183,23 @@ def test_a_job_the_prolog_refuses_fails_with_its_reason_and_the_node_stays_up(vm
         assert_node_healthy(cluster)
     finally:
         subprocess.run(["rm", "-rf", tmp], check=False)
+
+
+def test_a_chdir_below_another_users_0700_directory_is_refused_and_the_node_stays_up(vm_env,
+                                                                                   cluster):
+    # --chdir into root's 0700 directory: vibatch checks it with the job user's credentials
+    # (not root's), refuses it as the job's fault, and the job never reads the file there
+    with private_workdir(vm_env, "slurm-private") as inside:
+        job = submit(cluster, "#!/bin/sh\ncat data\n", f"--chdir={inside}",
+                     "-o", f"{cluster.home}/slurm-%j.out")
+        rec = cluster.wait_finished(job)
+        assert rec["JobState"] == "FAILED", rec
+        out = output(cluster, job)
+        parent = os.path.dirname(inside)
+        assert f"working directory {inside}: the job's user may not enter {parent}" in out, out
+        assert "secret" not in out
+        assert leftovers(vm_env, job) == []
+        assert_node_healthy(cluster)
 
 
 def test_scontrol_parsing_refuses_an_injected_allocation():

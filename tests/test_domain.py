@@ -13,7 +13,8 @@ BASE = dict(name="vibatch-42", vcpu_pins=(1,), memory_mb=512,
             disk_base="/var/lib/vibatch/images/testguest/disk.qcow2", disk_base_format="qcow2",
             console_log="/var/lib/vibatch/jobs/42/console.log",
             user_agent_socket="/run/vibatch/jobs/42/agent.sock",
-            shares=(Share("/home/alice/run1", "vbjob"), Share("/var/lib/vibatch/jobs/42/io", "vbio")),
+            shares=(Share("/var/lib/vibatch/jobs/42/shares/vbjob.json", "vbjob"),
+                    Share("/var/lib/vibatch/jobs/42/shares/vbio.json", "vbio")),
             metadata=(("job_id", "42"), ("user", "alice"), ("image_digest", "sha256:abc")))
 CASES = {
     "tcg-kernel-1cpu": DomainSpec(accel="tcg", kernel="/lib/vmlinux", initrd="/lib/initrd",

@@ -44,9 +44,10 @@ def test_image_test_passes_on_the_test_image(vm_env):
     r = cli(vm_env, "image", "test", "testguest", "--user", "vbt-alice")
     checks = _checks(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert len(checks) == 9 and all(c.startswith("PASS") for c in checks)
+    assert len(checks) == 10 and all(c.startswith("PASS") for c in checks)
     assert "guest: vbt-alice 23401/23401" in r.stdout
     assert "SIGTERM -> trap ran: yes, exit 42" in r.stdout
+    assert "PASS  the job user cannot become root in the image: no sudo -n" in r.stdout
 
 
 def test_image_test_passes_on_a_disk_boot_image_without_useradd(vm_env, diskguest):
@@ -58,15 +59,72 @@ def test_image_test_passes_on_a_disk_boot_image_without_useradd(vm_env, diskgues
     assert all(c.startswith("PASS") for c in _checks(r.stdout))
 
 
+def _scratch_dirs():
+    return {d for d in os.listdir("/var/tmp") if d.startswith("vibatch-imagetest-")}
+
+
 def test_image_test_fails_and_cleans_up_on_a_broken_image(vm_env):
     cfg = variant(vm_env, "imgtest-fast", {"vm": {"boot_timeout_s": 8}})
+    before = _scratch_dirs()
     r = cli(vm_env, "image", "test", "silent", "--user", "vbt-alice", config=cfg)
     assert r.returncode == 35, r.stdout + r.stderr
     checks = _checks(r.stdout)
     assert checks[0].startswith("FAIL  agent answers within the boot timeout")
     assert checks[-1].startswith("PASS  nothing left behind")
     assert "failed 1 of 2 checks" in r.stderr
-    assert not [d for d in os.listdir(vm_env.cfg.state_dir) if d.startswith("imagetest-")]
+    assert _scratch_dirs() <= before
+
+
+@pytest.fixture(scope="module")
+def rootable(vm_env):
+    """The test image, changed the way a careless image would be: root's password is empty,
+    su is a setuid-root busybox, and /opt/rootsh/sh is a setuid-root shell (edited offline with
+    debugfs on a copy; the test image itself stays as built)."""
+    from vibatch.library import Library
+    work = os.path.join(vm_env.base, "rootable")
+    os.makedirs(work)
+    raw = os.path.join(work, "disk.raw")
+    subprocess.run(["qemu-img", "convert", "-q", "-O", "raw", os.path.join(IMAGE_BUILD, "disk.qcow2"),
+                    raw], check=True)
+    bb, passwd = os.path.join(work, "busybox"), os.path.join(work, "passwd")
+    subprocess.run(["debugfs", "-R", f"dump /bin/busybox {bb}", raw], check=True, capture_output=True)
+    subprocess.run(["debugfs", "-R", f"dump /etc/passwd {passwd}", raw], check=True,
+                   capture_output=True)
+    with open(passwd) as f:
+        lines = [(":".join([p[0], ""] + p[2:]) if p[0] == "root" else ":".join(p))
+                 for p in (line.rstrip("\n").split(":") for line in f)]
+    with open(passwd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    cmds = ["rm /etc/passwd", f"write {passwd} /etc/passwd", "sif /etc/passwd mode 0100644",
+            "rm /bin/su", f"write {bb} /bin/su", "sif /bin/su mode 0104755",
+            "mkdir /opt/rootsh", f"write {bb} /opt/rootsh/sh", "sif /opt/rootsh/sh mode 0104755"]
+    for path in ("/etc/passwd", "/bin/su", "/opt/rootsh/sh"):
+        cmds += [f"sif {path} uid 0", f"sif {path} gid 0"]
+    script = os.path.join(work, "cmds")
+    with open(script, "w") as f:
+        f.write("\n".join(cmds) + "\n")
+    subprocess.run(["debugfs", "-w", "-f", script, raw], check=True, capture_output=True)
+    disk = os.path.join(work, "disk.qcow2")
+    subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", raw, disk], check=True)
+    os.unlink(raw)
+    with open(os.path.join(IMAGE_BUILD, "cmdline")) as f:
+        cmdline = f.read().strip()
+    Library(vm_env.cfg.library_dir, vm_env.cfg.state_dir).add(
+        disk, name="rootable", os_name="vbguest", os_version="rootable",
+        kernel=os.path.join(IMAGE_BUILD, "vmlinux"), initrd=os.path.join(IMAGE_BUILD, "initrd.cpio"),
+        cmdline=cmdline)
+    yield "rootable"
+    cli(vm_env, "image", "remove", "rootable", "--force")
+
+
+def test_image_test_warns_when_the_job_user_can_become_root(vm_env, rootable):
+    r = cli(vm_env, "image", "test", rootable, "--user", "vbt-alice")
+    assert r.returncode == 0, r.stdout + r.stderr        # a warning, not a failure
+    warn = [line for line in r.stdout.splitlines() if line.startswith("WARN")]
+    assert len(warn) == 1 and "cannot become root" in warn[0], r.stdout
+    assert "setuid-root shell /opt/rootsh/sh" in warn[0]
+    assert "root has an empty password in /etc/passwd" in warn[0]
+    assert all(c.startswith("PASS") for c in _checks(r.stdout))
 
 
 def test_job_names_an_os_alias_and_gets_its_image(vm_env, tracker, diskguest):

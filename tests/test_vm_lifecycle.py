@@ -123,7 +123,7 @@ def test_epilogue_is_idempotent_and_accounts_once(vm_env, tracker):
     assert rec["exit_code"] == 7 and rec["user"] == "vbt-alice" and rec["memory_mb"] == 300
     assert rec["image"] == "testguest" and rec["image_digest"].startswith("sha512:")
     assert rec["cores"] == 1 and len(rec["cpus"]) == 1 and rec["vm_cpu_time_s"] > 0
-    assert set(rec["phases"]) == {"claim", "image_check", "clone", "domain_start", "boot",
+    assert set(rec["phases"]) == {"claim", "image_check", "clone", "shares", "domain_start", "boot",
                                   "guest_setup", "epilogue"}
 
 

@@ -6,6 +6,7 @@ import copy
 import os
 import pwd
 import select
+import shutil
 import subprocess
 import time
 from typing import Iterator
@@ -110,6 +111,7 @@ def leftovers(env, job: str) -> list[str]:
             found.append(d)
     if SlotAllocator(cfg.state_dir, Capacity((), 0), 1).get(job) is not None:
         found.append("slot")
+    found += [f"virtiofsd {pid}" for pid in virtiofsd_pids(job)]
     for lock in (os.path.join(cfg.state_dir, "slots.lock"), os.path.join(cfg.run_dir, "jobs.lock")):
         try:
             with filelock.FileLock(lock, timeout=0):
@@ -117,6 +119,40 @@ def leftovers(env, job: str) -> list[str]:
         except filelock.Timeout:
             found.append(f"held lock {lock}")
     return found
+
+
+@contextlib.contextmanager
+def private_workdir(env, name: str) -> Iterator[str]:
+    """<base>/NAME (root's, 0700) / public (0755) / data (0644, "secret"): a directory only root
+    can reach on the host, to ask for as a job's working directory. Yields .../public."""
+    top = os.path.join(env.base, name)
+    inside = os.path.join(top, "public")
+    os.makedirs(inside)
+    os.chmod(top, 0o700)
+    os.chmod(inside, 0o755)
+    with open(os.path.join(inside, "data"), "w") as f:
+        f.write("secret\n")
+    os.chmod(os.path.join(inside, "data"), 0o644)
+    try:
+        yield inside
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def virtiofsd_pids(job: str) -> list[int]:
+    """The live virtiofsd processes vibatch started for ``job`` (found by their argv[0])."""
+    from vibatch.domain import IO_TAG, WORKDIR_TAG
+    from vibatch.share import process_name
+    names = {process_name(job, tag).encode() for tag in (WORKDIR_TAG, IO_TAG)}
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[0] in names:     # a zombie's is empty
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
 
 
 def pinned_cpus(env, jobs) -> dict[str, set[int]]:

@@ -219,7 +219,8 @@ def _test(cfg: Config, lib: Library, args: argparse.Namespace) -> int:
     print(f"testing {img.name} ({img.os} {img.os_version}, {img.boot} boot) as user {args.user}")
 
     def report(c) -> None:
-        print(f"{'PASS' if c.ok else 'FAIL'}  {c.name}: {c.detail}", flush=True)
+        word = "WARN" if c.warning else "PASS" if c.ok else "FAIL"
+        print(f"{word}  {c.name}: {c.detail}", flush=True)
 
     try:
         result = imagetest.run(node, img, user=args.user, cores=args.cores,

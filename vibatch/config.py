@@ -56,7 +56,8 @@ class VmConfig:
     tcg_tb_cache_mb: int = 64          # TCG translation cache (counts against the cap)
     machine: str = "q35"
     emulator: str = "/usr/bin/qemu-system-x86_64"
-    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"           # run by the launcher as the job user
+    share_launcher: str = "/opt/vibatch/hooks/libvirt/virtiofsd"   # what libvirt starts
     qemu_user: str = "libvirt-qemu"    # the user libvirt runs QEMU as (qemu.conf "user")
     network: str = "none"              # none | user (slirp, outbound only)
     console_tail_lines: int = 30
@@ -151,6 +152,7 @@ _CHECKS: dict[str, tuple] = {
     "vm.tcg_tb_cache_mb": (int, lambda v: 16 <= v <= 2048, "must be between 16 and 2048"),
     "vm.machine": (str, lambda v: v in ("q35", "pc"), "must be q35 or pc"),
     "vm.emulator": (str,) + _ABS, "vm.virtiofsd": (str,) + _ABS,
+    "vm.share_launcher": (str,) + _ABS,
     "vm.qemu_user": (str, lambda v: bool(v), "must name the user libvirt runs QEMU as"),
     "vm.network": (str, lambda v: v in ("none", "user"), "must be none or user"),
     "vm.console_tail_lines": (int, lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),

@@ -20,7 +20,7 @@ IO_TAG = "vbio"
 
 @dataclass(frozen=True)
 class Share:
-    source: str
+    source: str         # what libvirt passes the launcher as -o source=: the share's spec file
     tag: str
 
 
@@ -41,7 +41,7 @@ class DomainSpec:
     cmdline: str = ""
     machine: str = "q35"
     emulator: str = "/usr/bin/qemu-system-x86_64"
-    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    virtiofsd: str = "/opt/vibatch/hooks/libvirt/virtiofsd"   # libvirt starts it per share
     tcg_tb_cache_mb: int = 64
     network: str = "none"
     metadata: tuple[tuple[str, str], ...] = ()   # (key, value) recorded in <metadata>
@@ -114,6 +114,8 @@ def build(spec: DomainSpec) -> ET.Element:
     _sub(backing, "source", file=spec.disk_base)
     _sub(backing, "backingStore")
     _sub(disk, "target", dev="vda", bus="virtio")
+    # libvirtd starts the <binary> (vibatch's launcher, share.py) as root for each share; it
+    # serves the share as the job's user, not as root
     for share in spec.shares:
         fs = _sub(dev, "filesystem", type="mount", accessmode="passthrough")
         _sub(fs, "driver", type="virtiofs", queue="1024")

@@ -140,7 +140,7 @@ EXIT_CODES = {
     12: "more cores or memory than this node can give, or invalid amounts (job fault)",
     13: "invalid job id (job fault)",
     14: "the job's user does not exist or is not allowed (job fault)",
-    15: "the working directory is missing (job fault)",
+    15: "the working directory is missing or the job's user may not reach it (job fault)",
     16: "a VM for this job already exists or is being prepared (job fault)",
     20: "node error (node fault)",
     21: "the guest did not boot or answer in time (node fault)",

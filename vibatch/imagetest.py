@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -26,6 +27,25 @@ from .request import make_request, resolve_user
 
 SIGNAL_WAIT_S = 30.0
 MEMORY_FLOOR = 0.80    # the guest kernel keeps some memory for itself
+SCRATCH_PARENT = "/var/tmp"
+SHELLS = ("sh", "ash", "bash", "dash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish", "busybox")
+# As the job user: each way to root that works prints one line. su gets no terminal and no
+# password: it succeeds only where root's password is empty (or PAM lets anyone in).
+ROOT_PATHS = r"""
+to=; command -v timeout >/dev/null 2>&1 && to="timeout 10"
+if command -v sudo >/dev/null 2>&1 && $to sudo -n true </dev/null >/dev/null 2>&1; then
+  echo "sudo -n works"
+fi
+awk -F: '$1 == "root" && $2 == "" { print "root has an empty password in /etc/passwd" }' /etc/passwd
+if command -v su >/dev/null 2>&1; then
+  [ "$($to su root -c 'id -u' </dev/null 2>/dev/null)" = 0 ] && echo "su to root without a password works"
+fi
+shells=" SHELLS "
+for f in $(find / /usr /opt -xdev -type f -perm -4000 -user 0 2>/dev/null | sort -u); do
+  case "$shells" in *" ${f##*/} "*) echo "setuid-root shell $f" ;; esac
+done
+true
+"""
 
 
 @dataclass
@@ -33,6 +53,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warning: bool = False   # passed, but the site should know (never fails the test)
 
 
 @dataclass
@@ -44,8 +65,8 @@ class Result:
     def ok(self) -> bool:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
-    def add(self, name: str, ok: bool, detail: str) -> Check:
-        c = Check(name, ok, detail)
+    def add(self, name: str, ok: bool, detail: str, warning: bool = False) -> Check:
+        c = Check(name, ok, detail, warning)
         self.checks.append(c)
         return c
 
@@ -70,7 +91,7 @@ def run(node: lifecycle.Node, image: Image, *, user: str = "nobody", cores: int 
     juser = resolve_user(user)
     result = Result(image.name)
 
-    def check(name: str, fn: Callable[[], tuple[bool, str]]) -> bool:
+    def check(name: str, fn: Callable[[], tuple[bool, str]], warn_only: bool = False) -> bool:
         try:
             ok, detail = fn()
         except VibatchError as e:
@@ -78,12 +99,12 @@ def run(node: lifecycle.Node, image: Image, *, user: str = "nobody", cores: int 
             ok, detail = False, f"{type(e).__name__}: {e}" + (f"\n{tail}" if tail else "")
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             ok, detail = False, f"{type(e).__name__}: {e}"
-        report(result.add(name, ok, detail))
+        report(result.add(name, ok or warn_only, detail, warning=warn_only and not ok))
         return ok
 
-    os.makedirs(cfg.state_dir, mode=0o755, exist_ok=True)
-    work = os.path.join(cfg.state_dir, f"imagetest-{secrets.token_hex(4)}")
-    os.mkdir(work, 0o700)
+    # the scratch working directory must be reachable by the job user through every parent
+    # (the prologue checks with the user's own credentials): /var/tmp, not the state directory
+    work = tempfile.mkdtemp(prefix="vibatch-imagetest-", dir=SCRATCH_PARENT)
     os.chown(work, juser.uid, juser.gid)
     job_id = f"imagetest-{os.getpid()}-{secrets.token_hex(3)}"
     try:
@@ -120,6 +141,8 @@ def _in_guest(node: lifecycle.Node, job_id: str, juser, work: str, cores: int, m
     check(f"network matches policy ({cfg.vm.network})", lambda: _network(guest, cfg.vm.network))
     total = sum(state["phases"].values())
     limit = cfg.vm.boot_timeout_s + cfg.vm.setup_timeout_s
+    check("the job user cannot become root in the image", lambda: _root_paths(guest),
+          warn_only=True)
     check("time to ready", lambda: (total <= limit, f"{total:.2f} s from claim to ready ("
                                     + ", ".join(f"{k} {v:.2f}" for k, v in state["phases"].items())
                                     + ")"))
@@ -159,6 +182,20 @@ def _workdir(guest: _Guest, work: str, juser) -> tuple[bool, str]:
     return ok, (f"guest cwd {lines[-1]}; guest file owned {s.st_uid}/{s.st_gid} on the host "
                 f"(job {juser.uid}/{juser.gid}); content {'same' if same else 'differs'}; "
                 f"host file {'removed' if gone else 'still there'} by the guest")
+
+
+def _root_paths(guest: _Guest) -> tuple[bool, str]:
+    """sudo -n, su with an empty password, setuid-root shells. Not a host risk (the shares are
+    served as the job user), but the job is then not confined to its user inside the VM."""
+    st, out, err = guest.sh(ROOT_PATHS.replace("SHELLS", " ".join(SHELLS)))
+    if st != 0:
+        raise ValueError(f"the check did not run ({st}): {err.strip()}")
+    found = [line.strip() for line in out.splitlines() if line.strip()]
+    if found:
+        return False, ("the job user can become root: " + "; ".join(found) + " (no host risk: "
+                       "the shares are served as the job user; but nothing confines the job to "
+                       "its user inside the VM)")
+    return True, "no sudo -n, no password-less su, no setuid-root shell"
 
 
 def _resources(guest: _Guest, cores: int, memory_mb: int) -> tuple[bool, str]:

@@ -16,12 +16,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-from . import accel, accounting, disk, faultpoints, hypervisor, jobstore, qemuimg
+from . import accel, accounting, disk, faultpoints, hypervisor, jobstore, qemuimg, share
 from .agent import AgentError, LibvirtAgent, SocketAgent
 from .config import Config
 from .domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
 from .errors import (BootFailed, ConfigError, HypervisorError, JobAlreadyRunning, LockTimeout,
-                     NodeError, ResourceRequestError, VibatchError)
+                     MissingWorkdir, NodeError, ResourceRequestError, VibatchError)
 from .guestsetup import GUEST_IO_DIR, SetupArgs
 from .jobdir import DOMAIN_PREFIX, JobPaths, console_tail
 from .library import IN_USE_UNKNOWN, Image, Library
@@ -47,6 +47,8 @@ class Node:
     connect: Callable[[str], Any] = field(default=hypervisor.connect, repr=False)
     root_agent: Callable[[Any], Any] = field(default=LibvirtAgent, repr=False)
     user_agent: Callable[[str], Any] = field(default=SocketAgent, repr=False)
+    # checks the working directory with the job user's own credentials (share.py)
+    check_workdir: Callable[..., None] = field(default=share.check_as_user, repr=False)
 
     def __post_init__(self) -> None:
         for d in (self.cfg.state_dir, self.cfg.run_dir):
@@ -230,6 +232,8 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
               timer: PhaseTimer, state: dict) -> None:
     cfg = node.cfg
     faultpoints.point("slot")
+    with timer.phase("shares"):      # first: a working directory the user may not reach fails
+        _prepare_shares(node, req, paths, slot)   # before the image is hashed or cloned
     with timer.phase("image_check"):
         state["image_hashed"] = node.library.ensure_verified(image)
     with timer.phase("clone"):
@@ -243,8 +247,14 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
                             lambda: _probe_files(node, image))
         spec = domain_spec(cfg, req, paths, image, slot, kind)
         jobstore.set_phase(paths, state, jobstore.DOMAIN, accel=kind)
-        dom = hypervisor.start_capped(node.conn, render(spec),
-                                      slot.memory_mb + cfg.vm.memory_overhead_mb)
+        try:
+            dom = hypervisor.start_capped(node.conn, render(spec),
+                                          slot.memory_mb + cfg.vm.memory_overhead_mb)
+        except HypervisorError:
+            why = share.refusal(_share_specs(paths))   # the directory changed since the check
+            if why:
+                raise MissingWorkdir(why) from None
+            raise
         faultpoints.point("domain")
         jobstore.set_phase(paths, state, jobstore.DOMAIN, uuid=dom.UUIDString())
     with timer.phase("boot"):
@@ -255,6 +265,23 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         _setup_guest(root_agent, node.user_agent(paths.socket), req, paths,
                      Deadline(cfg.vm.setup_timeout_s))
     faultpoints.point("set_up")
+
+
+def _prepare_shares(node: Node, req: JobRequest, paths: JobPaths, slot: Slot) -> None:
+    """The working directory checked as the job user (a refusal is the job's fault), and each
+    share's spec written for the launcher libvirt starts in virtiofsd's place (share.py)."""
+    u = req.user
+    groups = tuple(os.getgrouplist(u.name, u.gid))
+    node.check_workdir(req.workdir, u.uid, u.gid, groups)
+    os.chown(paths.io, u.uid, u.gid, follow_symlinks=False)  # served as the job user
+    common = dict(job_id=req.job_id, uid=u.uid, gid=u.gid, groups=groups,
+                  cpus=tuple(slot.cpus), virtiofsd=node.cfg.vm.virtiofsd)
+    share.write_specs(paths.state, [share.ShareSpec(tag=WORKDIR_TAG, path=req.workdir, **common),
+                                    share.ShareSpec(tag=IO_TAG, own=paths.io, **common)])
+
+
+def _share_specs(paths: JobPaths) -> list[str]:
+    return [share.spec_path(paths.state, tag) for tag in (WORKDIR_TAG, IO_TAG)]
 
 
 def _probe_files(node: Node, image: Image) -> tuple[Optional[str], Optional[str]]:
@@ -281,10 +308,11 @@ def domain_spec(cfg: Config, req: JobRequest, paths: JobPaths, image: Image, slo
         name=paths.domain, accel=kind, vcpu_pins=slot.cpus, memory_mb=slot.memory_mb,
         disk_overlay=paths.overlay, disk_base=image.disk.path, disk_base_format=image.disk_format,
         console_log=paths.console, user_agent_socket=paths.socket,
-        shares=(Share(req.workdir, WORKDIR_TAG), Share(paths.io, IO_TAG)),
+        shares=tuple(Share(spec, tag) for spec, tag in zip(_share_specs(paths),
+                                                           (WORKDIR_TAG, IO_TAG))),
         kernel=image.kernel.path if image.kernel else None,
         initrd=image.initrd.path if image.initrd else None, cmdline=image.cmdline,
-        machine=cfg.vm.machine, emulator=cfg.vm.emulator, virtiofsd=cfg.vm.virtiofsd,
+        machine=cfg.vm.machine, emulator=cfg.vm.emulator, virtiofsd=cfg.vm.share_launcher,
         tcg_tb_cache_mb=cfg.vm.tcg_tb_cache_mb, network=cfg.vm.network,
         metadata=(("job_id", req.job_id), ("user", req.user.name), ("uid", str(req.user.uid)),
                   ("gid", str(req.user.gid)), ("image", image.name), ("image_digest", image.digest),
@@ -319,8 +347,7 @@ def _setup_guest(root_agent: Any, user_agent: Any, req: JobRequest, paths: JobPa
         msg = res.err.decode(errors="replace").strip() or f"exit status {res.wait_status}"
         raise BootFailed(f"guest setup failed: {msg.splitlines()[-1]}",
                          detail=res.err.decode(errors="replace"))
-    # The job user owns the io folder (it is shared in) and, once proven, the agent endpoint.
-    os.chown(paths.io, u.uid, u.gid)
+    # The job user owns the io folder (_start_shares) and, once proven, the agent endpoint.
     ids = _wait_for_user_agent(user_agent, deadline)
     if ids != (u.uid, u.gid):
         raise BootFailed(f"the guest's user agent runs as uid/gid {ids}, expected "

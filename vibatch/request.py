@@ -74,11 +74,13 @@ def check_workdir(workdir: str) -> str:
     workdir = os.path.normpath(workdir)
     if workdir.startswith("//"):
         workdir = "/" + workdir.lstrip("/")
-    for path in {workdir, os.path.realpath(workdir)}:
-        if path in _SYSTEM_DIRS or any(path == t or path.startswith(t + "/") for t in _SYSTEM_TREES):
-            raise MissingWorkdir(f"working directory {workdir} cannot be shared into a VM: "
-                                 f"{path} is, or is inside, a system directory the guest needs "
-                                 "for itself")
+    # the literal path only: root resolving links (or testing existence) below a directory the
+    # user may not enter would tell the user what is there. The share launcher walks the path
+    # as the job's user, refusing links, and says "does not exist" only to whom may look.
+    if workdir in _SYSTEM_DIRS or any(workdir == t or workdir.startswith(t + "/")
+                                      for t in _SYSTEM_TREES):
+        raise MissingWorkdir(f"working directory {workdir} cannot be shared into a VM: it is, "
+                             "or is inside, a system directory the guest needs for itself")
     return workdir
 
 
@@ -177,9 +179,7 @@ def make_request(job_id: str, user: str, cores: int, memory_mb: int, image: Opti
                            "(at most 64, starting with a letter or digit)")
     queue = check_text("queue", queue) if queue is not None else None
     account = check_text("account", account) if account is not None else None
-    workdir = check_workdir(workdir)
-    if not os.path.isdir(workdir):
-        raise MissingWorkdir(f"working directory {workdir} does not exist")
+    workdir = check_workdir(workdir)   # existence: checked as the job's user (share.py)
     return JobRequest(job_id, juser, cores, memory_mb, image or None, workdir, walltime_s,
                       tuple(sorted(set(cpus))) if cpus is not None else None,
                       queue or None, account or None)

@@ -4,15 +4,16 @@ Torque's pbs_mom reruns a job whose prologue exits with anything but 0 or 1 (or 
 straight away, on the same node, for ever (seen on a real 6.1 pbs_mom: 233 reruns in 2 minutes).
 So the adapter counts node faults per job on this node, waits longer after each one before it
 asks for the requeue, and after ``limit`` of them takes the node out. The record lives in
-``<state_dir>/node-faults.json`` (root's), and ``vibatch status`` shows it.
+``<state_dir>/node-faults.json`` (root's, 0600), and ``vibatch status`` shows it.
 """
 from __future__ import annotations
 
 import os
 import time
+
 import filelock
 
-from ..util import atomic_write_json, hold, read_json
+from ..util import atomic_write_json, hold, read_json, root_lock
 
 FILE = "node-faults.json"
 
@@ -22,7 +23,8 @@ def _path(cfg) -> str:
 
 
 def _lock(cfg) -> filelock.FileLock:
-    return filelock.FileLock(_path(cfg) + ".lock", timeout=cfg.lock_timeout_s)
+    # root's alone, like every vibatch lock: a user who could flock it would stall the hooks
+    return root_lock(_path(cfg) + ".lock", cfg.lock_timeout_s)
 
 
 def read(cfg) -> dict:
@@ -37,7 +39,7 @@ def _update(cfg, change) -> dict:
         data = read(cfg)
         data.setdefault("jobs", {})
         change(data)
-        atomic_write_json(_path(cfg), data, mode=0o644)
+        atomic_write_json(_path(cfg), data, mode=0o600)   # job ids and messages: root's
         return data
 
 
