@@ -54,7 +54,7 @@ def vibatch_runs(cfg, runs: int, user: str, workdir: str) -> dict[str, list[floa
         t0 = time.perf_counter()
         state = prologue(node, make_request(job, user, 1, 512, cfg.images.default, workdir))
         total = time.perf_counter() - t0
-        for k, v in state["phases"].items():
+        for k, v in state.phases.items():
             out.setdefault(k, []).append(v)
         out.setdefault("prologue_total", []).append(total)
         # vibatch exec true, a fresh process as the job user (what a job starter does)

@@ -93,7 +93,7 @@ def test_prologue_and_epilogue(site):
     cfg, hv, work = site
     node = fake_node(cfg, hv)
     state = lifecycle.prologue(node, request(cfg, work))
-    assert state["phase"] == jobstore.READY and jobstore.read(JobPaths.of(cfg, "j1"))["phase"] == "ready"
+    assert state.phase == jobstore.READY and jobstore.read(JobPaths.of(cfg, "j1")).phase == "ready"
     assert "vibatch-j1" in hv.domains() and node.slots.get("j1").cpus == (0,)
     record = lifecycle.epilogue(fake_node(cfg, hv), "j1", 0)
     assert record["vm_end"] == "destroyed" and record["prologue_completed"] is True
@@ -110,7 +110,7 @@ def test_prologue_killed_at_every_phase(site, point, then):
     cfg, hv, work = site
     status = in_child(lambda: lifecycle.prologue(fake_node(cfg, hv), request(cfg, work)), point)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    assert jobstore.read(JobPaths.of(cfg, "j1"))["phase"] in jobstore.PREPARING
+    assert jobstore.read(JobPaths.of(cfg, "j1")).phase in jobstore.PREPARING
     node = fake_node(cfg, hv)
     if then == "reap":
         assert lifecycle.reap(node) == ["job j1 (its prologue died)"]
@@ -228,7 +228,7 @@ def test_second_prologue_beside_a_live_one_gets_16_and_touches_nothing(site):
     assert jobstore.read(JobPaths.of(cfg, "j1")) == before
     os.kill(pid, signal.SIGCONT)
     assert os.waitpid(pid, 0)[1] == 0
-    assert jobstore.read(JobPaths.of(cfg, "j1"))["phase"] == "ready"
+    assert jobstore.read(JobPaths.of(cfg, "j1")).phase == "ready"
     assert lifecycle.Node(cfg).slots.get("j1").cpus == (0,)
 
 
@@ -290,3 +290,30 @@ def test_error_log_is_root_only(tmp_path, monkeypatch):
         util.log_error("test", e)
     st = os.stat(util.ERROR_LOG)
     assert stat.S_IMODE(st.st_mode) == 0o600 and "ValueError: boom" in open(util.ERROR_LOG).read()
+
+
+def test_the_record_reader_is_strict_and_names_the_file(site, tmp_path):
+    """state.json is JobState's: version 2, known keys only, each of its type, a known phase.
+    Anything else is a node fault naming the file (vibatch's own writes are atomic), and reap
+    and the listing leave such a record alone (phase corrupt)."""
+    cfg = site[0]
+    paths = JobPaths.of(cfg, "j9")
+    paths.create()
+    good = jobstore.JobState(job_id="j9", phase=jobstore.SLOT, cpus=(1, 2), phases={"claim": 0.1})
+    jobstore.write(paths, good)
+    assert jobstore.read(paths) == good and jobstore.read(paths).cpus == (1, 2)
+    for change, why in (({"version": 1}, "version 1"), ({"colour": "red"}, "unknown keys colour"),
+                        ({"cpus": ["1"]}, "cpus is list"), ({"uid": True}, "uid is bool"),
+                        ({"phase": "booting"}, "phase 'booting'"), ({"owner_pid": 1.5},
+                                                                    "owner_pid is float")):
+        with open(paths.state_file, "w") as f:
+            json.dump({**good.to_json(), **change}, f)
+        with pytest.raises(NodeError) as e:
+            jobstore.read(paths)
+        assert paths.state_file in str(e.value) and why in str(e.value), (change, str(e.value))
+    assert [(p.job_id, s.phase) for p, s in jobstore.records(cfg)] == [("j9", jobstore.CORRUPT)]
+    with pytest.raises(Exception):
+        good.phase = jobstore.READY            # frozen: changed only through a Record
+    rec = jobstore.Record(paths, good)
+    rec.set(jobstore.OVERLAY, accel="tcg")
+    assert jobstore.read(paths) == rec.state and rec.state.accel == "tcg" and good.accel is None

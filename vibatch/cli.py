@@ -203,8 +203,8 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
         if cmd == "prologue":
             require_root("prologue")
             state = lifecycle.prologue(node, _request(args, cfg, args.job, args.user))
-            print(f"{PROG}: job {args.job}: VM {state['domain']} ready on CPUs "
-                  f"{','.join(map(str, state['cpus']))} ({sum(state['phases'].values()):.2f} s)",
+            print(f"{PROG}: job {args.job}: VM {state.domain} ready on CPUs "
+                  f"{','.join(map(str, state.cpus))} ({sum(state.phases.values()):.2f} s)",
                   file=sys.stderr)
             return 0
         if cmd == "epilogue":
@@ -256,14 +256,14 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg, node) -> in
         exec_s = time.perf_counter() - t0
         record = lifecycle.epilogue(node, job_id, status)
     if args.timings and record:
-        phases = {**state["phases"], "exec": round(exec_s, 4), "epilogue": record["phases"]["epilogue"]}
+        phases = {**state.phases, "exec": round(exec_s, 4), "epilogue": record["phases"]["epilogue"]}
         width = max(len(k) for k in phases)
         print(f"\n{'phase'.ljust(width)}  seconds", file=sys.stderr)
         for name, secs in phases.items():
             print(f"{name.ljust(width)}  {secs:7.3f}", file=sys.stderr)
         print(f"{'total'.ljust(width)}  {sum(phases.values()):7.3f}   "
-              f"(accel {state['accel']}, CPUs {','.join(map(str, state['cpus']))}, "
-              f"image {state['image']})", file=sys.stderr)
+              f"(accel {state.accel}, CPUs {','.join(map(str, state.cpus))}, "
+              f"image {state.image})", file=sys.stderr)
     return status
 
 

@@ -19,9 +19,10 @@ from typing import Iterator, Optional, Sequence
 from . import safeio
 from .agent import AgentError, SocketAgent
 from .config import Config
-from .errors import ExecError
+from .errors import ExecError, NodeError
 from .jobdir import JobPaths
-from .util import Deadline, flock_within, read_json
+from .jobstore import LAST_EXIT, JobInfo
+from .util import Deadline, flock_within
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 JOB_ID_VARS = ("VIBATCH_JOB_ID", "SLURM_JOB_ID", "JOB_ID", "PBS_JOBID", "CONDOR_JOB_ID")
@@ -110,13 +111,16 @@ class Exec:
     def __init__(self, cfg: Config, job_id: str):
         self.cfg = cfg
         self.paths = JobPaths.of(cfg, job_id)
-        info = read_json(self.paths.info)
+        try:
+            info = JobInfo.read(self.paths)
+        except NodeError as e:
+            raise ExecError(f"vibatch exec: job {job_id}: {e}") from None
         if info is None:
             raise ExecError(f"vibatch exec: job {job_id} has no running VM on this node")
-        if os.getuid() not in (0, info["uid"]):
+        if os.getuid() not in (0, info.uid):
             raise ExecError(f"vibatch exec: job {job_id} belongs to another user")
         self.info = info
-        self.lock_path = os.path.join(info["io_host"], ".lock")
+        self.lock_path = os.path.join(info.io_host, ".lock")
         self.agent = SocketAgent(self.paths.socket, lock=self._lock)
         self.pending: list[int] = []
 
@@ -125,7 +129,7 @@ class Exec:
         """Serialise agent transactions of concurrent ``vibatch exec`` of this job."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         if os.getuid() == 0:   # root made it (vibatch run, image test): the job user needs it too
-            os.fchown(fd, self.info["uid"], self.info["gid"])
+            os.fchown(fd, self.info.uid, self.info.gid)
         try:
             if not flock_within(fd, LOCK_TIMEOUT_S):
                 raise ExecError("vibatch exec: the job's agent stayed busy for "
@@ -135,7 +139,7 @@ class Exec:
             os.close(fd)
 
     def cwd(self) -> str:
-        wd = self.info["workdir"]
+        wd = self.info.workdir
         try:
             here = os.getcwd()
         except OSError:
@@ -147,8 +151,8 @@ class Exec:
         """Run ``argv`` in the guest; its output goes to ``stdout``/``stderr`` (binary files,
         default: ours) as it is written. Returns the wait status in the shell's convention."""
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
-        io_host, io_guest = self.info["io_host"], self.info["io_guest"]
-        owner = (self.info["uid"], self.info["gid"])
+        io_host, io_guest = self.info.io_host, self.info.io_guest
+        owner = (self.info.uid, self.info.gid)
         out = _Stream(os.path.join(io_host, token + ".out"), stdout or sys.stdout.buffer, owner)
         err = _Stream(os.path.join(io_host, token + ".err"), stderr or sys.stderr.buffer, owner)
         old = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
@@ -183,14 +187,14 @@ class Exec:
         host): its text goes into the job's I/O folder for the run, and the guest runs it with
         ``args`` as its arguments, by ``interpreter`` or else by its own ``#!`` line."""
         name = f"{os.getpid()}-{secrets.token_hex(4)}.job"
-        host = os.path.join(self.info["io_host"], name)
+        host = os.path.join(self.info.io_host, name)
         fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
         try:
             with os.fdopen(fd, "wb") as f:
                 if os.getuid() == 0:
-                    os.fchown(f.fileno(), self.info["uid"], self.info["gid"])
+                    os.fchown(f.fileno(), self.info.uid, self.info.gid)
                 f.write(text)
-            guest = f"{self.info['io_guest']}/{name}"
+            guest = f"{self.info.io_guest}/{name}"
             argv = [interpreter, guest, *args] if interpreter else [guest, *args]
             return self.run(argv, stdout, stderr, environ)
         finally:
@@ -223,7 +227,7 @@ class Exec:
 
     def _record(self, status: int) -> None:
         """Leave the last exit status where the epilogue can account for it."""
-        path = os.path.join(self.info["io_host"], "last-exit")
+        path = os.path.join(self.info.io_host, LAST_EXIT)
         with contextlib.suppress(OSError):
             fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w") as f:

@@ -24,6 +24,7 @@ from .execjob import Exec
 from .jobdir import JobPaths
 from .library import Image
 from .request import make_request, resolve_user
+from .jobstore import JobState
 
 SIGNAL_WAIT_S = 30.0
 MEMORY_FLOOR = 0.80    # the guest kernel keeps some memory for itself
@@ -110,16 +111,16 @@ def run(node: lifecycle.Node, image: Image, *, user: str = "nobody", cores: int 
     try:
         req = make_request(job_id=job_id, user=juser.name, cores=cores, memory_mb=memory_mb,
                            image=image.name, workdir=work)
-        state: dict = {}
+        booted: list = []
 
         def boot() -> tuple[bool, str]:
-            state.update(lifecycle.prologue(node, req, image=image))
-            ph = state["phases"]
+            booted.append(lifecycle.prologue(node, req, image=image))
+            ph = booted[0].phases
             return True, (f"answered {ph['boot']:.2f} s after start (limit "
-                          f"{cfg.vm.boot_timeout_s:g} s, {state['accel']})")
+                          f"{cfg.vm.boot_timeout_s:g} s, {booted[0].accel})")
 
         if check("agent answers within the boot timeout", boot):
-            _in_guest(node, job_id, juser, work, cores, memory_mb, state, check)
+            _in_guest(node, job_id, juser, work, cores, memory_mb, booted[0], check)
     finally:
         lifecycle.epilogue(node, job_id, None)
         shutil.rmtree(work, ignore_errors=True)
@@ -128,7 +129,7 @@ def run(node: lifecycle.Node, image: Image, *, user: str = "nobody", cores: int 
 
 
 def _in_guest(node: lifecycle.Node, job_id: str, juser, work: str, cores: int, memory_mb: int,
-              state: dict, check: Callable) -> None:
+              state: JobState, check: Callable) -> None:
     cfg = node.cfg
     guest = _Guest(node, job_id)
     check("job user has the job's uid/gid and is not root", lambda: _user(guest, juser))
@@ -139,12 +140,12 @@ def _in_guest(node: lifecycle.Node, job_id: str, juser, work: str, cores: int, m
     check("exit codes come through", lambda: _exit_codes(guest))
     check("signals reach the job", lambda: _signals(cfg.source, job_id, juser))
     check(f"network matches policy ({cfg.vm.network})", lambda: _network(guest, cfg.vm.network))
-    total = sum(state["phases"].values())
+    total = sum(state.phases.values())
     limit = cfg.vm.boot_timeout_s + cfg.vm.setup_timeout_s
     check("the job user cannot become root in the image", lambda: _root_paths(guest),
           warn_only=True)
     check("time to ready", lambda: (total <= limit, f"{total:.2f} s from claim to ready ("
-                                    + ", ".join(f"{k} {v:.2f}" for k, v in state["phases"].items())
+                                    + ", ".join(f"{k} {v:.2f}" for k, v in state.phases.items())
                                     + ")"))
 
 

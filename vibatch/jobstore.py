@@ -19,7 +19,9 @@ missing file.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import psutil
@@ -34,11 +36,140 @@ RESERVED, SLOT, OVERLAY, DOMAIN, READY, ENDING, ACCOUNTED = (
     "reserved", "slot", "overlay", "domain", "ready", "ending", "accounted")
 PHASES = (RESERVED, SLOT, OVERLAY, DOMAIN, READY, ENDING, ACCOUNTED)
 PREPARING = (RESERVED, SLOT, OVERLAY, DOMAIN)   # the prologue has not finished
+CORRUPT = "corrupt"                             # a record that could not be read (records())
 RECORD_FILE = "record.json"                     # the accounting line, before it is appended
 LAST_EXIT = "last-exit"                         # in the job's I/O folder, written by vibatch exec
+VERSION = 2
 
 
-def before(phase: str, other: str) -> bool:
+@dataclass(frozen=True)
+class JobState:
+    """``state.json``: the job's record (version 2). Written only through ``Record``."""
+
+    job_id: str
+    phase: str
+    version: int = VERSION
+    owner_pid: Optional[int] = None        # who acts on the job now (none once it is ready)
+    owner_start: Optional[float] = None
+    holder_pid: Optional[int] = None       # a process whose life bounds the job's (HTCondor)
+    holder_start: Optional[float] = None
+    started_at: Optional[float] = None
+    ready_at: Optional[float] = None
+    user: str = ""
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    image: str = ""
+    image_digest: str = ""
+    image_dir: str = ""
+    requested_image: Optional[str] = None
+    queue: Optional[str] = None
+    account: Optional[str] = None
+    workdir: str = ""
+    walltime_s: Optional[int] = None
+    domain: str = ""
+    cpus: tuple[int, ...] = ()
+    memory_mb: Optional[int] = None
+    image_hashed: bool = False
+    accel: Optional[str] = None
+    uuid: Optional[str] = None
+    phases: dict = field(default_factory=dict, compare=False)   # phase name -> seconds
+    ended_by: Optional[str] = None         # prologue (its undo), epilogue or reap
+    ended_from: Optional[str] = None       # the phase the teardown started from
+    exit_code: Optional[int] = None
+    vm_end: Optional[str] = None           # destroyed | gone | never_started | unknown
+    vm_cpu_time_s: Optional[float] = None
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cpus"] = list(self.cpus)
+        return d
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> "JobState":
+        """The strict reader: an object of this version, known keys only, each of its type."""
+        def bad(why: str) -> NodeError:
+            return NodeError(f"{source} is not a valid job record ({why}); remove the job's "
+                             "directories by hand")
+        if not isinstance(data, dict):
+            raise bad("not an object")
+        if data.get("version") != VERSION:
+            raise bad(f"version {data.get('version')!r}, this vibatch reads {VERSION}")
+        unknown = sorted(set(data) - set(_TYPES))
+        if unknown:
+            raise bad("unknown keys " + ", ".join(unknown))
+        for key, value in data.items():
+            if not _is(value, _TYPES[key]):
+                raise bad(f"{key} is {type(value).__name__}")
+        if data.get("phase") not in PHASES:
+            raise bad(f"phase {data.get('phase')!r}")
+        return cls(**{**data, "cpus": tuple(data.get("cpus") or ())})
+
+
+def _is(value: Any, want: str) -> bool:
+    """``value`` fits the field's annotation (the few shapes JobState uses)."""
+    if want.startswith("Optional["):
+        return value is None or _is(value, want[len("Optional["):-1])
+    if want == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if want == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want.startswith("tuple"):
+        return isinstance(value, list) and all(_is(v, "int") for v in value)
+    return isinstance(value, {"str": str, "bool": bool, "dict": dict}[want])
+
+
+_TYPES = {f.name: str(f.type) for f in dataclasses.fields(JobState)}
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """``job.json`` (0644, the job user reads it): what ``vibatch exec`` needs of a ready job."""
+
+    job_id: str
+    uid: int
+    gid: int
+    user: str
+    home: str
+    workdir: str
+    io_host: str           # the job's I/O folder on the host
+    io_guest: str          # the same folder in the guest
+
+    def write(self, paths: JobPaths) -> None:
+        atomic_write_json(paths.info, dataclasses.asdict(self), mode=0o644)
+
+    @classmethod
+    def read(cls, paths: JobPaths) -> Optional["JobInfo"]:
+        """The ready job's info, or None if it has none; anything but exactly these keys, each
+        of its type, is a NodeError naming the file."""
+        try:
+            data = read_json(paths.info)
+        except (ValueError, UnicodeDecodeError, NotADirectoryError):
+            data = "unreadable"
+        if data is None:
+            return None
+        names = {f.name: f.type for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) != set(names) or \
+                not all(_is(data[k], str(t)) for k, t in names.items()):
+            raise NodeError(f"{paths.info} is not a valid job info file")
+        return cls(**data)
+
+
+class Record:
+    """A job's record as this process holds it: every change is written (atomically, fsynced)
+    before the step it names, through ``set``; ``stage`` changes it for the next write only."""
+
+    def __init__(self, paths: JobPaths, state: JobState) -> None:
+        self.paths, self.state = paths, state
+
+    def stage(self, **fields: Any) -> None:
+        self.state = dataclasses.replace(self.state, **fields)
+
+    def set(self, phase: Optional[str] = None, **fields: Any) -> None:
+        self.stage(phase=phase or self.state.phase, **fields)
+        write(self.paths, self.state)
+
+
+def before(phase: Optional[str], other: str) -> bool:
     """``phase`` comes before ``other`` (an unknown phase counts as the first)."""
     return _index(phase) < _index(other)
 
@@ -68,42 +199,34 @@ def me() -> dict:
     return {"owner_pid": os.getpid(), "owner_start": process_start(os.getpid())}
 
 
-def owner_alive(state: dict) -> bool:
+def owner_alive(state: JobState) -> bool:
     """Someone else is acting on this record right now (never true of this process)."""
-    pid = state.get("owner_pid")
-    return pid != os.getpid() and same_process(pid, state.get("owner_start"))
+    return state.owner_pid != os.getpid() and same_process(state.owner_pid, state.owner_start)
 
 
-def holder_alive(state: dict) -> bool:
+def holder_alive(state: JobState) -> bool:
     """The job's holder process (if it has one) still runs: same pid, same start time."""
-    return same_process(state.get("holder_pid"), state.get("holder_start"))
+    return same_process(state.holder_pid, state.holder_start)
 
 
-def read(paths: JobPaths) -> Optional[dict]:
+def read(paths: JobPaths) -> Optional[JobState]:
     """The job's record, or None if it has none. A record that cannot be parsed (never written
     by vibatch: writes are atomic) is reported as a node fault naming the file."""
     try:
-        state = read_json(paths.state_file)
+        data = read_json(paths.state_file)
     except (ValueError, UnicodeDecodeError) as e:
         raise NodeError(f"{paths.state_file} is not a valid job record ({e}); "
                         "remove the job's directories by hand") from None
     except NotADirectoryError:
         return None
-    if state is not None and not isinstance(state, dict):
-        raise NodeError(f"{paths.state_file} is not a valid job record (not an object)")
-    return state
+    return None if data is None else JobState.from_json(data, paths.state_file)
 
 
-def write(paths: JobPaths, state: dict) -> None:
+def write(paths: JobPaths, state: JobState) -> None:
     try:
-        atomic_write_json(paths.state_file, state)
+        atomic_write_json(paths.state_file, state.to_json())
     except OSError as e:
         raise NodeError(f"cannot write the job record {paths.state_file}: {e.strerror}") from None
-
-
-def set_phase(paths: JobPaths, state: dict, phase: str, **fields: Any) -> None:
-    state.update(phase=phase, **fields)
-    write(paths, state)
 
 
 def job_ids(cfg: Config) -> list[str]:
@@ -115,14 +238,16 @@ def job_ids(cfg: Config) -> list[str]:
         return []
 
 
-def records(cfg: Config) -> list[tuple[JobPaths, Optional[dict]]]:
-    out = []
+def records(cfg: Config) -> list[tuple[JobPaths, Optional[JobState]]]:
+    """Every job directory's record (None: directories without one; phase CORRUPT: one that
+    could not be read, which nobody touches)."""
+    out: list[tuple[JobPaths, Optional[JobState]]] = []
     for job_id in job_ids(cfg):
         paths = JobPaths.of(cfg, job_id)
         try:
             out.append((paths, read(paths)))
         except NodeError:
-            out.append((paths, {"job_id": job_id, "phase": "corrupt"}))
+            out.append((paths, JobState(job_id, CORRUPT)))
     return out
 
 
@@ -131,14 +256,14 @@ def images_in_use(cfg: Config, unknown: str) -> dict[str, list[str]]:
     that has not recorded its image yet counts under ``unknown``."""
     used: dict[str, list[str]] = {}
     for paths, state in records(cfg):
-        used.setdefault((state or {}).get("image_dir") or unknown, []).append(paths.job_id)
+        used.setdefault((state.image_dir if state else "") or unknown, []).append(paths.job_id)
     return used
 
 
 def jobs_held_by(cfg: Config, pid: int) -> list[str]:
     """The jobs on this node whose holder is the running process ``pid``."""
     return [paths.job_id for paths, st in records(cfg)
-            if st and st.get("holder_pid") == pid and holder_alive(st)]
+            if st and st.holder_pid == pid and holder_alive(st)]
 
 
 def last_exit(paths: JobPaths) -> Optional[int]:

@@ -84,8 +84,8 @@ def check_limits(cfg: Config, cores: int, memory_mb: int) -> None:
 
 
 def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
-             holder: Optional[int] = None) -> dict:
-    """Bring up the job's VM. Returns the job's state record (with phase timings).
+             holder: Optional[int] = None) -> jobstore.JobState:
+    """Bring up the job's VM. Returns the job's record (with phase timings).
 
     The image is resolved through the site's policy unless the caller passes one (``vibatch
     image test``, which an admin runs on images before endorsing them). ``holder`` is the pid
@@ -103,35 +103,33 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
     with timer.phase("claim"):
         if image is None:
             image = resolve_image(node, req).image
-        state: dict[str, Any] = {
-            "version": 2, "job_id": req.job_id, "phase": jobstore.RESERVED, **jobstore.me(),
-            "started_at": started,
-            "user": req.user.name, "uid": req.user.uid, "gid": req.user.gid,
-            "image": image.name, "image_digest": image.digest, "image_dir": image.dir,
-            "requested_image": req.image, "queue": req.queue, "account": req.account,
-            "workdir": req.workdir, "walltime_s": req.walltime_s, "domain": paths.domain,
-        }
+        rec = jobstore.Record(paths, jobstore.JobState(
+            job_id=req.job_id, phase=jobstore.RESERVED, **jobstore.me(), started_at=started,
+            user=req.user.name, uid=req.user.uid, gid=req.user.gid,
+            image=image.name, image_digest=image.digest, image_dir=image.dir,
+            requested_image=req.image, queue=req.queue, account=req.account,
+            workdir=req.workdir, walltime_s=req.walltime_s, domain=paths.domain))
         if holder is not None:
-            state.update(holder_pid=holder, holder_start=_start_time(holder))
-        _reserve(node, paths, state)
+            rec.stage(holder_pid=holder, holder_start=_start_time(holder))
+        _reserve(node, rec)
     try:
         with _stoppable():
             faultpoints.point("reserved")
             with timer.phase("claim"):
-                jobstore.set_phase(paths, state, jobstore.SLOT)
+                rec.set(jobstore.SLOT)
                 disk.admit(cfg, paths, image)
                 slot, _ = node.slots.claim(req.job_id, req.cores, req.memory_mb, req.cpus)
-                state.update(cpus=list(slot.cpus), memory_mb=slot.memory_mb)
-            _bring_up(node, req, paths, image, slot, timer, state)
+                rec.stage(cpus=tuple(slot.cpus), memory_mb=slot.memory_mb)
+            _bring_up(node, req, rec, image, slot, timer)
             # ready: nobody owns it now; it is the batch system's job until its epilogue
-            jobstore.set_phase(paths, state, jobstore.READY, phases=timer.phases,
-                               ready_at=time.time(), owner_pid=None, owner_start=None)
+            rec.set(jobstore.READY, phases=dict(timer.phases), ready_at=time.time(),
+                    owner_pid=None, owner_start=None)
     except BaseException as exc:
         if isinstance(exc, VibatchError) and not exc.detail:  # read it before it is removed
             exc.detail = console_tail(paths.console, cfg.vm.console_tail_lines)
-        _undo(node, paths, state, exc)
+        _undo(node, rec, exc)
         raise
-    return state
+    return rec.state
 
 
 class Stopped(NodeError):
@@ -173,10 +171,11 @@ def library_gc(node: Node) -> list[str]:
         return []
 
 
-def _reserve(node: Node, paths: JobPaths, state: dict) -> None:
+def _reserve(node: Node, rec: jobstore.Record) -> None:
     """Create the job's directories and its record, or refuse: one job id, one owner. Both
     happen under the jobs lock, so a directory seen without a record under that lock is the
     leftover of a process that died there."""
+    paths = rec.paths
     with hold(node.jobs_lock):
         if paths.exists():
             old = jobstore.read(paths)
@@ -193,26 +192,26 @@ def _reserve(node: Node, paths: JobPaths, state: dict) -> None:
             raise NodeError(f"cannot create the job's directories ({e.filename}: "
                             f"{e.strerror})") from None
         try:
-            jobstore.write(paths, state)
+            jobstore.write(paths, rec.state)
         except NodeError:
             paths.remove_quietly()
             raise
 
 
-def _still_running(node: Node, paths: JobPaths, state: dict) -> bool:
+def _still_running(node: Node, paths: JobPaths, state: jobstore.JobState) -> bool:
     """A finished prologue's job that is still on: its holder runs, or (without one) its VM."""
-    if state.get("phase") != jobstore.READY:
+    if state.phase != jobstore.READY:
         return False
-    if "holder_pid" in state:
+    if state.holder_pid is not None:
         return jobstore.holder_alive(state)
     return hypervisor.lookup(node.conn, paths.domain) is not None
 
 
-def _describe(state: dict) -> str:
-    phase = state.get("phase", "?")
+def _describe(state: jobstore.JobState) -> str:
+    phase = state.phase
     if jobstore.owner_alive(state):
         doing = "being prepared" if phase in jobstore.PREPARING else "being ended"
-        return f"{doing} by pid {state.get('owner_pid')}"
+        return f"{doing} by pid {state.owner_pid}"
     return "its VM is running" if phase == jobstore.READY else f"phase {phase}"
 
 
@@ -228,16 +227,16 @@ def jobs_held_by(cfg: Config, pid: int) -> list[str]:
     return jobstore.jobs_held_by(cfg, pid)
 
 
-def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: Slot,
-              timer: PhaseTimer, state: dict) -> None:
-    cfg = node.cfg
+def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, slot: Slot,
+              timer: PhaseTimer) -> None:
+    cfg, paths = node.cfg, rec.paths
     faultpoints.point("slot")
     with timer.phase("shares"):      # first: a working directory the user may not reach fails
         _prepare_shares(node, req, paths, slot)   # before the image is hashed or cloned
     with timer.phase("image_check"):
-        state["image_hashed"] = node.library.ensure_verified(image)
+        rec.stage(image_hashed=node.library.ensure_verified(image))
     with timer.phase("clone"):
-        jobstore.set_phase(paths, state, jobstore.OVERLAY)
+        rec.set(jobstore.OVERLAY)
         qemuimg.create_overlay(image.disk.path, image.disk_format, paths.overlay)
         os.chown(paths.overlay, *qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
         os.chmod(paths.overlay, 0o600)
@@ -246,7 +245,7 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
         kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
                             lambda: _probe_files(node, image))
         spec = domain_spec(cfg, req, paths, image, slot, kind)
-        jobstore.set_phase(paths, state, jobstore.DOMAIN, accel=kind)
+        rec.set(jobstore.DOMAIN, accel=kind)
         try:
             dom = hypervisor.start_capped(node.conn, render(spec),
                                           slot.memory_mb + cfg.vm.memory_overhead_mb)
@@ -256,7 +255,7 @@ def _bring_up(node: Node, req: JobRequest, paths: JobPaths, image: Image, slot: 
                 raise MissingWorkdir(why) from None
             raise
         faultpoints.point("domain")
-        jobstore.set_phase(paths, state, jobstore.DOMAIN, uuid=dom.UUIDString())
+        rec.set(jobstore.DOMAIN, uuid=dom.UUIDString())
     with timer.phase("boot"):
         root_agent = node.root_agent(dom)
         _wait_for_agent(root_agent, Deadline(cfg.vm.boot_timeout_s), cfg.vm.boot_timeout_s)
@@ -354,9 +353,8 @@ def _setup_guest(root_agent: Any, user_agent: Any, req: JobRequest, paths: JobPa
                          f"{u.uid}/{u.gid}; refusing to hand it to the job")
     give_to(paths.socket, u.uid, u.gid, 0o600)
     os.chmod(paths.run, 0o711)   # only now can anyone but root reach the socket at all
-    atomic_write_json(paths.info, {"job_id": req.job_id, "uid": u.uid, "gid": u.gid,
-                                   "user": u.name, "home": u.home, "workdir": req.workdir,
-                                   "io_host": paths.io, "io_guest": GUEST_IO_DIR}, mode=0o644)
+    jobstore.JobInfo(job_id=req.job_id, uid=u.uid, gid=u.gid, user=u.name, home=u.home,
+                     workdir=req.workdir, io_host=paths.io, io_guest=GUEST_IO_DIR).write(paths)
 
 
 def _wait_for_user_agent(agent: Any, deadline: Deadline) -> tuple[int, int]:
@@ -372,87 +370,85 @@ def _wait_for_user_agent(agent: Any, deadline: Deadline) -> tuple[int, int]:
             time.sleep(min(0.05, deadline.remaining()))
 
 
-def _undo(node: Node, paths: JobPaths, state: dict, exc: BaseException) -> None:
+def _undo(node: Node, rec: jobstore.Record, exc: BaseException) -> None:
     """Tear down what this prologue made, whatever failed, and never raise: the caller reports
     the original error. SIGTERM and the alarm wait until it is done. If libvirt is gone, the
     directories and the slot are still released and the domain is left marked for ``reap``."""
     blocked = {signal.SIGTERM, signal.SIGALRM}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
-        _finish(node, paths, state, ended_by="prologue", best_effort=True)
+        _finish(node, rec, ended_by="prologue", best_effort=True)
     except BaseException as e:  # noqa: BLE001 - the original error is the one to report
-        log_error(f"undo of job {paths.job_id} after {type(exc).__name__}: {exc}", e)
-        paths.remove_quietly()
+        log_error(f"undo of job {rec.paths.job_id} after {type(exc).__name__}: {exc}", e)
+        rec.paths.remove_quietly()
         with contextlib.suppress(Exception):
-            node.slots.release(paths.job_id)
+            node.slots.release(rec.paths.job_id)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
-def _take_over(paths: JobPaths, state: dict, ended_by: str,
-               exit_code: Optional[int] = None) -> None:
+def _take_over(rec: jobstore.Record, ended_by: str, exit_code: Optional[int] = None) -> None:
     """Make this process the record's owner and move it to ``ending`` (under the jobs lock,
     unless this process already owns it). The job's exit code, if the caller knows it, is kept
     for whoever finishes the record."""
-    fields = {**jobstore.me(), "ended_by": state.get("ended_by") or ended_by}
+    fields: dict[str, Any] = {**jobstore.me(), "ended_by": rec.state.ended_by or ended_by}
     if exit_code is not None:
         fields["exit_code"] = exit_code
-    if jobstore.before(state.get("phase"), jobstore.ENDING):
-        fields["ended_from"] = state.get("phase")
-        jobstore.set_phase(paths, state, jobstore.ENDING, **fields)
+    if jobstore.before(rec.state.phase, jobstore.ENDING):
+        rec.set(jobstore.ENDING, ended_from=rec.state.phase, **fields)
     else:
-        jobstore.set_phase(paths, state, state["phase"], **fields)
+        rec.set(**fields)
 
 
-def _end_unowned(node: Node, paths: JobPaths, state: Optional[dict], ended_by: str,
+def _end_unowned(node: Node, paths: JobPaths, state: Optional[jobstore.JobState], ended_by: str,
                  exit_code: Optional[int] = None) -> Optional[dict]:
     """End a job nobody alive owns (held: the jobs lock). Returns its accounting record."""
     if state is None:   # directories without a record: nothing was claimed for them yet
-        _end_vm(node, paths, {}, tolerate=False)
+        _end_vm(node, paths, None, tolerate=False)
         _remove(node, paths)
         return None
-    _take_over(paths, state, ended_by, exit_code)
-    return _finish(node, paths, state, ended_by=ended_by, exit_code=exit_code)
+    rec = jobstore.Record(paths, state)
+    _take_over(rec, ended_by, exit_code)
+    return _finish(node, rec, ended_by=ended_by, exit_code=exit_code)
 
 
-def _finish(node: Node, paths: JobPaths, state: dict, *, ended_by: str,
+def _finish(node: Node, rec: jobstore.Record, *, ended_by: str,
             exit_code: Optional[int] = None, best_effort: bool = False) -> Optional[dict]:
     """Tear the job down from whatever phase its record is in: VM, accounting (exactly once,
     before anything it describes is removed), directories, slot. Safe to repeat after a kill
     at any point. ``best_effort`` (a prologue's undo) goes on when the record cannot be written
     or libvirt is unreachable."""
     t0 = time.perf_counter()
-    if jobstore.before(state.get("phase"), jobstore.ENDING) or \
-            state.get("owner_pid") != os.getpid():
+    paths = rec.paths
+    if jobstore.before(rec.state.phase, jobstore.ENDING) or rec.state.owner_pid != os.getpid():
         try:
-            _take_over(paths, state, ended_by)
+            _take_over(rec, ended_by)
         except NodeError:
             if not best_effort:
                 raise
     faultpoints.point("ending")
     record = None
-    if state.get("phase") != jobstore.ACCOUNTED:
-        if "vm_end" not in state:   # a rerun after a kill knows what the first run found
-            vm_end, cpu_time = _end_vm(node, paths, state, tolerate=best_effort)
+    if rec.state.phase != jobstore.ACCOUNTED:
+        if rec.state.vm_end is None:   # a rerun after a kill knows what the first run found
+            vm_end, cpu_time = _end_vm(node, paths, rec.state.uuid, tolerate=best_effort)
+            rec.stage(vm_end=vm_end, vm_cpu_time_s=cpu_time)
             try:
-                jobstore.set_phase(paths, state, jobstore.ENDING, vm_end=vm_end,
-                                   vm_cpu_time_s=cpu_time)
+                rec.set(jobstore.ENDING)
             except NodeError:
                 if not best_effort:
                     raise
-        vm_end, cpu_time = state.get("vm_end", "unknown"), state.get("vm_cpu_time_s")
         faultpoints.point("vm_ended")
         slot = node.slots.get(paths.job_id)
-        if slot is not None or not jobstore.before(state.get("ended_from", ""), jobstore.OVERLAY):
+        if slot is not None or not jobstore.before(rec.state.ended_from, jobstore.OVERLAY):
             if exit_code is None:
-                exit_code = state.get("exit_code")
+                exit_code = rec.state.exit_code
             if exit_code is None:
                 exit_code = jobstore.last_exit(paths)
-            record = _record(state, slot, vm_end, cpu_time, exit_code, time.perf_counter() - t0)
+            record = _record(rec.state, slot, exit_code, time.perf_counter() - t0)
             _account_once(node.cfg, paths, record, best_effort)
         faultpoints.point("accounted")
         try:
-            jobstore.set_phase(paths, state, jobstore.ACCOUNTED)
+            rec.set(jobstore.ACCOUNTED)
         except NodeError:
             if not best_effort:
                 raise
@@ -461,9 +457,10 @@ def _finish(node: Node, paths: JobPaths, state: dict, *, ended_by: str,
     return record
 
 
-def _end_vm(node: Node, paths: JobPaths, state: dict, tolerate: bool
+def _end_vm(node: Node, paths: JobPaths, uuid_: Optional[str], tolerate: bool
             ) -> tuple[str, Optional[float]]:
-    """Destroy the job's VM if it has one. Returns (what happened to it, its CPU seconds)."""
+    """Destroy the job's VM if it has one (``uuid_``: the domain's, if it was ever created).
+    Returns (what happened to it, its CPU seconds)."""
     try:
         dom = hypervisor.lookup(node.conn, paths.domain)
         if dom is not None:
@@ -477,32 +474,33 @@ def _end_vm(node: Node, paths: JobPaths, state: dict, tolerate: bool
     except HypervisorError as e:
         if not tolerate:
             raise
-        _mark_orphan(node, paths, state, e)
+        _mark_orphan(node, paths, uuid_, e)
         return "unknown", None
     # gone before we came: it died (QEMU killed, OOM at the cap, node rebooted) or never was
-    return ("gone" if state.get("uuid") else "never_started"), None
+    return ("gone" if uuid_ else "never_started"), None
 
 
 def _ours(cfg: Config, meta: dict, job_id: str) -> bool:
     return meta.get("job_id") == job_id and meta.get("state_dir", cfg.state_dir) == cfg.state_dir
 
 
-def _record(state: dict, slot: Optional[Slot], vm_end: str, cpu_time: Optional[float],
-            exit_code: Optional[int], teardown_s: float) -> dict:
-    phases = dict(state.get("phases") or {})
+def _record(state: jobstore.JobState, slot: Optional[Slot], exit_code: Optional[int],
+            teardown_s: float) -> dict:
+    phases = dict(state.phases)
     phases["epilogue"] = round(teardown_s, 4)
-    cpus = state.get("cpus") or (list(slot.cpus) if slot else None)
+    cpus = list(state.cpus) or (list(slot.cpus) if slot else None)
+    cpu_time = state.vm_cpu_time_s
     return {
-        "record_id": uuid.uuid4().hex, "job_id": state.get("job_id"),
-        "user": state.get("user"), "uid": state.get("uid"),
-        "image": state.get("image"), "image_digest": state.get("image_digest"),
+        "record_id": uuid.uuid4().hex, "job_id": state.job_id,
+        "user": state.user or None, "uid": state.uid,
+        "image": state.image or None, "image_digest": state.image_digest or None,
         "cpus": cpus, "cores": len(cpus or []),
-        "memory_mb": state.get("memory_mb") or (slot.memory_mb if slot else None),
-        "accel": state.get("accel"), "phases": phases, "exit_code": exit_code,
+        "memory_mb": state.memory_mb or (slot.memory_mb if slot else None),
+        "accel": state.accel, "phases": phases, "exit_code": exit_code,
         "vm_cpu_time_s": round(cpu_time, 3) if cpu_time is not None else None,
-        "vm_end": vm_end, "started_at": state.get("started_at"), "ended_at": time.time(),
-        "prologue_completed": state.get("ended_from") == jobstore.READY,
-        "ended_by": state.get("ended_by"),
+        "vm_end": state.vm_end or "unknown", "started_at": state.started_at,
+        "ended_at": time.time(), "prologue_completed": state.ended_from == jobstore.READY,
+        "ended_by": state.ended_by,
     }
 
 
@@ -539,13 +537,13 @@ def _orphan_path(cfg: Config, job_id: str) -> str:
     return os.path.join(cfg.state_dir, "orphans", job_id)
 
 
-def _mark_orphan(node: Node, paths: JobPaths, state: dict, why: Exception) -> None:
+def _mark_orphan(node: Node, paths: JobPaths, uuid_: Optional[str], why: Exception) -> None:
     """libvirt could not be asked about the job's VM: leave its name for the next ``reap``."""
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(_orphan_path(node.cfg, paths.job_id)), mode=0o700,
                     exist_ok=True)
         atomic_write_json(_orphan_path(node.cfg, paths.job_id),
-                          {"domain": paths.domain, "uuid": state.get("uuid"), "why": str(why),
+                          {"domain": paths.domain, "uuid": uuid_, "why": str(why),
                            "at": time.time()})
 
 
@@ -555,7 +553,7 @@ def _clear_orphan(node: Node, job_id: str) -> Optional[str]:
     if not os.path.exists(path):
         return None
     paths = JobPaths.of(node.cfg, job_id)
-    vm_end, _ = _end_vm(node, paths, {"uuid": "?"}, tolerate=False)
+    vm_end, _ = _end_vm(node, paths, "?", tolerate=False)
     os.unlink(path)
     return vm_end
 
@@ -580,9 +578,10 @@ def epilogue(node: Node, job_id: str, exit_code: Optional[int] = None) -> Option
                 _clear_orphan(node, job_id)
                 return None
             if not jobstore.owner_alive(state):
-                _take_over(paths, state, "epilogue", exit_code)
+                rec = jobstore.Record(paths, state)
+                _take_over(rec, "epilogue", exit_code)
                 break
-            owner, preparing = state.get("owner_pid"), state.get("phase") in jobstore.PREPARING
+            owner, preparing = state.owner_pid, state.phase in jobstore.PREPARING
         if not preparing:   # another epilogue or reap is ending it
             if deadline.expired():
                 raise LockTimeout(f"job {job_id} is being ended by pid {owner}, which did not "
@@ -593,7 +592,7 @@ def epilogue(node: Node, job_id: str, exit_code: Optional[int] = None) -> Option
         elif deadline.expired():
             _signal(owner, signal.SIGKILL)
         time.sleep(0.05)
-    return _finish(node, paths, state, ended_by="epilogue", exit_code=exit_code)
+    return _finish(node, rec, ended_by="epilogue", exit_code=exit_code)
 
 
 def _signal(pid: Any, signum: int) -> None:
@@ -605,10 +604,10 @@ def running_jobs(node: Node) -> list[dict]:
     """State records of the jobs with a directory on this node, with their domain's liveness."""
     out = []
     for paths, st in jobstore.records(node.cfg):
-        st = dict(st or {"job_id": paths.job_id, "phase": "unknown"})
-        st["domain_active"] = hypervisor.lookup(node.conn, paths.domain) is not None
-        st["owner_alive"] = jobstore.owner_alive(st)
-        out.append(st)
+        info = st.to_json() if st else {"job_id": paths.job_id, "phase": "unknown"}
+        info["domain_active"] = hypervisor.lookup(node.conn, paths.domain) is not None
+        info["owner_alive"] = bool(st) and jobstore.owner_alive(st)
+        out.append(info)
     return out
 
 
@@ -627,7 +626,7 @@ def reap(node: Node) -> list[str]:
     record has a live owner is never touched.
     """
     out: list[str] = []
-    todo: list[tuple[JobPaths, Optional[dict], str]] = []
+    todo: list[tuple[jobstore.Record, str]] = []
     with hold(node.jobs_lock):
         for paths, state in jobstore.records(node.cfg):
             why = _reap_reason(node, paths, state)
@@ -637,8 +636,9 @@ def reap(node: Node) -> list[str]:
                 _end_unowned(node, paths, None, "reap")
                 out.append(f"job {paths.job_id} ({why})")
                 continue
-            _take_over(paths, state, "reap")
-            todo.append((paths, state, why))
+            rec = jobstore.Record(paths, state)
+            _take_over(rec, "reap")
+            todo.append((rec, why))
         job_ids = set(jobstore.job_ids(node.cfg))
         for name in hypervisor.list_names(node.conn, DOMAIN_PREFIX):
             job_id = name[len(DOMAIN_PREFIX):]
@@ -651,9 +651,9 @@ def reap(node: Node) -> list[str]:
         for job_id in _orphans(node.cfg):
             if job_id not in job_ids:
                 _clear_orphan(node, job_id)
-    for paths, state, why in todo:
-        _finish(node, paths, state, ended_by="reap")
-        out.append(f"job {paths.job_id} ({why})")
+    for rec, why in todo:
+        _finish(node, rec, ended_by="reap")
+        out.append(f"job {rec.paths.job_id} ({why})")
     for job_id in node.slots.all():
         if not JobPaths.of(node.cfg, job_id).exists():
             node.slots.release(job_id)
@@ -661,17 +661,18 @@ def reap(node: Node) -> list[str]:
     return out
 
 
-def _reap_reason(node: Node, paths: JobPaths, state: Optional[dict]) -> Optional[str]:
+def _reap_reason(node: Node, paths: JobPaths, state: Optional[jobstore.JobState]
+                 ) -> Optional[str]:
     if state is None:
         return "directories without a record"
-    phase = state.get("phase")
-    if phase == "corrupt" or jobstore.owner_alive(state):
+    phase = state.phase
+    if phase == jobstore.CORRUPT or jobstore.owner_alive(state):
         return None
     if phase in (jobstore.ENDING, jobstore.ACCOUNTED):
         return "its epilogue died"
     if phase != jobstore.READY:
         return "its prologue died"
-    if "holder_pid" in state and not jobstore.holder_alive(state):
+    if state.holder_pid is not None and not jobstore.holder_alive(state):
         return "holder gone"
     if hypervisor.lookup(node.conn, paths.domain) is None:
         return "VM gone"
