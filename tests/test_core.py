@@ -317,3 +317,34 @@ def test_the_record_reader_is_strict_and_names_the_file(site, tmp_path):
     rec = jobstore.Record(paths, good)
     rec.set(jobstore.OVERLAY, accel="tcg")
     assert jobstore.read(paths) == rec.state and rec.state.accel == "tcg" and good.accel is None
+
+
+def test_reap_ends_a_ready_job_only_when_its_batch_system_says_it_is_gone(site):
+    """The epilogue was lost (the batch daemon died, the node left the cluster): the VM runs on,
+    nobody owns the record. reap asks the job's batch system, and ends the job only on a
+    definite "gone"; "still there", "cannot tell" and a failing client leave it running."""
+    cfg, hv, work = site
+    node = fake_node(cfg, hv)
+    lifecycle.prologue(node, request(cfg, work), batch="fakebatch")
+    lifecycle.prologue(node, request(cfg, work, job="j2"))          # no batch system to ask
+    paths = JobPaths.of(cfg, "j1")
+    running = [paths.state, paths.run, "domain", "slot"]
+    asked = []
+
+    def answer(value):
+        def ask(system, job):
+            asked.append((system, job))
+            if isinstance(value, Exception):
+                raise value
+            return value
+        return ask
+    for value in (False, None, RuntimeError("scontrol: connection refused")):
+        assert lifecycle.reap(fake_node(cfg, hv), answer(value)) == []
+        assert asked.pop() == ("fakebatch", "j1") and asked == []
+        assert remains(cfg, hv) == running          # untouched: directories, VM and slot
+    assert lifecycle.reap(fake_node(cfg, hv), answer(True)) == ["job j1 (its fakebatch job is gone)"]
+    assert asked == [("fakebatch", "j1")]
+    assert remains(cfg, hv) == [] and len(records(cfg)) == 1
+    assert records(cfg)[0]["ended_by"] == "reap" and records(cfg)[0]["vm_end"] == "destroyed"
+    assert "vibatch-j2" in hv.domains()     # never asked about, never touched
+    assert lifecycle.reap(fake_node(cfg, hv), answer(True)) == []   # j2 has no batch system

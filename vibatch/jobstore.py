@@ -53,6 +53,7 @@ class JobState:
     owner_start: Optional[float] = None
     holder_pid: Optional[int] = None       # a process whose life bounds the job's (HTCondor)
     holder_start: Optional[float] = None
+    batch: Optional[str] = None            # the batch system whose job this is (reap asks it)
     started_at: Optional[float] = None
     ready_at: Optional[float] = None
     user: str = ""

@@ -84,13 +84,14 @@ def check_limits(cfg: Config, cores: int, memory_mb: int) -> None:
 
 
 def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
-             holder: Optional[int] = None) -> jobstore.JobState:
+             holder: Optional[int] = None, batch: Optional[str] = None) -> jobstore.JobState:
     """Bring up the job's VM. Returns the job's record (with phase timings).
 
     The image is resolved through the site's policy unless the caller passes one (``vibatch
     image test``, which an admin runs on images before endorsing them). ``holder`` is the pid
     of a process whose life bounds the job's (HTCondor's condor_starter): once it is gone, the
-    job is over whatever its VM does, and ``reap`` ends it.
+    job is over whatever its VM does, and ``reap`` ends it. ``batch`` names the batch system
+    whose job this is, which ``reap`` may ask whether the job still exists.
 
     Each step is preceded by its phase in the job's record (jobstore). Whatever stops the
     prologue (an error, SIGTERM, the hook's alarm) undoes what it made and accounts for it once;
@@ -108,7 +109,7 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
             user=req.user.name, uid=req.user.uid, gid=req.user.gid,
             image=image.name, image_digest=image.digest, image_dir=image.dir,
             requested_image=req.image, queue=req.queue, account=req.account,
-            workdir=req.workdir, walltime_s=req.walltime_s, domain=paths.domain))
+            workdir=req.workdir, walltime_s=req.walltime_s, domain=paths.domain, batch=batch))
         if holder is not None:
             rec.stage(holder_pid=holder, holder_start=_start_time(holder))
         _reserve(node, rec)
@@ -611,7 +612,10 @@ def running_jobs(node: Node) -> list[dict]:
     return out
 
 
-def reap(node: Node) -> list[str]:
+JobGone = Callable[[str, str], Optional[bool]]   # (batch system, job id) -> gone? None: unknown
+
+
+def reap(node: Node, batch_gone: Optional[JobGone] = None) -> list[str]:
     """Clean up after crashes, reboots and libvirtd restarts; return what was reaped.
 
     Safe to run at any time, beside live prologues and epilogues (from cron every minute). It
@@ -621,15 +625,19 @@ def reap(node: Node) -> list[str]:
     - a ready job whose VM is gone (QEMU died, the node rebooted, the epilogue never came);
     - a ready job whose holder process has ended (HTCondor's starter died before the job's
       exit hook ran), VM and all;
+    - a ready job whose batch system says its job no longer exists (``batch_gone`` answers
+      True: the epilogue was lost, e.g. the batch daemon died or the node left the cluster);
+      an answer of None (the batch system cannot be asked, or cannot tell) leaves it alone;
     and it releases slots of jobs with no directory, and destroys vibatch domains of this node
     whose job has no directory (e.g. left by an undo while libvirt was down). A job whose
     record has a live owner is never touched.
     """
     out: list[str] = []
     todo: list[tuple[jobstore.Record, str]] = []
+    gone = _ask_batch(node, batch_gone) if batch_gone is not None else set()
     with hold(node.jobs_lock):
         for paths, state in jobstore.records(node.cfg):
-            why = _reap_reason(node, paths, state)
+            why = _reap_reason(node, paths, state, gone)
             if why is None:
                 continue
             if state is None:
@@ -661,8 +669,19 @@ def reap(node: Node) -> list[str]:
     return out
 
 
-def _reap_reason(node: Node, paths: JobPaths, state: Optional[jobstore.JobState]
-                 ) -> Optional[str]:
+def _ask_batch(node: Node, batch_gone: JobGone) -> set[tuple[str, Optional[float]]]:
+    """The ready jobs (job id, ready time) whose batch system says they no longer exist. Asked
+    before the jobs lock is taken: a batch system's client may take seconds to answer."""
+    gone = set()
+    for paths, st in jobstore.records(node.cfg):
+        if st and st.phase == jobstore.READY and st.batch and st.holder_pid is None and \
+                not jobstore.owner_alive(st) and _gone(batch_gone, st.batch, paths.job_id):
+            gone.add((paths.job_id, st.ready_at))
+    return gone
+
+
+def _reap_reason(node: Node, paths: JobPaths, state: Optional[jobstore.JobState],
+                 gone: frozenset | set = frozenset()) -> Optional[str]:
     if state is None:
         return "directories without a record"
     phase = state.phase
@@ -676,7 +695,18 @@ def _reap_reason(node: Node, paths: JobPaths, state: Optional[jobstore.JobState]
         return "holder gone"
     if hypervisor.lookup(node.conn, paths.domain) is None:
         return "VM gone"
+    if state.holder_pid is None and (paths.job_id, state.ready_at) in gone:
+        return f"its {state.batch} job is gone"   # the same ready record the batch was asked of
     return None
+
+
+def _gone(batch_gone: JobGone, system: str, job_id: str) -> bool:
+    """True only on the batch system's definite answer; any failure to ask is "unknown"."""
+    try:
+        return batch_gone(system, job_id) is True
+    except Exception as e:  # noqa: BLE001 - reap must go on with the other jobs
+        log_error(f"reap: asking {system} about job {job_id}", e)
+        return False
 
 
 def _orphans(cfg: Config) -> list[str]:
