@@ -155,7 +155,9 @@ def check_as_user(path: str, uid: int, gid: int, groups: Sequence[int],
 
 
 def _pkg_parent() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The directory holding the vibatch package this process runs (the child runs the same)."""
+    import vibatch  # noqa: PLC0415 - the top package, for its location only
+    return os.path.dirname(os.path.dirname(os.path.abspath(vibatch.__file__)))
 
 
 def _become_checker(uid: int, gid: int, groups: Sequence[int]) -> None:
