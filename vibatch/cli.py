@@ -131,10 +131,10 @@ def _image_parsers(sub) -> None:
     op = isub.add_parser("offer", help="the names a job may ask for (for submit-time checks, "
                          "e.g. Slurm's job_submit.lua)")
     op.add_argument("--output", help="write them here, atomically (default: print)")
-    op.add_argument("--format", choices=("lines", "htcondor-startd", "htcondor-schedd"),
-                    default="lines", help="one name per line (default); or an HTCondor config "
-                    "fragment: for execute points (advertise the names, match only jobs asking "
-                    "for one of them) or for access points (refuse others at condor_submit)")
+    op.add_argument("--format", default="lines", help="lines: one name per line (default); "
+                    "or a batch system's own: htcondor-startd, htcondor-schedd (HTCondor config "
+                    "fragments for execute points: advertise the names, match only jobs asking "
+                    "for one of them; for access points: refuse others at condor_submit)")
 
 
 def _catalog_parsers(sub) -> None:
