@@ -353,7 +353,7 @@ def test_qsub_v_cannot_steer_grid_engines_root_prolog(vm_env, sge, tmp_path):
         os.chmod(path, 0o666)
     lvlog = os.path.join(evil, "libvirt.log")
     ldlog = os.path.join(evil, "ld")
-    hostile = [f"LIBVIRT_DEBUG=1", f"LIBVIRT_LOG_OUTPUTS=1:file:{lvlog}", f"LD_PRELOAD={so}",
+    hostile = ["LIBVIRT_DEBUG=1", f"LIBVIRT_LOG_OUTPUTS=1:file:{lvlog}", f"LD_PRELOAD={so}",
                "LD_DEBUG=libs", f"LD_DEBUG_OUTPUT={ldlog}", f"PYTHONPATH={py}",
                f"PYTHONSTARTUP={py}/startup.py", f"PATH={bindir}:/usr/bin:/bin"]
     args = []

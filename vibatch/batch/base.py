@@ -176,7 +176,7 @@ def run_hook(system: str, hook: str, body: Callable[[], None], table: Exits,
         print(f"vibatch: {system} {hook} failed ({e.fault} fault): {e.message}", file=out)
         if e.detail:
             print(e.detail.rstrip("\n"), file=out)
-    except Exception as e:  # an unexpected bug is the node's problem, never the user's
+    except Exception as e:  # noqa: BLE001 - an unexpected bug is the node's, never the user's
         exc, message = e, f"unexpected {type(e).__name__}: {e}"
         log_error(f"vibatch {system} {hook}", e)
         print(f"vibatch: {system} {hook} failed (node fault): {message} (the traceback is in "
@@ -188,7 +188,7 @@ def run_hook(system: str, hook: str, body: Callable[[], None], table: Exits,
     if on_fault is not None and exc is not None:
         try:
             on_fault(fault, message, exc)
-        except Exception as e:  # the hook's exit code matters more
+        except Exception as e:  # noqa: BLE001 - the hook's exit code matters more
             print(f"vibatch: {system} {hook}: could not record the failure: {e}", file=out)
     out.flush()
     return table[fault]
@@ -266,7 +266,7 @@ def _starter(system: BatchSystem, call: Call) -> int:
     (and why, in the job's error output) if it could not be run."""
     try:
         return system.start(call)
-    except Exception as e:  # report in the job's output, fail the job
+    except Exception as e:  # noqa: BLE001 - report in the job's output, fail the job
         print(f"vibatch: {system.name} {system.starter_label}: {e}", file=sys.stderr)
         return system.EXIT[call.hook][fault_of(e)]
 

@@ -566,7 +566,7 @@ def wrapper(call: Call) -> int:
         except VibatchError as e:
             print(f"vibatch: htcondor wrapper: {e.message}", file=sys.stderr)
             return codes[Fault.JOB]
-        except Exception as e:  # the job ran (or began to): never run it twice
+        except Exception as e:  # noqa: BLE001 - the job ran (or began to): never run it twice
             print(f"vibatch: htcondor wrapper: {type(e).__name__}: {e}", file=sys.stderr)
             return codes[Fault.JOB]
     finally:
