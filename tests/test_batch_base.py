@@ -15,7 +15,7 @@ from test_core import remains, site  # noqa: F401 - site: the core's fixture (fa
 from vibatch import batch, config
 from vibatch.batch.base import Call, exit_table_markdown
 from vibatch.batch.core import Core
-from vibatch.batch.kit import read_refusal
+from vibatch.batch.kit import read_refusal, requestable_names
 from vibatch.errors import Fault, NodeError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +122,7 @@ def test_the_fake_system_runs_the_real_core_on_fake_ports(site, tmp_path):
     """main -> Core -> lifecycle, on the fake hypervisor and agents: the VM is up after the
     prologue, and the epilogue leaves nothing."""
     cfg, hv, work = site
+    assert requestable_names(cfg) == {"mini"}     # what a node feature may name: the library's
     fake = FakeBatchSystem()
     ports = {"enter_root": lambda: None, "make_core": lambda c: Core(c, fake_node(c, hv))}
     config_path = str(tmp_path / "vibatch.yaml")
