@@ -188,3 +188,32 @@ def test_each_system_has_one_exit_table_and_its_doc_prints_it(name):
     with open(os.path.join(REPO, "docs", "batch", f"{name}.md")) as f:
         doc = f.read()
     assert exit_table_markdown(system) in doc, exit_table_markdown(system)
+
+
+def test_the_slurm_hooks_load_their_config_once_per_call(hook_site, monkeypatch, capfd):
+    """Was up to three loads (the Prolog, its refusal note, the Epilog's); one now, through
+    Call.cfg. A refused job: the Prolog exits 0 with the reason left for the forwarder."""
+    from vibatch.batch import slurm
+    path, work = hook_site
+    loads = []
+    real_load = config.load
+    monkeypatch.setattr(config, "load", lambda p=None: loads.append(p) or real_load(p))
+    show = ("JobId=7 JobName=n\n   RunTime=00:00:01 TimeLimit=UNLIMITED TimeMin=N/A\n"
+            "   Nodes=vm CPU_IDs=0 Mem=512 GRES=\n")
+    monkeypatch.setattr(slurm, "scontrol_show", lambda job_id, env: show)
+    for k, v in {"SLURM_JOB_ID": "7", "SLURM_JOB_USER": "nobody", "SLURMD_NODENAME": "vm",
+                 "SLURM_JOB_WORK_DIR": "/etc"}.items():
+        monkeypatch.setenv(k, v)
+    code, log = run(slurm.SYSTEM, ["prolog"], path)
+    assert code == 0 and loads == [path] and ("prologue", "7", "/etc") not in log
+    assert "working directory /etc" in read_refusal(real_load(path), "7")
+    loads.clear()
+    monkeypatch.setenv("SLURM_JOB_WORK_DIR", work)
+    code, log = run(slurm.SYSTEM, ["prolog"], path)
+    assert code == 0 and loads == [path] and ("prologue", "7", work) in log
+    assert read_refusal(real_load(path), "7") is None     # a requeued run is not refused
+    loads.clear()
+    monkeypatch.setenv("SLURM_JOB_EXIT_CODE2", "0:15")
+    code, log = run(slurm.SYSTEM, ["epilog"], path)
+    assert code == 0 and loads == [path] and ("epilogue", "7", 143) in log
+    assert read_refusal(real_load(path), "7") is None
