@@ -9,7 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import config as config_mod
-from .errors import EXIT_CODES, JobError, VibatchError
+from .errors import EXIT_CODES, JobError, NodeError, VibatchError
 from .request import parse_cpu_list, parse_memory_mb
 from .util import require_root
 
@@ -182,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log_error(f"vibatch {args.command}", e)
         print(f"{PROG}: error: unexpected {type(e).__name__}: {e} (node fault; the traceback "
               "is in the error log)", file=sys.stderr)
-        return 20
+        return NodeError.exit_code
 
 
 def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int:

@@ -202,18 +202,16 @@ def run_root(system: BatchSystem, call: Call, body: Callable[[Any], None], alarm
     call.enter_root()
     os.chdir("/")   # batch systems start hooks in a directory the job's user may own
     system.enter_root_hook(call.hook)
-    cores: list = []
 
     def run() -> None:
-        cores.append(call.make_core(call.cfg()))
-        body(cores[0])
-
-    try:
-        return run_hook(system.name, what or call.hook, run, system.EXIT[call.hook],
-                        alarm_s=alarm_s, on_fault=on_fault)
-    finally:
-        for core in cores:
+        core = call.make_core(call.cfg())
+        try:
+            body(core)
+        finally:
             core.close()
+
+    return run_hook(system.name, what or call.hook, run, system.EXIT[call.hook],
+                    alarm_s=alarm_s, on_fault=on_fault)
 
 
 def _prologue(system: BatchSystem, call: Call, core: Any) -> None:
