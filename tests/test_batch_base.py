@@ -47,9 +47,10 @@ def test_each_outcome_of_a_prologue_gets_its_code_from_the_systems_table(hook_si
     code, log = run(fake, ["prologue", "j1", "nobody", work], path)
     assert code == 0
     assert log == [("hygiene",), ("core",), ("prologue", "j1", work), ("closed",)]
-    code, _ = run(fake, ["prologue", "j1", "nobody", work + "/missing"], path)
+    code, _ = run(fake, ["prologue", "j1", "nobody", "/etc"], path)
     assert code == fake.EXIT["prologue"][Fault.JOB] == 10
-    assert "vibatch: fake prologue failed (job fault): working directory" in capfd.readouterr().err
+    assert "vibatch: fake prologue failed (job fault): working directory /etc" in \
+        capfd.readouterr().err
     code, _ = run(fake, ["prologue", "j1", "nobody", work], path, fail=NodeError("no slot"))
     assert code == fake.EXIT["prologue"][Fault.NODE] == 20
     assert "vibatch: fake prologue failed (node fault): no slot" in capfd.readouterr().err

@@ -122,7 +122,7 @@ def test_a_node_fault_backs_off_then_takes_the_node_out(vm_env, tracker, torque_
     r = mom.run(job, max_runs=6)
     # pbs_mom reruns at once: the hooks themselves must stop the loop
     assert r.runs == 3 and mom.offline(), (r.runs, r.spool_err)
-    gaps = [b - a for a, b in zip(r.prologue_starts, r.prologue_starts[1:], strict=False)]
+    gaps = [b - a for a, b in zip(r.prologue_starts, r.prologue_starts[1:])]
     assert gaps[0] >= 1 and gaps[1] >= 2, gaps          # back-off 1 s, then 2 s
     args = open(log).read().splitlines()
     assert args[0] == "-o" and args[1] == "-N" and args[3] == "node07", args

@@ -149,7 +149,6 @@ def test_guest_root_cannot_plant_anything_in_either_share(vm_env, tracker, outsi
 def test_a_swap_after_the_prologue_changes_nothing(vm_env, tracker, outside):
     """The user renames the shared directory away and puts a symlink to elsewhere in its
     place: the guest still writes into the directory that was checked."""
-    pw = pwd.getpwnam(USER)
     job = tracker.job_id()
     workdir = vm_env.workdir(job[:40], USER)
     assert prologue(vm_env, job, workdir=workdir).returncode == 0
