@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 
+import yaml
 
 from vibatch import accel, config, hypervisor, qemuimg
 from vibatch.agent import LibvirtAgent
@@ -79,7 +80,6 @@ def vibatch_runs(cfg, runs: int, user: str, workdir: str) -> dict[str, list[floa
 def cfg_path(cfg) -> str:
     path = os.path.join(ROOT, "bench.yaml")
     if not os.path.exists(path):
-        import yaml
         with open(path, "w") as f:
             yaml.safe_dump({"state_dir": cfg.state_dir, "run_dir": cfg.run_dir,
                             "library_dir": cfg.library_dir, "accounting_file": cfg.accounting_file,
@@ -119,7 +119,7 @@ def bare_runs(cfg, runs: int, workdir: str) -> dict[str, list[float]]:
             try:
                 agent.ping(1.0)
                 break
-            except Exception:
+            except Exception:  # noqa: BLE001 - not up yet, whatever the reason
                 time.sleep(0.1)
         t3 = time.perf_counter()
         out.setdefault("clone", []).append(t1 - t0)

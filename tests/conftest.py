@@ -24,8 +24,25 @@ TEST_USERS = {"vbt-alice": 23401, "vbt-bob": 23402}
 SESSION = f"t{os.getpid()}"
 
 
+# Markers (pyproject.toml; --strict-markers): a test that uses one of these fixtures is marked
+# by it, so the fast suite, pytest -m "not vm and not cluster", never reaches one.
+VM_FIXTURES = {"vm_env"}                                # tracker and the daemons use it too
+# Slurm, Grid Engine, the pbs_mom harness (every test of it has torque_user), condor_starter's
+CLUSTER_FIXTURES = {"cluster", "sge", "mom", "torque_user", "condor"}
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden files")
+
+
+@pytest.hookimpl(tryfirst=True)    # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & VM_FIXTURES:
+            item.add_marker(pytest.mark.vm)
+        if used & CLUSTER_FIXTURES:
+            item.add_marker(pytest.mark.cluster)
 
 
 def pytest_runtest_makereport(item, call):
@@ -170,7 +187,7 @@ class Tracker:
                     print(f"--- console of {job} ---\n{console_tail(paths.console, 60)}")
                 try:
                     lifecycle.epilogue(node, job)
-                except Exception as e:  # teardown goes on; the test already reported
+                except Exception as e:  # noqa: BLE001 - teardown goes on; the test reported
                     print(f"teardown of {job}: {e}")
         finally:
             node.close()

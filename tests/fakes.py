@@ -1,6 +1,7 @@
 """Fakes for the lifecycle's ports (vibatch.lifecycle.Node): a hypervisor and the two guest
 agents, so the core's prologue, epilogue and reap run in milliseconds, without root's libvirtd
-or a guest, and can be killed at any fault point in a forked child.
+or a guest, and can be killed at any fault point in a forked child. And a batch system
+(``FakeBatchSystem``) with a recording core (``FakeCore``) for vibatch.batch.main.
 
 The fake hypervisor keeps its domains in a JSON file (under a flock), so a child process that
 dies leaves its "VM" behind exactly as QEMU would outlive a killed prologue. Its errors are
@@ -21,8 +22,11 @@ from typing import Any, Iterator, Optional
 import libvirt
 
 from vibatch.agent import AgentError, ExecStatus
+from vibatch.batch.base import AS_IS, BatchSystem, exits
+from vibatch.batch.kit import STARTER_FAILED, read_request
 from vibatch.domain import read_metadata
 from vibatch.errors import HypervisorError
+from vibatch.request import make_request
 
 
 def libvirt_error(code: int, message: str) -> libvirt.libvirtError:
@@ -216,3 +220,71 @@ def fake_node(cfg: Any, hv: FakeHypervisor):
     from vibatch.lifecycle import Node
     return Node(cfg, connect=hv.connect, root_agent=FakeRootAgent,
                 user_agent=lambda path: FakeUserAgent(hv, path), check_workdir=fake_check_workdir)
+
+
+# --- a batch system and a core for vibatch.batch.main ----------------------------------------
+class FakeBatchSystem(BatchSystem):
+    """A batch system that tests (and demos) drive through vibatch.batch.main:
+    ``prologue JOB USER WORKDIR [IMAGE]``, ``epilogue JOB [EXIT CODE]`` (root hooks) and
+    ``starter ARGS...`` (the job user's; the job id in ``$FAKE_JOB_ID``). ``keeps_refusals``:
+    like Slurm and Torque, a job's fault exits 0 and the starter fails the job."""
+
+    name = "fake"
+    prologue_hook, epilogue_hook, starter_hook = "prologue", "epilogue", "starter"
+    usage = "prologue JOB USER WORKDIR [IMAGE] | epilogue JOB [CODE] | starter ARGS"
+
+    def __init__(self, keeps_refusals: bool = False, deadline_s: int = 30):
+        self.keeps_refusals = keeps_refusals
+        self.deadline = deadline_s
+        self.EXIT = {"prologue": exits(ok=0, job=0 if keeps_refusals else 10, node=20),
+                     "epilogue": exits(ok=0, job=0, node=21),
+                     "starter": exits(ok=AS_IS, job=STARTER_FAILED, node=STARTER_FAILED)}
+
+    def check_args(self, hook: str, argv) -> Optional[str]:
+        return None if argv else "no job id"
+
+    def job_of(self, argv, env) -> tuple[str, str]:
+        return argv[0], argv[1] if len(argv) > 1 else ""
+
+    def job_from_hook(self, cfg, argv, env):
+        return read_request(lambda: make_request(
+            job_id=argv[0], user=argv[1], cores=1, memory_mb=256,
+            image=argv[3] if len(argv) > 3 else None, workdir=argv[2]))
+
+    def epilogue_exit_code(self, argv, env) -> Optional[int]:
+        return int(argv[1]) if len(argv) > 1 else None
+
+    def starter_job_id(self, env) -> str:
+        return env.get("FAKE_JOB_ID", "")
+
+    def deadline_s(self, call) -> int:
+        return self.deadline
+
+
+class FakeCore:
+    """The core as a root hook sees it (vibatch.batch.core.Core), recording what it is asked;
+    ``fail`` (an exception, or a callable run instead) makes the prologue fail."""
+
+    def __init__(self, cfg: Any, log: list, fail: Any = None):
+        self.cfg, self.log, self.fail = cfg, log, fail
+        log.append(("core",))
+
+    def prologue(self, req, holder: Optional[int] = None) -> dict:
+        self.log.append(("prologue", req.job_id, req.workdir))
+        if isinstance(self.fail, BaseException):
+            raise self.fail
+        if self.fail is not None:
+            self.fail()
+        return {}
+
+    def epilogue(self, job_id: str, exit_code: Optional[int] = None) -> None:
+        self.log.append(("epilogue", job_id, exit_code))
+
+    def jobs_held_by(self, pid: int) -> list:
+        return []
+
+    def holder_ended(self, job_id: str) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.log.append(("closed",))

@@ -11,7 +11,9 @@ import pytest
 from clusters import GridEngineCluster, running, wait_until
 from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, pinned_cpus,
                     private_workdir)
-from vibatch.batch import Outcome, gridengine
+from vibatch import batch
+from vibatch.batch import gridengine
+from vibatch.errors import Fault
 from vibatch.util import read_json
 
 USER, UID = "vbt-sge", 23405
@@ -167,7 +169,7 @@ def test_a_wd_below_another_users_0700_directory_is_refused_and_the_queue_stays_
 def test_hooks_only_ever_exit_with_codes_grid_engine_reads_as_job_or_reschedule():
     assert set(gridengine.EXIT["prolog"].values()) <= {0, 99, 100}
     assert set(gridengine.EXIT["epilog"].values()) == {0}
-    assert gridengine.EXIT["prolog"][Outcome.JOB_FAULT] == 100
-    assert gridengine.main(["prolog", "17"]) == 99     # misconfigured command line: reschedule
+    assert gridengine.EXIT["prolog"][Fault.JOB] == 100
+    assert batch.main(gridengine.SYSTEM, ["prolog", "17"]) == 99     # misconfigured command line: reschedule
     assert gridengine.vm_job_id("17", "0") == "17" and gridengine.vm_job_id("17", "undefined") == "17"
     assert gridengine.vm_job_id("17", "3") == "17.3"

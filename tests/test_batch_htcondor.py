@@ -16,7 +16,7 @@ from vmhelp import batch_user, guest_kernel, install_shims, leftovers, variant
 from condor_starter import PRIVATE_INHERIT, submit_requirement
 from vibatch import config
 from vibatch.batch import htcondor
-from vibatch.errors import NodeError, ResourceRequestError
+from vibatch.errors import Fault, NodeError, ResourceRequestError
 
 USER, UID = "vbt-htcondor", 23406
 DAEMON, DAEMON_UID = "vbt-condor", 23407
@@ -180,7 +180,7 @@ def test_an_unknown_os_fails_the_job_with_the_choices_and_no_requeue(vm_env, tra
     # a case-changed name is another name: the helper, START and the submit check agree
     for n, image in ((102, '"el10"'), (103, '"TestGuest"')):
         r = starter.run(tracker, job_ad(n, image), "#!/bin/sh\necho never\n")
-        assert r["status"] == htcondor.WRAPPER_JOB_FAULT_EXIT and r["outcome"] == "completed"
+        assert r["status"] == htcondor.EXIT["wrapper"][Fault.JOB] and r["outcome"] == "completed"
         assert r["prepare_job"]["status"] == 0     # a warning only: the wrapper fails the job
         assert "HookStatusMessage" in r["prepare_job"]["stdout"]
         assert r["error_file"] is None
@@ -208,11 +208,11 @@ def test_a_node_fault_requeues_the_job_only_from_prepare_job(vm_env, tracker, co
         with open(cfg_path, "w") as f:
             f.write(saved)
     assert r["outcome"] == "requeued" and r["status"] is None, r     # the wrapper never ran
-    assert r["prepare_job"]["status"] == htcondor.REQUEUE_HOOK_STATUS
+    assert r["prepare_job"]["status"] == htcondor.EXIT["prepare_job"][Fault.NODE]
     assert "did not answer within 8 s" in r["prepare_job"]["stdout"]
     assert r["prepare_job"]["stdout"].count("\n") == 2                # two one-line attributes
     assert leftovers(vm_env, f"105.0@{SESSION}-ap.example.org") == []
-    assert w["outcome"] == "completed" and w["status"] == htcondor.WRAPPER_NODE_FAULT_EXIT, w
+    assert w["outcome"] == "completed" and w["status"] == htcondor.EXIT["wrapper"][Fault.NODE], w
     assert w["error_file"] is not None and w["error_file_seen"] is None
     assert "do not rerun it" in w["stderr"] and "will run again" not in w["stderr"]
     assert leftovers(vm_env, f"106.0@{SESSION}-ap.example.org") == []
@@ -291,7 +291,7 @@ def test_the_helper_refuses_callers_outside_a_job_and_a_forged_startd(vm_env, co
     r = subprocess.run(["/usr/bin/sudo", "-n", helper, "prepare", "--scratch", fake],
                        capture_output=True, text=True, timeout=60, cwd=home, user=UID, group=UID,
                        extra_groups=[], env={"PATH": "/usr/bin:/bin"})
-    assert r.returncode == htcondor.HELPER_EXIT[htcondor.Outcome.NODE_FAULT]
+    assert r.returncode == htcondor.EXIT["helper"][Fault.NODE]
     assert "no root condor_starter among its ancestors" in r.stderr
     # root without sudo: no caller to act for
     r = subprocess.run([helper, "finish"], capture_output=True, text=True, timeout=60,
@@ -348,18 +348,18 @@ def test_ads_ids_and_sizes(tmp_path):
     odd = htcondor.parse_ad(b'ClusterId = 1\nProcId = 0\nGlobalJobId = "a/..b c#1.0#5"\n', "ad")
     assert htcondor.job_id_of(odd) == "1.0@a_.b_c"
     machine = htcondor.parse_ad(MACHINE_AD.encode(), "m")
-    job = htcondor.job_from_ads(cfg, ad, machine, "nobody", "/w")
+    job = htcondor.job_from_ads(cfg, ad, machine, "nobody", str(tmp_path))
     assert (job.cores, job.memory_mb, job.image, job.account, job.walltime_s) == \
         (1, 640, "el9", "group_vbt.alice", None)
     # without a machine ad: the request (an expression, evaluated), then the site default
     job = htcondor.job_from_ads(cfg, htcondor.parse_ad(job_ad(7, extra="AllowedJobDuration = 3600")
-                                                       .encode(), "ad"), None, "nobody", "/w")
+                                                       .encode(), "ad"), None, "nobody", str(tmp_path))
     assert (job.memory_mb, job.image, job.walltime_s) == (512, None, 3600)
     bare = htcondor.parse_ad(b"ClusterId = 1\nProcId = 0\n", "ad")
-    assert htcondor.job_from_ads(cfg, bare, None, "nobody", "/w").memory_mb == 700
+    assert htcondor.job_from_ads(cfg, bare, None, "nobody", str(tmp_path)).memory_mb == 700
     with pytest.raises(ResourceRequestError, match="must be an OS or image name in quotes"):
         htcondor.job_from_ads(cfg, htcondor.parse_ad(job_ad(7, "undefined").encode(), "ad"),
-                              None, "nobody", "/w")
+                              None, "nobody", str(tmp_path))
     with pytest.raises(NodeError, match="not a ClassAd"):
         htcondor.parse_ad(b"this is = = not an ad", "x")
     with pytest.raises(NodeError, match="no ClusterId"):

@@ -174,8 +174,9 @@ def test_the_starter_without_a_vm_or_a_script_fails_the_job_with_a_message(vm_en
     assert r.returncode == 125 and "held no complete line naming the job script" in r.stderr
 
 
-def test_limits_node_properties_and_the_script_line(tmp_path):
+def test_limits_node_properties_and_the_script_line(tmp_path, monkeypatch):
     (tmp_path / "state").mkdir()
+    monkeypatch.setattr(torque, "home_of", lambda user: str(tmp_path))   # the job's workdir
     cfg = config.parse({"state_dir": str(tmp_path / "state"), "library_dir": str(tmp_path / "lib"),
                         "images": {"aliases": {"el9": "alma9"}}}, "t")
     assert torque.parse_limits("neednodes=2:ppn=4:el9+1:ppn=2,mem=2gb") == \

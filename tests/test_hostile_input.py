@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vibatch import config
-from vibatch.batch import BatchJob, gridengine, read_request, slurm, torque
+from vibatch.batch import gridengine, slurm, torque
+from vibatch.batch.kit import read_request
 from vibatch.errors import VibatchError
-from vibatch.request import JobRequest
+from vibatch.request import JobRequest, make_request
 
 USER = "nobody"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -165,8 +166,8 @@ def test_torque_prologue_never_faults_the_node_on_user_input(cfg, name, limits, 
        cpus=st.one_of(st.none(), st.lists(st.integers(), max_size=4)))
 def test_the_request_constructor_refuses_as_the_jobs_fault(workdir, image, queue, account, cores,
                                                            memory, walltime, cpus):
-    outcome(lambda: BatchJob("17", USER, cores, memory, workdir, image or None, walltime,
-                             queue or None, account or None, tuple(cpus) if cpus else None))
+    outcome(lambda: make_request("17", USER, cores, memory, image or None, workdir, walltime,
+                                 tuple(cpus) if cpus else None, queue or None, account or None))
 
 
 HOSTILE_NAMES = ["a,b", "a\nb", "a\x01b", "a\x7fb", "tab\there", os.fsdecode(b"caf\xe9")]
@@ -180,7 +181,7 @@ def test_hostile_working_directories_are_the_jobs_fault_naming_the_path(workdir,
         os.mkdir(tmp_path / workdir)
         workdir = os.path.join(str(tmp_path), workdir)
     assert os.path.isdir(workdir)
-    e = outcome(lambda: BatchJob("17", USER, 1, 512, workdir))
+    e = outcome(lambda: make_request("17", USER, 1, 512, None, workdir))
     assert isinstance(e, VibatchError) and e.exit_code == 15, e
     assert "working directory" in e.message
 
@@ -190,8 +191,8 @@ def test_quotes_spaces_and_command_substitution_are_just_characters(tmp_path):
     text): the request keeps them as they are."""
     wd = tmp_path / "it's a \"$(touch pwned)\" `id` dir"
     wd.mkdir()
-    req = outcome(lambda: BatchJob("17", USER, 1, 512, str(wd), queue="q $(id)",
-                                   account="a'b\"c"))
+    req = outcome(lambda: make_request("17", USER, 1, 512, None, str(wd), queue="q $(id)",
+                                       account="a'b\"c"))
     assert isinstance(req, JobRequest) and req.workdir == str(wd)
     assert not os.path.exists("pwned") and not (tmp_path / "pwned").exists()
 
@@ -352,7 +353,7 @@ def test_qsub_v_cannot_steer_grid_engines_root_prolog(vm_env, sge, tmp_path):
         os.chmod(path, 0o666)
     lvlog = os.path.join(evil, "libvirt.log")
     ldlog = os.path.join(evil, "ld")
-    hostile = [f"LIBVIRT_DEBUG=1", f"LIBVIRT_LOG_OUTPUTS=1:file:{lvlog}", f"LD_PRELOAD={so}",
+    hostile = ["LIBVIRT_DEBUG=1", f"LIBVIRT_LOG_OUTPUTS=1:file:{lvlog}", f"LD_PRELOAD={so}",
                "LD_DEBUG=libs", f"LD_DEBUG_OUTPUT={ldlog}", f"PYTHONPATH={py}",
                f"PYTHONSTARTUP={py}/startup.py", f"PATH={bindir}:/usr/bin:/bin"]
     args = []

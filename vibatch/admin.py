@@ -10,10 +10,11 @@ from typing import Optional
 
 import yaml
 
+from . import batch
 from . import catalog as catalog_mod
 from .config import Config
 from .errors import (CatalogRejected, ImageIntegrityError, ImageRejected, ImageTestFailed,
-                     LibraryError, VibatchError)
+                     LibraryError, UsageError, VibatchError)
 from .library import Image, Library, in_use_by, inspect_disk, sha512_file
 from .util import atomic_write, read_json, require_root
 
@@ -119,12 +120,15 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
         return _resolve(cfg, lib, args)
     if act == "offer":
         from .policy import offer  # noqa: PLC0415
+        formats = batch.offer_formats()   # the batch systems' own
+        if args.format != "lines" and args.format not in formats:
+            raise UsageError(f"argument --format: invalid choice {args.format!r} (choose from "
+                             f"lines, {', '.join(formats)})")
         names = offer(cfg, lib)
         if args.format == "lines":
             text = "".join(f"{name}\n" for name in names)
         else:
-            from .batch.htcondor import config_fragment  # noqa: PLC0415
-            text = config_fragment(names, args.format.split("-", 1)[1])
+            text = formats[args.format](names)
         if args.output:
             atomic_write(args.output, text.encode(), mode=0o644)
         else:

@@ -252,7 +252,7 @@ def validate(signed: Any, source: str) -> None:
                                   f"(got {sorted(e)})")
         try:
             check_name(e["name"])
-        except Exception:
+        except Exception:  # noqa: BLE001 - any value the catalog's JSON holds (not even a str)
             raise CatalogRejected(f"{source}: {where}.name: {e['name']!r} is not a valid image "
                                   "name") from None
         if e["name"] in names:

@@ -9,7 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import config as config_mod
-from .errors import EXIT_CODES, JobError, VibatchError
+from .errors import EXIT_CODES, JobError, NodeError, VibatchError
 from .request import parse_cpu_list, parse_memory_mb
 from .util import require_root
 
@@ -131,10 +131,10 @@ def _image_parsers(sub) -> None:
     op = isub.add_parser("offer", help="the names a job may ask for (for submit-time checks, "
                          "e.g. Slurm's job_submit.lua)")
     op.add_argument("--output", help="write them here, atomically (default: print)")
-    op.add_argument("--format", choices=("lines", "htcondor-startd", "htcondor-schedd"),
-                    default="lines", help="one name per line (default); or an HTCondor config "
-                    "fragment: for execute points (advertise the names, match only jobs asking "
-                    "for one of them) or for access points (refuse others at condor_submit)")
+    op.add_argument("--format", default="lines", help="lines: one name per line (default); "
+                    "or a batch system's own: htcondor-startd, htcondor-schedd (HTCondor config "
+                    "fragments for execute points: advertise the names, match only jobs asking "
+                    "for one of them; for access points: refuse others at condor_submit)")
 
 
 def _catalog_parsers(sub) -> None:
@@ -182,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log_error(f"vibatch {args.command}", e)
         print(f"{PROG}: error: unexpected {type(e).__name__}: {e} (node fault; the traceback "
               "is in the error log)", file=sys.stderr)
-        return 20
+        return NodeError.exit_code
 
 
 def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int:

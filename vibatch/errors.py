@@ -8,14 +8,21 @@ adapters map the fault class to each system's own codes.
 """
 from __future__ import annotations
 
-JOB = "job"
-NODE = "node"
+import enum
+
+
+class Fault(enum.StrEnum):
+    """Whose fault a failure is: the one vocabulary of the CLI, the core and the adapters (each
+    adapter maps it to its system's exit codes in one table, vibatch/batch/<system>.py)."""
+
+    JOB = "job"     # the request is wrong: fail this job only
+    NODE = "node"   # this node is wrong: requeue / take the node out, per system
 
 
 class VibatchError(Exception):
     """Base class. ``exit_code`` is what the ``vibatch`` CLI exits with."""
 
-    fault = NODE
+    fault = Fault.NODE
     exit_code = 20
 
     def __init__(self, message: str, *, detail: str = ""):
@@ -27,9 +34,21 @@ class VibatchError(Exception):
         return self.message
 
 
+def fault_of(exc: BaseException) -> Fault:
+    """A VibatchError says whose fault it is; anything else (a bug) is the node's, never the
+    user's."""
+    return exc.fault if isinstance(exc, VibatchError) else Fault.NODE
+
+
+class UsageError(VibatchError):
+    """Bad command-line arguments found after parsing (as argparse exits)."""
+
+    exit_code = 2
+
+
 # --- the job's fault (exit codes 10-19) ----------------------------------------------------
 class JobError(VibatchError):
-    fault = JOB
+    fault = Fault.JOB
     exit_code = 10
 
 
@@ -63,7 +82,7 @@ class ImageNotAllowed(UnknownImage):
 
 # --- the node's fault (exit codes 20-29) -----------------------------------------------------
 class NodeError(VibatchError):
-    fault = NODE
+    fault = Fault.NODE
     exit_code = 20
 
 
@@ -128,7 +147,7 @@ class ImageTestFailed(LibraryError):
 
 # --- vibatch exec: like podman/docker run, 125 = the tool failed before the command ran ----
 class ExecError(VibatchError):
-    fault = JOB
+    fault = Fault.JOB
     exit_code = 125
 
 

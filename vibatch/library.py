@@ -104,6 +104,16 @@ def _identity(st: os.stat_result) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def image_names(library_dir: str) -> list[str]:
+    """The names the library at ``library_dir`` holds (a listing: no lock, no state)."""
+    try:
+        entries = sorted(os.listdir(library_dir))
+    except FileNotFoundError:
+        return []
+    return [n for n in entries if valid_name(n) and os.path.islink(os.path.join(library_dir, n))
+            and os.path.isfile(os.path.join(library_dir, n, MANIFEST))]
+
+
 class Library:
     def __init__(self, library_dir: str, state_dir: str, lock_timeout: float = 30.0):
         self.dir = library_dir
@@ -117,12 +127,7 @@ class Library:
 
     # -- lookup ------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        try:
-            entries = sorted(os.listdir(self.dir))
-        except FileNotFoundError:
-            return []
-        return [n for n in entries if valid_name(n) and os.path.islink(os.path.join(self.dir, n))
-                and os.path.isfile(os.path.join(self.dir, n, MANIFEST))]
+        return image_names(self.dir)
 
     def images(self) -> list[Image]:
         out = []

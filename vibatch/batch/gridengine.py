@@ -30,22 +30,22 @@ import sys
 import xml.etree.ElementTree as ET
 from typing import Mapping, Optional, Sequence
 
-from .. import config as config_mod
 from .. import proc
-from ..accel import lift_limits
+from ..config import Config
 from ..errors import NodeError, ResourceRequestError
-from ..request import parse_memory_mb
-from . import (REFUSED_EXIT, BatchJob, Outcome, clean_env_path, epilogue, exec_job, home_of,
-               parse_shim_args, prologue, run_hook)
+from ..request import JobRequest, make_request, parse_memory_mb
+from .base import AS_IS, BatchSystem, Call, exits, main
+from .kit import STARTER_FAILED, exec_job, home_of, read_request
 
-SYSTEM = "gridengine"
 QSTAT = "/usr/bin/qstat"
 QSTAT_TIMEOUT_S = 60
-DEFAULT_ALARM_S = 600     # SGE itself has no prolog timeout; ours keeps a hung boot bounded
 COMPLEX = "vm_image"
+# prolog: 99 reschedules the job, 100 puts it in error (Eqw), anything else puts the queue in
+# error. epilog: anything but 0 re-runs a job that already finished.
 EXIT = {
-    "prolog": {Outcome.OK: 0, Outcome.JOB_FAULT: 100, Outcome.NODE_FAULT: 99},
-    "epilog": {Outcome.OK: 0, Outcome.JOB_FAULT: 0, Outcome.NODE_FAULT: 0},
+    "prolog": exits(ok=0, job=100, node=99),
+    "epilog": exits(ok=0, job=0, node=0),
+    "starter": exits(ok=AS_IS, job=STARTER_FAILED, node=STARTER_FAILED),
 }
 
 
@@ -95,7 +95,8 @@ def slots(job: ET.Element, nslots: Optional[str]) -> int:
     return min(max(n, lo), hi)
 
 
-def job_from_prolog(cfg, argv: Sequence[str], job: ET.Element, env: Mapping[str, str]) -> BatchJob:
+def job_from_prolog(cfg: Config, argv: Sequence[str], job: ET.Element,
+                    env: Mapping[str, str]) -> JobRequest:
     job_id, task, owner = argv[0], argv[1], argv[2]
     queue = argv[3] if len(argv) > 3 else None
     if job.findtext("JB_owner") != owner:
@@ -118,9 +119,9 @@ def job_from_prolog(cfg, argv: Sequence[str], job: ET.Element, env: Mapping[str,
     image = res.get(COMPLEX, ("", ""))[0] or _env_list(job).get("VIBATCH_IMAGE") or None
     workdir = job.findtext("JB_cwd") or home_of(owner)
     account = job.findtext("JB_account")
-    return BatchJob(job_id=vm_job_id(job_id, task), user=owner, cores=cores,
-                    memory_mb=memory_mb, workdir=workdir, image=image, walltime_s=walltime,
-                    queue=queue, account=None if account in (None, "", "sge") else account)
+    return make_request(job_id=vm_job_id(job_id, task), user=owner, cores=cores,
+                        memory_mb=memory_mb, workdir=workdir, image=image, walltime_s=walltime,
+                        queue=queue, account=None if account in (None, "", "sge") else account)
 
 
 def spool_config(env: Mapping[str, str]) -> dict[str, str]:
@@ -138,51 +139,43 @@ def spool_config(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def starter(cfg, argv: Sequence[str], env: Mapping[str, str]) -> int:
-    job_id = vm_job_id(env.get("JOB_ID", ""), env.get("SGE_TASK_ID", ""))
-    conf = spool_config(env)
-    if argv and conf.get("handle_as_binary") == "0" and argv[0] == conf.get("script_file"):
-        shell = env.get("SGE_STARTER_SHELL_PATH") or "/bin/sh"
-        return exec_job(cfg, job_id, argv[1:], script=argv[0], interpreter=shell)
-    return exec_job(cfg, job_id, list(argv))
+class GridEngine(BatchSystem):
+    name = "gridengine"
+    EXIT = EXIT
+    default_alarm_s = 600     # SGE itself has no prolog timeout; ours keeps a hung boot bounded
+    usage = "[--config PATH] prolog|epilog JOB_ID TASK OWNER [QUEUE] | starter ARGS"
 
+    def check_args(self, hook: str, argv: Sequence[str]) -> Optional[str]:
+        if len(argv) < 3:
+            return f"expected '$job_id $ja_task_id $job_owner [$queue]' as arguments, got {argv!r}"
+        return None
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    call = parse_shim_args(sys.argv[1:] if argv is None else argv, DEFAULT_ALARM_S)
-    hook, args, alarm, config_path = call.hook, call.args, call.alarm_s, call.config_path
-    env = dict(os.environ)
+    def job_of(self, argv: Sequence[str], env: dict) -> tuple[str, str]:
+        return vm_job_id(argv[0], argv[1]), argv[2]
 
-    if hook == "starter":   # as the job user, with the job's environment
-        try:
-            return starter(config_mod.load(config_path), args, env)
-        except Exception as e:  # noqa: BLE001 - report in the job's output, fail the job
-            print(f"vibatch: gridengine starter: {e}", file=sys.stderr)
-            return REFUSED_EXIT
-    if hook in ("prolog", "epilog") and len(args) < 3:
-        print(f"vibatch: gridengine {hook}: expected '$job_id $ja_task_id $job_owner "
-              f"[$queue]' as arguments, got {args!r}", file=sys.stderr)
-        return EXIT[hook][Outcome.NODE_FAULT]
-    clean_env_path()
-    lift_limits()   # the shepherd applies the job's h_vmem to root's hooks too
-    os.chdir("/")   # and starts them in the job's cwd, which is the user's
+    def job_from_hook(self, cfg: Config, argv: Sequence[str], env: dict) -> JobRequest:
+        record = qstat_job(argv[0])   # the node's: its failure is the node's
+        return read_request(lambda: job_from_prolog(cfg, argv, record, env))
 
-    def run_prolog() -> None:
-        cfg = config_mod.load(config_path)
-        record = qstat_job(args[0])   # the node's: its failure is the node's
-        prologue(cfg, lambda: job_from_prolog(cfg, args, record, env))
-
-    def run_epilog() -> None:
+    def epilogue_exit_code(self, argv: Sequence[str], env: dict) -> Optional[int]:
         code = env.get("SGE_JOBEXIT_STAT", "")
-        epilogue(config_mod.load(config_path), vm_job_id(args[0], args[1]),
-                 int(code) if code.isdigit() else None)
+        return int(code) if code.isdigit() else None
 
-    if hook in ("prolog", "epilog"):
-        body = run_prolog if hook == "prolog" else run_epilog
-        return run_hook(SYSTEM, hook, body, EXIT[hook], alarm_s=alarm)
-    print("usage: python -I -m vibatch.batch.gridengine [--config PATH] "
-          "prolog|epilog JOB_ID TASK OWNER [QUEUE] | starter ARGS", file=sys.stderr)
-    return 2
+    def starter_job_id(self, env: dict) -> str:
+        return vm_job_id(env.get("JOB_ID", ""), env.get("SGE_TASK_ID", ""))
 
+    def start(self, call: Call) -> int:
+        """The shepherd's ``[job script copy | binary, args...]``: a script's text is run in
+        the guest by ``$SGE_STARTER_SHELL_PATH``, as SGE's posix_compliant mode would."""
+        argv, job_id = call.args, self.starter_job_id(call.env)
+        conf = spool_config(call.env)
+        if argv and conf.get("handle_as_binary") == "0" and argv[0] == conf.get("script_file"):
+            shell = call.env.get("SGE_STARTER_SHELL_PATH") or "/bin/sh"
+            return exec_job(call.cfg(), job_id, argv[1:], script=argv[0], interpreter=shell)
+        return exec_job(call.cfg(), job_id, list(argv))
+
+
+SYSTEM = GridEngine()
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(SYSTEM))

@@ -42,17 +42,12 @@ from typing import Any, Optional, Sequence
 
 import psutil
 
-from .. import config as config_mod
-from .. import lifecycle, proc
-from ..accel import lift_limits
-from ..errors import NodeError, ResourceRequestError, VibatchError
-from ..jobdir import JobPaths
-from ..request import check_job_id, resolve_user
-from ..util import read_json
-from . import (BatchJob, Outcome, clean_env_path, epilogue, exec_job, parse_shim_args,
-               prologue, run_hook)
-
-SYSTEM = "htcondor"
+from .. import proc
+from ..config import Config
+from ..errors import Fault, NodeError, ResourceRequestError, VibatchError
+from ..request import JobRequest, check_job_id, make_request, resolve_user
+from .base import AS_IS, BatchSystem, Call, exits, main, run_root
+from .kit import STARTER_FAILED, exec_job, read_request
 SUDO = "/usr/bin/sudo"
 SUDO_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}   # nothing of the job's reaches sudo
 TOOL_ENV_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -69,15 +64,16 @@ SUDO_MARGIN_S = 15
 # HTCondor's secrets in the starter's environment (the hooks get it; DaemonCore's session key
 # CONDOR_PRIVATE_INHERIT, the shared port cookie, the parent's address): never passed on.
 SECRET_ENV_PREFIXES = ("CONDOR_PRIVATE_", "CONDOR_INHERIT")
-# Between our hooks and our helper only: HTCondor never sees these.
-HELPER_EXIT = {Outcome.OK: 0, Outcome.JOB_FAULT: 3, Outcome.NODE_FAULT: 4}
 # What HTCondor sees (docs/batch/htcondor.md). A job fault: the job completes with 125 and the
 # reason in its error output. A node fault in PREPARE_JOB: HookStatusCode 300 (>= 300), a shadow
-# exception, and the job goes back to Idle. A node fault in the wrapper: exit 1 (HTCondor 23
-# requeues it, reading the error file; 24 and 25 cannot read that file and end the job).
-WRAPPER_JOB_FAULT_EXIT = 125
-WRAPPER_NODE_FAULT_EXIT = 1
-REQUEUE_HOOK_STATUS = 300
+# exception, and the job goes back to Idle (the hook itself exits 0). A node fault in the
+# wrapper: exit 1 (HTCondor 23 requeues it, reading the error file; 24 and 25 cannot read that
+# file and end the job). The helper's codes pass between our hooks and our helper only.
+EXIT = {
+    "wrapper": exits(ok=AS_IS, job=STARTER_FAILED, node=1),
+    "prepare_job": exits(ok=0, job=0, node=300),     # the HookStatusCode it prints
+    "helper": exits(ok=0, job=3, node=4),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +146,7 @@ def job_id_of(ad: Any) -> str:
     return check_job_id(f"{cluster}.{procid}@{schedd}" if schedd else f"{cluster}.{procid}")
 
 
-def job_from_ads(cfg, job_ad: Any, machine_ad: Any, user: str, workdir: str) -> BatchJob:
+def job_from_ads(cfg: Config, job_ad: Any, machine_ad: Any, user: str, workdir: str) -> JobRequest:
     """The slot's cores and memory (what HTCondor provisioned, which may exceed the request),
     else the job's request, else the site's defaults. The helper passes the startd's slot ad as
     both: it holds the slot's Cpus and Memory and the job's attributes in STARTD_JOB_ATTRS."""
@@ -162,10 +158,10 @@ def job_from_ads(cfg, job_ad: Any, machine_ad: Any, user: str, workdir: str) -> 
     memory = (ad_int(machine_ad, "Memory") or ad_int(job_ad, "RequestMemory")
               or cfg.jobs.default_memory_mb)
     walltime = ad_int(job_ad, "AllowedJobDuration")
-    return BatchJob(job_id=job_id_of(job_ad), user=user, cores=cores, memory_mb=memory,
-                    workdir=workdir, image=image or None,
-                    walltime_s=walltime if walltime and walltime > 0 else None,
-                    account=ad_str(job_ad, "AccountingGroup") or ad_str(job_ad, "AcctGroup"))
+    return make_request(job_id=job_id_of(job_ad), user=user, cores=cores, memory_mb=memory,
+                        workdir=workdir, image=image or None,
+                        walltime_s=walltime if walltime and walltime > 0 else None,
+                        account=ad_str(job_ad, "AccountingGroup") or ad_str(job_ad, "AcctGroup"))
 
 
 def config_fragment(names: Sequence[str], daemon: str) -> str:
@@ -380,18 +376,12 @@ def slot_ad(caller: Caller, trusted: set[int], condor: Condor, address_file: str
     return pick_slot(ads, caller.starter_pid, slot_name_of(caller.starter_pid))
 
 
-def _stale_run(cfg, job_id: str) -> bool:
-    """The job is on this node, held by a process that has ended (a starter that died)."""
-    st = read_json(JobPaths.of(cfg, job_id).state_file) or {}
-    pid = st.get("holder_pid")
-    return isinstance(pid, int) and job_id not in lifecycle.jobs_held_by(cfg, pid)
-
-
-def helper_prepare(cfg, config_path: str, scratch: str, cwd: str, environ: dict) -> None:
+def helper_prepare(core: Any, config_path: str, scratch: str, cwd: str, environ: dict) -> None:
     """Boot the VM of the caller's job (once: a second call, from the wrapper after the
     PREPARE_JOB hook, finds it) and print its job id."""
+    cfg = core.cfg
     caller = find_caller(environ)
-    held = lifecycle.jobs_held_by(cfg, caller.starter_pid)
+    held = core.jobs_held_by(caller.starter_pid)
     if held:
         print(held[0])
         return
@@ -408,21 +398,23 @@ def helper_prepare(cfg, config_path: str, scratch: str, cwd: str, environ: dict)
     workdir = os.path.realpath(cwd)
     if workdir not in (where, os.path.realpath(iwd) if iwd else where):
         raise NodeError(f"the job was started in {cwd}, neither its scratch directory nor its Iwd")
-    job = job_from_ads(cfg, ad, ad, resolve_user(str(caller.uid)).name, workdir)
     # a run of this job whose starter died leaves its id taken: end that run. Only this job's:
     # a node-wide reap here would take another job's prologue that has not written its state.
-    if _stale_run(cfg, job.job_id):
-        epilogue(cfg, job.job_id, None)
-    prologue(cfg, job, holder=caller.starter_pid)
-    print(job.job_id)
+    job_id = job_id_of(ad)
+    if core.holder_ended(job_id):
+        core.epilogue(job_id, None)
+    user = resolve_user(str(caller.uid)).name
+    req = read_request(lambda: job_from_ads(cfg, ad, ad, user, workdir))
+    core.prologue(req, holder=caller.starter_pid)
+    print(req.job_id)
 
 
-def helper_finish(cfg, environ: dict) -> list[str]:
+def helper_finish(core: Any, environ: dict) -> list[str]:
     """End the VMs of the caller's starter (none: nothing to do)."""
     caller = find_caller(environ)
-    jobs = lifecycle.jobs_held_by(cfg, caller.starter_pid)
+    jobs = core.jobs_held_by(caller.starter_pid)
     for job_id in jobs:
-        epilogue(cfg, job_id, None)
+        core.epilogue(job_id, None)
     return jobs
 
 
@@ -466,6 +458,11 @@ def _drain_stdin() -> None:
         pass
 
 
+def _helper_fault(returncode: int) -> Optional[Fault]:
+    """What the helper's exit code says (anything it never exits with: the node's fault)."""
+    return {code: fault for fault, code in EXIT["helper"].items()}.get(returncode, Fault.NODE)
+
+
 def _classad_string(text: str) -> str:
     return '"' + _one_line(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -483,20 +480,21 @@ def prepare_job(helper: str, environ: dict) -> int:
     message = ""
     try:
         res = _helper(helper, "prepare", ["--scratch", scratch], PREPARE_ALARM_S + SUDO_MARGIN_S)
-        outcome = {0: Outcome.OK, 3: Outcome.JOB_FAULT}.get(res.returncode, Outcome.NODE_FAULT)
-        if outcome is not Outcome.OK:
+        fault = _helper_fault(res.returncode)
+        if fault is not None:
             message = _helper_message(res)
     except VibatchError as e:
-        outcome, message = Outcome.NODE_FAULT, f"the VM helper: {e.message}"
+        fault, message = Fault.NODE, f"the VM helper: {e.message}"
     first = (message.splitlines() or [""])[0]
-    if outcome is Outcome.NODE_FAULT:
+    status = EXIT["prepare_job"][fault]
+    if fault is Fault.NODE:
         print(f"vibatch: htcondor prepare_job (node fault; the job goes back to Idle): {message}",
               file=sys.stderr)
         # the first line (the console tail stays in the StarterLog): into the job's event log
-        print(f"HookStatusCode = {REQUEUE_HOOK_STATUS}\nHookStatusMessage = "
+        print(f"HookStatusCode = {status}\nHookStatusMessage = "
               f"{_classad_string(first + ' (the job goes back to Idle)')}")
-    elif outcome is Outcome.JOB_FAULT:   # a warning in the job's event log; the wrapper fails it
-        print(f"HookStatusCode = 0\nHookStatusMessage = {_classad_string(first)}")
+    elif fault is Fault.JOB:   # a warning in the job's event log; the wrapper fails it
+        print(f"HookStatusCode = {status}\nHookStatusMessage = {_classad_string(first)}")
     return 0
 
 
@@ -516,7 +514,11 @@ class _Pending:
             signal.signal(s, h)
 
 
-def wrapper(config_path: str, helper: str, argv: Sequence[str], environ: dict) -> int:
+def wrapper(call: Call) -> int:
+    """USER_JOB_WRAPPER: boot the VM through the helper (it finds the one PREPARE_JOB booted),
+    run the job in it, end it."""
+    helper, argv, environ = call.helper, call.args, call.env
+    codes = EXIT["wrapper"]
     err_file = environ.get("_CONDOR_WRAPPER_ERROR_FILE", "")
     scratch = environ.get("_CONDOR_SCRATCH_DIR", "")
     for name in [n for n in os.environ if n.startswith(SECRET_ENV_PREFIXES)]:
@@ -524,7 +526,7 @@ def wrapper(config_path: str, helper: str, argv: Sequence[str], environ: dict) -
 
     def node_fault(message: str) -> int:
         print(f"vibatch: htcondor wrapper (node fault): {message}\nvibatch: the job ends with "
-              f"exit {WRAPPER_NODE_FAULT_EXIT}; HTCondor 24 and later do not rerun it (only a "
+              f"exit {codes[Fault.NODE]}; HTCondor 24 and later do not rerun it (only a "
               "node fault in the PREPARE_JOB hook sends a job back to Idle)", file=sys.stderr)
         if err_file:   # HTCondor 23 reads it and reruns the job; one line, copied into its ad
             try:
@@ -533,7 +535,7 @@ def wrapper(config_path: str, helper: str, argv: Sequence[str], environ: dict) -
             except OSError as e:
                 print(f"vibatch: htcondor wrapper: cannot write {err_file}: {e.strerror}",
                       file=sys.stderr)
-        return WRAPPER_NODE_FAULT_EXIT
+        return codes[Fault.NODE]
 
     if not argv:
         return node_fault("called without the job's executable (is this USER_JOB_WRAPPER?)")
@@ -549,24 +551,24 @@ def wrapper(config_path: str, helper: str, argv: Sequence[str], environ: dict) -
         return node_fault(f"the VM helper: {e.message}")
     finally:
         pending.restore()
-    if res.returncode == HELPER_EXIT[Outcome.JOB_FAULT]:
+    fault = _helper_fault(res.returncode)
+    if fault is Fault.JOB:
         print(_helper_message(res), file=sys.stderr)
-        return WRAPPER_JOB_FAULT_EXIT
-    if res.returncode != 0:
+        return codes[Fault.JOB]
+    if fault is Fault.NODE:
         return node_fault(_helper_message(res))
     try:
         if pending.signals:     # removed or vacated while booting: do not start the job
             return 128 + pending.signals[0]
         try:
-            cfg = config_mod.load(config_path)
             job_id = check_job_id((res.stdout.strip().splitlines() or [""])[-1])
-            return exec_job(cfg, job_id, list(argv))
+            return exec_job(call.cfg(), job_id, list(argv))
         except VibatchError as e:
             print(f"vibatch: htcondor wrapper: {e.message}", file=sys.stderr)
-            return WRAPPER_JOB_FAULT_EXIT
+            return codes[Fault.JOB]
         except Exception as e:  # noqa: BLE001 - the job ran (or began to): never run it twice
             print(f"vibatch: htcondor wrapper: {type(e).__name__}: {e}", file=sys.stderr)
-            return WRAPPER_JOB_FAULT_EXIT
+            return codes[Fault.JOB]
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # finish even if signalled again
         why = _finish(helper, FINISH_ALARM_S + SUDO_MARGIN_S)
@@ -586,40 +588,44 @@ def job_exit(helper: str, argv: Sequence[str]) -> int:
     return 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    call = parse_shim_args(sys.argv[1:] if argv is None else argv, PREPARE_ALARM_S)
-    hook, args = call.hook, call.args
-    if hook == "wrapper":     # as the job user, with the job's environment
-        return wrapper(call.config_path, call.helper, args, dict(os.environ))
-    if hook == "prepare_job":  # as the job user, with the starter's environment
-        return prepare_job(call.helper, dict(os.environ))
-    if hook == "job_exit":    # as the job user
-        return job_exit(call.helper, args)
-    if hook == "helper" and args[:1] in (["prepare"], ["finish"]):   # root, through sudo
-        environ, verb = dict(os.environ), args[0]
-        try:
-            cwd = os.getcwd()
-        except OSError:
-            cwd = ""
-        clean_env_path()
-        lift_limits()        # the job's limits, inherited through the wrapper
-        os.chdir("/")
+class HTCondor(BatchSystem):
+    """No root prologue or epilogue: the job user's hooks reach a root helper through sudo."""
+
+    name = "htcondor"
+    EXIT = EXIT
+    prologue_hook = epilogue_hook = starter_hook = None
+    default_alarm_s = PREPARE_ALARM_S
+    offer_formats = {"htcondor-startd": lambda names: config_fragment(names, "startd"),
+                     "htcondor-schedd": lambda names: config_fragment(names, "schedd")}
+    usage = ("[--config PATH] [--helper PATH] wrapper EXECUTABLE [ARGS...] | prepare_job | "
+             "job_exit REASON | helper prepare --scratch DIR | helper finish")
+
+    def other_hook(self, call: Call) -> Optional[int]:
+        if call.hook == "wrapper":       # as the job user, with the job's environment
+            return wrapper(call)
+        if call.hook == "prepare_job":   # as the job user, with the starter's environment
+            return prepare_job(call.helper, call.env)
+        if call.hook == "job_exit":      # as the job user
+            return job_exit(call.helper, call.args)
+        if call.hook == "helper" and call.args[:1] in (["prepare"], ["finish"]):   # root, sudo
+            return self.helper(call, call.args[0])
+        return None
+
+    def helper(self, call: Call, verb: str) -> int:
+        args = call.args
         scratch = args[2] if len(args) >= 3 and args[1] == "--scratch" else ""
 
-        def body() -> None:
-            cfg = config_mod.load(call.config_path)
+        def body(core: Any) -> None:
             if verb == "prepare":
-                helper_prepare(cfg, call.config_path, scratch, cwd, environ)
+                helper_prepare(core, call.config_path, scratch, call.cwd, call.env)
             else:
-                helper_finish(cfg, environ)
+                helper_finish(core, call.env)
 
         alarm = call.alarm_s if verb == "prepare" else FINISH_ALARM_S
-        return run_hook(SYSTEM, verb, body, HELPER_EXIT, alarm_s=alarm)
-    print("usage: python -I -m vibatch.batch.htcondor [--config PATH] [--helper PATH] "
-          "wrapper EXECUTABLE [ARGS...] | prepare_job | job_exit REASON | "
-          "helper prepare --scratch DIR | helper finish", file=sys.stderr)
-    return 2
+        return run_root(self, call, body, alarm, what=verb)
 
+
+SYSTEM = HTCondor()
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(SYSTEM))

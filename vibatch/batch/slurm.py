@@ -28,22 +28,22 @@ import re
 import sys
 from typing import Mapping, Optional, Sequence
 
-from .. import config as config_mod
 from .. import proc
+from ..config import Config
 from ..errors import JobError, NodeError
-from ..request import parse_cpu_list
-from . import (REFUSED_EXIT, BatchJob, Outcome, clean_env_path, clear_refusal, epilogue,
-               exec_job, parse_shim_args, prologue, record_refusal, requestable_names, run_hook)
+from ..request import JobRequest, make_request, parse_cpu_list
+from .base import AS_IS, BatchSystem, Call, exits, main
+from .kit import STARTER_FAILED, exec_job, read_request, requestable_names
 
-SYSTEM = "slurm"
 IMAGE_KEY = "vibatch_image"
 SCONTROL = "/usr/bin/scontrol"
 SCONTROL_TIMEOUT_S = 30
-DEFAULT_ALARM_S = 300    # Slurm's PrologEpilogTimeout is unlimited unless the site sets it
-MARGIN_S = 20
+# A failing Prolog or Epilog drains the node: only a node fault exits non-zero. A job fault
+# exits 0 and leaves its reason for the forwarder, which fails the job with it.
 EXIT = {
-    "prolog": {Outcome.OK: 0, Outcome.JOB_FAULT: 0, Outcome.NODE_FAULT: 1},
-    "epilog": {Outcome.OK: 0, Outcome.JOB_FAULT: 0, Outcome.NODE_FAULT: 1},
+    "prolog": exits(ok=0, job=0, node=1),
+    "epilog": exits(ok=0, job=0, node=1),
+    "exec": exits(ok=AS_IS, job=STARTER_FAILED, node=STARTER_FAILED),
 }
 _DETAIL = re.compile(r"^\s+Nodes=(\S+) CPU_IDs=(\S+) Mem=(\d+)")
 _RUNTIME = re.compile(r"^\s+RunTime=\S+ TimeLimit=(\S+)")
@@ -143,7 +143,7 @@ def scontrol_show(job_id: str, env: Mapping[str, str]) -> str:
                     env=run_env).stdout
 
 
-def job_from_prolog(cfg, env: Mapping[str, str], show: str) -> BatchJob:
+def job_from_prolog(cfg: Config, env: Mapping[str, str], show: str) -> JobRequest:
     job_id, user = env.get("SLURM_JOB_ID", ""), env.get("SLURM_JOB_USER", "")
     node = env.get("SLURMD_NODENAME", "")
     if not job_id or not user or not node:
@@ -153,11 +153,11 @@ def job_from_prolog(cfg, env: Mapping[str, str], show: str) -> BatchJob:
     image = image_from_comment(env.get("SLURM_JOB_COMMENT"))
     if image is None:
         image = image_from_constraints(env.get("SLURM_JOB_CONSTRAINTS"), requestable_names(cfg))
-    return BatchJob(job_id=job_id, user=user, cores=len(cpus),
-                    memory_mb=mem or cfg.jobs.default_memory_mb,
-                    workdir=env.get("SLURM_JOB_WORK_DIR", ""), image=image, walltime_s=limit,
-                    queue=env.get("SLURM_JOB_PARTITION") or None,
-                    account=env.get("SLURM_JOB_ACCOUNT") or None, cpus=cpus)
+    return make_request(job_id=job_id, user=user, cores=len(cpus),
+                        memory_mb=mem or cfg.jobs.default_memory_mb,
+                        workdir=env.get("SLURM_JOB_WORK_DIR", ""), image=image, walltime_s=limit,
+                        queue=env.get("SLURM_JOB_PARTITION") or None,
+                        account=env.get("SLURM_JOB_ACCOUNT") or None, cpus=cpus)
 
 
 def exit_code(env: Mapping[str, str]) -> Optional[int]:
@@ -169,53 +169,43 @@ def exit_code(env: Mapping[str, str]) -> Optional[int]:
     return 128 + sig if sig else rc
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    call = parse_shim_args(sys.argv[1:] if argv is None else argv, DEFAULT_ALARM_S)
-    hook, args, alarm, config_path = call.hook, call.args, call.alarm_s, call.config_path
-    env = dict(os.environ)
+class Slurm(BatchSystem):
+    name = "slurm"
+    EXIT = EXIT
+    starter_hook = "exec"     # the rewritten script's interpreter: job user, batch step
+    starter_label = "job"
+    default_alarm_s = 300     # Slurm's PrologEpilogTimeout is unlimited unless the site sets it
+    margin_s = 20
+    keeps_refusals = True
+    usage = "[--alarm S] [--config PATH] prolog|epilog|exec SCRIPT [ARGS]"
 
-    if hook == "exec":   # the rewritten script's interpreter: job user, batch step
-        if not args:
-            print("vibatch: slurm exec: no job script (this is a #! interpreter)", file=sys.stderr)
-            return REFUSED_EXIT
-        try:
-            return exec_job(config_mod.load(config_path), env.get("SLURM_JOB_ID", ""), args[1:],
-                            script=args[0], drop_first_line=True)
-        except Exception as e:  # noqa: BLE001 - report in the job's output, fail the job
-            print(f"vibatch: slurm job: {e}", file=sys.stderr)
-            return REFUSED_EXIT
-    clean_env_path()
-    job_id = env.get("SLURM_JOB_ID", "")
+    def job_of(self, argv: Sequence[str], env: dict) -> tuple[str, str]:
+        return env.get("SLURM_JOB_ID", ""), env.get("SLURM_JOB_USER", "")
 
-    def run_prolog() -> None:
-        cfg = config_mod.load(config_path)
+    def job_from_hook(self, cfg: Config, argv: Sequence[str], env: dict) -> JobRequest:
+        job_id = env.get("SLURM_JOB_ID", "")
         if not job_id:
             raise NodeError("no SLURM_JOB_ID in the Prolog's environment")
         show = scontrol_show(job_id, env)   # the node's: its failure is the node's
         task = array_task_id(show, job_id)
         if task is not None:
             show = scontrol_show(task, env)
-        prologue(cfg, lambda: job_from_prolog(cfg, env, show))
+        return read_request(lambda: job_from_prolog(cfg, env, show))
 
-    def refuse(outcome: Outcome, message: str) -> None:
-        if outcome is Outcome.JOB_FAULT:
-            record_refusal(config_mod.load(config_path), job_id, env.get("SLURM_JOB_USER", ""),
-                           message)
+    def epilogue_exit_code(self, argv: Sequence[str], env: dict) -> Optional[int]:
+        return exit_code(env)
 
-    def run_epilog() -> None:
-        cfg = config_mod.load(config_path)
-        if job_id:
-            clear_refusal(cfg, job_id)
-            epilogue(cfg, job_id, exit_code(env))
+    def starter_job_id(self, env: dict) -> str:
+        return env.get("SLURM_JOB_ID", "")
 
-    if hook in ("prolog", "epilog"):
-        body = run_prolog if hook == "prolog" else run_epilog
-        return run_hook(SYSTEM, hook, body, EXIT[hook], alarm_s=max(5, alarm - MARGIN_S),
-                        on_fault=refuse if hook == "prolog" else None)
-    print("usage: python -I -m vibatch.batch.slurm [--alarm S] [--config PATH] "
-          "prolog|epilog|exec SCRIPT [ARGS]", file=sys.stderr)
-    return 2
+    def start(self, call: Call) -> int:
+        if not call.args:
+            raise JobError("no job script (this is a #! interpreter)")
+        return exec_job(call.cfg(), self.starter_job_id(call.env), call.args[1:],
+                        script=call.args[0], drop_first_line=True)
 
+
+SYSTEM = Slurm()
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(SYSTEM))

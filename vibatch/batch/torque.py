@@ -39,22 +39,23 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .. import config as config_mod
 from .. import proc
-from ..hygiene import minimal_env
+from ..config import Config
 from ..errors import CommandFailed, JobError, NoFreeSlot, ResourceRequestError
-from . import (REFUSED_EXIT, BatchJob, Outcome, clean_env_path, clear_refusal, epilogue,
-               exec_job, faults, home_of, parse_shim_args, prologue, record_refusal,
-               requestable_names, run_hook)
+from ..hygiene import minimal_env
+from ..request import JobRequest, make_request
+from . import faults
+from .base import AS_IS, BatchSystem, Call, exits, main
+from .kit import STARTER_FAILED, exec_job, home_of, read_request, record_refusal, requestable_names
 
-SYSTEM = "torque"
-PROLOGUE_ALARM_S = 300
 KILL_EARLY_S = 10        # pbs_mom SIGKILLs the hook's session at $prologalarm - 10 s
-MARGIN_S = 20            # finish (and clean up) this long before pbs_mom's alarm
 REQUEUE = 2
+# prologue: 0 runs the job, 1 aborts it and its output never reaches the user, anything else
+# requeues it (at once, on this node: see after_node_fault). The epilogue's code is only logged.
 EXIT = {
-    "prologue": {Outcome.OK: 0, Outcome.JOB_FAULT: 0, Outcome.NODE_FAULT: REQUEUE},
-    "epilogue": {Outcome.OK: 0, Outcome.JOB_FAULT: 0, Outcome.NODE_FAULT: 2},
+    "prologue": exits(ok=0, job=0, node=REQUEUE),
+    "epilogue": exits(ok=0, job=0, node=2),
+    "job_starter": exits(ok=AS_IS, job=STARTER_FAILED, node=STARTER_FAILED),
 }
 SCRIPT_LINE_MAX = 64 * 1024
 SCRIPT_LINE_TIMEOUT_S = 30
@@ -107,7 +108,7 @@ def node_spec(limits: dict[str, str]) -> tuple[Optional[int], list[str]]:
     return ppn, props
 
 
-def job_from_prologue(cfg, argv: Sequence[str]) -> BatchJob:
+def job_from_prologue(cfg: Config, argv: Sequence[str]) -> JobRequest:
     if len(argv) < 7:
         raise ResourceRequestError(f"Torque prologue called with {len(argv)} arguments; expected "
                                    "at least 7 (job id, user, group, name, limits, queue, account)")
@@ -120,21 +121,9 @@ def job_from_prologue(cfg, argv: Sequence[str]) -> BatchJob:
     walltime = parse_walltime(limits["walltime"]) if limits.get("walltime") else None
     known = requestable_names(cfg)
     image = next((p for p in props if p in known), None)
-    return BatchJob(job_id=job_id, user=user, cores=cores, memory_mb=memory_mb,
-                    workdir=home_of(user), image=image, walltime_s=walltime,
-                    queue=queue or None, account=account or None)
-
-
-def reset_root_hook() -> None:
-    """Undo what pbs_mom hands its root hooks: its environment and umask 0077 (libvirt's QEMU
-    user could not read the job's disk; clean_env_path sets 022), the job user's supplementary
-    groups, and the signal dispositions pbs_mom was started with (SIGINT blocked, SIGQUIT
-    ignored: inherited by every process we start)."""
-    clean_env_path()
-    os.setgroups([0])
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-    os.chdir("/")
+    return make_request(job_id=job_id, user=user, cores=cores, memory_mb=memory_mb,
+                        workdir=home_of(user), image=image, walltime_s=walltime,
+                        queue=queue or None, account=account or None)
 
 
 def read_script_line(fd: int, timeout_s: float = SCRIPT_LINE_TIMEOUT_S) -> str:
@@ -170,17 +159,6 @@ def parse_script_line(line: str) -> tuple[str, list[str]]:
     if not words or not os.path.isabs(words[0]):
         raise JobError(f"the job starter's stdin does not name a job script: {line!r}")
     return words[0], words[1:]
-
-
-def job_starter(config_path: str) -> int:
-    """As the job user, with the job's environment: run the job script in the job's VM."""
-    try:
-        script, args = parse_script_line(read_script_line(0))
-        return exec_job(config_mod.load(config_path), os.environ.get("PBS_JOBID", ""), args,
-                        script=script, shell=GUEST_SHELL)
-    except Exception as e:  # noqa: BLE001 - report in the job's output, fail the job
-        print(f"vibatch: torque job starter: {e}", file=sys.stderr)
-        return REFUSED_EXIT
 
 
 def node_name(cfg) -> str:
@@ -220,61 +198,61 @@ def after_node_fault(cfg, job_id: str, user: str, message: str, busy: bool,
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    started = time.monotonic()
-    call = parse_shim_args(sys.argv[1:] if argv is None else argv, PROLOGUE_ALARM_S)
-    hook, args, alarm, config_path = call.hook, call.args, call.alarm_s, call.config_path
-    if hook == "job_starter":
-        return job_starter(config_path)
-    if hook not in ("prologue", "epilogue"):
-        print("usage: python -I -m vibatch.batch.torque [--alarm S] [--config PATH] "
-              "prologue|epilogue|job_starter ...", file=sys.stderr)
-        return 2
-    reset_root_hook()
-    if not args:
-        print(f"vibatch: torque {hook}: no job id", file=sys.stderr)
-        return 0 if hook == "epilogue" else REQUEUE
-    job_id, user = args[0], args[1] if len(args) > 1 else ""
-    seen = {}
+class Torque(BatchSystem):
+    name = "torque"
+    EXIT = EXIT
+    prologue_hook, epilogue_hook, starter_hook = "prologue", "epilogue", "job_starter"
+    starter_label = "job starter"
+    default_alarm_s = 300    # pbs_mom's $prologalarm
+    margin_s = 20            # finish (and clean up) this long before pbs_mom's alarm
+    keeps_refusals = True
+    usage = "[--alarm S] [--config PATH] prologue|epilogue|job_starter ..."
 
-    def cfg():
-        if "cfg" not in seen:
-            seen["cfg"] = config_mod.load(config_path)
-        return seen["cfg"]
+    def check_args(self, hook: str, argv: Sequence[str]) -> Optional[str]:
+        return None if argv else "no job id"
 
-    def run_prologue() -> None:
-        c = cfg()
-        clear_refusal(c, job_id)
-        try:
-            prologue(c, lambda: job_from_prologue(c, args))
-        except NoFreeSlot:
-            seen["busy"] = True
-            raise
-        faults.clear(c, job_id, back_in_service=True)
+    def job_of(self, argv: Sequence[str], env: dict) -> tuple[str, str]:
+        return argv[0], argv[1] if len(argv) > 1 else ""
 
-    def run_epilogue() -> None:
-        c = cfg()
-        code = int(args[9]) if len(args) > 9 and re.match(r"^-?\d+$", args[9]) else None
-        clear_refusal(c, job_id)
-        if code is None or code >= 0:   # the job ran: its prologue's faults are history
-            faults.clear(c, job_id)
-        epilogue(c, job_id, code)
+    def job_from_hook(self, cfg: Config, argv: Sequence[str], env: dict) -> JobRequest:
+        return read_request(lambda: job_from_prologue(cfg, argv))
 
-    def on_fault(outcome: Outcome, message: str) -> None:
-        if outcome is Outcome.JOB_FAULT:
-            record_refusal(cfg(), job_id, user, message)
-        else:
-            budget = alarm - KILL_EARLY_S - 5 - (time.monotonic() - started)
-            seen["code"] = after_node_fault(cfg(), job_id, user, message,
-                                            seen.get("busy", False), budget)
+    def epilogue_exit_code(self, argv: Sequence[str], env: dict) -> Optional[int]:
+        return int(argv[9]) if len(argv) > 9 and re.match(r"^-?\d+$", argv[9]) else None
 
-    if hook == "epilogue":
-        return run_hook(SYSTEM, hook, run_epilogue, EXIT[hook],
-                        alarm_s=max(5, alarm - MARGIN_S))
-    code = run_hook(SYSTEM, hook, run_prologue, EXIT[hook], alarm_s=max(5, alarm - MARGIN_S),
-                    on_fault=on_fault)
-    return seen.get("code", code)
+    def starter_job_id(self, env: dict) -> str:
+        return env.get("PBS_JOBID", "")
 
+    def start(self, call: Call) -> int:
+        """As the job user, with the job's environment: run the job script in the job's VM."""
+        script, args = parse_script_line(read_script_line(0))
+        return exec_job(call.cfg(), self.starter_job_id(call.env), args, script=script,
+                        shell=GUEST_SHELL)
+
+    def enter_root_hook(self, hook: str) -> None:
+        """Undo the rest of what pbs_mom hands its root hooks (hygiene sets umask 022, which
+        libvirt's QEMU user needs to read the job's disk): the job user's supplementary groups,
+        and the signal dispositions pbs_mom was started with (SIGINT blocked, SIGQUIT ignored:
+        inherited by every process we start)."""
+        os.setgroups([0])
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+    def after_prologue(self, cfg: Config, req: JobRequest) -> None:
+        faults.clear(cfg, req.job_id, back_in_service=True)
+
+    def before_epilogue(self, cfg: Config, job_id: str, exit_code: Optional[int]) -> None:
+        if exit_code is None or exit_code >= 0:   # the job ran: its prologue's faults are history
+            faults.clear(cfg, job_id)
+
+    def after_node_fault(self, call: Call, exc: BaseException, message: str) -> Optional[int]:
+        job_id, user = self.job_of(call.args, call.env)
+        budget = call.alarm_s - KILL_EARLY_S - 5 - (time.monotonic() - call.started)
+        return after_node_fault(call.cfg(), job_id, user, message, isinstance(exc, NoFreeSlot),
+                                budget)
+
+
+SYSTEM = Torque()
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(SYSTEM))

@@ -1,0 +1,48 @@
+"""The job core as a root hook sees it: one ``Core`` per hook call, holding one ``Node`` (and so
+one libvirt connection) for everything the hook does.
+
+base.main imports this module only after the hook's hygiene (hygiene.enter_root_hook): through
+lifecycle it imports libvirt, whose client reads its environment. Adapters never import it (nor
+lifecycle): they get a Core as an argument.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .. import jobstore, lifecycle
+from ..config import Config
+from ..jobdir import JobPaths
+from ..request import JobRequest
+
+
+class Core:
+    def __init__(self, cfg: Config, node: Any = None):
+        self.cfg = cfg
+        self._node = node     # tests pass a Node with fake ports (tests/fakes.py)
+
+    @property
+    def node(self) -> lifecycle.Node:
+        if self._node is None:
+            self._node = lifecycle.Node(self.cfg)
+        return self._node
+
+    def prologue(self, req: JobRequest, holder: Optional[int] = None) -> dict:
+        """Bring up the job's VM; ``holder``: a process whose life bounds the job's (once it
+        has ended, ``vibatch reap`` ends the job)."""
+        return lifecycle.prologue(self.node, req, holder=holder)
+
+    def epilogue(self, job_id: str, exit_code: Optional[int] = None) -> None:
+        lifecycle.epilogue(self.node, job_id, exit_code)
+
+    def jobs_held_by(self, pid: int) -> list[str]:
+        """The jobs on this node whose holder is the running process ``pid``."""
+        return jobstore.jobs_held_by(self.cfg, pid)
+
+    def holder_ended(self, job_id: str) -> bool:
+        """The job is on this node, held by a process that has ended."""
+        state = jobstore.read(JobPaths.of(self.cfg, job_id)) or {}
+        return isinstance(state.get("holder_pid"), int) and not jobstore.holder_alive(state)
+
+    def close(self) -> None:
+        if self._node is not None:
+            self._node.close()
