@@ -240,6 +240,9 @@ class FakeBatchSystem(BatchSystem):
                      "epilogue": exits(ok=0, job=0, node=21),
                      "starter": exits(ok=AS_IS, job=STARTER_FAILED, node=STARTER_FAILED)}
 
+    def asking_env(self, env) -> dict:
+        return {"FAKE_CONF": env["FAKE_CONF"]} if "FAKE_CONF" in env else {}
+
     def check_args(self, hook: str, argv) -> Optional[str]:
         return None if argv else "no job id"
 
@@ -269,8 +272,10 @@ class FakeCore:
         self.cfg, self.log, self.fail = cfg, log, fail
         log.append(("core",))
 
-    def prologue(self, req, holder: Optional[int] = None) -> dict:
+    def prologue(self, req, holder: Optional[int] = None, batch: Optional[str] = None,
+                 batch_env: Optional[dict] = None) -> dict:
         self.log.append(("prologue", req.job_id, req.workdir))
+        self.log.append(("reap asks", batch, batch_env))   # whom vibatch reap asks, and how
         if isinstance(self.fail, BaseException):
             raise self.fail
         if self.fail is not None:

@@ -46,7 +46,8 @@ def test_each_outcome_of_a_prologue_gets_its_code_from_the_systems_table(hook_si
     fake = FakeBatchSystem()
     code, log = run(fake, ["prologue", "j1", "nobody", work], path)
     assert code == 0
-    assert log == [("hygiene",), ("core",), ("prologue", "j1", work), ("closed",)]
+    assert log == [("hygiene",), ("core",), ("prologue", "j1", work), ("reap asks", "fake", {}),
+                   ("closed",)]
     code, _ = run(fake, ["prologue", "j1", "nobody", "/etc"], path)
     assert code == fake.EXIT["prologue"][Fault.JOB] == 10
     assert "vibatch: fake prologue failed (job fault): working directory /etc" in \
@@ -218,3 +219,17 @@ def test_the_slurm_hooks_load_their_config_once_per_call(hook_site, monkeypatch,
     code, log = run(slurm.SYSTEM, ["epilog"], path)
     assert code == 0 and loads == [path] and ("epilogue", "7", 143) in log
     assert read_refusal(real_load(path), "7") is None
+
+
+def test_the_prologue_names_its_batch_system_for_reap(hook_site, monkeypatch):
+    """The record keeps whom ``vibatch reap`` asks whether the job still exists, and the few
+    variables the asking needs, taken from the prologue's own environment."""
+    path, work = hook_site
+    monkeypatch.setenv("FAKE_CONF", "/etc/fake.conf")
+    _, log = run(FakeBatchSystem(), ["prologue", "j1", "nobody", work], path)
+    assert ("reap asks", "fake", {"FAKE_CONF": "/etc/fake.conf"}) in log
+    from vibatch.batch import slurm
+    assert slurm.SYSTEM.asking_env({"SLURM_CONF": "/s.conf", "SLURMD_NODENAME": "n1",
+                                    "SLURM_JOB_ID": "5"}) == {"SLURM_CONF": "/s.conf",
+                                                              "SLURMD_NODENAME": "n1"}
+    assert batch.job_gone("nosuchsystem", "1", {}) is None

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from clusters import GridEngineCluster, running, wait_until
-from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, pinned_cpus,
+from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, lost_epilogue_vm,
+                    pinned_cpus,
                     private_workdir)
 from vibatch import batch
 from vibatch.batch import gridengine
@@ -121,6 +122,30 @@ def test_qdel_leaves_nothing_behind(vm_env, sge):
     assert sge.cmd("qdel", job, user=USER).returncode == 0
     rec = sge.wait_accounted(job)     # the starter was SIGKILLed; the epilog destroyed the VM
     assert rec["exit_status"].split()[0] == "137", rec
+    assert leftovers(vm_env, job) == []
+    assert_queue_ok(sge)
+
+
+def test_reap_asks_the_qmaster_and_ends_only_the_vm_of_a_job_it_no_longer_has(vm_env, sge):
+    """reap asks the job's batch system: the VM of a running job stays; the VM of a job the
+    qmaster does not know (its epilogue never came) is ended and accounted."""
+    from conftest import vibatch_cmd
+    from vibatch.jobdir import JobPaths
+    job = qsub(sge, "echo started\nsleep 600\n", "-v", "VIBATCH_IMAGE=testguest")
+    wait_until("the job to start in its VM", lambda: "started" in output(sge, job), 120)
+    assert read_json(JobPaths.of(vm_env.cfg, job).state_file)["batch"] == "gridengine"
+    assert gridengine.job_gone(job) is False
+    lost = "99999"
+    assert gridengine.job_gone(lost) is True
+    lost_epilogue_vm(vm_env, lost, USER, "gridengine", {})
+    r = subprocess.run(vibatch_cmd("--config", vm_env.config_path, "reap"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"reaped job {lost} (its gridengine job is gone)" in r.stdout, r.stdout
+    assert f"job {job} " not in r.stdout
+    assert leftovers(vm_env, lost) == []
+    assert sge.cmd("qdel", job, user=USER).returncode == 0
+    sge.wait_accounted(job)
     assert leftovers(vm_env, job) == []
     assert_queue_ok(sge)
 

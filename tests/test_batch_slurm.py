@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from clusters import SlurmCluster, running, wait_until
-from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, pinned_cpus,
+from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, lost_epilogue_vm,
+                    pinned_cpus,
                     private_workdir)
 from vibatch.batch import slurm
 
@@ -139,6 +140,35 @@ def test_scancel_stops_the_job_and_leaves_nothing(vm_env, cluster):
     rec = cluster.wait_finished(job)
     assert rec["JobState"] == "CANCELLED", rec
     assert "got TERM" in output(cluster, job)
+    assert leftovers(vm_env, job) == []
+    assert_node_healthy(cluster)
+
+
+def test_reap_asks_slurmctld_and_ends_only_the_vm_of_a_job_it_no_longer_has(vm_env, cluster):
+    """reap asks the job's batch system: the VM of a running job stays; the VM of a job
+    slurmctld has no record of (an id below FirstJobId, never used) is ended and accounted."""
+    job = submit(cluster, "#!/bin/sh\necho started\nsleep 600 & wait\n",
+                 "--comment", "vibatch_image=testguest")
+    wait_until("the job to start in its VM", lambda: os.path.exists(
+        os.path.join(cluster.home, f"slurm-{job}.out")) and "started" in output(cluster, job), 120)
+    from vibatch.jobdir import JobPaths
+    from vibatch.util import read_json
+    state = read_json(JobPaths.of(vm_env.cfg, job).state_file)
+    assert state["batch"] == "slurm" and state["batch_env"]["SLURM_CONF"] == cluster.conf
+    assert slurm.job_gone(job, state["batch_env"]) is False      # it holds this node
+    lost = "6999"
+    lost_epilogue_vm(vm_env, lost, USER, "slurm", state["batch_env"])
+    assert slurm.job_gone(lost, state["batch_env"]) is True
+    from conftest import vibatch_cmd
+    r = subprocess.run(vibatch_cmd("--config", vm_env.config_path, "reap"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"reaped job {lost} (its slurm job is gone)" in r.stdout, r.stdout
+    assert f"job {job} " not in r.stdout
+    assert leftovers(vm_env, lost) == []
+    assert read_json(JobPaths.of(vm_env.cfg, job).state_file)["phase"] == "ready"
+    assert cluster.cmd("scancel", job, user=USER).returncode == 0
+    assert cluster.wait_finished(job)["JobState"] == "CANCELLED"
     assert leftovers(vm_env, job) == []
     assert_node_healthy(cluster)
 

@@ -1,6 +1,7 @@
 """The core lifecycle (prologue, epilogue, reap) on fake ports (tests/fakes.py): every phase
 killed in a forked child, then what remains is checked exactly. Runs in seconds, no VM; needs
 root (the overlay is handed to QEMU's user) and qemu-img."""
+import dataclasses
 import json
 import os
 import signal
@@ -312,7 +313,7 @@ def test_the_record_reader_is_strict_and_names_the_file(site, tmp_path):
             jobstore.read(paths)
         assert paths.state_file in str(e.value) and why in str(e.value), (change, str(e.value))
     assert [(p.job_id, s.phase) for p, s in jobstore.records(cfg)] == [("j9", jobstore.CORRUPT)]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         good.phase = jobstore.READY            # frozen: changed only through a Record
     rec = jobstore.Record(paths, good)
     rec.set(jobstore.OVERLAY, accel="tcg")
@@ -332,7 +333,7 @@ def test_reap_ends_a_ready_job_only_when_its_batch_system_says_it_is_gone(site):
     asked = []
 
     def answer(value):
-        def ask(system, job):
+        def ask(system, job, env):
             asked.append((system, job))
             if isinstance(value, Exception):
                 raise value

@@ -215,3 +215,18 @@ def guest_kernel() -> str:
     from conftest import IMAGE_BUILD
     with open(os.path.join(IMAGE_BUILD, "KVER")) as f:
         return f.read().strip()
+
+
+def lost_epilogue_vm(env, job_id: str, user: str, system: str, batch_env: dict) -> None:
+    """A ready VM for ``job_id`` as a prologue of ``system`` leaves it, whose epilogue will
+    never come (the batch daemon died, the node left the cluster)."""
+    from vibatch import lifecycle
+    from vibatch.request import make_request
+    home = os.path.expanduser(f"~{user}")
+    node = lifecycle.Node(env.cfg)
+    try:
+        lifecycle.prologue(node, make_request(job_id=job_id, user=user, cores=1, memory_mb=256,
+                                              image="testguest", workdir=home),
+                           batch=system, batch_env=batch_env)
+    finally:
+        node.close()

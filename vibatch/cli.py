@@ -217,7 +217,8 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
             return _status(args, cfg, node)
         if cmd == "reap":
             require_root("reap")
-            for line in lifecycle.reap(node):
+            from . import batch  # noqa: PLC0415 - asked only by reap
+            for line in lifecycle.reap(node, batch.job_gone):
                 print(f"reaped {line}")
             return 0
     finally:

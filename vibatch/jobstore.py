@@ -54,6 +54,7 @@ class JobState:
     holder_pid: Optional[int] = None       # a process whose life bounds the job's (HTCondor)
     holder_start: Optional[float] = None
     batch: Optional[str] = None            # the batch system whose job this is (reap asks it)
+    batch_env: dict = field(default_factory=dict, compare=False)   # how to ask it (SLURM_CONF)
     started_at: Optional[float] = None
     ready_at: Optional[float] = None
     user: str = ""

@@ -84,14 +84,16 @@ def check_limits(cfg: Config, cores: int, memory_mb: int) -> None:
 
 
 def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
-             holder: Optional[int] = None, batch: Optional[str] = None) -> jobstore.JobState:
+             holder: Optional[int] = None, batch: Optional[str] = None,
+             batch_env: Optional[dict] = None) -> jobstore.JobState:
     """Bring up the job's VM. Returns the job's record (with phase timings).
 
     The image is resolved through the site's policy unless the caller passes one (``vibatch
     image test``, which an admin runs on images before endorsing them). ``holder`` is the pid
     of a process whose life bounds the job's (HTCondor's condor_starter): once it is gone, the
     job is over whatever its VM does, and ``reap`` ends it. ``batch`` names the batch system
-    whose job this is, which ``reap`` may ask whether the job still exists.
+    whose job this is, which ``reap`` may ask whether the job still exists (``batch_env``: the
+    few variables its client needs for that, such as SLURM_CONF).
 
     Each step is preceded by its phase in the job's record (jobstore). Whatever stops the
     prologue (an error, SIGTERM, the hook's alarm) undoes what it made and accounts for it once;
@@ -109,7 +111,8 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
             user=req.user.name, uid=req.user.uid, gid=req.user.gid,
             image=image.name, image_digest=image.digest, image_dir=image.dir,
             requested_image=req.image, queue=req.queue, account=req.account,
-            workdir=req.workdir, walltime_s=req.walltime_s, domain=paths.domain, batch=batch))
+            workdir=req.workdir, walltime_s=req.walltime_s, domain=paths.domain, batch=batch,
+            batch_env=dict(batch_env or {})))
         if holder is not None:
             rec.stage(holder_pid=holder, holder_start=_start_time(holder))
         _reserve(node, rec)
@@ -612,7 +615,8 @@ def running_jobs(node: Node) -> list[dict]:
     return out
 
 
-JobGone = Callable[[str, str], Optional[bool]]   # (batch system, job id) -> gone? None: unknown
+# (batch system, job id, its batch_env) -> is the job gone? None: cannot tell
+JobGone = Callable[[str, str, dict], Optional[bool]]
 
 
 def reap(node: Node, batch_gone: Optional[JobGone] = None) -> list[str]:
@@ -675,7 +679,7 @@ def _ask_batch(node: Node, batch_gone: JobGone) -> set[tuple[str, Optional[float
     gone = set()
     for paths, st in jobstore.records(node.cfg):
         if st and st.phase == jobstore.READY and st.batch and st.holder_pid is None and \
-                not jobstore.owner_alive(st) and _gone(batch_gone, st.batch, paths.job_id):
+                not jobstore.owner_alive(st) and _gone(batch_gone, st, paths.job_id):
             gone.add((paths.job_id, st.ready_at))
     return gone
 
@@ -700,12 +704,12 @@ def _reap_reason(node: Node, paths: JobPaths, state: Optional[jobstore.JobState]
     return None
 
 
-def _gone(batch_gone: JobGone, system: str, job_id: str) -> bool:
+def _gone(batch_gone: JobGone, state: jobstore.JobState, job_id: str) -> bool:
     """True only on the batch system's definite answer; any failure to ask is "unknown"."""
     try:
-        return batch_gone(system, job_id) is True
+        return batch_gone(state.batch or "", job_id, dict(state.batch_env)) is True
     except Exception as e:  # noqa: BLE001 - reap must go on with the other jobs
-        log_error(f"reap: asking {system} about job {job_id}", e)
+        log_error(f"reap: asking {state.batch} about job {job_id}", e)
         return False
 
 

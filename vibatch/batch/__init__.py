@@ -15,7 +15,7 @@ epilogue with nothing to clean succeeds.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from .base import BatchSystem, main
 
@@ -27,9 +27,14 @@ def system(name: str) -> BatchSystem:
     return importlib.import_module(f"{__name__}.{name}").SYSTEM
 
 
+def job_gone(name: str, job_id: str, env: dict) -> Optional[bool]:
+    """``vibatch reap``'s question to the job's batch system (None: unknown system)."""
+    return system(name).job_gone(job_id, env) if name in SYSTEMS else None
+
+
 def offer_formats() -> dict[str, Callable[[Sequence[str]], str]]:
     """``vibatch image offer --format`` -> how to write the offered names, over every system."""
     return {fmt: write for name in SYSTEMS for fmt, write in system(name).offer_formats.items()}
 
 
-__all__ = ["SYSTEMS", "BatchSystem", "main", "offer_formats", "system"]
+__all__ = ["SYSTEMS", "BatchSystem", "job_gone", "main", "offer_formats", "system"]

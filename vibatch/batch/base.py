@@ -140,6 +140,16 @@ class BatchSystem:
     def after_prologue(self, cfg: Config, req: JobRequest) -> None:
         pass
 
+    # -- reap's question: does the job still exist? ------------------------------------------
+    def asking_env(self, env: dict) -> dict:
+        """What of the prologue's environment ``job_gone`` will need (kept in the record)."""
+        return {}
+
+    def job_gone(self, job_id: str, env: dict) -> Optional[bool]:
+        """True if the system says the job no longer exists (its epilogue was lost), False if
+        it still does, None if it cannot be asked or cannot tell (then reap leaves it)."""
+        return None
+
     def before_epilogue(self, cfg: Config, job_id: str, exit_code: Optional[int]) -> None:
         pass
 
@@ -219,7 +229,7 @@ def _prologue(system: BatchSystem, call: Call, core: Any) -> None:
     req = system.job_from_hook(cfg, call.args, call.env)
     if system.keeps_refusals:
         clear_refusal(cfg, req.job_id)
-    core.prologue(req)
+    core.prologue(req, batch=system.name, batch_env=system.asking_env(call.env))
     system.after_prologue(cfg, req)
 
 

@@ -26,10 +26,14 @@ class Core:
             self._node = lifecycle.Node(self.cfg)
         return self._node
 
-    def prologue(self, req: JobRequest, holder: Optional[int] = None) -> dict:
+    def prologue(self, req: JobRequest, holder: Optional[int] = None,
+                 batch: Optional[str] = None, batch_env: Optional[dict] = None
+                 ) -> jobstore.JobState:
         """Bring up the job's VM; ``holder``: a process whose life bounds the job's (once it
-        has ended, ``vibatch reap`` ends the job)."""
-        return lifecycle.prologue(self.node, req, holder=holder)
+        has ended, ``vibatch reap`` ends the job); ``batch``: the system ``vibatch reap`` may
+        ask whether the job still exists, with ``batch_env``."""
+        return lifecycle.prologue(self.node, req, holder=holder, batch=batch,
+                                  batch_env=batch_env)
 
     def epilogue(self, job_id: str, exit_code: Optional[int] = None) -> None:
         lifecycle.epilogue(self.node, job_id, exit_code)
@@ -40,8 +44,8 @@ class Core:
 
     def holder_ended(self, job_id: str) -> bool:
         """The job is on this node, held by a process that has ended."""
-        state = jobstore.read(JobPaths.of(self.cfg, job_id)) or {}
-        return isinstance(state.get("holder_pid"), int) and not jobstore.holder_alive(state)
+        state = jobstore.read(JobPaths.of(self.cfg, job_id))
+        return bool(state) and state.holder_pid is not None and not jobstore.holder_alive(state)
 
     def close(self) -> None:
         if self._node is not None:

@@ -32,7 +32,7 @@ from typing import Mapping, Optional, Sequence
 
 from .. import proc
 from ..config import Config
-from ..errors import NodeError, ResourceRequestError
+from ..errors import CommandFailed, NodeError, ResourceRequestError
 from ..request import JobRequest, make_request, parse_memory_mb
 from .base import AS_IS, BatchSystem, Call, exits, main
 from .kit import STARTER_FAILED, exec_job, home_of, read_request
@@ -139,6 +139,27 @@ def spool_config(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def job_gone(vm_job: str) -> Optional[bool]:
+    """Whether the qmaster says the job of VM job ``vm_job`` ('17' or '17.3') no longer exists:
+    True on its "do not exist", False while it has a record, None if it cannot be asked."""
+    job_id = vm_job.split(".", 1)[0]
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+    try:
+        r = proc.run([QSTAT, "-xml", "-j", job_id], timeout=QSTAT_TIMEOUT_S, env=env, cwd="/",
+                     check=False)
+    except CommandFailed:
+        return None
+    if "do not exist" in r.stdout + r.stderr:
+        return True
+    try:
+        root = ET.fromstring(r.stdout)
+    except ET.ParseError:
+        return None
+    if any(el.findtext("JB_job_number") == job_id for el in root.iter("element")):
+        return False
+    return None
+
+
 class GridEngine(BatchSystem):
     name = "gridengine"
     EXIT = EXIT
@@ -156,6 +177,9 @@ class GridEngine(BatchSystem):
     def job_from_hook(self, cfg: Config, argv: Sequence[str], env: dict) -> JobRequest:
         record = qstat_job(argv[0])   # the node's: its failure is the node's
         return read_request(lambda: job_from_prolog(cfg, argv, record, env))
+
+    def job_gone(self, job_id: str, env: dict) -> Optional[bool]:
+        return job_gone(job_id)
 
     def epilogue_exit_code(self, argv: Sequence[str], env: dict) -> Optional[int]:
         code = env.get("SGE_JOBEXIT_STAT", "")

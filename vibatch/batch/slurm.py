@@ -30,7 +30,7 @@ from typing import Mapping, Optional, Sequence
 
 from .. import proc
 from ..config import Config
-from ..errors import JobError, NodeError
+from ..errors import CommandFailed, JobError, NodeError
 from ..request import JobRequest, make_request, parse_cpu_list
 from .base import AS_IS, BatchSystem, Call, exits, main
 from .kit import STARTER_FAILED, exec_job, read_request, requestable_names
@@ -169,6 +169,36 @@ def exit_code(env: Mapping[str, str]) -> Optional[int]:
     return 128 + sig if sig else rc
 
 
+# a job in one of these holds its nodes; any other state (or no record at all) is over
+HOLDING = {"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "RESIZING", "SIGNALING",
+           "STAGE_OUT", "STOPPED"}
+ASK_TIMEOUT_S = 10
+ASK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def job_gone(job_id: str, env: Mapping[str, str]) -> Optional[bool]:
+    """Whether job ``job_id`` no longer holds this node, as slurmctld says: True for "Invalid
+    job id" or a state that holds no node (or nodes that are not this one: requeued); False
+    while it holds this node; None if slurmctld cannot be asked or its answer is unclear."""
+    run_env = {"PATH": ASK_PATH, "LC_ALL": "C"}
+    if env.get("SLURM_CONF"):
+        run_env["SLURM_CONF"] = env["SLURM_CONF"]
+    try:
+        r = proc.run([SCONTROL, "-o", "show", "job", job_id], timeout=ASK_TIMEOUT_S,
+                     env=run_env, check=False)
+    except CommandFailed:
+        return None
+    if r.returncode != 0:
+        return True if "Invalid job id specified" in r.stderr else None
+    fields = dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+    if fields.get("JobId") != job_id or "JobState" not in fields:
+        return None        # an array's other tasks, or text we do not know
+    if fields["JobState"] not in HOLDING:
+        return True
+    node = env.get("SLURMD_NODENAME")
+    return bool(node) and node not in expand_hostlist(fields.get("NodeList", ""))
+
+
 class Slurm(BatchSystem):
     name = "slurm"
     EXIT = EXIT
@@ -191,6 +221,12 @@ class Slurm(BatchSystem):
         if task is not None:
             show = scontrol_show(task, env)
         return read_request(lambda: job_from_prolog(cfg, env, show))
+
+    def asking_env(self, env: dict) -> dict:
+        return {k: env[k] for k in ("SLURM_CONF", "SLURMD_NODENAME") if env.get(k)}
+
+    def job_gone(self, job_id: str, env: dict) -> Optional[bool]:
+        return job_gone(job_id, env)
 
     def epilogue_exit_code(self, argv: Sequence[str], env: dict) -> Optional[int]:
         return exit_code(env)
