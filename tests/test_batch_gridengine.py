@@ -10,8 +10,7 @@ import pytest
 
 from clusters import GridEngineCluster, running, wait_until
 from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, lost_epilogue_vm,
-                    pinned_cpus,
-                    private_workdir)
+                    pinned_cpus, private_workdir)
 from vibatch import batch
 from vibatch.batch import gridengine
 from vibatch.errors import Fault

@@ -11,8 +11,7 @@ import pytest
 
 from clusters import SlurmCluster, running, wait_until
 from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, lost_epilogue_vm,
-                    pinned_cpus,
-                    private_workdir)
+                    pinned_cpus, private_workdir)
 from vibatch.batch import slurm
 
 USER, UID = "vbt-slurm", 23404
