@@ -351,15 +351,20 @@ def test_ads_ids_and_sizes(tmp_path):
     job = htcondor.job_from_ads(cfg, ad, machine, "nobody", str(tmp_path))
     assert (job.cores, job.memory_mb, job.image, job.account, job.walltime_s) == \
         (1, 640, "el9", "group_vbt.alice", None)
-    # without a machine ad: the request (an expression, evaluated), then the site default
     job = htcondor.job_from_ads(cfg, htcondor.parse_ad(job_ad(7, extra="AllowedJobDuration = 3600")
-                                                       .encode(), "ad"), None, "nobody", str(tmp_path))
-    assert (job.memory_mb, job.image, job.walltime_s) == (512, None, 3600)
-    bare = htcondor.parse_ad(b"ClusterId = 1\nProcId = 0\n", "ad")
-    assert htcondor.job_from_ads(cfg, bare, None, "nobody", str(tmp_path)).memory_mb == 700
+                                                       .encode(), "ad"), machine, "nobody",
+                                str(tmp_path))
+    assert (job.memory_mb, job.image, job.walltime_s) == (640, None, 3600)
+    # without the slot's Cpus and Memory: never sized from the user's own expressions, which
+    # here ask for far more than any slot holds (the attack), nor from the site's defaults
+    greedy = htcondor.parse_ad(job_ad(7, extra="RequestCpus = 64\nRequestMemory = 1 << 20")
+                               .encode(), "ad")
+    for machine_ad in (None, htcondor.parse_ad(b'Name = "slot1@x"\n', "m")):
+        with pytest.raises(NodeError, match="refusing to size the VM from the job's own"):
+            htcondor.job_from_ads(cfg, greedy, machine_ad, "nobody", str(tmp_path))
     with pytest.raises(ResourceRequestError, match="must be an OS or image name in quotes"):
         htcondor.job_from_ads(cfg, htcondor.parse_ad(job_ad(7, "undefined").encode(), "ad"),
-                              None, "nobody", str(tmp_path))
+                              machine, "nobody", str(tmp_path))
     with pytest.raises(NodeError, match="not a ClassAd"):
         htcondor.parse_ad(b"this is = = not an ad", "x")
     with pytest.raises(NodeError, match="no ClusterId"):

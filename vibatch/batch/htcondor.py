@@ -147,16 +147,19 @@ def job_id_of(ad: Any) -> str:
 
 
 def job_from_ads(cfg: Config, job_ad: Any, machine_ad: Any, user: str, workdir: str) -> JobRequest:
-    """The slot's cores and memory (what HTCondor provisioned, which may exceed the request),
-    else the job's request, else the site's defaults. The helper passes the startd's slot ad as
-    both: it holds the slot's Cpus and Memory and the job's attributes in STARTD_JOB_ATTRS."""
+    """The slot's cores and memory: what HTCondor provisioned (which may exceed the request),
+    from the machine ad alone. The helper passes the startd's slot ad as both: it holds the
+    slot's Cpus and Memory and the job's attributes in STARTD_JOB_ATTRS. Without them the VM is
+    not sized at all: RequestCpus and RequestMemory are expressions the user wrote, and what they
+    evaluate to is not what the startd gave the slot (docs/security.md)."""
     image = _value(job_ad, IMAGE_ATTR)
     if IMAGE_ATTR in job_ad and not (isinstance(image, str) and image):
         raise ResourceRequestError(f"the job attribute {IMAGE_ATTR} must be an OS or image name "
                                    f"in quotes, such as +{IMAGE_ATTR} = \"el9\"")
-    cores = ad_int(machine_ad, "Cpus") or ad_int(job_ad, "RequestCpus") or cfg.jobs.default_cores
-    memory = (ad_int(machine_ad, "Memory") or ad_int(job_ad, "RequestMemory")
-              or cfg.jobs.default_memory_mb)
+    cores, memory = ad_int(machine_ad, "Cpus"), ad_int(machine_ad, "Memory")
+    if not cores or not memory or cores < 0 or memory < 0:
+        raise NodeError("the startd's slot ad has no Cpus and Memory; refusing to size the VM "
+                        "from the job's own RequestCpus/RequestMemory (the user's expressions)")
     walltime = ad_int(job_ad, "AllowedJobDuration")
     return make_request(job_id=job_id_of(job_ad), user=user, cores=cores, memory_mb=memory,
                         workdir=workdir, image=image or None,
