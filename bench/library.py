@@ -26,9 +26,10 @@ import subprocess
 import threading
 import time
 
-from vibatch import catalog, config, sync
-from vibatch.library import Library, sha512_file
-from vibatch.policy import resolve
+from vibatch.images import catalog, sync
+from vibatch import config
+from vibatch.images.library import Library, sha512_file
+from vibatch.images.policy import resolve
 
 ROOT = f"/var/tmp/vibatch-bench-lib-{os.getpid()}"
 

@@ -21,13 +21,15 @@ import time
 
 import yaml
 
-from vibatch import accel, config, hypervisor, qemuimg
-from vibatch.agent import LibvirtAgent
-from vibatch.domain import render
-from vibatch.jobdir import JobPaths
-from vibatch.lifecycle import Node, domain_spec, epilogue, prologue, qemu_ids
-from vibatch.request import make_request
-from vibatch.slots import Slot
+from vibatch.vm import accel, hypervisor
+from vibatch import config
+from vibatch.images import qemuimg
+from vibatch.vm.agent import LibvirtAgent
+from vibatch.vm.domain import render
+from vibatch.core.jobdir import JobPaths
+from vibatch.core.lifecycle import Node, domain_spec, epilogue, prologue, qemu_ids
+from vibatch.core.request import make_request
+from vibatch.core.slots import Slot
 from vibatch.util import Deadline
 
 ROOT = f"/var/tmp/vibatch-bench-{os.getpid()}"

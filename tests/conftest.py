@@ -106,7 +106,7 @@ def vm_env(tmp_path_factory):
     if not os.path.exists(os.path.join(IMAGE_BUILD, "disk.qcow2")):
         pytest.fail(f"test image not built in {IMAGE_BUILD}: run etc/setup-node.sh first")
     from vibatch import config
-    from vibatch.library import Library
+    from vibatch.images.library import Library
 
     base = f"/var/tmp/vibatch-tests/{SESSION}"
     shutil.rmtree(base, ignore_errors=True)
@@ -149,7 +149,7 @@ def vm_env(tmp_path_factory):
 
 
 def _cleanup_all(cfg) -> None:
-    from vibatch import hypervisor
+    from vibatch.vm import hypervisor
     conn = hypervisor.connect(cfg.libvirt_uri)
     try:
         for name in hypervisor.list_names(conn, "vibatch-" + SESSION):
@@ -173,12 +173,12 @@ class Tracker:
         return job
 
     def node(self):
-        from vibatch.lifecycle import Node
+        from vibatch.core.lifecycle import Node
         return Node(self.env.cfg)
 
     def teardown(self, failed: bool) -> None:
-        from vibatch import lifecycle
-        from vibatch.jobdir import JobPaths, console_tail
+        from vibatch.core import lifecycle
+        from vibatch.core.jobdir import JobPaths, console_tail
         node = self.node()
         try:
             for job in self.jobs:

@@ -1,4 +1,4 @@
-"""Fakes for the lifecycle's ports (vibatch.lifecycle.Node): a hypervisor and the two guest
+"""Fakes for the lifecycle's ports (vibatch.core.lifecycle.Node): a hypervisor and the two guest
 agents, so the core's prologue, epilogue and reap run in milliseconds, without root's libvirtd
 or a guest, and can be killed at any fault point in a forked child. And a batch system
 (``FakeBatchSystem``) with a recording core (``FakeCore``) for vibatch.batch.main.
@@ -21,12 +21,12 @@ from typing import Any, Iterator, Optional
 
 import libvirt
 
-from vibatch.agent import AgentError, ExecStatus
+from vibatch.vm.agent import AgentError, ExecStatus
 from vibatch.batch.base import AS_IS, BatchSystem, exits
 from vibatch.batch.kit import STARTER_FAILED, read_request
-from vibatch.domain import read_metadata
+from vibatch.vm.domain import read_metadata
 from vibatch.errors import HypervisorError
-from vibatch.request import make_request
+from vibatch.core.request import make_request
 
 
 def libvirt_error(code: int, message: str) -> libvirt.libvirtError:
@@ -217,7 +217,7 @@ def fake_check_workdir(path, uid, gid, groups) -> None:
 
 def fake_node(cfg: Any, hv: FakeHypervisor):
     """A Node of ``cfg`` whose ports are the fakes."""
-    from vibatch.lifecycle import Node
+    from vibatch.core.lifecycle import Node
     return Node(cfg, connect=hv.connect, root_agent=FakeRootAgent,
                 user_agent=lambda path: FakeUserAgent(hv, path), check_workdir=fake_check_workdir)
 

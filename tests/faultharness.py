@@ -31,9 +31,9 @@ TEARDOWN_POINTS = ("ending", "vm_ended", "record_kept", "accounted", "removed")
 NODE_FAULTS = set(range(20, 28))
 ARMED_CLI = ("import signal, sys\n"
              "if sys.argv[1]:\n"
-             "    import vibatch.faultpoints as f; f.ARMED = sys.argv[1]; "
+             "    import vibatch.core.faultpoints as f; f.ARMED = sys.argv[1]; "
              "f.ACTION = getattr(signal, sys.argv[2])\n"
-             "from vibatch.cli import main; sys.exit(main(sys.argv[3:]))")
+             "from vibatch.commands.cli import main; sys.exit(main(sys.argv[3:]))")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
@@ -105,7 +105,7 @@ class Harness:
             return {}
 
     def phase_at_least(self, job: str, phase: str) -> bool:
-        from vibatch import jobstore
+        from vibatch.core import jobstore
         st = self.state(job)
         return bool(st) and not jobstore.before(st.get("phase"), phase)
 
@@ -141,7 +141,7 @@ class Harness:
             cmd = " ".join(proc.info["cmdline"] or [])
             if f"guest=vibatch-{job}," in cmd:
                 found.append(f"qemu pid {proc.pid}")
-            elif ("virtiofsd" in cmd or "vibatch.share" in cmd) and f"/jobs/{job}/" in cmd:
+            elif ("virtiofsd" in cmd or "vibatch.vm.share" in cmd) and f"/jobs/{job}/" in cmd:
                 found.append(f"share launcher pid {proc.pid}")   # before it exec'd virtiofsd
         return found
 
@@ -369,7 +369,7 @@ def trial_unwritable_dirs(h: Harness, where: str) -> list[str]:
 
 def _works(h: Harness, job: str) -> list[str]:
     """The job's VM answers through its user agent (as root: a smoke check, not exec's rules)."""
-    from vibatch.agent import SocketAgent
+    from vibatch.vm.agent import SocketAgent
     from vibatch.util import Deadline
     agent = SocketAgent(os.path.join(h.cfg.run_dir, "jobs", job, "agent.sock"))
     try:
@@ -469,7 +469,7 @@ def make_harness(base: str, image_build: str, prefix: str, user: str = "nobody")
     """A config of its own (state, run, library and accounting under ``base``) with the test
     image in its library, for the standalone run."""
     import yaml
-    from vibatch.library import Library
+    from vibatch.images.library import Library
     shutil.rmtree(base, ignore_errors=True)
     work = os.path.join(base, "work")
     os.makedirs(work)

@@ -12,8 +12,9 @@ from typing import Optional
 
 import yaml
 
-from vibatch import catalog, config
-from vibatch.library import sha512_file
+from vibatch.images import catalog
+from vibatch import config
+from vibatch.images.library import sha512_file
 
 VIBATCH = [sys.executable, "-m", "vibatch"]
 

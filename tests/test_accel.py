@@ -1,7 +1,7 @@
 """The acceleration choice: explicit settings win; an inconclusive probe is not cached."""
 import os
 
-from vibatch import accel
+from vibatch.vm import accel
 
 
 def test_explicit_setting_needs_no_probe(tmp_path):

@@ -150,14 +150,43 @@ def _imports(path: str) -> set[str]:
     return out
 
 
-def test_no_adapter_imports_the_core_and_no_core_command_imports_an_adapter():
+def _modules_imported(path: str) -> set[str]:
+    """The absolute names of the vibatch modules (and names in them) ``path`` imports."""
+    rel = os.path.relpath(path, REPO)[:-3].replace("/", ".")
+    package = rel.rsplit(".", 1)[0]
+    out = set()
+    for name in _imports(path):
+        if name.startswith("."):
+            level = len(name) - len(name.lstrip("."))
+            base = package.split(".")[:len(package.split(".")) - level + 1]
+            name = ".".join(base + [name.lstrip(".")]) if name.lstrip(".") else ".".join(base)
+        out.add(name)
+    return out
+
+
+def _py(directory: str) -> list[str]:
+    return [os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(PKG, directory))
+            for f in fs if f.endswith(".py")]
+
+
+def test_the_layers_hold():
+    """Adapters never import the lifecycle (nor the hook's Core: they get it as an argument);
+    nothing below the commands imports an adapter; the commands import adapters only through
+    the batch package's registry (docs/architecture.md, "Where code goes")."""
+    adapters = [f"vibatch.batch.{s}" for s in batch.SYSTEMS]
     for name in batch.SYSTEMS:
-        imports = _imports(os.path.join(PKG, "batch", f"{name}.py"))
-        assert not {i for i in imports if "lifecycle" in i or i.endswith(".core")}, name
-    for module in ("admin.py", "cli.py", "lifecycle.py", "imagetest.py"):
-        imports = _imports(os.path.join(PKG, module))
-        assert not {i for i in imports for s in batch.SYSTEMS if i.endswith(f"batch.{s}")
-                    or i.startswith(f".batch.{s}")}, module
+        imported = _modules_imported(os.path.join(PKG, "batch", f"{name}.py"))
+        assert not {i for i in imported if i.startswith(("vibatch.core.lifecycle",
+                                                          "vibatch.batch.core"))}, name
+    for path in _py("core") + _py("vm") + _py("images"):
+        imported = _modules_imported(path)
+        assert not {i for i in imported if i.startswith("vibatch.batch")}, path
+        assert not {i for i in imported if i.startswith("vibatch.commands")}, path
+    for path in _py("vm") + _py("images"):
+        assert not {i for i in _modules_imported(path) if i.startswith("vibatch.core")}, path
+    for path in _py("commands"):
+        assert not {i for i in _modules_imported(path) for a in adapters
+                    if i == a or i.startswith(a + ".")}, path
 
 
 def test_adapters_import_no_libvirt_before_the_hooks_hygiene():
@@ -165,7 +194,7 @@ def test_adapters_import_no_libvirt_before_the_hooks_hygiene():
     LIBVIRT_* variables); so importing an adapter must not load it."""
     for name in batch.SYSTEMS:
         code = (f"import sys; sys.path.insert(0, {REPO!r}); import vibatch.batch.{name}; "
-                "print('libvirt' in sys.modules, 'vibatch.lifecycle' in sys.modules)")
+                "print('libvirt' in sys.modules, 'vibatch.core.lifecycle' in sys.modules)")
         r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                            timeout=60, env={"PATH": os.environ["PATH"]})
         assert r.stdout.split() == ["False", "False"], (name, r.stdout, r.stderr)

@@ -129,7 +129,7 @@ def test_reap_asks_the_qmaster_and_ends_only_the_vm_of_a_job_it_no_longer_has(vm
     """reap asks the job's batch system: the VM of a running job stays; the VM of a job the
     qmaster does not know (its epilogue never came) is ended and accounted."""
     from conftest import vibatch_cmd
-    from vibatch.jobdir import JobPaths
+    from vibatch.core.jobdir import JobPaths
     job = qsub(sge, "echo started\nsleep 600\n", "-v", "VIBATCH_IMAGE=testguest")
     wait_until("the job to start in its VM", lambda: "started" in output(sge, job), 120)
     assert read_json(JobPaths.of(vm_env.cfg, job).state_file)["batch"] == "gridengine"

@@ -150,7 +150,7 @@ def test_reap_asks_slurmctld_and_ends_only_the_vm_of_a_job_it_no_longer_has(vm_e
                  "--comment", "vibatch_image=testguest")
     wait_until("the job to start in its VM", lambda: os.path.exists(
         os.path.join(cluster.home, f"slurm-{job}.out")) and "started" in output(cluster, job), 120)
-    from vibatch.jobdir import JobPaths
+    from vibatch.core.jobdir import JobPaths
     from vibatch.util import read_json
     state = read_json(JobPaths.of(vm_env.cfg, job).state_file)
     assert state["batch"] == "slurm" and state["batch_env"]["SLURM_CONF"] == cluster.conf

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from imagehelp import new_key, signed_doc
-from vibatch import catalog
+from vibatch.images import catalog
 from vibatch.errors import CatalogRejected
 
 SHA = "ab" * 64

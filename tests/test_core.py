@@ -12,11 +12,12 @@ import yaml
 
 from fakes import FakeHypervisor, FakeRootAgent, fake_node
 from imagehelp import make_disk
-from vibatch import config, faultpoints, jobstore, lifecycle
+from vibatch import config
+from vibatch.core import faultpoints, jobstore, lifecycle
 from vibatch.errors import BootFailed, HypervisorError, JobAlreadyRunning, NodeError
-from vibatch.jobdir import JobPaths
-from vibatch.library import Library
-from vibatch.request import make_request
+from vibatch.core.jobdir import JobPaths
+from vibatch.images.library import Library
+from vibatch.core.request import make_request
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the prologue chowns the overlay")
 

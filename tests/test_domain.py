@@ -4,7 +4,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from vibatch.domain import DomainSpec, Share, build, read_metadata, render
+from vibatch.vm.domain import DomainSpec, Share, build, read_metadata, render
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 

@@ -2,7 +2,7 @@ import pytest
 
 from vibatch.config import DEFAULT_ENV_EXCLUDE
 from vibatch.errors import ExecError
-from vibatch.execjob import find_job_id, guest_env
+from vibatch.core.execjob import find_job_id, guest_env
 
 
 def test_guest_env_drops_host_only_and_extends_path():

@@ -23,7 +23,7 @@ from vibatch import config
 from vibatch.batch import gridengine, slurm, torque
 from vibatch.batch.kit import read_request
 from vibatch.errors import VibatchError
-from vibatch.request import JobRequest, make_request
+from vibatch.core.request import JobRequest, make_request
 
 USER = "nobody"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,

@@ -27,8 +27,8 @@ GUEST_IO = "/run/vibatch/io"
 
 def _guest_root(env, job, script, *args):
     """Run ``script`` as root in the job's guest, through its root agent."""
-    from vibatch import hypervisor
-    from vibatch.agent import LibvirtAgent
+    from vibatch.vm import hypervisor
+    from vibatch.vm.agent import LibvirtAgent
     from vibatch.util import Deadline
     conn = hypervisor.connect(env.cfg.libvirt_uri)
     try:
@@ -108,7 +108,7 @@ echo hello > after && cat after
 
 
 def test_guest_root_cannot_plant_anything_in_either_share(vm_env, tracker, outside):
-    from vibatch.jobdir import JobPaths
+    from vibatch.core.jobdir import JobPaths
     pw = pwd.getpwnam(USER)
     job = tracker.job_id()
     workdir = vm_env.workdir(job[:40], USER)

@@ -107,9 +107,10 @@ def test_disk_space_is_admitted_per_job_at_claim_time(tmp_path, monkeypatch):
     """Main admitted any number of jobs whatever their overlays could grow to. Now the sum of
     what the node's jobs may still grow, plus the new job's, must fit in the free space."""
     from types import SimpleNamespace
-    from vibatch import config, disk
+    from vibatch import config
+    from vibatch.core import disk
     from vibatch.errors import NoFreeSlot, ResourceRequestError
-    from vibatch.jobdir import JobPaths
+    from vibatch.core.jobdir import JobPaths
     cfg = config.parse({"state_dir": str(tmp_path), "run_dir": str(tmp_path / "run"),
                         "host": {"reserved_disk_mb": 1024}, "jobs": {"max_disk_gb": 8}}, "t.yaml")
     gib = 1 << 30
@@ -384,7 +385,7 @@ def test_a_guest_printing_without_end_to_its_console_fills_a_bounded_log(vm_env,
     console log, so the job's console files never hold more than virtlogd keeps (on main the
     console was a plain file QEMU appended to without bound)."""
     import libvirt
-    from vibatch.agent import LibvirtAgent
+    from vibatch.vm.agent import LibvirtAgent
     from vibatch.util import Deadline
     job = tracker.job_id()
     assert prologue(vm_env, job).returncode == 0

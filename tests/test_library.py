@@ -5,10 +5,10 @@ import subprocess
 
 import pytest
 
-from vibatch import library
+from vibatch.images import library
 from vibatch.errors import (ImageInUse, ImageIntegrityError, ImageRejected, LibraryError,
                             UnknownImage)
-from vibatch.library import Library
+from vibatch.images.library import Library
 
 
 def qemu_img(*args):

@@ -8,8 +8,8 @@ import pytest
 from imagehelp import make_disk
 from vibatch import config
 from vibatch.errors import ImageNotAllowed, UnknownImage
-from vibatch.library import Library
-from vibatch.policy import offer, resolve
+from vibatch.images.library import Library
+from vibatch.images.policy import offer, resolve
 
 
 @pytest.fixture(scope="module")

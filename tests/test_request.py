@@ -3,7 +3,7 @@ import os
 import pytest
 
 from vibatch.errors import BadJobId, MissingWorkdir, ResourceRequestError, UnknownUser
-from vibatch.request import (check_job_id, make_request, parse_cpu_list, parse_memory_mb,
+from vibatch.core.request import (check_job_id, make_request, parse_cpu_list, parse_memory_mb,
                              resolve_user)
 
 

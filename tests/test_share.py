@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vibatch import share
+from vibatch.vm import share
 from vibatch.errors import MissingWorkdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +19,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (drops to 
 FILTER_PROBE = r"""
 import ctypes, errno, json, os, sys
 sys.path.insert(0, sys.argv[1])
-from vibatch.share import install_filter
+from vibatch.vm.share import install_filter
 d = sys.argv[2]
 open(os.path.join(d, "f"), "w").close()
 install_filter()
@@ -113,7 +113,7 @@ def _launch(spec_file):
     sock.bind(spec_file + ".sock")
     sock.listen(1)
     code = (f"import sys; sys.path.insert(0, {REPO!r}); "
-            "from vibatch.share import main; main()")
+            "from vibatch.vm.share import main; main()")
     p = subprocess.Popen([sys.executable, "-I", "-B", "-c", code, f"--fd={sock.fileno()}", "-o",
                           f"source={spec_file},cache=none", "--thread-pool-size=16"],
                          pass_fds=[sock.fileno()], stdin=subprocess.DEVNULL,
@@ -186,7 +186,7 @@ def test_the_launcher_trusts_only_a_spec_only_root_can_have_written(tree, how):
         os.chmod(tree / "specs", 0o770)
     if how == "not libvirt's argv":
         code = (f"import sys; sys.path.insert(0, {REPO!r}); "
-                "from vibatch.share import main; main()")
+                "from vibatch.vm.share import main; main()")
         p = subprocess.run([sys.executable, "-I", "-B", "-c", code, "--socket-path=/x", "-o",
                             f"source={spec}"], capture_output=True, timeout=30, env={})
         assert p.returncode == 64 and b"unexpected argument '--socket-path=/x'" in p.stderr

@@ -5,7 +5,7 @@ import filelock
 import pytest
 
 from vibatch.errors import LockTimeout, NoFreeSlot, ResourceRequestError
-from vibatch.slots import Capacity, SlotAllocator
+from vibatch.core.slots import Capacity, SlotAllocator
 
 
 def alloc(tmp_path, cpus=(0, 1, 2, 3), mem=4096, timeout=5.0):

@@ -9,8 +9,9 @@ import subprocess
 import pytest
 
 from imagehelp import (Server, Site, entry_for, make_disk, new_key, signed_doc, write_doc)
-from vibatch import catalog, lifecycle
-from vibatch.library import Library, sha512_file
+from vibatch.images import catalog
+from vibatch.core import lifecycle
+from vibatch.images.library import Library, sha512_file
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def rootable(vm_env):
     """The test image, changed the way a careless image would be: root's password is empty,
     su is a setuid-root busybox, and /opt/rootsh/sh is a setuid-root shell (edited offline with
     debugfs on a copy; the test image itself stays as built)."""
-    from vibatch.library import Library
+    from vibatch.images.library import Library
     work = os.path.join(vm_env.base, "rootable")
     os.makedirs(work)
     raw = os.path.join(work, "disk.raw")

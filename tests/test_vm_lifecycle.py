@@ -186,7 +186,7 @@ def test_guest_that_never_answers(vm_env, tracker):
 
 
 def test_library_files_are_never_touched_by_a_job(vm_env, tracker):
-    from vibatch.library import Library
+    from vibatch.images.library import Library
     img = Library(vm_env.cfg.library_dir, vm_env.cfg.state_dir).get("testguest")
     before = {f.path: os.stat(f.path) for f in img.files()}
     job = tracker.job_id()
@@ -202,7 +202,7 @@ def test_library_files_are_never_touched_by_a_job(vm_env, tracker):
 def test_reap_after_a_crash(vm_env, tracker):
     """QEMU killed behind vibatch's back, a stray slot, an orphan domain: reap cleans all three."""
     import libvirt
-    from vibatch.slots import Capacity, SlotAllocator
+    from vibatch.core.slots import Capacity, SlotAllocator
     crashed = tracker.job_id()
     assert prologue(vm_env, crashed).returncode == 0
     conn = libvirt.open(vm_env.cfg.libvirt_uri)

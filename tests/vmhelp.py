@@ -95,8 +95,8 @@ def read_line(stream, timeout: float) -> bytes:
 
 def leftovers(env, job: str) -> list[str]:
     """Everything a job could leave behind; an empty list means nothing is left."""
-    from vibatch import hypervisor
-    from vibatch.slots import SlotAllocator, Capacity
+    from vibatch.vm import hypervisor
+    from vibatch.core.slots import SlotAllocator, Capacity
     cfg = env.cfg
     found = []
     conn = hypervisor.connect(cfg.libvirt_uri)
@@ -141,8 +141,8 @@ def private_workdir(env, name: str) -> Iterator[str]:
 
 def virtiofsd_pids(job: str) -> list[int]:
     """The live virtiofsd processes vibatch started for ``job`` (found by their argv[0])."""
-    from vibatch.domain import IO_TAG, WORKDIR_TAG
-    from vibatch.share import process_name
+    from vibatch.vm.domain import IO_TAG, WORKDIR_TAG
+    from vibatch.vm.share import process_name
     names = {process_name(job, tag).encode() for tag in (WORKDIR_TAG, IO_TAG)}
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -157,7 +157,7 @@ def virtiofsd_pids(job: str) -> list[int]:
 
 def pinned_cpus(env, jobs) -> dict[str, set[int]]:
     """The host CPUs each job's VM is pinned to, as libvirt reports them."""
-    from vibatch import hypervisor
+    from vibatch.vm import hypervisor
     conn = hypervisor.connect(env.cfg.libvirt_uri)
     try:
         return {job: {c for vcpu in hypervisor.lookup(conn, "vibatch-" + job).vcpuPinInfo()
@@ -220,8 +220,8 @@ def guest_kernel() -> str:
 def lost_epilogue_vm(env, job_id: str, user: str, system: str, batch_env: dict) -> None:
     """A ready VM for ``job_id`` as a prologue of ``system`` leaves it, whose epilogue will
     never come (the batch daemon died, the node left the cluster)."""
-    from vibatch import lifecycle
-    from vibatch.request import make_request
+    from vibatch.core import lifecycle
+    from vibatch.core.request import make_request
     home = os.path.expanduser(f"~{user}")
     node = lifecycle.Node(env.cfg)
     try:

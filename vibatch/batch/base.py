@@ -31,7 +31,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..errors import Fault, NodeError, VibatchError, fault_of
 from ..hygiene import enter_root_hook
-from ..request import JobRequest
+from ..core.request import JobRequest
 from ..util import log_error
 from .kit import STARTER_FAILED, clear_refusal, exec_job, record_refusal
 

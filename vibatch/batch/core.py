@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .. import jobstore, lifecycle
+from ..core import jobstore, lifecycle
 from ..config import Config
-from ..jobdir import JobPaths
-from ..request import JobRequest
+from ..core.jobdir import JobPaths
+from ..core.request import JobRequest
 
 
 class Core:

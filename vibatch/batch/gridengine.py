@@ -33,7 +33,7 @@ from typing import Mapping, Optional, Sequence
 from .. import proc
 from ..config import Config
 from ..errors import CommandFailed, NodeError, ResourceRequestError
-from ..request import JobRequest, make_request, parse_memory_mb
+from ..core.request import JobRequest, make_request, parse_memory_mb
 from .base import AS_IS, BatchSystem, Call, exits, main
 from .kit import STARTER_FAILED, exec_job, home_of, read_request
 

@@ -45,7 +45,7 @@ import psutil
 from .. import proc
 from ..config import Config
 from ..errors import Fault, NodeError, ResourceRequestError, VibatchError
-from ..request import JobRequest, check_job_id, make_request, resolve_user
+from ..core.request import JobRequest, check_job_id, make_request, resolve_user
 from .base import AS_IS, BatchSystem, Call, exits, main, run_root
 from .kit import STARTER_FAILED, exec_job, read_request
 SUDO = "/usr/bin/sudo"

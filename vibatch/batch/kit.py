@@ -11,9 +11,9 @@ from typing import Callable, Optional, Sequence
 
 from ..config import Config
 from ..errors import JobError, UnknownUser, VibatchError
-from ..execjob import Exec
-from ..library import image_names
-from ..request import JobRequest, check_job_id, resolve_user
+from ..core.execjob import Exec
+from ..images.library import image_names
+from ..core.request import JobRequest, check_job_id, resolve_user
 from ..util import atomic_write
 
 STARTER_FAILED = 125   # a starter that could not run the job (as podman and docker run do)

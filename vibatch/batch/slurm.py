@@ -31,7 +31,7 @@ from typing import Mapping, Optional, Sequence
 from .. import proc
 from ..config import Config
 from ..errors import CommandFailed, JobError, NodeError
-from ..request import JobRequest, make_request, parse_cpu_list
+from ..core.request import JobRequest, make_request, parse_cpu_list
 from .base import AS_IS, BatchSystem, Call, exits, main
 from .kit import STARTER_FAILED, exec_job, read_request, requestable_names
 

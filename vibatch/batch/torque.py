@@ -43,7 +43,7 @@ from .. import proc
 from ..config import Config
 from ..errors import CommandFailed, JobError, NoFreeSlot, ResourceRequestError
 from ..hygiene import minimal_env
-from ..request import JobRequest, make_request
+from ..core.request import JobRequest, make_request
 from . import faults
 from .base import AS_IS, BatchSystem, Call, exits, main
 from .kit import STARTER_FAILED, exec_job, home_of, read_request, record_refusal, requestable_names

@@ -16,21 +16,23 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-from . import accel, accounting, disk, faultpoints, hypervisor, jobstore, qemuimg, share
-from .agent import AgentError, LibvirtAgent, SocketAgent
-from .config import Config
-from .domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
-from .errors import (BootFailed, ConfigError, HypervisorError, JobAlreadyRunning, LockTimeout,
-                     MissingWorkdir, NodeError, ResourceRequestError, VibatchError)
-from .guestsetup import GUEST_IO_DIR, SetupArgs
+from ..vm import accel, hypervisor, share
+from . import accounting, disk, faultpoints, jobstore
+from ..images import qemuimg
+from ..vm.agent import AgentError, LibvirtAgent, SocketAgent
+from ..config import Config
+from ..vm.domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
+from ..errors import (BootFailed, ConfigError, HypervisorError, JobAlreadyRunning, LockTimeout,
+                      MissingWorkdir, NodeError, ResourceRequestError, VibatchError)
+from ..vm.guestsetup import GUEST_IO_DIR, SetupArgs
 from .jobdir import DOMAIN_PREFIX, JobPaths, console_tail
-from .library import IN_USE_UNKNOWN, Image, Library
+from ..images.library import IN_USE_UNKNOWN, Image, Library
 from .node import capacity
-from .policy import Resolution, resolve, user_groups
+from ..images.policy import Resolution, resolve, user_groups
 from .request import JobRequest
 from .slots import Slot, SlotAllocator
-from .util import (Deadline, PhaseTimer, atomic_write_json, give_to, hold, log_error,
-                   private_dir, read_json, root_lock)
+from ..util import (Deadline, PhaseTimer, atomic_write_json, give_to, hold, log_error, private_dir,
+                    read_json, root_lock)
 
 
 @dataclass

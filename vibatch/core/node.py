@@ -5,7 +5,7 @@ import os
 
 import psutil
 
-from .config import Config
+from ..config import Config
 from .slots import Capacity
 
 

@@ -10,13 +10,13 @@ from typing import Optional
 
 import yaml
 
-from . import batch
-from . import catalog as catalog_mod
-from .config import Config
-from .errors import (CatalogRejected, ImageIntegrityError, ImageRejected, ImageTestFailed,
-                     LibraryError, UsageError, VibatchError)
-from .library import Image, Library, in_use_by, inspect_disk, sha512_file
-from .util import atomic_write, read_json, require_root
+from .. import batch
+from ..images import catalog as catalog_mod
+from ..config import Config
+from ..errors import (CatalogRejected, ImageIntegrityError, ImageRejected, ImageTestFailed,
+                      LibraryError, UsageError, VibatchError)
+from ..images.library import Image, Library, in_use_by, inspect_disk, sha512_file
+from ..util import atomic_write, read_json, require_root
 
 
 def _ago(ts: Optional[float], now: float) -> str:
@@ -45,7 +45,7 @@ def _endorsement(p: Optional[dict], now: float) -> str:
 
 
 def describe(cfg: Config, lib: Library, img: Image, in_use: dict, now: float) -> dict:
-    from .policy import refusal  # noqa: PLC0415
+    from ..images.policy import refusal  # noqa: PLC0415
     why = refusal(cfg, lib, img, now)
     return {
         "name": img.name, "version": img.version, "dir": img.dir, "os": img.os,
@@ -63,7 +63,7 @@ def describe(cfg: Config, lib: Library, img: Image, in_use: dict, now: float) ->
 
 
 def image_command(args: argparse.Namespace, cfg: Config) -> int:
-    from . import lifecycle  # noqa: PLC0415
+    from ..core import lifecycle  # noqa: PLC0415
     os.makedirs(cfg.state_dir, mode=0o755, exist_ok=True)
     lib = Library(cfg.library_dir, cfg.state_dir, cfg.lock_timeout_s)
     act = args.image_command
@@ -119,7 +119,7 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
     if act == "resolve":
         return _resolve(cfg, lib, args)
     if act == "offer":
-        from .policy import offer  # noqa: PLC0415
+        from ..images.policy import offer  # noqa: PLC0415
         formats = batch.offer_formats()   # the batch systems' own
         if args.format != "lines" and args.format not in formats:
             raise UsageError(f"argument --format: invalid choice {args.format!r} (choose from "
@@ -188,7 +188,8 @@ def _verify(cfg: Config, lib: Library, args: argparse.Namespace, now: float) -> 
 
 
 def _sync(cfg: Config, lib: Library, urls: list[str]) -> int:
-    from . import lifecycle, sync  # noqa: PLC0415
+    from ..core import lifecycle  # noqa: PLC0415
+    from ..images import sync  # noqa: PLC0415
     if not urls:
         raise CatalogRejected("no catalog URL given and images.catalogs is empty")
     worst: Optional[VibatchError] = None
@@ -217,7 +218,8 @@ def _sync(cfg: Config, lib: Library, urls: list[str]) -> int:
 
 
 def _test(cfg: Config, lib: Library, args: argparse.Namespace) -> int:
-    from . import imagetest, lifecycle  # noqa: PLC0415
+    from . import imagetest  # noqa: PLC0415
+    from ..core import lifecycle  # noqa: PLC0415
     img = lib.get(args.name)
     node = lifecycle.Node(cfg)
     print(f"testing {img.name} ({img.os} {img.os_version}, {img.boot} boot) as user {args.user}")
@@ -241,7 +243,7 @@ def _test(cfg: Config, lib: Library, args: argparse.Namespace) -> int:
 
 def _resolve(cfg: Config, lib: Library, args: argparse.Namespace) -> int:
     import pwd  # noqa: PLC0415
-    from .policy import resolve, user_groups  # noqa: PLC0415
+    from ..images.policy import resolve, user_groups  # noqa: PLC0415
     pw = pwd.getpwnam(args.user) if args.user else pwd.getpwuid(os.getuid())
     res = resolve(cfg, lib, args.requested, queue=args.queue,
                   groups=user_groups(pw.pw_name, pw.pw_gid), account=args.account)
@@ -267,7 +269,7 @@ def catalog_command(args: argparse.Namespace, cfg: Optional[Config]) -> int:
     if act == "sign":
         return _sign(args)
     if act == "show":
-        from . import fetch  # noqa: PLC0415
+        from ..images import fetch  # noqa: PLC0415
         assert cfg is not None
         url = fetch.normalize(args.url)
         data = fetch.fetch_bytes(url, catalog_mod.MAX_BYTES, cfg.images.connect_timeout_s)
@@ -301,7 +303,7 @@ def _sign(args: argparse.Namespace) -> int:
         valid_days=args.valid_days, now=time.time(), hash_file=sha512_file,
         inspect=lambda path, name: inspect_disk(path, 2**63, label=f"image {name!r}"))
     doc = catalog_mod.sign(signed, key)
-    from .util import atomic_write  # noqa: PLC0415
+    from ..util import atomic_write  # noqa: PLC0415
     atomic_write(args.out, catalog_mod.dumps(doc), mode=0o644)
     print(f"signed {args.out}: serial {serial}, {len(signed['images'])} image(s), expires "
           f"{signed['expires_at']}, key {doc['signatures'][0]['key_id']}")

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from . import proc, safeio
-from .config import Config
-from .errors import NodeError
+from .. import proc, safeio
+from ..config import Config
+from ..errors import NodeError
 from .request import check_job_id
 
 DOMAIN_PREFIX = "vibatch-"

@@ -16,13 +16,13 @@ import sys
 import time
 from typing import Iterator, Optional, Sequence
 
-from . import safeio
-from .agent import AgentError, SocketAgent
-from .config import Config
-from .errors import ExecError, NodeError
+from .. import safeio
+from ..vm.agent import AgentError, SocketAgent
+from ..config import Config
+from ..errors import ExecError, NodeError
 from .jobdir import JobPaths
 from .jobstore import LAST_EXIT, JobInfo
-from .util import Deadline, flock_within
+from ..util import Deadline, flock_within
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 JOB_ID_VARS = ("VIBATCH_JOB_ID", "SLURM_JOB_ID", "JOB_ID", "PBS_JOBID", "CONDOR_JOB_ID")

@@ -16,8 +16,8 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-from .hygiene import lift_limits  # noqa: F401 - the probe runs under it; adapters import it here
-from .util import atomic_write_json, read_json
+from ..hygiene import lift_limits  # noqa: F401 - the probe runs under it; adapters import it here
+from ..util import atomic_write_json, read_json
 
 PROBE_TIMEOUT_S = 10.0
 PROBE_MIN_AS = 2 << 30   # address space a probe QEMU needs to answer at all

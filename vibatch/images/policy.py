@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .config import Config
-from .errors import ImageNotAllowed, LibraryError, UnknownImage
+from ..config import Config
+from ..errors import ImageNotAllowed, LibraryError, UnknownImage
 from .library import Image, Library, check_name
 
 

@@ -34,9 +34,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import CatalogRejected
+from ..errors import CatalogRejected
 from .library import check_name
-from .names import valid_sha512
+from ..names import valid_sha512
 
 FORMAT_VERSION = 1
 MAX_BYTES = 16 * 1024 * 1024

@@ -5,8 +5,8 @@ import grp
 import json
 import os
 
-from .errors import ConfigError, LockTimeout
-from .util import flock_within
+from ..errors import ConfigError, LockTimeout
+from ..util import flock_within
 
 LOCK_TIMEOUT_S = 10.0
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 
-from .config import Config
-from .errors import NoFreeSlot, ResourceRequestError
-from .util import atomic_write_json, hold, read_json, root_lock
+from ..config import Config
+from ..errors import NoFreeSlot, ResourceRequestError
+from ..util import atomic_write_json, hold, read_json, root_lock
 
 OVERHEAD = 64 << 20          # qcow2 metadata and the rotated console logs, per job
 

@@ -31,10 +31,10 @@ from typing import Any, Callable, Iterable, Optional
 
 
 from . import qemuimg
-from .errors import (ImageInUse, ImageIntegrityError, ImageRejected, LibraryError,
-                     LockTimeout, UnknownImage)
-from .names import valid_name
-from .util import atomic_write_json, hold, read_json, root_lock
+from ..errors import (ImageInUse, ImageIntegrityError, ImageRejected, LibraryError, LockTimeout,
+                      UnknownImage)
+from ..names import valid_name
+from ..util import atomic_write_json, hold, read_json, root_lock
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2

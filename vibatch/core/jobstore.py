@@ -26,11 +26,11 @@ from typing import Any, Optional
 
 import psutil
 
-from . import safeio
-from .config import Config
-from .errors import NodeError
+from .. import safeio
+from ..config import Config
+from ..errors import NodeError
 from .jobdir import JobPaths
-from .util import atomic_write_json, read_json
+from ..util import atomic_write_json, read_json
 
 RESERVED, SLOT, OVERLAY, DOMAIN, READY, ENDING, ACCOUNTED = (
     "reserved", "slot", "overlay", "domain", "ready", "ending", "accounted")

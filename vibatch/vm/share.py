@@ -52,7 +52,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
-from .errors import MissingWorkdir, NodeError
+from ..errors import MissingWorkdir, NodeError
 
 CHECK_TIMEOUT_S = 10.0
 SPEC_MAX = 65536
@@ -120,7 +120,7 @@ def write_specs(state_dir: str, specs: Sequence[ShareSpec]) -> list[str]:
 
 def refusal(spec_files: Sequence[str]) -> Optional[str]:
     """The reason a launcher refused its share (written by it, root-only), if one did."""
-    from .safeio import read_bounded  # noqa: PLC0415
+    from ..safeio import read_bounded  # noqa: PLC0415
     for path in spec_files:
         data = read_bounded(verdict_path(path), 4096)
         if data:
@@ -135,7 +135,7 @@ def check_as_user(path: str, uid: int, gid: int, groups: Sequence[int],
     takes the user's credentials: root's own answer would tell the user what lies below a
     directory they may not enter."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "from vibatch.share import _check_child; _check_child(sys.argv[2:])")
+            "from vibatch.vm.share import _check_child; _check_child(sys.argv[2:])")
     argv = [sys.executable, "-I", "-B", "-c", code, _pkg_parent(), path, str(uid), str(gid),
             ",".join(map(str, groups))]
     try:

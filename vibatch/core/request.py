@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .errors import (BadJobId, JobError, MissingWorkdir, ResourceRequestError, UnknownImage,
-                     UnknownUser)
-from .names import valid_name
+from ..errors import (BadJobId, JobError, MissingWorkdir, ResourceRequestError, UnknownImage,
+                      UnknownUser)
+from ..names import valid_name
 
 # Slurm 123 / 123_4, Grid Engine 123.4, PBS 123.server / 123[4].server, HTCondor 12.0
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+:\[\]-]{0,127}$")

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from .errors import VibatchError
-from .util import Deadline
+from ..errors import VibatchError
+from ..util import Deadline
 
 
 class AgentError(VibatchError):

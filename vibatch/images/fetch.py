@@ -16,8 +16,8 @@ import urllib.parse
 import urllib.request
 from typing import BinaryIO, Iterator, Optional
 
-from .errors import DownloadFailed, ImageRejected
-from .util import Deadline
+from ..errors import DownloadFailed, ImageRejected
+from ..util import Deadline
 
 CHUNK = 1 << 20
 USER_AGENT = "vibatch-image-sync/1"

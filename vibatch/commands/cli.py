@@ -8,10 +8,10 @@ import secrets
 import sys
 from typing import Optional, Sequence
 
-from . import config as config_mod
-from .errors import EXIT_CODES, JobError, NodeError, VibatchError
-from .request import parse_cpu_list, parse_memory_mb
-from .util import require_root
+from .. import config as config_mod
+from ..errors import EXIT_CODES, JobError, NodeError, VibatchError
+from ..core.request import parse_cpu_list, parse_memory_mb
+from ..util import require_root
 
 PROG = "vibatch"
 
@@ -178,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - a bug is the node's fault, in one line
-        from .util import log_error  # noqa: PLC0415
+        from ..util import log_error  # noqa: PLC0415
         log_error(f"vibatch {args.command}", e)
         print(f"{PROG}: error: unexpected {type(e).__name__}: {e} (node fault; the traceback "
               "is in the error log)", file=sys.stderr)
@@ -188,13 +188,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int:
     cmd = args.command
     if cmd == "exec":
-        from .execjob import Exec, find_job_id  # noqa: PLC0415 - keeps exec free of libvirt
+        from ..core.execjob import Exec, find_job_id  # noqa: PLC0415 - keeps exec free of libvirt
         command = _argv_after_dashes(args.argv, ap)
         return Exec(cfg, find_job_id(args.job)).run(command)
     if cmd == "check-config":
         print(json.dumps(_asdict(cfg), indent=2, sort_keys=True))
         return 0
-    from . import lifecycle  # noqa: PLC0415
+    from ..core import lifecycle  # noqa: PLC0415
     if cmd in ("image", "catalog"):
         from . import admin  # noqa: PLC0415
         return admin.image_command(args, cfg) if cmd == "image" else admin.catalog_command(args, cfg)
@@ -217,7 +217,7 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
             return _status(args, cfg, node)
         if cmd == "reap":
             require_root("reap")
-            from . import batch  # noqa: PLC0415 - asked only by reap
+            from .. import batch  # noqa: PLC0415 - asked only by reap
             for line in lifecycle.reap(node, batch.job_gone):
                 print(f"reaped {line}")
             return 0
@@ -228,7 +228,7 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
 
 
 def _request(args: argparse.Namespace, cfg, job_id: str, user: str):
-    from .request import make_request  # noqa: PLC0415
+    from ..core.request import make_request  # noqa: PLC0415
     memory = parse_memory_mb(args.memory) if args.memory else cfg.jobs.default_memory_mb
     cpus = parse_cpu_list(args.cpus) if args.cpus else None
     cores = args.cores or (len(cpus) if cpus else cfg.jobs.default_cores)
@@ -239,8 +239,8 @@ def _request(args: argparse.Namespace, cfg, job_id: str, user: str):
 
 def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg, node) -> int:
     import time  # noqa: PLC0415
-    from . import lifecycle  # noqa: PLC0415
-    from .execjob import Exec  # noqa: PLC0415
+    from ..core import lifecycle  # noqa: PLC0415
+    from ..core.execjob import Exec  # noqa: PLC0415
     require_root("run")
     command = _argv_after_dashes(args.argv, ap)
     user = args.user or os.environ.get("SUDO_USER")
@@ -269,8 +269,8 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg, node) -> in
 
 
 def _status(args: argparse.Namespace, cfg, node) -> int:
-    from . import lifecycle  # noqa: PLC0415
-    from .batch import faults  # noqa: PLC0415
+    from ..core import lifecycle  # noqa: PLC0415
+    from ..batch import faults  # noqa: PLC0415
     jobs = lifecycle.running_jobs(node)
     slots = {j: s.to_json() for j, s in node.slots.all().items()}
     if args.json:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from . import proc
-from .errors import CommandFailed
+from .. import proc
+from ..errors import CommandFailed
 
 QEMU_IMG = "qemu-img"
 

@@ -5,7 +5,7 @@ from typing import Any, Optional
 
 import libvirt
 
-from .errors import HypervisorError
+from ..errors import HypervisorError
 
 _GONE = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
 

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .errors import NoFreeSlot, ResourceRequestError
-from .util import atomic_write_json, hold, read_json, root_lock
+from ..errors import NoFreeSlot, ResourceRequestError
+from ..util import atomic_write_json, hold, read_json, root_lock
 
 
 @dataclass(frozen=True)

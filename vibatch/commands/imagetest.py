@@ -18,13 +18,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from . import hypervisor, lifecycle
-from .errors import VibatchError
-from .execjob import Exec
-from .jobdir import JobPaths
-from .library import Image
-from .request import make_request, resolve_user
-from .jobstore import JobState
+from ..vm import hypervisor
+from ..core import lifecycle
+from ..errors import VibatchError
+from ..core.execjob import Exec
+from ..core.jobdir import JobPaths
+from ..images.library import Image
+from ..core.request import make_request, resolve_user
+from ..core.jobstore import JobState
 
 SIGNAL_WAIT_S = 30.0
 MEMORY_FLOOR = 0.80    # the guest kernel keeps some memory for itself

@@ -21,10 +21,10 @@ from typing import Callable, Optional
 
 from . import catalog as catalog_mod
 from . import fetch
-from .config import Config
-from .errors import CatalogRejected, VibatchError
+from ..config import Config
+from ..errors import CatalogRejected, VibatchError
 from .library import DOWNLOADS, FILE_NAMES, Image, Library, make_manifest, seal
-from .util import Deadline, atomic_write_json, hold, read_json, root_lock
+from ..util import Deadline, atomic_write_json, hold, read_json, root_lock
 
 
 @dataclass
