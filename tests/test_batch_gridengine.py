@@ -60,11 +60,16 @@ def assert_queue_ok(c):
 
 def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, sge):
     job = qsub(sge, 'echo "kernel $(uname -r) on $(cat /etc/hostname) as $(id -un) in $PWD"\n'
-               'echo "args: $*"\nexit 7\n', "-l", "vm_image=testguest,h_vmem=600M")
+               'echo "features $(cat $JOBFEATURES/wall_limit_secs) $(cat $JOBFEATURES/allocated_cpu)'
+               ' $(cat $JOBFEATURES/mem_limit_MB) $(cat $JOBFEATURES/job_id)'
+               ' $(cat $MACHINEFEATURES/total_cpu)"\n'
+               'echo "args: $*"\nexit 7\n', "-l", "vm_image=testguest,h_vmem=600M,h_rt=420")
     rec = sge.wait_accounted(job)
     assert rec["exit_status"] == "7" and rec["failed"] == "0", rec
     out = output(sge, job)
     assert f"kernel {guest_kernel()} on vbguest as {USER} in {sge.home}\n" in out, out
+    # HEPiX Job Features in the guest, with what Grid Engine gave: h_rt, 1 slot, h_vmem
+    assert f"features 420 1 600 {job} {os.cpu_count()}\n" in out, out
     assert leftovers(vm_env, job) == []
     assert not os.path.exists(os.path.join(sge.home, "core")), subprocess.run(
         ["file", os.path.join(sge.home, "core")], capture_output=True, text=True).stdout

@@ -68,8 +68,11 @@ def assert_node_healthy(c):
 
 
 def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, cluster):
-    job = submit(cluster, "#!/bin/sh\n#SBATCH --mem=600M\n"
+    job = submit(cluster, "#!/bin/sh\n#SBATCH --mem=600M\n#SBATCH --time=7\n"
                  'echo "kernel $(uname -r) on $(cat /etc/hostname) as $(id -un) in $PWD"\n'
+                 'echo "features $(cat $JOBFEATURES/wall_limit_secs) $(cat $JOBFEATURES/allocated_cpu)'
+                 ' $(cat $JOBFEATURES/mem_limit_MB) $(cat $JOBFEATURES/job_id)'
+                 ' $(cat $MACHINEFEATURES/total_cpu)"\n'
                  'echo "args: $*"\necho to-stderr >&2\nexit 7\n',
                  "--export=ALL,VIBATCH_IMAGE=testguest")
     rec = cluster.wait_finished(job)
@@ -77,6 +80,8 @@ def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, clu
     out = output(cluster, job)
     assert f"kernel {guest_kernel()} on vbguest as {USER} in {cluster.home}\n" in out, out
     assert "to-stderr" in out
+    # HEPiX Job Features in the guest, with what Slurm gave: 7 minutes, 1 CPU, 600 MB
+    assert f"features 420 1 600 {job} {os.cpu_count()}\n" in out, out
     assert "comment" not in out and rec.get("Comment", "").endswith("vibatch_image=testguest")
     assert leftovers(vm_env, job) == []
     acct = [line for line in open(vm_env.cfg.accounting_file) if f'"job_id": "{job}"' in line]

@@ -350,3 +350,38 @@ def test_reap_ends_a_ready_job_only_when_its_batch_system_says_it_is_gone(site):
     assert records(cfg)[0]["ended_by"] == "reap" and records(cfg)[0]["vm_end"] == "destroyed"
     assert "vibatch-j2" in hv.domains()     # never asked about, never touched
     assert lifecycle.reap(fake_node(cfg, hv), answer(True)) == []   # j2 has no batch system
+
+
+def test_machine_and_job_features_come_from_the_allocation_and_the_drain(site):
+    """HEPiX Machine/Job Features: the keys Vac and DIRAC read, each from the job's slot, its
+    wall limit and the node; shutdowntime only while draining (vibatch drain), and a drain
+    reaches a running job's guest through its root agent."""
+    import psutil
+    from vibatch.core import features
+    cfg, hv, work = site
+    node = fake_node(cfg, hv)
+    m, j = lifecycle.job_features(node, "j7", 2, 300, 600, 1_000_000)
+    logical = psutil.cpu_count()
+    assert m == {"total_cpu": str(logical), "log_cores": str(logical),
+                 "phys_cores": str(psutil.cpu_count(logical=False)), "jobslots": "4"}
+    assert j == {"job_id": "j7", "allocated_cpu": "2", "mem_limit_MB": "300",
+                 "max_rss_bytes": str(300 << 20), "jobstart_secs": "1000000",
+                 "wall_limit_secs": "600", "cpu_limit_secs": "1200",
+                 "shutdowntime_job": "1000600"}
+    _, j = lifecycle.job_features(node, "j7", 1, 256, None, 5)      # no wall limit known
+    assert "wall_limit_secs" not in j and "shutdowntime_job" not in j
+    lifecycle.prologue(node, request(cfg, work))
+    assert lifecycle.announce_shutdown(node, 1_000_300) == [("j1", None)]
+    m, j = lifecycle.job_features(node, "j7", 2, 300, 600, 1_000_000)
+    assert m["shutdowntime"] == "1000300" and j["shutdowntime_job"] == "1000300"
+    assert lifecycle.announce_shutdown(node, None) == [("j1", None)]
+    assert features.shutdowntime(cfg) is None
+    assert "shutdowntime" not in lifecycle.job_features(node, "j7", 2, 300, 600, 1)[0]
+    hs = config.parse({**yaml.safe_load(open(cfg.source)), "features": {"hs06": 80}}, "t")
+    assert features.job(hs, "j", 2, 256, None, 0, 8)["hs06_job"] == "20"
+    assert features.machine(hs, 4)["hs06"] == "80"
+    for bad in ({"job_id": "a b"}, {"x;rm": "1"}, {"job_id": "$(id)"}):
+        with pytest.raises(ValueError, match="not a key and a plain value"):
+            features.as_args({}, bad)
+    assert features.as_args({"total_cpu": "8"}, {"job_id": "j1"}) == ["m:total_cpu=8",
+                                                                     "j:job_id=j1"]

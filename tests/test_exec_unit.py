@@ -14,6 +14,9 @@ def test_guest_env_drops_host_only_and_extends_path():
     assert d["PATH"] == "/opt/x/bin:/usr/bin:/usr/sbin:/bin"
     assert d["PWD"] == "/work" and d["MYVAR"] == "1" and d["HOME"] == "/home/a"
     assert d["VIBATCH_JOB_ID"] == "42"
+    # the job's Machine/Job Features directories in the guest, whatever the host had
+    assert (d["MACHINEFEATURES"], d["JOBFEATURES"]) == ("/run/vibatch/features/machine",
+                                                        "/run/vibatch/features/job")
 
 
 def test_find_job_id(monkeypatch):

@@ -104,6 +104,11 @@ class TorqueConfig:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    hs06: float = 0.0                  # the node's HEPSPEC06 total (0: not published)
+
+
+@dataclass(frozen=True)
 class Config:
     libvirt_uri: str = "qemu:///system"
     state_dir: str = "/var/lib/vibatch"
@@ -119,6 +124,7 @@ class Config:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     htcondor: HTCondorConfig = field(default_factory=HTCondorConfig)
     torque: TorqueConfig = field(default_factory=TorqueConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     source: str = "<defaults>"
 
 
@@ -145,6 +151,7 @@ _CHECKS: dict[str, tuple] = {
     "jobs.default_memory_mb": (int, lambda v: v >= 64, "must be at least 64"),
     "jobs.min_memory_mb": (int, lambda v: v >= 64, "must be at least 64"),
     "jobs.max_memory_mb": (int,) + _NONNEG,
+    "features.hs06": (float,) + _NONNEG,
     "vm.boot_timeout_s": (float, lambda v: 1 <= v <= 3600, "must be between 1 and 3600"),
     "vm.setup_timeout_s": (float, lambda v: 1 <= v <= 3600, "must be between 1 and 3600"),
     "vm.acceleration": (str, lambda v: v in ("auto", "kvm", "tcg"), "must be auto, kvm or tcg"),
@@ -216,7 +223,8 @@ _CHECKS.update({
 _CHECKS["htcondor.condor_config"] = (str, os.path.isabs, "must be an absolute path")
 _CHECKS["htcondor.bin_dir"] = (str, os.path.isabs, "must be an absolute path")
 _SECTIONS = {"host": HostConfig, "jobs": JobLimits, "vm": VmConfig, "exec": ExecConfig,
-             "images": ImagesConfig, "htcondor": HTCondorConfig, "torque": TorqueConfig}
+             "images": ImagesConfig, "htcondor": HTCondorConfig, "torque": TorqueConfig,
+             "features": FeaturesConfig}
 
 
 def _check(source: str, key: str, value: Any) -> Any:

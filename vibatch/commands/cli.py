@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from typing import Optional, Sequence
 
 from .. import config as config_mod
@@ -40,6 +41,19 @@ def _add_job_resources(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="working directory, shared into the VM at the same path")
     p.add_argument("--walltime", type=_positive_int, help="walltime in seconds, if known")
     p.add_argument("--cpus", help="exact host CPU ids the batch system gave the job, e.g. 2-3")
+
+
+def _when(text: str) -> int:
+    """--at: epoch seconds or an ISO 8601 local time, in the future."""
+    import datetime  # noqa: PLC0415
+    try:
+        at = int(text) if text.isdigit() else int(datetime.datetime.fromisoformat(text).timestamp())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither epoch seconds nor "
+                                         "YYYY-MM-DDTHH:MM[:SS]") from None
+    if at <= time.time():
+        raise argparse.ArgumentTypeError(f"{text!r} is not in the future")
+    return at
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
 
     sub.add_parser("reap", help="clean up after crashes, reboots, libvirtd restarts (root)")
+
+    p = sub.add_parser("drain", help="announce the node's end to its jobs' Machine Features "
+                       "(shutdowntime), or withdraw it (root)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--at", type=_when, help="when: epoch seconds, or local time as "
+                   "YYYY-MM-DDTHH:MM[:SS]")
+    g.add_argument("--cancel", action="store_true", help="the node is not draining after all")
 
     p = sub.add_parser("status", help="jobs, slots and VMs on this node")
     p.add_argument("--json", action="store_true")
@@ -215,6 +236,14 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
             return _run(ap, args, cfg, node)
         if cmd == "status":
             return _status(args, cfg, node)
+        if cmd == "drain":
+            require_root("drain")
+            at = None if args.cancel else args.at
+            problems = 0
+            for job, err in lifecycle.announce_shutdown(node, at):
+                print(f"job {job}: {'updated' if err is None else 'not updated: ' + err}")
+                problems += err is not None
+            return NodeError.exit_code if problems else 0   # the node could not tell them all
         if cmd == "reap":
             require_root("reap")
             from .. import batch  # noqa: PLC0415 - asked only by reap
@@ -238,7 +267,6 @@ def _request(args: argparse.Namespace, cfg, job_id: str, user: str):
 
 
 def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg, node) -> int:
-    import time  # noqa: PLC0415
     from ..core import lifecycle  # noqa: PLC0415
     from ..core.execjob import Exec  # noqa: PLC0415
     require_root("run")

@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Sequence
 
 from .. import safeio
 from ..vm.agent import AgentError, SocketAgent
+from ..vm.guestsetup import JOB_FEATURES, MACHINE_FEATURES
 from ..config import Config
 from ..errors import ExecError, NodeError
 from .jobdir import JobPaths
@@ -68,6 +69,8 @@ def guest_env(environ: dict, exclude: Sequence[str], guest_path: str, cwd: str,
     env["PATH"] = ":".join(path + [p for p in guest_path.split(":") if p not in path])
     env["PWD"] = cwd
     env["VIBATCH_JOB_ID"] = job_id
+    # HEPiX Machine/Job Features, made by the guest's setup (core/features.py)
+    env["MACHINEFEATURES"], env["JOBFEATURES"] = MACHINE_FEATURES, JOB_FEATURES
     return [f"{k}={v}" for k, v in sorted(env.items())]
 
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from ..vm import accel, hypervisor, share
-from . import accounting, disk, faultpoints, jobstore
+from . import accounting, disk, faultpoints, features, jobstore
 from ..images import qemuimg
 from ..vm.agent import AgentError, LibvirtAgent, SocketAgent
 from ..config import Config
 from ..vm.domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
 from ..errors import (BootFailed, ConfigError, HypervisorError, JobAlreadyRunning, LockTimeout,
                       MissingWorkdir, NodeError, ResourceRequestError, VibatchError)
-from ..vm.guestsetup import GUEST_IO_DIR, SetupArgs
+from ..vm.guestsetup import GUEST_IO_DIR, JOB_FEATURES, MACHINE_FEATURES, SetupArgs
 from .jobdir import DOMAIN_PREFIX, JobPaths, console_tail
 from ..images.library import IN_USE_UNKNOWN, Image, Library
 from .node import capacity
@@ -267,8 +267,8 @@ def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, s
         _wait_for_agent(root_agent, Deadline(cfg.vm.boot_timeout_s), cfg.vm.boot_timeout_s)
     faultpoints.point("booted")
     with timer.phase("guest_setup"):
-        _setup_guest(root_agent, node.user_agent(paths.socket), req, paths,
-                     Deadline(cfg.vm.setup_timeout_s))
+        _setup_guest(node, root_agent, node.user_agent(paths.socket), req, slot, paths,
+                     Deadline(cfg.vm.setup_timeout_s), int(rec.state.started_at or time.time()))
     faultpoints.point("set_up")
 
 
@@ -340,10 +340,12 @@ def _wait_for_agent(agent: Any, deadline: Deadline, timeout: float) -> None:
         time.sleep(min(0.1, deadline.remaining()))
 
 
-def _setup_guest(root_agent: Any, user_agent: Any, req: JobRequest, paths: JobPaths,
-                 deadline: Deadline) -> None:
+def _setup_guest(node: Node, root_agent: Any, user_agent: Any, req: JobRequest, slot: Slot,
+                 paths: JobPaths, deadline: Deadline, started: int) -> None:
     u = req.user
-    setup = SetupArgs(u.name, u.uid, u.gid, u.home, req.workdir)
+    setup = SetupArgs(u.name, u.uid, u.gid, u.home, req.workdir,
+                      features.as_args(*job_features(node, req.job_id, len(slot.cpus),
+                                                     slot.memory_mb, req.walltime_s, started)))
     try:
         res = root_agent.run("/bin/sh", setup.argv(), deadline, what="guest setup")
     except AgentError as e:
@@ -361,6 +363,14 @@ def _setup_guest(root_agent: Any, user_agent: Any, req: JobRequest, paths: JobPa
     os.chmod(paths.run, 0o711)   # only now can anyone but root reach the socket at all
     jobstore.JobInfo(job_id=req.job_id, uid=u.uid, gid=u.gid, user=u.name, home=u.home,
                      workdir=req.workdir, io_host=paths.io, io_guest=GUEST_IO_DIR).write(paths)
+
+
+def job_features(node: Node, job_id: str, cores: int, memory_mb: int,
+                 walltime_s: Optional[int], started: int) -> tuple[dict, dict]:
+    """(machine, job) features of a job of this node (features.py)."""
+    m = features.machine(node.cfg, len(node.slots.capacity.cpus))
+    return m, features.job(node.cfg, job_id, cores, memory_mb, walltime_s, started,
+                           int(m["total_cpu"]))
 
 
 def _wait_for_user_agent(agent: Any, deadline: Deadline) -> tuple[int, int]:
@@ -604,6 +614,35 @@ def epilogue(node: Node, job_id: str, exit_code: Optional[int] = None) -> Option
 def _signal(pid: Any, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError, TypeError):
         os.kill(pid, signum)
+
+
+def announce_shutdown(node: Node, at: Optional[int]) -> list[tuple[str, Optional[str]]]:
+    """The node drains at ``at`` (epoch seconds), or no longer (None): record it for the jobs
+    to come, and rewrite ``shutdowntime`` (machine) and ``shutdowntime_job`` in every ready
+    job's guest through its root agent. Returns (job, None or why it could not be updated)."""
+    features.set_drain(node.cfg, at)
+    out: list[tuple[str, Optional[str]]] = []
+    for paths, st in jobstore.records(node.cfg):
+        if not st or st.phase != jobstore.READY:
+            continue
+        m, j = job_features(node, st.job_id, len(st.cpus), st.memory_mb or 0, st.walltime_s,
+                            int(st.started_at or time.time()))
+        script = ('set -u; for kv in "$@"; do f=${kv%%=*} v=${kv#*=}; '
+                  'if [ -n "$v" ]; then printf "%s\\n" "$v" > "$f.new" && chmod 644 "$f.new" && '
+                  'mv -f "$f.new" "$f"; else rm -f "$f"; fi || exit 1; done')
+        args = [f"{MACHINE_FEATURES}/shutdowntime={m.get('shutdowntime', '')}",
+                f"{JOB_FEATURES}/shutdowntime_job={j.get('shutdowntime_job', '')}"]
+        try:
+            dom = hypervisor.lookup(node.conn, paths.domain)
+            if dom is None:
+                raise AgentError("its VM is not running")
+            res = node.root_agent(dom).run("/bin/sh", ["-c", script, "vibatch-drain", *args],
+                                           Deadline(node.cfg.vm.setup_timeout_s), what="drain")
+            out.append((st.job_id, None if res.wait_status == 0 else
+                        res.err.decode(errors="replace").strip() or f"status {res.wait_status}"))
+        except (AgentError, HypervisorError) as e:
+            out.append((st.job_id, str(e)))
+    return out
 
 
 def running_jobs(node: Node) -> list[dict]:

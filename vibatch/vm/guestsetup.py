@@ -11,13 +11,17 @@ from dataclasses import dataclass
 from .domain import IO_TAG, USER_AGENT_PORT, WORKDIR_TAG
 
 GUEST_IO_DIR = "/run/vibatch/io"
+MACHINE_FEATURES = "/run/vibatch/features/machine"    # $MACHINEFEATURES in the guest
+JOB_FEATURES = "/run/vibatch/features/job"            # $JOBFEATURES
 GUEST_AGENT_STATE = "/run/vibatch/agent"
 
 # $1 name  $2 uid  $3 gid  $4 home  $5 workdir  $6 io dir  $7 agent state dir
+# $8 machine features dir  $9 job features dir  then m:KEY=VALUE / j:KEY=VALUE, one per feature
 SETUP_SCRIPT = r"""
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-name=$1 uid=$2 gid=$3 home=$4 wd=$5 io=$6 st=$7
+name=$1 uid=$2 gid=$3 home=$4 wd=$5 io=$6 st=$7 mf=$8 jf=$9
+shift 9
 fail() { echo "vibatch guest setup: $*" >&2; exit 1; }
 have() { command -v "$1" >/dev/null 2>&1; }
 
@@ -45,6 +49,14 @@ have modprobe && modprobe virtiofs 2>/dev/null
 mkdir -p "$wd" "$io" || fail "cannot create $wd or $io"
 grep -q " $wd virtiofs " /proc/mounts || mount -t virtiofs "$TAG_WD" "$wd" || fail "cannot mount the working directory on $wd"
 grep -q " $io virtiofs " /proc/mounts || mount -t virtiofs "$TAG_IO" "$io" || fail "cannot mount the I/O folder on $io"
+
+# HEPiX Machine/Job Features: root's files (0644 in 0755 directories), the job user reads them
+mkdir -p "$mf" "$jf" && chmod 755 "$(dirname "$mf")" "$mf" "$jf" || fail "cannot create $mf or $jf"
+for kv in "$@"; do
+  case $kv in m:*) d=$mf ;; j:*) d=$jf ;; *) fail "bad feature argument $kv" ;; esac
+  kv=${kv#?:}
+  printf '%s\n' "${kv#*=}" > "$d/${kv%%=*}" && chmod 644 "$d/${kv%%=*}" || fail "cannot write $d/${kv%%=*}"
+done
 
 # a second qemu-guest-agent, as the job user, on the job's own virtio-serial port
 port=
@@ -74,8 +86,10 @@ class SetupArgs:
     gid: int
     home: str
     workdir: str
+    features: tuple[str, ...] = ()     # m:KEY=VALUE / j:KEY=VALUE (features.as_args)
 
     def argv(self) -> list[str]:
         script = (f"TAG_WD={WORKDIR_TAG} TAG_IO={IO_TAG} PORT={USER_AGENT_PORT}\n" + SETUP_SCRIPT)
         return ["-c", script, "vibatch-setup", self.name, str(self.uid), str(self.gid), self.home,
-                self.workdir, GUEST_IO_DIR, GUEST_AGENT_STATE]
+                self.workdir, GUEST_IO_DIR, GUEST_AGENT_STATE, MACHINE_FEATURES, JOB_FEATURES,
+                *self.features]
