@@ -5,7 +5,7 @@ real VMs, and after every trial check that nothing is left and no record is lost
     /opt/vibatch/venv/bin/python tests/faultharness.py --trials 1000 [--seed N]
 
 tests/test_faults.py runs one trial of each kind in the suite. A trial runs the real CLI in
-subprocesses; a fault point (vibatch/faultpoints.py) is armed only in the harness's own child
+subprocesses; a fault point (vibatch/core/faultpoints.py) is armed only in the harness's own child
 process, through ``python -c``, never through the environment. Waits poll an observable (the
 job's record, libvirt, a process state) with a deadline; none sleeps to synchronise.
 """

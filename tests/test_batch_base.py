@@ -195,7 +195,7 @@ def test_adapters_import_no_libvirt_before_the_hooks_hygiene():
     for name in batch.SYSTEMS:
         code = (f"import sys; sys.path.insert(0, {REPO!r}); import vibatch.batch.{name}; "
                 "print('libvirt' in sys.modules, 'vibatch.core.lifecycle' in sys.modules)")
-        r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-I", "-B", "-c", code], capture_output=True, text=True,
                            timeout=60, env={"PATH": os.environ["PATH"]})
         assert r.stdout.split() == ["False", "False"], (name, r.stdout, r.stderr)
 
