@@ -204,6 +204,9 @@ def test_libvirts_command_line_is_parsed():
     fd, source = share.parse_libvirt_argv(
         ["--fd=23", "-o", "source=/var/lib/vibatch/jobs/7/shares/vbjob.json,cache=none"])
     assert (fd, source) == (23, "/var/lib/vibatch/jobs/7/shares/vbjob.json")
+    # a comma in the path: libvirt doubles it
+    assert share.parse_libvirt_argv(["--fd=3", "-o", "source=/srv/a,,b/s.json,cache=none"]) == \
+        (3, "/srv/a,b/s.json")
     for bad in ([], ["--fd=3"], ["-o", "source=/x"], ["--fd=3", "-o", "source=/x", "--other"]):
         with pytest.raises(share._Usage):
             share.parse_libvirt_argv(bad)

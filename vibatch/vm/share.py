@@ -266,9 +266,8 @@ def parse_libvirt_argv(argv: Sequence[str]) -> tuple[int, str]:
             fd = int(arg[len("--fd="):])
         elif arg == "-o":
             opts = next(it, "")
-            # libvirt doubles a comma inside the path; vibatch's spec paths hold none
             if opts.startswith("source="):
-                source = opts[len("source="):].split(",", 1)[0]
+                source = _first_option(opts[len("source="):])
         elif arg.startswith("--thread-pool-size=") or arg == "-d":
             continue
         else:
@@ -276,6 +275,19 @@ def parse_libvirt_argv(argv: Sequence[str]) -> tuple[int, str]:
     if fd is None or source is None:
         raise _Usage("expected --fd=N and -o source=PATH (as libvirt starts virtiofsd)")
     return fd, source
+
+
+def _first_option(text: str) -> str:
+    """The value up to the first lone comma; libvirt doubles a comma inside a path."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] != ",":
+                break
+            i += 1
+        out.append(text[i])
+        i += 1
+    return "".join(out)
 
 
 def read_spec(path: str) -> ShareSpec:
