@@ -10,7 +10,7 @@ import pytest
 
 from clusters import GridEngineCluster, running, wait_until
 from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, lost_epilogue_vm,
-                    pinned_cpus, private_workdir)
+                    pinned_cpus, private_workdir, reap_ends_only)
 from vibatch import batch
 from vibatch.batch import gridengine
 from vibatch.errors import Fault
@@ -133,7 +133,6 @@ def test_qdel_leaves_nothing_behind(vm_env, sge):
 def test_reap_asks_the_qmaster_and_ends_only_the_vm_of_a_job_it_no_longer_has(vm_env, sge):
     """reap asks the job's batch system: the VM of a running job stays; the VM of a job the
     qmaster does not know (its epilogue never came) is ended and accounted."""
-    from conftest import vibatch_cmd
     from vibatch.core.jobdir import JobPaths
     job = qsub(sge, "echo started\nsleep 600\n", "-v", "VIBATCH_IMAGE=testguest")
     wait_until("the job to start in its VM", lambda: "started" in output(sge, job), 120)
@@ -142,12 +141,7 @@ def test_reap_asks_the_qmaster_and_ends_only_the_vm_of_a_job_it_no_longer_has(vm
     lost = "99999"
     assert gridengine.job_gone(lost) is True
     lost_epilogue_vm(vm_env, lost, USER, "gridengine", {})
-    r = subprocess.run(vibatch_cmd("--config", vm_env.config_path, "reap"), capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert f"reaped job {lost} (its gridengine job is gone)" in r.stdout, r.stdout
-    assert f"job {job} " not in r.stdout
-    assert leftovers(vm_env, lost) == []
+    reap_ends_only(vm_env, lost, job, "gridengine")
     assert sge.cmd("qdel", job, user=USER).returncode == 0
     sge.wait_accounted(job)
     assert leftovers(vm_env, job) == []

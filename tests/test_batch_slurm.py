@@ -11,7 +11,7 @@ import pytest
 
 from clusters import SlurmCluster, running, wait_until
 from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, lost_epilogue_vm,
-                    pinned_cpus, private_workdir)
+                    pinned_cpus, private_workdir, reap_ends_only)
 from vibatch.batch import slurm
 
 USER, UID = "vbt-slurm", 23404
@@ -163,13 +163,7 @@ def test_reap_asks_slurmctld_and_ends_only_the_vm_of_a_job_it_no_longer_has(vm_e
     lost = "6999"
     lost_epilogue_vm(vm_env, lost, USER, "slurm", state["batch_env"])
     assert slurm.job_gone(lost, state["batch_env"]) is True
-    from conftest import vibatch_cmd
-    r = subprocess.run(vibatch_cmd("--config", vm_env.config_path, "reap"), capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert f"reaped job {lost} (its slurm job is gone)" in r.stdout, r.stdout
-    assert f"job {job} " not in r.stdout
-    assert leftovers(vm_env, lost) == []
+    reap_ends_only(vm_env, lost, job, "slurm")
     assert read_json(JobPaths.of(vm_env.cfg, job).state_file)["phase"] == "ready"
     assert cluster.cmd("scancel", job, user=USER).returncode == 0
     assert cluster.wait_finished(job)["JobState"] == "CANCELLED"

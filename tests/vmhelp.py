@@ -230,3 +230,14 @@ def lost_epilogue_vm(env, job_id: str, user: str, system: str, batch_env: dict) 
                            batch=system, batch_env=batch_env)
     finally:
         node.close()
+
+
+def reap_ends_only(env, lost: str, running: str, system: str) -> None:
+    """``vibatch reap`` ends the VM of ``lost`` (its batch system says the job is gone), and
+    leaves ``running``'s alone."""
+    r = subprocess.run(vibatch_cmd("--config", env.config_path, "reap"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"reaped job {lost} (its {system} job is gone)" in r.stdout, r.stdout
+    assert f"job {running} " not in r.stdout
+    assert leftovers(env, lost) == []
