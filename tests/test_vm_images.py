@@ -44,7 +44,9 @@ def test_image_test_passes_on_the_test_image(vm_env):
     r = cli(vm_env, "image", "test", "testguest", "--user", "vbt-alice")
     checks = _checks(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert len(checks) == 10 and all(c.startswith("PASS") for c in checks)
+    assert len(checks) == 11 and all(c.startswith("PASS") for c in checks)
+    assert "PASS  Machine/Job Features give the job's allocation: $JOBFEATURES: job_id " in \
+        r.stdout
     assert "guest: vbt-alice 23401/23401" in r.stdout
     assert "SIGTERM -> trap ran: yes, exit 42" in r.stdout
     assert "PASS  the job user cannot become root in the image: no sudo -n" in r.stdout

@@ -139,6 +139,8 @@ def _in_guest(node: lifecycle.Node, job_id: str, juser, work: str, cores: int, m
     check(f"guest sees {cores} core(s) and {memory_mb} MiB",
           lambda: _resources(guest, cores, memory_mb))
     check("exit codes come through", lambda: _exit_codes(guest))
+    check("Machine/Job Features give the job's allocation",
+          lambda: _features(guest, job_id, cores, memory_mb))
     check("signals reach the job", lambda: _signals(cfg.source, job_id, juser))
     check(f"network matches policy ({cfg.vm.network})", lambda: _network(guest, cfg.vm.network))
     total = sum(state.phases.values())
@@ -148,6 +150,18 @@ def _in_guest(node: lifecycle.Node, job_id: str, juser, work: str, cores: int, m
     check("time to ready", lambda: (total <= limit, f"{total:.2f} s from claim to ready ("
                                     + ", ".join(f"{k} {v:.2f}" for k, v in state.phases.items())
                                     + ")"))
+
+
+def _features(guest: _Guest, job_id: str, cores: int, memory_mb: int) -> tuple[bool, str]:
+    st, out, err = guest.sh('cat "$JOBFEATURES/job_id" "$JOBFEATURES/allocated_cpu" '
+                            '"$JOBFEATURES/mem_limit_MB" "$MACHINEFEATURES/total_cpu"')
+    if st != 0:
+        return False, f"cannot read them ({st}): {err.strip()}"
+    got = out.split()
+    ok = got[:3] == [job_id, str(cores), str(memory_mb)] and len(got) == 4
+    return ok, (f"$JOBFEATURES: job_id {got[0] if got else '?'}, allocated_cpu "
+                f"{got[1] if len(got) > 1 else '?'}, mem_limit_MB {got[2] if len(got) > 2 else '?'}"
+                f"; $MACHINEFEATURES: total_cpu {got[3] if len(got) > 3 else '?'}")
 
 
 def _user(guest: _Guest, juser) -> tuple[bool, str]:
