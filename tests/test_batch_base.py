@@ -262,3 +262,24 @@ def test_the_prologue_names_its_batch_system_for_reap(hook_site, monkeypatch):
                                     "SLURM_JOB_ID": "5"}) == {"SLURM_CONF": "/s.conf",
                                                               "SLURMD_NODENAME": "n1"}
     assert batch.job_gone("nosuchsystem", "1", {}) is None
+
+
+def test_grid_engine_on_the_shared_runner(hook_site, monkeypatch, capfd):
+    """The prolog's request from the qmaster's record (qstat -xml), its faults as SGE reads
+    them (100: the job in error; never the queue), the epilog's exit status, the task's VM id."""
+    import xml.etree.ElementTree as ET
+    from vibatch.batch import gridengine
+    path, work = hook_site
+    record = ET.fromstring(f"<element><JB_job_number>17</JB_job_number><JB_owner>nobody"
+                           f"</JB_owner><JB_cwd>{work}</JB_cwd></element>")
+    monkeypatch.setattr(gridengine, "qstat_job", lambda job_id: record)
+    code, log = run(gridengine.SYSTEM, ["prolog", "17", "3", "nobody", "all.q"], path)
+    assert code == 0 and ("prologue", "17.3", work) in log
+    record.find("JB_cwd").text = "/usr/lib"
+    code, log = run(gridengine.SYSTEM, ["prolog", "17", "3", "nobody", "all.q"], path)
+    assert code == 100 and not [e for e in log if e[0] == "prologue"]
+    assert "gridengine prolog failed (job fault): working directory /usr/lib" in \
+        capfd.readouterr().err
+    monkeypatch.setenv("SGE_JOBEXIT_STAT", "7")
+    code, log = run(gridengine.SYSTEM, ["epilog", "17", "3", "nobody", "all.q"], path)
+    assert code == 0 and ("epilogue", "17.3", 7) in log

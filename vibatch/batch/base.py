@@ -48,6 +48,11 @@ class HookTimeout(NodeError):
     """The hook's own deadline, set below the batch system's so we clean up before it kills us."""
 
 
+def _enter_root() -> None:
+    enter_root_hook()
+    os.chdir("/")   # batch systems start hooks in a directory the job's user may own
+
+
 def _real_core(cfg: Config) -> Any:
     from .core import Core  # noqa: PLC0415 - only after the hook's hygiene: it imports libvirt
     return Core(cfg)
@@ -66,7 +71,7 @@ class Call:
     cwd: str = ""
     started: float = field(default_factory=time.monotonic)
     # the ports: tests run main() without emptying their own environment, on a fake core
-    enter_root: Callable[[], None] = enter_root_hook
+    enter_root: Callable[[], None] = _enter_root
     make_core: Callable[[Config], Any] = _real_core
     _cfg: Optional[Config] = None
 
@@ -210,7 +215,6 @@ def run_root(system: BatchSystem, call: Call, body: Callable[[Any], None], alarm
     """A root hook: hygiene first, then the core (one per call), then ``body(core)`` under the
     deadline, its fault mapped by the system's table."""
     call.enter_root()
-    os.chdir("/")   # batch systems start hooks in a directory the job's user may own
     system.enter_root_hook(call.hook)
 
     def run() -> None:
