@@ -2,8 +2,8 @@
 
 ``render(spec)`` needs no libvirt, so the XML is compared against golden files in the tests.
 The hard memory cap is not in the XML: ``<memtune><hard_limit>`` at define time makes libvirt
-raise RLIMIT_MEMLOCK, which needs CAP_SYS_RESOURCE; the lifecycle sets it live on the paused
-domain instead (see lifecycle.py).
+raise RLIMIT_MEMLOCK, which needs CAP_SYS_RESOURCE; ``hypervisor.start_capped`` sets it live on
+the paused domain instead.
 """
 from __future__ import annotations
 
