@@ -141,7 +141,8 @@ def spool_config(env: Mapping[str, str]) -> dict[str, str]:
 
 def job_gone(vm_job: str) -> Optional[bool]:
     """Whether the qmaster says the job of VM job ``vm_job`` ('17' or '17.3') no longer exists:
-    True on its "do not exist", False while it has a record, None if it cannot be asked."""
+    True when it lists the job as unknown, False while it has a record, None if it cannot be
+    asked or says anything else."""
     job_id = vm_job.split(".", 1)[0]
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
     try:
@@ -149,15 +150,16 @@ def job_gone(vm_job: str) -> Optional[bool]:
                      check=False)
     except CommandFailed:
         return None
-    if "do not exist" in r.stdout + r.stderr:
-        return True
     try:
         root = ET.fromstring(r.stdout)
     except ET.ParseError:
         return None
+    # a job it does not know: <unknown_jobs><ST_name>ID</ST_name></unknown_jobs> (8.1.9, exit 0)
+    if root.tag == "unknown_jobs" and job_id in [n.text for n in root.iter("ST_name")]:
+        return True
     if any(el.findtext("JB_job_number") == job_id for el in root.iter("element")):
         return False
-    return None
+    return None      # e.g. <comunication_error>: the qmaster cannot be asked
 
 
 class GridEngine(BatchSystem):
