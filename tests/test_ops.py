@@ -21,8 +21,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from fakes import FakeHypervisor, FakeRootAgent, fake_node
-from imagehelp import make_disk
+from fakes import FakeRootAgent, fake_node
+from test_core import site as core_site  # noqa: F401 - a fixture
 from vibatch import config, util
 from vibatch.commands import doctor
 from vibatch.core import jobstore, lifecycle, metrics
@@ -37,30 +37,24 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the prologue chowns th
 
 
 @pytest.fixture
-def site(tmp_path):
-    data = {"state_dir": f"{tmp_path}/state", "run_dir": f"{tmp_path}/run",
-            "library_dir": f"{tmp_path}/lib", "accounting_file": f"{tmp_path}/acct.jsonl",
-            "lock_timeout_s": 3, "images": {"default": "mini"},
-            "host": {"cpus": [0, 1, 2, 3], "reserved_memory_mb": 0},
-            "vm": {"acceleration": "tcg", "boot_timeout_s": 2, "setup_timeout_s": 2},
-            "logs": {"phases": f"{tmp_path}/log/phases.log"}}
-    path = tmp_path / "vibatch.yaml"
-    path.write_text(yaml.safe_dump(data))
-    cfg = config.load(str(path))
-    os.makedirs(cfg.state_dir)
-    kernel = tmp_path / "vmlinux"
-    kernel.write_bytes(b"\0" * 4096)
-    Library(cfg.library_dir, cfg.state_dir).add(make_disk(str(tmp_path / "d.qcow2"), "mini"),
-                                                name="mini", os_name="t", os_version="1",
-                                                kernel=str(kernel))
-    work = tmp_path / "work"
-    work.mkdir()
-    os.chmod(tmp_path, 0o755)
-    os.chmod(work, 0o777)
-    hv = FakeHypervisor(str(tmp_path / "domains.json"))
-    yield cfg, hv, str(work)
-    for job in jobstore.job_ids(cfg):
-        lifecycle.epilogue(fake_node(cfg, hv), job)
+def site(core_site, tmp_path):
+    """test_core's site (a library with one image, fake ports), with the phase log in a file."""
+    cfg, hv, work = core_site
+    data = yaml.safe_load(open(cfg.source))
+    data["logs"] = {"phases": f"{tmp_path}/log/phases.log"}
+    with open(cfg.source, "w") as f:
+        yaml.safe_dump(data, f)
+    return config.load(cfg.source), hv, work
+
+
+def failing_setup(cfg, hv, work, job):
+    """A prologue whose guest setup fails (a node fault)."""
+    FakeRootAgent.setup_status = 1
+    try:
+        with pytest.raises(BootFailed):
+            lifecycle.prologue(fake_node(cfg, hv), request(work, job))
+    finally:
+        FakeRootAgent.setup_status = 0
 
 
 def request(work, job="j1", cores=1, memory_mb=256):
@@ -102,12 +96,7 @@ def test_textfile_after_prologue_failure_and_epilogue(site):
     assert value(fams, "vibatch_prologue_seconds", "vibatch_prologue_seconds_bucket",
                  start="cold", le="+Inf") == 1
     # a node fault and a job fault, counted apart by class and reason
-    FakeRootAgent.setup_status = 1
-    try:
-        with pytest.raises(BootFailed):
-            lifecycle.prologue(fake_node(cfg, hv), request(work, "j2"))
-    finally:
-        FakeRootAgent.setup_status = 0
+    failing_setup(cfg, hv, work, "j2")
     with pytest.raises(ResourceRequestError):
         lifecycle.prologue(fake_node(cfg, hv), request(work, "j3", cores=9))
     lifecycle.epilogue(fake_node(cfg, hv), "j1", 0)
@@ -143,12 +132,7 @@ def test_textfile_after_prologue_failure_and_epilogue(site):
 def test_phase_log_one_parseable_line_per_phase_with_the_job_id(site):
     cfg, hv, work = site
     lifecycle.prologue(fake_node(cfg, hv), request(work, "j1"))
-    FakeRootAgent.setup_status = 1
-    try:
-        with pytest.raises(BootFailed):
-            lifecycle.prologue(fake_node(cfg, hv), request(work, "j2"))
-    finally:
-        FakeRootAgent.setup_status = 0
+    failing_setup(cfg, hv, work, "j2")
     lifecycle.epilogue(fake_node(cfg, hv), "j1", 3)
     with open(cfg.logs.phases) as f:
         lines = [dict(kv.split("=", 1) for kv in shlex.split(line)) for line in f]
