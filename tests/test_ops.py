@@ -437,3 +437,83 @@ def test_doctor_boot_and_a_real_job_in_the_textfile(tmp_path):
                  result="ok") == before + 2   # doctor's test job and this one
     assert value(fams, "vibatch_prologue_phase_seconds", "vibatch_prologue_phase_seconds_count",
                  phase="boot", start="cold") >= 2
+
+
+def test_doctor_acceleration_from_the_cached_probe(tmp_path):
+    """The answer accel.py cached (with its fingerprint of kernel, QEMU, /dev/kvm) is reported
+    with its reason; a stale or missing one is never guessed at."""
+    from vibatch.vm import accel
+    cfg = config.parse({"state_dir": str(tmp_path)}, "test")
+    assert doctor._accel(cfg).level == doctor.WARN   # never probed
+    cache = {"fingerprint": accel._fingerprint(cfg.vm.emulator), "accel": "tcg",
+             "reason": "a guest kernel printed nothing under KVM within 10 s", "probed_at": 1.0}
+    util.atomic_write_json(os.path.join(str(tmp_path), "accel.json"), cache)
+    c = doctor._accel(cfg)
+    assert c.level == doctor.WARN and c.detail.startswith("TCG") and "printed nothing" in c.detail
+    util.atomic_write_json(os.path.join(str(tmp_path), "accel.json"), {**cache, "accel": "kvm",
+                                                                       "reason": "booted"})
+    assert doctor._accel(cfg).level == doctor.PASS
+    util.atomic_write_json(os.path.join(str(tmp_path), "accel.json"),
+                           {**cache, "fingerprint": {"host_kernel": "another"}, "accel": "kvm"})
+    c = doctor._accel(cfg)
+    assert c.level == doctor.WARN and "KVM" not in c.detail.split(":")[0]
+    cfg = config.parse({"state_dir": str(tmp_path), "vm": {"acceleration": "tcg"}}, "test")
+    assert doctor._accel(cfg).level == doctor.PASS
+
+
+def test_doctor_libvirt_and_virtlogd(tmp_path):
+    """libvirt-python against its in-process test driver, and a real unix socket."""
+    import socket
+    cfg = config.parse({"libvirt_uri": "test:///default"}, "test")
+    c = doctor._libvirtd(cfg)
+    assert c.level == doctor.PASS and "1 domain(s)" in c.detail   # the test driver's "test"
+    cfg = config.parse({"libvirt_uri": f"qemu+unix:///system?socket={tmp_path}/none"}, "test")
+    [c] = doctor._safely("libvirtd", doctor._libvirtd, cfg)
+    assert c.level == doctor.FAIL and "cannot connect" in c.detail
+    cfg = config.parse({}, "test")
+    path = str(tmp_path / "virtlogd-sock")
+    assert doctor._virtlogd(cfg, path).level == doctor.FAIL
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)
+        s.listen(1)
+        assert doctor._virtlogd(cfg, path).level == doctor.PASS
+
+
+def test_doctor_disk_and_cgroups(tmp_path):
+    cfg = config.parse({"state_dir": str(tmp_path / "not-yet"), "library_dir": str(tmp_path),
+                        "host": {"reserved_disk_mb": 0}}, "test")
+    [c] = doctor._disk(cfg)   # one filesystem: one line; a missing dir is measured at its parent
+    assert c.level == doctor.PASS and "GiB free" in c.detail
+    cfg = config.parse({"state_dir": str(tmp_path), "host": {"reserved_disk_mb": 1 << 40}},
+                       "test")
+    assert {c.level for c in doctor._disk(cfg)} == {doctor.FAIL}
+    c = doctor._cgroups(cfg)   # this host's
+    assert c.detail.startswith("v2") == os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpu io memory pids\n")
+    c = doctor._cgroups(cfg, str(v2))
+    assert c.level == doctor.FAIL and "v2 (unified); controller(s) cpuset missing" in c.detail
+    (v2 / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (v2 / "machine.slice").mkdir()
+    c = doctor._cgroups(cfg, str(v2))
+    assert c.level == doctor.PASS and "under machine.slice" in c.detail
+    v1 = tmp_path / "v1"
+    for d in ("memory/machine", "cpuset", "unified"):
+        (v1 / d).mkdir(parents=True)
+    c = doctor._cgroups(cfg, str(v1))
+    assert c.level == doctor.PASS and c.detail.startswith("v1 (hybrid") and "under machine" in c.detail
+
+
+def test_new_config_keys_are_checked(tmp_path):
+    from vibatch.errors import ConfigError
+    for data, key in (({"metrics": {"textfile": "vibatch.txt"}}, "metrics.textfile"),
+                      ({"metrics": {"textfile": "../x.prom"}}, "metrics.textfile"),
+                      ({"logs": {"phases": "relative.log"}}, "logs.phases"),
+                      ({"logs": {"colour": "blue"}}, "logs.colour")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            config.parse(data, "v.yaml")
+    cfg = config.parse({"state_dir": "/srv/vb", "metrics": {"textfile": "m/n.prom"}}, "v.yaml")
+    assert metrics.textfile_path(cfg) == "/srv/vb/m/n.prom"
+    assert metrics.textfile_path(config.parse({"metrics": {"textfile": ""}}, "v")) == ""
+    assert config.load(os.path.join(REPO, "etc", "vibatch.yaml")).logs.phases == "syslog"

@@ -175,7 +175,7 @@ def _verify(cfg: Config, lib: Library, args: argparse.Namespace, now: float) -> 
     for img in images:
         t0 = time.monotonic()
         try:
-            lib.verify(img)
+            lib.verify(img, Progress.on(sys.stderr))
         except ImageIntegrityError as e:
             bad += 1
             print(f"FAIL {img.name}: {e.message}")

@@ -180,18 +180,18 @@ class Library:
         self._rehash(image, stale)
         return True
 
-    def verify(self, image: Image) -> None:
+    def verify(self, image: Image, progress: Progress = QUIET) -> None:
         """A full rehash of every file; quarantines on mismatch, lifts a quarantine on success."""
-        self._rehash(image, image.files())
+        self._rehash(image, image.files(), progress)
         if self.quarantined(image):
             self._set_quarantine(image.version, None)
 
-    def _rehash(self, image: Image, files: Iterable[ImageFile]) -> None:
+    def _rehash(self, image: Image, files: Iterable[ImageFile], progress: Progress = QUIET) -> None:
         done = {}
         for f in files:
             try:
                 before = _identity(self._stat_trusted(image, f))
-                digest = sha512_file(f.path)
+                digest = sha512_file(f.path, progress)
             except ImageIntegrityError as e:
                 self.quarantine(image, e.message)
                 raise
