@@ -517,3 +517,31 @@ def test_new_config_keys_are_checked(tmp_path):
     assert metrics.textfile_path(cfg) == "/srv/vb/m/n.prom"
     assert metrics.textfile_path(config.parse({"metrics": {"textfile": ""}}, "v")) == ""
     assert config.load(os.path.join(REPO, "etc", "vibatch.yaml")).logs.phases == "syslog"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="hooks must be root-owned")
+def test_doctor_on_the_slurm_conf_a_real_slurmd_reads(places, tmp_path, monkeypatch):
+    """The slurm.conf that tests/clusters.py writes for the real slurmd of test_batch_slurm.py
+    (written here without starting the daemons), with the shims installed as that test installs
+    them: doctor finds the Prolog and Epilog through $SLURM_CONF, as an admin's shell has it."""
+    from clusters import SlurmCluster
+    from vmhelp import install_shims
+    hooks = install_shims("slurm", str(tmp_path / "hooks-slurm"), {},
+                          {"prolog": 0o500, "epilog": 0o500, "job_exec": 0o555})
+    c = SlurmCluster(str(tmp_path / "slurm"), {
+        "Prolog": os.path.join(hooks, "prolog"), "Epilog": os.path.join(hooks, "epilog"),
+        "PrologFlags": "Alloc", "KillWait": "5"}, features=["vibatch", "testguest"])
+    os.makedirs(c.state)
+    c._write_conf()
+    monkeypatch.setenv("SLURM_CONF", c.conf)
+    checks = list(doctor._slurm(config.parse({}, "test"), places))
+    assert [(x.name, x.level) for x in checks] == [("slurm Prolog", doctor.PASS),
+                                                   ("slurm Epilog", doctor.PASS)]
+    # the cluster tests' shims have this node's paths substituted: safe, but not byte-for-byte
+    # vibatch's, which doctor says without failing
+    hooks = install_shims("slurm", str(tmp_path / "hooks-subst"),
+                          {"/etc/vibatch/vibatch.yaml": "/srv/vibatch.yaml"},
+                          {"prolog": 0o500, "epilog": 0o500})
+    c.extra.update(Prolog=os.path.join(hooks, "prolog"), Epilog=os.path.join(hooks, "epilog"))
+    c._write_conf()
+    assert [x.level for x in doctor._slurm(config.parse({}, "test"), places)] == [doctor.WARN] * 2
