@@ -57,8 +57,9 @@ class Places:
 def run(cfg: Config, config_error: str = "", boot: bool = False,
         places: Optional[Places] = None) -> Iterator[Check]:
     places = places or Places()
-    yield (Check("config", FAIL, config_error, "correct the key named; `vibatch check-config` "
-                 "shows what is read") if config_error
+    yield (Check("config", FAIL, config_error, "correct what the message names (the other "
+                 "checks ran with the defaults); `vibatch check-config` shows what is read")
+           if config_error
            else Check("config", PASS, f"{cfg.source} is valid"))
     for name, fn in (("acceleration", _accel), ("libvirtd", _libvirtd),
                      ("virtlogd", lambda c: _virtlogd(c, places.virtlogd_sock)),
