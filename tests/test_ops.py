@@ -545,3 +545,39 @@ def test_doctor_on_the_slurm_conf_a_real_slurmd_reads(places, tmp_path, monkeypa
     c.extra.update(Prolog=os.path.join(hooks, "prolog"), Epilog=os.path.join(hooks, "epilog"))
     c._write_conf()
     assert [x.level for x in doctor._slurm(config.parse({}, "test"), places)] == [doctor.WARN] * 2
+
+
+SYSLOG_CHILD = r"""
+import json, socket, subprocess, sys
+# a private /dev (this process has its own mount namespace): the real /dev/log is untouched
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "vibatch-test", "/dev"], check=True)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("/dev/log")
+s.settimeout(10)
+from vibatch import config
+from vibatch.core import metrics
+cfg = config.parse({"logs": {"phases": "syslog"}}, "test")
+metrics.log_phases(cfg, "prologue", "j7", {"claim": 0.01, "boot": 1.5}, 2.0,
+                   ("node", "BootFailed", "the guest did not answer"))
+print(json.dumps([s.recv(4096).decode() for _ in range(3)]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="a private mount namespace needs root and unshare(1)")
+def test_phase_log_to_syslog():
+    """The real libc syslog(3) path, into a /dev/log socket the test binds in a mount namespace
+    of its own (util-linux unshare): ident, facility daemon, priorities, one datagram a line."""
+    import json
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-B",
+                        "-c", SYSLOG_CHILD], capture_output=True, text=True, timeout=60,
+                       env={"PATH": os.environ["PATH"], "PYTHONPATH": REPO,
+                            "PYTHONDONTWRITEBYTECODE": "1"})
+    assert r.returncode == 0, r.stderr
+    lines = json.loads(r.stdout)
+    info, err = f"<{3 * 8 + 6}>", f"<{3 * 8 + 3}>"   # LOG_DAEMON | LOG_INFO, LOG_DAEMON | LOG_ERR
+    assert [line[:4] for line in lines] == [info, info, err]
+    assert all(" vibatch[" in line and " job=j7 hook=prologue " in line for line in lines)
+    assert lines[1].endswith("phase=boot seconds=1.500 start=cold")
+    assert lines[2].endswith('phase=boot fault=node reason=BootFailed '
+                             'message="the guest did not answer"')
