@@ -581,3 +581,26 @@ def test_phase_log_to_syslog():
     assert lines[1].endswith("phase=boot seconds=1.500 start=cold")
     assert lines[2].endswith('phase=boot fault=node reason=BootFailed '
                              'message="the guest did not answer"')
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="image add is root's")
+def test_image_add_shows_progress_on_a_terminal_only(tmp_path):
+    """`vibatch image add` as a subprocess: its stderr a real pseudo-terminal, then a pipe."""
+    from imagehelp import make_disk
+    cfgfile = tmp_path / "v.yaml"
+    cfgfile.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "s"),
+                                       "library_dir": str(tmp_path / "lib")}))
+    disk = make_disk(str(tmp_path / "d.qcow2"), "progress")
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(os.urandom(1 << 20))
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": REPO, "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def add(name, stderr):
+        return subprocess.run([sys.executable, "-B", "-m", "vibatch", "--config", str(cfgfile),
+                               "image", "add", disk, "--name", name, "--os", "t", "--os-version",
+                               "1", "--kernel", str(kernel)], stdout=subprocess.PIPE,
+                              stderr=stderr, text=True, timeout=120, env=env, cwd=REPO)
+    shown = _pty_output(lambda p: add("on-tty", p.stream))
+    assert b"hashing disk:" in shown and b"hashing vmlinux: 100.0% 1.0 MiB of 1.0 MiB" in shown
+    r = add("on-pipe", subprocess.PIPE)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("added on-pipe:")
