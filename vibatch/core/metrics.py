@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Optional
 
 from ..config import Config
+from ..errors import fault_of
 from ..images.library import Library
 from ..util import (append_log, atomic_write, atomic_write_json, hold, log_error, read_json,
                     root_lock)
@@ -86,9 +87,8 @@ def _outcome(hook: str, result: Any, exc: Optional[BaseException]
         if hook == "prologue":
             return dict(result.phases), None
         return ({"teardown": result["phases"]["epilogue"]} if result else {}), None
-    fault = getattr(exc, "fault", "node")   # anything not ours (a bug, a signal) is the node's
-    message = getattr(exc, "message", str(exc))
-    return dict(getattr(exc, _ATTR, {})), (fault, type(exc).__name__, message)
+    message = getattr(exc, "message", str(exc))   # not ours (a bug, a signal): the node's fault
+    return dict(getattr(exc, _ATTR, {})), (str(fault_of(exc)), type(exc).__name__, message)
 
 
 def log_phases(cfg: Config, hook: str, job_id: str, phases: dict, seconds: float,
