@@ -189,6 +189,8 @@ def test_counters_are_bounded_and_survive_damage(tmp_path, monkeypatch):
         f.write("{not json")
     metrics.count(cfg, "epilogue", {"teardown": 0.3}, 0.3, None)
     assert metrics.read_counters(cfg)["runs"] == {"epilogue|ok": 1}
+    # a bug (not a VibatchError) is the node's fault, by its class
+    assert metrics._outcome("prologue", None, KeyError("x"))[1] == ("node", "KeyError", "'x'")
     [h] = metrics.read_counters(cfg)["histograms"].values()
     assert h["count"] == 1 and h["buckets"][0] == 0 and h["buckets"][1] == 1   # 0.1 < 0.3 <= 0.5
 
