@@ -109,6 +109,18 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Prometheus textfile (node_exporter's textfile collector); relative: under state_dir;
+    # "": no textfile
+    textfile: str = "metrics/vibatch.prom"
+
+
+@dataclass(frozen=True)
+class LogsConfig:
+    phases: str = "syslog"             # one line per hook phase: syslog | an absolute path | ""
+
+
+@dataclass(frozen=True)
 class Config:
     libvirt_uri: str = "qemu:///system"
     state_dir: str = "/var/lib/vibatch"
@@ -125,6 +137,8 @@ class Config:
     htcondor: HTCondorConfig = field(default_factory=HTCondorConfig)
     torque: TorqueConfig = field(default_factory=TorqueConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
     source: str = "<defaults>"
 
 
@@ -222,9 +236,15 @@ _CHECKS.update({
 })
 _CHECKS["htcondor.condor_config"] = (str, os.path.isabs, "must be an absolute path")
 _CHECKS["htcondor.bin_dir"] = (str, os.path.isabs, "must be an absolute path")
+_CHECKS["metrics.textfile"] = (str, lambda v: v == "" or (v.endswith(".prom") and
+                                                         ".." not in v.split("/")),
+                               "must be a file name ending in .prom (absolute, or relative to "
+                               "state_dir), or \"\" for no textfile")
+_CHECKS["logs.phases"] = (str, lambda v: v in ("", "syslog") or os.path.isabs(v),
+                          "must be syslog, an absolute path, or \"\" for no phase log")
 _SECTIONS = {"host": HostConfig, "jobs": JobLimits, "vm": VmConfig, "exec": ExecConfig,
              "images": ImagesConfig, "htcondor": HTCondorConfig, "torque": TorqueConfig,
-             "features": FeaturesConfig}
+             "features": FeaturesConfig, "metrics": MetricsConfig, "logs": LogsConfig}
 
 
 def _check(source: str, key: str, value: Any) -> Any:

@@ -175,5 +175,6 @@ EXIT_CODES = {
     33: "the image is used by a running job (admin command)",
     34: "a download failed (admin command)",
     35: "a check of vibatch image test failed",
+    36: "a check of vibatch doctor failed",
     125: "vibatch exec could not run the command (no VM for this job, or not yours)",
 }

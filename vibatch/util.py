@@ -5,6 +5,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import tempfile
 import time
 from typing import Any, Iterator, Optional
@@ -147,18 +148,25 @@ def log_error(what: str, exc: BaseException) -> None:
         return
     text = (f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}: {what}\n"
             + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    with contextlib.suppress(OSError):
+        append_log(ERROR_LOG, text, ERROR_LOG_MAX)
+
+
+def append_log(path: str, text: str, max_bytes: int, mode: int = 0o600) -> None:
+    """Append ``text`` (at most 64 KiB) to the log at ``path``, never through a symlink; a log
+    past ``max_bytes`` is first moved to ``path``.1. Raises OSError."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if os.lstat(path).st_size > max_bytes:
+            os.replace(path, path + ".1")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | os.O_CLOEXEC, mode)
     try:
-        os.makedirs(os.path.dirname(ERROR_LOG), mode=0o755, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if os.lstat(ERROR_LOG).st_size > ERROR_LOG_MAX:
-                os.replace(ERROR_LOG, ERROR_LOG + ".1")
-        fd = os.open(ERROR_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, text.encode(errors="replace")[:64 * 1024])
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        os.write(fd, text.encode(errors="replace")[:64 * 1024])
+    finally:
+        os.close(fd)
 
 
 def require_root(what: str) -> None:

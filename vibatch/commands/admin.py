@@ -17,6 +17,7 @@ from ..errors import (CatalogRejected, ImageIntegrityError, ImageRejected, Image
                       LibraryError, UsageError, VibatchError)
 from ..images.library import Image, Library, in_use_by, inspect_disk, sha512_file
 from ..util import atomic_write, read_json, require_root
+from ..images.progress import Progress
 
 
 def _ago(ts: Optional[float], now: float) -> str:
@@ -73,7 +74,8 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
         img = lib.add(args.file, name=args.name, os_name=args.os_name, os_version=args.os_version,
                       arch=args.arch, kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
                       disk_boot=args.disk_boot, replace=args.replace,
-                      max_virtual_size=cfg.images.max_virtual_size_gb * 1024**3)
+                      max_virtual_size=cfg.images.max_virtual_size_gb * 1024**3,
+                      progress=Progress.on(sys.stderr))
         print(f"added {img.name}: {img.os} {img.os_version} ({img.boot} boot, {img.disk_format}), "
               f"{img.digest[:23]}…")
         return 0
@@ -173,7 +175,7 @@ def _verify(cfg: Config, lib: Library, args: argparse.Namespace, now: float) -> 
     for img in images:
         t0 = time.monotonic()
         try:
-            lib.verify(img)
+            lib.verify(img, Progress.on(sys.stderr))
         except ImageIntegrityError as e:
             bad += 1
             print(f"FAIL {img.name}: {e.message}")
@@ -195,7 +197,8 @@ def _sync(cfg: Config, lib: Library, urls: list[str]) -> int:
     worst: Optional[VibatchError] = None
     for url in urls:
         try:
-            r = sync.sync(cfg, lib, url, lambda: lifecycle.images_in_use(cfg))
+            r = sync.sync(cfg, lib, url, lambda: lifecycle.images_in_use(cfg),
+                          progress=Progress.on(sys.stderr))
         except VibatchError as e:
             print(f"{url}: REJECTED: {e.message}", file=sys.stderr)
             worst = worst or e

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     _catalog_parsers(sub)
 
     sub.add_parser("check-config", help="validate the config file and print it")
+    p = sub.add_parser("doctor", help="check this node: KVM, libvirt, hooks, images, ... (root)")
+    p.add_argument("--boot", action="store_true", help="also boot a test job (vibatch image "
+                   "test of the image a job would get)")
+    p = sub.add_parser("metrics", help="rewrite the Prometheus textfile (root, for cron)")
+    p.add_argument("--stdout", action="store_true", help="print it instead of writing it")
     return ap
 
 
@@ -189,6 +194,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "catalog" and args.catalog_command in ("keygen", "sign"):
             from .admin import catalog_command  # noqa: PLC0415 - an endorser needs no node config
             return catalog_command(args, None)
+        if args.command == "doctor":   # reports a bad config as one of its checks
+            from . import doctor  # noqa: PLC0415
+            require_root("doctor")
+            return doctor.main(args.config, args.boot)
         cfg = config_mod.load(args.config)
         return _dispatch(ap, args, cfg)
     except VibatchError as e:
@@ -214,6 +223,15 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
         return Exec(cfg, find_job_id(args.job)).run(command)
     if cmd == "check-config":
         print(json.dumps(_asdict(cfg), indent=2, sort_keys=True))
+        return 0
+    if cmd == "metrics":
+        from ..core import metrics  # noqa: PLC0415
+        require_root("metrics")
+        if args.stdout:
+            sys.stdout.write(metrics.render(cfg))
+        elif not metrics.write(cfg):
+            print(f"{PROG}: metrics.textfile is empty in {cfg.source}: no textfile",
+                  file=sys.stderr)
         return 0
     from ..core import lifecycle  # noqa: PLC0415
     if cmd in ("image", "catalog"):

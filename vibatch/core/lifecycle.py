@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from ..vm import accel, hypervisor, share
-from . import accounting, disk, faultpoints, features, jobstore
+from . import accounting, disk, faultpoints, features, jobstore, metrics
 from ..images import qemuimg
 from ..vm.agent import AgentError, LibvirtAgent, SocketAgent
 from ..config import Config
@@ -85,6 +85,7 @@ def check_limits(cfg: Config, cores: int, memory_mb: int) -> None:
                                    f"{j.max_memory_mb} MiB")
 
 
+@metrics.observed("prologue")   # phase log, counters, textfile: best effort
 def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
              holder: Optional[int] = None, batch: Optional[str] = None,
              batch_env: Optional[dict] = None) -> jobstore.JobState:
@@ -134,6 +135,7 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
         if isinstance(exc, VibatchError) and not exc.detail:  # read it before it is removed
             exc.detail = console_tail(paths.console, cfg.vm.console_tail_lines)
         _undo(node, rec, exc)
+        metrics.note_phases(exc, timer.phases)
         raise
     return rec.state
 
@@ -575,6 +577,7 @@ def _clear_orphan(node: Node, job_id: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+@metrics.observed("epilogue")
 def epilogue(node: Node, job_id: str, exit_code: Optional[int] = None) -> Optional[dict]:
     """Tear the job's VM down and account for it. Returns the record, or None if nothing ran
     (or another process, alive, is ending it: that one accounts).

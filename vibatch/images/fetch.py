@@ -18,6 +18,7 @@ from typing import BinaryIO, Iterator, Optional
 
 from ..errors import DownloadFailed, ImageRejected
 from ..util import Deadline
+from .progress import QUIET, Progress
 
 CHUNK = 1 << 20
 USER_AGENT = "vibatch-image-sync/1"
@@ -97,7 +98,7 @@ def fetch_bytes(url: str, limit: int, timeout: float) -> bytes:
 
 
 def download(url: str, part: str, size: int, sha512: str, deadline: Deadline,
-             timeout: float, what: str) -> str:
+             timeout: float, what: str, progress: Progress = QUIET) -> str:
     """Fetch ``url`` into ``part`` (resuming what is there) and check it; return ``part``.
 
     A network failure keeps the partial file for the next attempt (DownloadFailed). A file of the
@@ -122,6 +123,7 @@ def download(url: str, part: str, size: int, sha512: str, deadline: Deadline,
             with os.fdopen(fd, "wb") as out:
                 out.truncate(have)
                 out.seek(have)
+                progress.start(f"downloading {what}", size)
                 while True:
                     if deadline.expired():
                         raise DownloadFailed(f"{what}: {url}: not complete after "
@@ -144,6 +146,8 @@ def download(url: str, part: str, size: int, sha512: str, deadline: Deadline,
                     out.write(chunk)
                     h.update(chunk)
                     have += len(chunk)
+                    progress.update(have)
+                progress.end(have)
     if have != size:
         _discard(part)
         raise ImageRejected(f"{what}: {url} is truncated: {have} of the catalog's {size} bytes; "

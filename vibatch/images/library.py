@@ -35,6 +35,7 @@ from ..errors import (ImageInUse, ImageIntegrityError, ImageRejected, LibraryErr
                       UnknownImage)
 from ..names import valid_name
 from ..util import atomic_write_json, hold, read_json, root_lock
+from .progress import QUIET, Progress
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2
@@ -90,13 +91,18 @@ def check_name(name: str) -> str:
     return name
 
 
-def sha512_file(path: str) -> str:
+def sha512_file(path: str, progress: Progress = QUIET) -> str:
     h = hashlib.sha512()
     buf = bytearray(HASH_BUFFER)
     view = memoryview(buf)
+    done = 0
     with open(path, "rb", buffering=0) as f:
+        progress.start(f"hashing {os.path.basename(path)}", os.fstat(f.fileno()).st_size)
         while n := f.readinto(buf):
             h.update(view[:n])
+            done += n
+            progress.update(done)
+    progress.end(done)
     return h.hexdigest()
 
 
@@ -174,18 +180,18 @@ class Library:
         self._rehash(image, stale)
         return True
 
-    def verify(self, image: Image) -> None:
+    def verify(self, image: Image, progress: Progress = QUIET) -> None:
         """A full rehash of every file; quarantines on mismatch, lifts a quarantine on success."""
-        self._rehash(image, image.files())
+        self._rehash(image, image.files(), progress)
         if self.quarantined(image):
             self._set_quarantine(image.version, None)
 
-    def _rehash(self, image: Image, files: Iterable[ImageFile]) -> None:
+    def _rehash(self, image: Image, files: Iterable[ImageFile], progress: Progress = QUIET) -> None:
         done = {}
         for f in files:
             try:
                 before = _identity(self._stat_trusted(image, f))
-                digest = sha512_file(f.path)
+                digest = sha512_file(f.path, progress)
             except ImageIntegrityError as e:
                 self.quarantine(image, e.message)
                 raise
@@ -246,7 +252,7 @@ class Library:
     def add(self, disk: str, *, name: str, os_name: str, os_version: str, arch: str = "x86_64",
             kernel: Optional[str] = None, initrd: Optional[str] = None, cmdline: str = "",
             disk_boot: bool = False, max_virtual_size: int = 100 * 1024**3,
-            replace: bool = False) -> Image:
+            replace: bool = False, progress: Progress = QUIET) -> Image:
         """Copy local files into a new version and give it the name ``name``."""
         check_name(name)
         if disk_boot and (kernel or initrd):
@@ -265,7 +271,7 @@ class Library:
             stage = self.new_stage(name)
             try:
                 sources = {"disk": disk, "kernel": kernel, "initrd": initrd}
-                files = {what: _copy_in(src, stage, FILE_NAMES[what])
+                files = {what: _copy_in(src, stage, FILE_NAMES[what], progress)
                          for what, src in sources.items() if src}
                 manifest = make_manifest(stage, files, name=name, os_name=os_name,
                                          os_version=os_version, arch=arch, cmdline=cmdline,
@@ -454,10 +460,10 @@ def seal(path: str) -> None:
     os.chmod(path, 0o444)
 
 
-def _copy_in(src: str, stage: str, filename: str) -> dict:
+def _copy_in(src: str, stage: str, filename: str, progress: Progress = QUIET) -> dict:
     dst = os.path.join(stage, filename)
     shutil.copyfile(src, dst)
     seal(dst)
-    return {"file": filename, "sha512": sha512_file(dst), "size": os.path.getsize(dst)}
+    return {"file": filename, "sha512": sha512_file(dst, progress), "size": os.path.getsize(dst)}
 
 

@@ -25,6 +25,7 @@ from ..config import Config
 from ..errors import CatalogRejected, VibatchError
 from .library import DOWNLOADS, FILE_NAMES, Image, Library, make_manifest, seal
 from ..util import Deadline, atomic_write_json, hold, read_json, root_lock
+from .progress import QUIET, Progress
 
 
 @dataclass
@@ -46,7 +47,7 @@ def state_path(cfg: Config) -> str:
 
 
 def sync(cfg: Config, library: Library, url: str, in_use: Callable[[], dict],
-         now: Optional[float] = None) -> Report:
+         now: Optional[float] = None, progress: Progress = QUIET) -> Report:
     t0 = time.monotonic()
     url = fetch.normalize(url)
     fetch.scheme(url)
@@ -69,7 +70,7 @@ def sync(cfg: Config, library: Library, url: str, in_use: Callable[[], dict],
                 continue
             listed.add(entry.name)
             try:
-                _sync_entry(cfg, library, url, cat, entry, report)
+                _sync_entry(cfg, library, url, cat, entry, report, progress)
             except VibatchError as e:
                 report.failed.append((entry.name, e))
         used = in_use()
@@ -98,7 +99,7 @@ def _check_rollback(cfg: Config, url: str, cat: catalog_mod.Catalog) -> None:
     known[url] = {"serial": cat.serial, "digest": cat.digest, "endorser": cat.endorser,
                   "key_id": cat.key_id, "expires_at": cat.expires_at,
                   "accepted_at": prev["accepted_at"] if prev and prev["serial"] == cat.serial
-                  else time.time()}
+                  else time.time(), "synced_at": time.time()}
     atomic_write_json(path, known, mode=0o644)
 
 
@@ -119,7 +120,7 @@ def _same_files(image: Image, entry: catalog_mod.Entry) -> bool:
 
 
 def _sync_entry(cfg: Config, library: Library, url: str, cat: catalog_mod.Catalog,
-                entry: catalog_mod.Entry, report: Report) -> None:
+                entry: catalog_mod.Entry, report: Report, progress: Progress = QUIET) -> None:
     if entry.name in library.names():
         current = library.get(entry.name)
         prov = current.provenance or {}
@@ -142,7 +143,7 @@ def _sync_entry(cfg: Config, library: Library, url: str, cat: catalog_mod.Catalo
         before = os.path.getsize(part) if os.path.exists(part) else 0
         fetch.download(fetch.resolve(url, ref.url), part, ref.size, ref.sha512,
                        Deadline(cfg.images.download_timeout_s), cfg.images.connect_timeout_s,
-                       f"image {entry.name!r} {what}")
+                       f"image {entry.name!r} {what}", progress)
         report.bytes_downloaded += ref.size - before
         fetched[what] = part
     with hold(library.lock):

@@ -45,11 +45,11 @@ def choose(setting: str, state_dir: str, emulator: str,
     when the cached answer does not apply."""
     if setting in ("kvm", "tcg"):
         return setting
+    known = cached(state_dir, emulator)
+    if known:
+        return known["accel"]
     cache_path = os.path.join(state_dir, "accel.json")
     fp = _fingerprint(emulator)
-    cached = read_json(cache_path)
-    if cached and cached.get("fingerprint") == fp:
-        return cached["accel"]
     kernel, initrd = probe_files()
     accel, reason = probe(emulator, kernel, initrd)
     if not kernel or not _probe_can_run():
@@ -58,6 +58,17 @@ def choose(setting: str, state_dir: str, emulator: str,
     atomic_write_json(cache_path, {"fingerprint": fp, "accel": accel, "reason": reason,
                                    "probed_at": time.time()})
     return accel
+
+
+def cached(state_dir: str, emulator: str) -> Optional[dict]:
+    """The cached probe's answer ({accel, reason, probed_at}) while it still applies, else None."""
+    try:
+        known = read_json(os.path.join(state_dir, "accel.json"))
+    except ValueError:
+        return None
+    if isinstance(known, dict) and known.get("fingerprint") == _fingerprint(emulator):
+        return known
+    return None
 
 
 def probe(emulator: str, kernel: Optional[str], initrd: Optional[str]) -> tuple[str, str]:
