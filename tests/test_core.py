@@ -378,7 +378,7 @@ def test_machine_and_job_features_come_from_the_allocation_and_the_drain(site):
     assert features.shutdowntime(cfg) is None
     assert "shutdowntime" not in lifecycle.job_features(node, "j7", 2, 300, 600, 1)[0]
     hs = config.parse({**yaml.safe_load(open(cfg.source)), "features": {"hs06": 80}}, "t")
-    assert features.job(hs, "j", 2, 256, None, 0, 8)["hs06_job"] == "20"
+    assert features.job(hs, "j", 2, 256, None, 0, {"total_cpu": "8"})["hs06_job"] == "20"
     assert features.machine(hs, 4)["hs06"] == "80"
     for bad in ({"job_id": "a b"}, {"x;rm": "1"}, {"job_id": "$(id)"}):
         with pytest.raises(ValueError, match="not a key and a plain value"):

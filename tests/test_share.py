@@ -103,7 +103,8 @@ def _spec(tree, **kw):
     fields = dict(job_id="unit", tag="vbjob", uid=NOBODY, gid=NOBODY, groups=(NOBODY,), cpus=(),
                   virtiofsd=VIRTIOFSD, path=str(tree / "open"))
     fields.update(kw)
-    return share.write_specs(str(tree / "specs"), [share.ShareSpec(**fields)])[0]
+    share.write_specs(str(tree / "specs"), [share.ShareSpec(**fields)])
+    return share.spec_path(str(tree / "specs"), fields["tag"])
 
 
 def _launch(spec_file):

@@ -144,9 +144,8 @@ def job_gone(vm_job: str) -> Optional[bool]:
     True when it lists the job as unknown, False while it has a record, None if it cannot be
     asked or says anything else."""
     job_id = vm_job.split(".", 1)[0]
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-    try:
-        r = proc.run([QSTAT, "-xml", "-j", job_id], timeout=QSTAT_TIMEOUT_S, env=env, cwd="/",
+    try:   # proc.run's own minimal environment: nothing of reap's caller reaches qstat
+        r = proc.run([QSTAT, "-xml", "-j", job_id], timeout=QSTAT_TIMEOUT_S, cwd="/",
                      check=False)
     except CommandFailed:
         return None

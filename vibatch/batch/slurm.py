@@ -32,6 +32,7 @@ from .. import proc
 from ..config import Config
 from ..errors import CommandFailed, JobError, NodeError
 from ..core.request import JobRequest, make_request, parse_cpu_list
+from ..hygiene import minimal_env
 from .base import AS_IS, BatchSystem, Call, exits, main
 from .kit import STARTER_FAILED, exec_job, read_request, requestable_names
 
@@ -173,19 +174,16 @@ def exit_code(env: Mapping[str, str]) -> Optional[int]:
 HOLDING = {"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "RESIZING", "SIGNALING",
            "STAGE_OUT", "STOPPED"}
 ASK_TIMEOUT_S = 10
-ASK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def job_gone(job_id: str, env: Mapping[str, str]) -> Optional[bool]:
     """Whether job ``job_id`` no longer holds this node, as slurmctld says: True for "Invalid
     job id" or a state that holds no node (or nodes that are not this one: requeued); False
     while it holds this node; None if slurmctld cannot be asked or its answer is unclear."""
-    run_env = {"PATH": ASK_PATH, "LC_ALL": "C"}
-    if env.get("SLURM_CONF"):
-        run_env["SLURM_CONF"] = env["SLURM_CONF"]
+    conf = {"SLURM_CONF": env["SLURM_CONF"]} if env.get("SLURM_CONF") else {}
     try:
         r = proc.run([SCONTROL, "-o", "show", "job", job_id], timeout=ASK_TIMEOUT_S,
-                     env=run_env, check=False)
+                     env=minimal_env(**conf), check=False)
     except CommandFailed:
         return None
     if r.returncode != 0:

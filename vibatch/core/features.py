@@ -65,11 +65,12 @@ def machine(cfg: Config, jobslots: int) -> dict[str, str]:
 
 
 def job(cfg: Config, job_id: str, cores: int, memory_mb: int, walltime_s: Optional[int],
-        started: int, total_cpu: int) -> dict[str, str]:
+        started: int, machine_keys: dict[str, str]) -> dict[str, str]:
+    """The job's features; the node's (``machine``'s answer) give its CPUs and shutdowntime."""
     out: dict[str, object] = {"job_id": job_id, "allocated_cpu": cores,
                               "mem_limit_MB": memory_mb, "max_rss_bytes": memory_mb << 20,
                               "jobstart_secs": started}
-    ends = [e for e in (shutdowntime(cfg),) if e is not None]
+    ends = [int(machine_keys["shutdowntime"])] if "shutdowntime" in machine_keys else []
     if walltime_s:
         out["wall_limit_secs"] = walltime_s
         out["cpu_limit_secs"] = walltime_s * cores    # all its CPUs for its whole wall time
@@ -77,7 +78,8 @@ def job(cfg: Config, job_id: str, cores: int, memory_mb: int, walltime_s: Option
     if ends:
         out["shutdowntime_job"] = min(ends)
     if cfg.features.hs06 > 0:
-        out["hs06_job"] = _number(cfg.features.hs06 * cores / max(1, total_cpu))
+        out["hs06_job"] = _number(cfg.features.hs06 * cores
+                                  / max(1, int(machine_keys["total_cpu"])))
     return {k: str(v) for k, v in out.items()}
 
 

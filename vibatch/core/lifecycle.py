@@ -230,11 +230,6 @@ def _start_time(pid: int) -> float:
         raise NodeError(f"the job's holder process {pid} has already ended") from None
 
 
-def jobs_held_by(cfg: Config, pid: int) -> list[str]:
-    """The jobs on this node whose holder is the running process ``pid``."""
-    return jobstore.jobs_held_by(cfg, pid)
-
-
 def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, slot: Slot,
               timer: PhaseTimer) -> None:
     cfg, paths = node.cfg, rec.paths
@@ -371,8 +366,7 @@ def job_features(node: Node, job_id: str, cores: int, memory_mb: int,
                  walltime_s: Optional[int], started: int) -> tuple[dict, dict]:
     """(machine, job) features of a job of this node (features.py)."""
     m = features.machine(node.cfg, len(node.slots.capacity.cpus))
-    return m, features.job(node.cfg, job_id, cores, memory_mb, walltime_s, started,
-                           int(m["total_cpu"]))
+    return m, features.job(node.cfg, job_id, cores, memory_mb, walltime_s, started, m)
 
 
 def _wait_for_user_agent(agent: Any, deadline: Deadline) -> tuple[int, int]:

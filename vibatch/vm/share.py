@@ -92,8 +92,8 @@ def process_name(job_id: str, tag: str) -> str:
 
 
 # --- the prologue's side (root) ----------------------------------------------------------------
-def write_specs(state_dir: str, specs: Sequence[ShareSpec]) -> list[str]:
-    """Write each share's spec below the job's state directory; returns their paths (what the
+def write_specs(state_dir: str, specs: Sequence[ShareSpec]) -> None:
+    """Write each share's spec below the job's state directory, at ``spec_path`` (what the
     domain names as each share's source)."""
     d = shares_dir(state_dir)
     try:
@@ -102,7 +102,6 @@ def write_specs(state_dir: str, specs: Sequence[ShareSpec]) -> list[str]:
         st = os.lstat(d)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
             raise NodeError(f"{d} exists and is not root's directory") from None
-    out = []
     for spec in specs:
         path = spec_path(state_dir, spec.tag)
         for stale in (path, verdict_path(path)):
@@ -114,8 +113,6 @@ def write_specs(state_dir: str, specs: Sequence[ShareSpec]) -> list[str]:
                      0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(asdict(spec), f)
-        out.append(path)
-    return out
 
 
 def refusal(spec_files: Sequence[str]) -> Optional[str]:
