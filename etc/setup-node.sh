@@ -55,9 +55,13 @@ mkdir -p /etc/vibatch
 [ -e "$CONF" ] || install -m 644 "$REPO/etc/vibatch.yaml" "$CONF"
 
 if [ -e /dev/kvm ]; then chown root:kvm /dev/kvm; chmod 0660 /dev/kvm; fi
+# A daemon started here must not keep the caller's descriptors open: an inherited pipe would keep
+# a CI runner waiting for EOF, an inherited flock(1) lock would be held for the daemon's life.
+# Python's subprocess closes every descriptor above 2 (close_fds).
+daemon() { /usr/bin/python3 -I -c 'import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))' "$@"; }
 if [ ! -d /run/systemd/system ]; then
-  pgrep -x virtlogd >/dev/null || { log "starting virtlogd"; virtlogd -d; }
-  pgrep -x libvirtd >/dev/null || { log "starting libvirtd"; libvirtd -d; }
+  pgrep -x virtlogd >/dev/null || { log "starting virtlogd"; daemon virtlogd -d; }
+  pgrep -x libvirtd >/dev/null || { log "starting libvirtd"; daemon libvirtd -d; }
 fi
 for _ in $(seq 1 100); do   # bounded: up to 10 s for libvirtd to accept connections
   "$VENV/bin/python" -c 'import libvirt, sys; libvirt.registerErrorHandler(lambda *a: None, None); libvirt.open("qemu:///system").close()' 2>/dev/null && break
