@@ -214,7 +214,8 @@ class SlurmCluster:
             conf["JobSubmitPlugins"] = "lua"
         lines = [f"{k}={v}" for k, v in conf.items()]
         lines.append(f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} "
-                     f"RealMemory={self.memory_mb} Features={','.join(self.features)} "
+                     f"RealMemory={self.memory_mb} TmpDisk=1024 "
+                     f"Features={','.join(self.features)} "
                      "State=UNKNOWN")
         lines.append(f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP")
         with open(self.conf, "w") as f:

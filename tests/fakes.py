@@ -208,11 +208,12 @@ class FakeUserAgent:
         return ExecStatus(exited=True, exitcode=0, out=f"{meta['uid']}\n{meta['gid']}\n".encode())
 
 
-def fake_check_workdir(path, uid, gid, groups) -> None:
+def fake_check_workdir(path, uid, gid, groups, label="working directory") -> None:
     """share.check_as_user without dropping to the user: the fake tests run as any user."""
-    from vibatch.errors import MissingWorkdir
+    from vibatch.errors import MissingWorkdir, NodeError
     if not os.path.isdir(path):
-        raise MissingWorkdir(f"working directory {path} does not exist")
+        error = MissingWorkdir if label == "working directory" else NodeError
+        raise error(f"{label} {path} does not exist")
 
 
 def fake_node(cfg: Any, hv: FakeHypervisor):

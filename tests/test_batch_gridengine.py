@@ -28,8 +28,8 @@ def sge(vm_env):
     }, {"prolog": 0o755, "epilog": 0o755, "starter": 0o755})
     c = GridEngineCluster(os.path.join(vm_env.base, "sge"), {
         "prolog": f"root@{hooks}/prolog {ARGS}", "epilog": f"root@{hooks}/epilog {ARGS}",
-        "starter_method": f"{hooks}/starter", "complex_values": "vm_image=testguest",
-    }, complexes=["vm_image vmi RESTRING == YES NO NONE 0"])
+        "starter_method": f"{hooks}/starter", "complex_values": "vm_image=testguest,scratch=10G",
+    }, complexes=["vm_image vmi RESTRING == YES NO NONE 0", "scratch scr MEMORY <= YES NO 0 0"])
     with batch_user(vm_env, USER, UID) as home, running(c):
         c.home = home
         yield c
@@ -63,13 +63,20 @@ def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, sge
                'echo "features $(cat $JOBFEATURES/wall_limit_secs) $(cat $JOBFEATURES/allocated_cpu)'
                ' $(cat $JOBFEATURES/mem_limit_MB) $(cat $JOBFEATURES/job_id)'
                ' $(cat $MACHINEFEATURES/total_cpu)"\n'
-               'echo "args: $*"\nexit 7\n', "-l", "vm_image=testguest,h_vmem=600M,h_rt=420")
+               'echo "scratch $TMPDIR $(cat $JOBFEATURES/scratch_limit_bytes)'
+               ' $(stat -c %U $TMPDIR) $(df -k $TMPDIR | tail -n 1 | tr -s " " | cut -d" " -f2)"\n'
+               'echo "args: $*"\nexit 7\n', "-l",
+               "vm_image=testguest,h_vmem=600M,h_rt=420,scratch=300M")
     rec = sge.wait_accounted(job)
     assert rec["exit_status"] == "7" and rec["failed"] == "0", rec
     out = output(sge, job)
     assert f"kernel {guest_kernel()} on vbguest as {USER} in {sge.home}\n" in out, out
     # HEPiX Job Features in the guest, with what Grid Engine gave: h_rt, 1 slot, h_vmem
     assert f"features 420 1 600 {job} {os.cpu_count()}\n" in out, out
+    # -l scratch=300M: a 300 MiB scratch disk, the user's, at $TMPDIR
+    scratch = [line.split() for line in out.splitlines() if line.startswith("scratch ")]
+    assert scratch and scratch[0][1:4] == ["/scratch", str(300 << 20), USER], out
+    assert 280 * 1024 <= int(scratch[0][4]) <= 300 * 1024, out
     assert leftovers(vm_env, job) == []
     assert not os.path.exists(os.path.join(sge.home, "core")), subprocess.run(
         ["file", os.path.join(sge.home, "core")], capture_output=True, text=True).stdout

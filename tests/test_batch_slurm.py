@@ -68,11 +68,13 @@ def assert_node_healthy(c):
 
 
 def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, cluster):
-    job = submit(cluster, "#!/bin/sh\n#SBATCH --mem=600M\n#SBATCH --time=7\n"
+    job = submit(cluster, "#!/bin/sh\n#SBATCH --mem=600M\n#SBATCH --time=7\n#SBATCH --tmp=300M\n"
                  'echo "kernel $(uname -r) on $(cat /etc/hostname) as $(id -un) in $PWD"\n'
                  'echo "features $(cat $JOBFEATURES/wall_limit_secs) $(cat $JOBFEATURES/allocated_cpu)'
                  ' $(cat $JOBFEATURES/mem_limit_MB) $(cat $JOBFEATURES/job_id)'
                  ' $(cat $MACHINEFEATURES/total_cpu)"\n'
+                 'echo "scratch $TMPDIR $(cat $JOBFEATURES/scratch_limit_bytes)'
+                 ' $(stat -c %U $TMPDIR) $(df -k $TMPDIR | tail -n 1 | tr -s " " | cut -d" " -f2)"\n'
                  'echo "args: $*"\necho to-stderr >&2\nexit 7\n',
                  "--export=ALL,VIBATCH_IMAGE=testguest")
     rec = cluster.wait_finished(job)
@@ -82,6 +84,10 @@ def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, clu
     assert "to-stderr" in out
     # HEPiX Job Features in the guest, with what Slurm gave: 7 minutes, 1 CPU, 600 MB
     assert f"features 420 1 600 {job} {os.cpu_count()}\n" in out, out
+    # --tmp=300M: a 300 MiB scratch disk, the user's, at $TMPDIR (less ext4's own metadata)
+    scratch = [line.split() for line in out.splitlines() if line.startswith("scratch ")]
+    assert scratch and scratch[0][1:4] == ["/scratch", str(300 << 20), USER], out
+    assert 280 * 1024 <= int(scratch[0][4]) <= 300 * 1024, out
     assert "comment" not in out and rec.get("Comment", "").endswith("vibatch_image=testguest")
     assert leftovers(vm_env, job) == []
     acct = [line for line in open(vm_env.cfg.accounting_file) if f'"job_id": "{job}"' in line]
@@ -248,6 +254,18 @@ def test_scontrol_parsing_refuses_an_injected_allocation():
                           "Nodes=n[01-02] CPU_IDs=0-3 Mem=1024 GRES=\n     Nodes=vm CPU_IDs=2,5 Mem=512")
     assert slurm.allocation(multi, "vm", "5") == ((2, 5), 512, 3600)
     assert slurm.allocation(multi, "n02", "5")[0] == (0, 1, 2, 3)
+
+
+def test_the_tmp_grant_is_read_once_or_refused():
+    """--tmp is MinTmpDiskNode (MiB, or with Slurm's unit); a job name that holds a second such
+    line cannot raise it."""
+    line = "   MinCPUsNode=1 MinMemoryNode=600M MinTmpDiskNode={}\n"
+    assert slurm.tmp_disk_mb("JobId=5 JobName=x\n" + line.format("300M")) == 300
+    assert slurm.tmp_disk_mb("JobId=5 JobName=x\n" + line.format("2G")) == 2048
+    assert slurm.tmp_disk_mb("JobId=5 JobName=x\n" + line.format("0")) is None
+    assert slurm.tmp_disk_mb("JobId=5 JobName=x\n") is None
+    with pytest.raises(Exception, match="2 candidate lines"):
+        slurm.tmp_disk_mb("JobId=5 JobName=x\n" + line.format("900G") + line.format("1M"))
 
 
 def test_slurm_parsers():

@@ -385,3 +385,61 @@ def test_machine_and_job_features_come_from_the_allocation_and_the_drain(site):
             features.as_args({}, bad)
     assert features.as_args({"total_cpu": "8"}, {"job_id": "j1"}) == ["m:total_cpu=8",
                                                                      "j:job_id=j1"]
+
+
+def test_site_shares_and_scratch_reach_the_domain_the_guest_and_the_record(site, tmp_path):
+    """Each site share this image's guests get is a read-only spec (as the job user) and a
+    virtiofs of the domain; a share for other images is not; the scratch disk is a sparse ext4
+    file of the granted size, the job user's, gone after the epilogue; the accounting record
+    names them."""
+    import xml.etree.ElementTree as ET
+    from vibatch.vm import share
+    cfg, hv, work = site
+    for d in ("cvmfs", "certs", "other"):
+        (tmp_path / d).mkdir()
+    base = yaml.safe_load(open(cfg.source))
+    cfg = config.parse({**base, "scratch": {"default_gb": 1, "mount": "/scratch"}, "shares": [
+        {"path": str(tmp_path / "cvmfs")}, {"path": str(tmp_path / "certs"), "images": ["mini"]},
+        {"path": str(tmp_path / "other"), "images": ["el9"]}]}, "t")
+    node = fake_node(cfg, hv)
+    req = dataclasses.replace(request(cfg, work), scratch_mb=300)
+    state = lifecycle.prologue(node, req)
+    paths = JobPaths.of(cfg, "j1")
+    assert state.site_shares == (str(tmp_path / "cvmfs"), str(tmp_path / "certs"))
+    dom = ET.fromstring(hv.domains()["vibatch-j1"]["xml"])
+    tags = [fs.find("target").get("dir") for fs in dom.iter("filesystem")]
+    assert tags == ["vbjob", "vbio", "vbsite0", "vbsite1"]
+    spec = share.read_spec(share.spec_path(paths.state, "vbsite1"))
+    assert (spec.path, spec.readonly, spec.uid, spec.label) == (str(tmp_path / "certs"), True,
+                                                                65534, "site share")
+    assert share.read_spec(share.spec_path(paths.state, "vbjob")).readonly is False
+    st = os.stat(paths.scratch)
+    assert st.st_size == 300 << 20 and st.st_blocks * 512 < 16 << 20   # sparse
+    assert [d.find("serial").text for d in dom.iter("disk") if d.find("serial") is not None] \
+        == ["vbscratch"]
+    info = jobstore.JobInfo.read(paths)
+    assert info.tmpdir == "/scratch"
+    record = lifecycle.epilogue(fake_node(cfg, hv), "j1", 0)
+    assert (record["scratch_bytes"], record["network"]) == (300 << 20, "none")
+    assert record["site_shares"] == [str(tmp_path / "cvmfs"), str(tmp_path / "certs")]
+    assert not os.path.lexists(paths.scratch) and remains(cfg, hv) == []
+    _, j = lifecycle.job_features(node, "j", 1, 256, None, 0, 300 << 20)
+    assert j["scratch_limit_bytes"] == str(300 << 20)
+
+
+def test_a_missing_site_share_is_the_nodes_fault_and_an_overlap_the_jobs(site, tmp_path):
+    from vibatch.errors import MissingWorkdir, ResourceRequestError
+    cfg, hv, work = site
+    base = yaml.safe_load(open(cfg.source))
+    gone = config.parse({**base, "shares": [{"path": str(tmp_path / "nowhere")}]}, "t")
+    with pytest.raises(NodeError, match="site share .*nowhere does not exist"):
+        lifecycle.prologue(fake_node(gone, hv), request(gone, work))
+    assert remains(gone, hv) == []
+    inside = config.parse({**base, "shares": [{"path": work}]}, "t")
+    with pytest.raises(MissingWorkdir, match="the guest mounts .* there for the site"):
+        lifecycle.prologue(fake_node(inside, hv), request(inside, work))
+    capped = config.parse({**base, "scratch": {"max_gb": 1}}, "t")
+    with pytest.raises(ResourceRequestError, match="2048 MiB of scratch requested.*at most 1 GiB"):
+        lifecycle.prologue(fake_node(capped, hv),
+                           dataclasses.replace(request(capped, work), scratch_mb=2048))
+    assert remains(capped, hv) == []

@@ -23,6 +23,12 @@ CASES = {
                                     **{**BASE, "vcpu_pins": (2, 3), "memory_mb": 2048}),
     "tcg-disk-4cpu-noshare": DomainSpec(accel="tcg", **{**BASE, "vcpu_pins": (0, 1, 2, 3),
                                                         "shares": ()}),
+    # a site share (a third virtiofs), a scratch disk, and a NIC on vibatch's NAT bridge
+    "tcg-kernel-site-scratch": DomainSpec(
+        accel="tcg", kernel="/lib/vmlinux", scratch_disk="/var/lib/vibatch/jobs/42/scratch.img",
+        network="nat", network_bridge="vbnat0", mac="52:54:00:76:62:0b",
+        **{**BASE, "shares": BASE["shares"] + (
+            Share("/var/lib/vibatch/jobs/42/shares/vbsite0.json", "vbsite0"),)}),
 }
 
 
@@ -40,15 +46,17 @@ def test_golden(case, request):
 def test_every_spec_field_changes_the_xml():
     """Each DomainSpec field reaches the XML: a field no golden case exercises would fail here."""
     import dataclasses
-    spec = CASES["tcg-kernel-1cpu"]
-    changes = {"name": "other", "accel": "kvm", "vcpu_pins": (5,), "memory_mb": 1024,
+    spec = CASES["tcg-kernel-site-scratch"]
+    changes = {"scratch_disk": None, "scratch_serial": "other","name": "other", "accel": "kvm", "vcpu_pins": (5,), "memory_mb": 1024,
                "disk_overlay": "/x", "disk_base": "/y", "disk_base_format": "raw",
                "console_log": "/c", "user_agent_socket": "/s", "shares": (),
                "kernel": None, "initrd": None, "cmdline": "quiet", "machine": "pc",
-               "emulator": "/e", "virtiofsd": "/v", "tcg_tb_cache_mb": 32, "network": "user",
+               "emulator": "/e", "virtiofsd": "/v", "tcg_tb_cache_mb": 32, "network": "user", "network_bridge": "br9",
+               "mac": "52:54:00:00:00:01",
                "metadata": (("job_id", "43"),)}
     assert set(changes) == {f.name for f in dataclasses.fields(DomainSpec)}
     for field, value in changes.items():
+        spec = dataclasses.replace(CASES["tcg-kernel-site-scratch"], initrd="/lib/initrd")
         assert render(dataclasses.replace(spec, **{field: value})) != render(spec), field
 
 

@@ -17,6 +17,13 @@ def test_guest_env_drops_host_only_and_extends_path():
     # the job's Machine/Job Features directories in the guest, whatever the host had
     assert (d["MACHINEFEATURES"], d["JOBFEATURES"]) == ("/run/vibatch/features/machine",
                                                         "/run/vibatch/features/job")
+    assert "TMPDIR" not in d   # the host's is dropped; a job without scratch keeps the guest's
+
+
+def test_guest_env_points_tmpdir_at_the_scratch_disk():
+    env = guest_env({"TMPDIR": "/tmp/host-only"}, DEFAULT_ENV_EXCLUDE, "/bin", "/w", "1",
+                    tmpdir="/scratch")
+    assert dict(e.split("=", 1) for e in env)["TMPDIR"] == "/scratch"
 
 
 def test_find_job_id(monkeypatch):

@@ -17,26 +17,13 @@ import subprocess
 import pytest
 
 from conftest import SESSION
-from vmhelp import epilogue, exec_run, leftovers, private_workdir, prologue, virtiofsd_pids
+from vmhelp import (epilogue, exec_run, guest_root, leftovers, private_workdir, prologue,
+                    virtiofsd_pids)
 
 pytestmark = pytest.mark.vm
 
 USER = "vbt-alice"
 GUEST_IO = "/run/vibatch/io"
-
-
-def _guest_root(env, job, script, *args):
-    """Run ``script`` as root in the job's guest, through its root agent."""
-    from vibatch.vm import hypervisor
-    from vibatch.vm.agent import LibvirtAgent
-    from vibatch.util import Deadline
-    conn = hypervisor.connect(env.cfg.libvirt_uri)
-    try:
-        res = LibvirtAgent(hypervisor.lookup(conn, "vibatch-" + job)).run(
-            "/bin/sh", ["-c", script, "attack", *args], Deadline(60))
-    finally:
-        conn.close()
-    return res.wait_status, res.out.decode(), res.err.decode()
 
 
 def _entries(top):
@@ -123,7 +110,7 @@ def test_guest_root_cannot_plant_anything_in_either_share(vm_env, tracker, outsi
     for host, guest in ((workdir, workdir), (io_host, GUEST_IO)):
         rc, out, err = exec_run(vm_env, job, "/bin/sh", "-c", USER_FILES, "files", guest)
         assert (rc, out.strip()) == (0, "ok"), err
-        rc, out, err = _guest_root(vm_env, job, ROOT_ATTACK, guest)
+        rc, out, err = guest_root(vm_env, job, ROOT_ATTACK, guest)
         print(f"guest root in {guest}:\n{out}{err}")
         rc, out, err = exec_run(vm_env, job, "/bin/sh", "-c", USER_ATTACK, "attack", guest)
         print(f"job user in {guest}:\n{err}")
@@ -156,7 +143,7 @@ def test_a_swap_after_the_prologue_changes_nothing(vm_env, tracker, outside):
     os.rename(workdir, moved)
     os.symlink(outside, workdir)
     try:
-        _guest_root(vm_env, job, f"echo pwned > {workdir}/swapped-root")
+        guest_root(vm_env, job, f"echo pwned > {workdir}/swapped-root")
         rc, _, err = exec_run(vm_env, job, "/bin/sh", "-c", f"echo mine > {workdir}/swapped")
         assert rc == 0, err
         assert os.path.exists(os.path.join(moved, "swapped"))

@@ -60,6 +60,67 @@ def test_the_filter_refuses_setuid_bits_devices_and_xattrs(tmp_path):
     assert not any(os.stat(tmp_path / n).st_mode & 0o6000 for n in os.listdir(tmp_path))
 
 
+READONLY_PROBE = r"""
+import errno, json, os, sys
+sys.path.insert(0, sys.argv[1])
+from vibatch.vm.share import install_filter
+d, ro = sys.argv[2], sys.argv[3] == "ro"
+f = os.path.join(d, "f")
+with open(f, "w") as fh:
+    fh.write("host")
+os.mkdir(os.path.join(d, "sub"))
+install_filter(readonly=ro)
+res = {}
+def t(name, fn):
+    try:
+        fn(); res[name] = "ok"
+    except OSError as e:
+        res[name] = errno.errorcode[e.errno]
+def read():
+    with open(f) as fh:
+        assert fh.read() == "host"
+t("read", read)
+t("list", lambda: os.listdir(d))
+t("stat", lambda: os.stat(f))
+t("open O_PATH", lambda: os.close(os.open(d, os.O_PATH | os.O_DIRECTORY)))
+t("write", lambda: os.close(os.open(f, os.O_WRONLY)))
+t("rdwr", lambda: os.close(os.open(f, os.O_RDWR)))
+t("append", lambda: os.close(os.open(f, os.O_WRONLY | os.O_APPEND)))
+t("create", lambda: os.close(os.open(os.path.join(d, "new"), os.O_CREAT | os.O_RDONLY, 0o644)))
+t("truncate", lambda: os.truncate(f, 0))
+t("unlink", lambda: os.unlink(f))
+t("rename", lambda: os.rename(f, os.path.join(d, "g")))
+t("link", lambda: os.link(f, os.path.join(d, "h")))
+t("symlink", lambda: os.symlink("f", os.path.join(d, "s")))
+t("mkdir", lambda: os.mkdir(os.path.join(d, "m")))
+t("rmdir", lambda: os.rmdir(os.path.join(d, "sub")))
+t("chmod", lambda: os.chmod(f, 0o600))
+t("chown", lambda: os.chown(f, os.getuid(), os.getgid()))
+t("utime", lambda: os.utime(f, (0, 0)))
+t("mkfifo", lambda: os.mkfifo(os.path.join(d, "p")))
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.parametrize("mode", ["ro", "rw"])
+def test_a_readonly_share_refuses_every_change_with_erofs(tmp_path, mode):
+    """The same process, the same owner of the tree: with the read-only filter every change
+    fails with EROFS and reads still work; without it (the working directory's filter) the same
+    calls succeed, so it is the filter that stops them."""
+    out = subprocess.run([sys.executable, "-c", READONLY_PROBE, REPO, str(tmp_path), mode],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    res = json.loads(out)
+    reads = ("read", "list", "stat", "open O_PATH")
+    assert all(res[k] == "ok" for k in reads), res
+    changes = {k: v for k, v in res.items() if k not in reads}
+    if mode == "ro":
+        assert set(changes.values()) == {"EROFS"}, changes
+        assert (tmp_path / "f").read_text() == "host"
+        assert sorted(os.listdir(tmp_path)) == ["f", "sub"]
+    else:
+        assert changes.get("write") == "ok" and changes.get("mkdir") == "ok", changes
+
+
 @pytest.fixture
 def tree(tmp_path):
     """tmp/0755 open/ (nobody's), tmp/0700 closed/ (root's) with a 0755 inside, a symlink, and
@@ -91,6 +152,18 @@ def test_the_check_refuses_as_the_job_user(tree, rel, message):
     with pytest.raises(MissingWorkdir) as e:
         share.check_as_user(path, NOBODY, NOBODY, [NOBODY])
     assert message.format(tree=tree) in str(e.value) and path in str(e.value)
+
+
+@needs_root
+@pytest.mark.parametrize("rel, error", [
+    ("missing/x", "NodeError"), ("link", "NodeError"), ("closed/inner", "MissingWorkdir")])
+def test_a_site_share_missing_or_linked_is_the_nodes_fault(tree, rel, error):
+    """The site configured the share: missing or reached through a link, the node is wrong; a
+    share this user may not enter fails only the job."""
+    path = str(tree) + "/" + rel
+    with pytest.raises(Exception) as e:
+        share.check_as_user(path, NOBODY, NOBODY, [NOBODY], label="site share")
+    assert type(e.value).__name__ == error and f"site share {path}" in str(e.value)
 
 
 @needs_root

@@ -166,6 +166,21 @@ def pinned_cpus(env, jobs) -> dict[str, set[int]]:
         conn.close()
 
 
+def guest_root(env, job: str, script: str, *args: str, timeout: float = 60):
+    """Run ``script`` as root in the job's guest, through its root agent (as an image that
+    gives the user root would let them): (wait status, stdout, stderr)."""
+    from vibatch.util import Deadline
+    from vibatch.vm import hypervisor
+    from vibatch.vm.agent import LibvirtAgent
+    conn = hypervisor.connect(env.cfg.libvirt_uri)
+    try:
+        res = LibvirtAgent(hypervisor.lookup(conn, "vibatch-" + job)).run(
+            "/bin/sh", ["-c", script, "attack", *args], Deadline(timeout))
+    finally:
+        conn.close()
+    return res.wait_status, res.out.decode(), res.err.decode()
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
     """Poll ``predicate`` until true or ``timeout``: a bounded wait on a condition."""
     deadline = time.monotonic() + timeout

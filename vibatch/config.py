@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -59,7 +61,7 @@ class VmConfig:
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"           # run by the launcher as the job user
     share_launcher: str = "/opt/vibatch/hooks/libvirt/virtiofsd"   # what libvirt starts
     qemu_user: str = "libvirt-qemu"    # the user libvirt runs QEMU as (qemu.conf "user")
-    network: str = "none"              # none | user (slirp, outbound only)
+    network: str = "none"              # the default mode: none | user | nat | bridge (network.py)
     console_tail_lines: int = 30
 
 
@@ -109,6 +111,70 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    allow: tuple = ()                  # what user/nat guests may reach: CIDR[:PORT[/udp]]
+    dns: str = ""                      # the guests' resolver ("": user mode's own, nat: none)
+    nat_subnet: str = "10.213.0.0/24"  # vibatch's bridge takes .1, a job's VM .(10 + first CPU)
+    nat_bridge: str = "vbnat0"
+    bridge: str = ""                   # the site's bridge, for vm.network: bridge
+    groups: dict = field(default_factory=dict)   # mode -> groups whose jobs may ask for it
+
+
+@dataclass(frozen=True)
+class Allow:
+    """One ``network.allow`` entry."""
+
+    net: ipaddress.IPv4Network
+    port: Optional[int] = None
+    proto: str = "tcp"
+
+    def match(self) -> list[str]:
+        """iptables match arguments."""
+        out = ["-d", str(self.net)]
+        if self.port is not None:
+            out += ["-p", self.proto, "--dport", str(self.port)]
+        return out
+
+
+_ALLOW = re.compile(r"^([0-9.]+(?:/\d{1,2})?)(?::(\d{1,5})(?:/(tcp|udp))?)?$")
+
+
+def parse_allow(text: str) -> Allow:
+    """``CIDR``, ``CIDR:PORT`` or ``CIDR:PORT/udp`` (an address alone is a /32); ValueError."""
+    m = _ALLOW.match(text.strip()) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"{text!r} is not CIDR, CIDR:PORT or CIDR:PORT/udp")
+    net = ipaddress.IPv4Network(m.group(1), strict=False)
+    port = int(m.group(2)) if m.group(2) else None
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is not 1-65535")
+    return Allow(net, port, m.group(3) or "tcp")
+
+
+def _parses(fn, v) -> bool:
+    try:
+        fn(v)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class SiteShare:
+    """A host directory shared read-only into guests at the same path (``shares:``)."""
+
+    path: str
+    images: tuple = ()                 # image names or aliases it is for (empty: every image)
+
+
+@dataclass(frozen=True)
+class ScratchConfig:
+    default_gb: float = 0.0            # a job's scratch disk when the batch system grants none
+    max_gb: float = 100.0              # the largest scratch disk a job may get
+    mount: str = "/scratch"            # where the guest mounts it; the job's $TMPDIR
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     # Prometheus textfile (node_exporter's textfile collector); relative: under state_dir;
     # "": no textfile
@@ -139,6 +205,9 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logs: LogsConfig = field(default_factory=LogsConfig)
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    shares: tuple = ()                 # SiteShare, in the config's order
     source: str = "<defaults>"
 
 
@@ -175,7 +244,8 @@ _CHECKS: dict[str, tuple] = {
     "vm.emulator": (str,) + _ABS, "vm.virtiofsd": (str,) + _ABS,
     "vm.share_launcher": (str,) + _ABS,
     "vm.qemu_user": (str, lambda v: bool(v), "must name the user libvirt runs QEMU as"),
-    "vm.network": (str, lambda v: v in ("none", "user"), "must be none or user"),
+    "vm.network": (str, lambda v: v in ("none", "user", "nat", "bridge"),
+                   "must be none, user, nat or bridge"),
     "vm.console_tail_lines": (int, lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),
     "exec.env_exclude": (list, lambda v: all(isinstance(s, str) and s for s in v),
                          "must be a list of variable names"),
@@ -242,9 +312,72 @@ _CHECKS["metrics.textfile"] = (str, lambda v: v == "" or (v.endswith(".prom") an
                                "state_dir), or \"\" for no textfile")
 _CHECKS["logs.phases"] = (str, lambda v: v in ("", "syslog") or os.path.isabs(v),
                           "must be syslog, an absolute path, or \"\" for no phase log")
+_CHECKS["scratch.default_gb"] = (float,) + _NONNEG
+_CHECKS["scratch.max_gb"] = (float,) + _NONNEG
+_CHECKS["scratch.mount"] = (str, lambda v: _guest_path_ok(v) is None,
+                            "must be an absolute, normalised path outside the guest's system "
+                            "directories")
+_CHECKS["shares"] = (list, lambda v: True, "")
+_IFNAME = (str, lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", v) is not None,
+           "must be a network interface name (at most 15 letters, digits, _ . -)")
+_CHECKS.update({
+    "network.allow": (list, lambda v: all(_parses(parse_allow, x) for x in v),
+                      "must list CIDR, CIDR:PORT or CIDR:PORT/udp entries"),
+    "network.dns": (str, lambda v: v == "" or _parses(ipaddress.IPv4Address, v),
+                    "must be an IPv4 address (or \"\")"),
+    "network.nat_subnet": (str, lambda v: _parses(lambda x: ipaddress.IPv4Network(x, strict=True),
+                                                  v), "must be an IPv4 network such as 10.213.0.0/24"),
+    "network.nat_bridge": _IFNAME, "network.bridge": _IFNAME,
+    "network.groups": (dict, lambda v: all(k in ("user", "nat", "bridge") and isinstance(x, list)
+                                           and all(isinstance(g, str) and g for g in x)
+                                           for k, x in v.items()),
+                       "must map user, nat or bridge to lists of unix groups"),
+})
 _SECTIONS = {"host": HostConfig, "jobs": JobLimits, "vm": VmConfig, "exec": ExecConfig,
              "images": ImagesConfig, "htcondor": HTCondorConfig, "torque": TorqueConfig,
-             "features": FeaturesConfig, "metrics": MetricsConfig, "logs": LogsConfig}
+             "features": FeaturesConfig, "metrics": MetricsConfig, "logs": LogsConfig,
+             "scratch": ScratchConfig, "network": NetworkConfig}
+# where a share or the scratch disk may not be mounted in the guest: its own system directories
+# themselves (a share below /etc, such as /etc/grid-security/certificates, is fine)
+_GUEST_OWN = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32",
+              "/proc", "/root", "/run", "/sbin", "/sys", "/usr", "/var", "/tmp", "/home",
+              "/var/lib", "/var/log", "/var/tmp", "/usr/bin", "/usr/lib", "/usr/sbin"}
+_GUEST_TREES = ("/dev", "/proc", "/sys", "/run", "/boot")
+
+
+def _guest_path_ok(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a mount point in the guest, or None."""
+    if not os.path.isabs(path) or os.path.normpath(path) != path or path.startswith("//"):
+        return "is not an absolute, normalised path"
+    if any(ord(c) < 33 or ord(c) == 127 or c in ",\\" for c in path) or len(path) > 256:
+        return "holds a space, a comma, a backslash or a control character, or is too long"
+    if path in _GUEST_OWN or any(path.startswith(t + "/") for t in _GUEST_TREES):
+        return "is, or is inside, a directory the guest needs for itself"
+    return None
+
+
+def _site_shares(source: str, items: tuple, scratch_mount: str) -> tuple:
+    out: list[SiteShare] = []
+    for i, item in enumerate(items):
+        where = f"{source}: shares[{i}]"
+        if not isinstance(item, dict) or "path" not in item or set(item) - {"path", "images"}:
+            raise ConfigError(f"{where}: expected a mapping with path (and optionally images), "
+                              f"got {item!r}")
+        path, images = item["path"], item.get("images", [])
+        if not isinstance(path, str):
+            raise ConfigError(f"{where}.path: expected str, got {type(path).__name__}")
+        why = _guest_path_ok(path)
+        if why:
+            raise ConfigError(f"{where}.path: {path!r} {why}")
+        if not isinstance(images, list) or not all(isinstance(x, str) and _refs(x)
+                                                   for x in images):
+            raise ConfigError(f"{where}.images: must be a list of image names or aliases")
+        for other in [s.path for s in out] + [scratch_mount]:
+            if path == other or path.startswith(other + "/") or other.startswith(path + "/"):
+                raise ConfigError(f"{where}.path: {path} overlaps {other} (another share or "
+                                  "scratch.mount): shares may not nest")
+        out.append(SiteShare(path, tuple(images)))
+    return tuple(out)
 
 
 def _check(source: str, key: str, value: Any) -> Any:
@@ -285,7 +418,8 @@ def parse(data: Any, source: str) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
     cfg = _build(source, Config, data, "")
-    cfg = Config(**{**{f.name: getattr(cfg, f.name) for f in fields(Config)}, "source": source})
+    cfg = Config(**{**{f.name: getattr(cfg, f.name) for f in fields(Config)}, "source": source,
+                    "shares": _site_shares(source, cfg.shares, cfg.scratch.mount)})
     _cross_check(cfg)
     return cfg
 
@@ -310,6 +444,17 @@ def _cross_check(cfg: Config) -> None:
                           "choice (sbatch -A, qsub -A, AccountingGroup); set "
                           "images.accounts_enforced: true only if the batch system refuses "
                           "accounts the user does not belong to (see docs/security.md)")
+    if cfg.scratch.max_gb and cfg.scratch.default_gb > cfg.scratch.max_gb:
+        raise ConfigError(f"{cfg.source}: scratch.default_gb: {cfg.scratch.default_gb:g} is more "
+                          f"than scratch.max_gb ({cfg.scratch.max_gb:g})")
+    net = ipaddress.IPv4Network(cfg.network.nat_subnet)
+    need = 10 + max(cfg.host.cpus or [os.cpu_count() or 1]) + 2
+    if net.num_addresses < need:
+        raise ConfigError(f"{cfg.source}: network.nat_subnet: {net} has fewer than {need} "
+                          "addresses (the bridge's, and one per CPU from host part 10)")
+    if "bridge" in (cfg.vm.network, *cfg.network.groups) and not cfg.network.bridge:
+        raise ConfigError(f"{cfg.source}: network.bridge: the bridge mode needs the site's "
+                          "bridge named here")
     if cfg.host.cpus and set(cfg.host.reserved_cpus) >= set(cfg.host.cpus):
         raise ConfigError(f"{cfg.source}: host.reserved_cpus: reserves every CPU in host.cpus")
 

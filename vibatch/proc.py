@@ -18,13 +18,16 @@ class Result:
 
 
 def run(argv: list[str], *, timeout: float, check: bool = True,
-        env: Optional[dict] = None, cwd: Optional[str] = None) -> Result:
-    """``env`` is the child's whole environment: by default ``hygiene.minimal_env()``, never ours."""
+        env: Optional[dict] = None, cwd: Optional[str] = None,
+        input_text: Optional[str] = None) -> Result:
+    """``env`` is the child's whole environment: by default ``hygiene.minimal_env()``, never ours.
+    ``input_text`` is the child's stdin (else /dev/null)."""
     if env is None:
         env = minimal_env()
+    stdin = {"input": input_text} if input_text is not None else {"stdin": subprocess.DEVNULL}
     try:
         cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
-                            stdin=subprocess.DEVNULL, env=env, cwd=cwd)
+                            env=env, cwd=cwd, **stdin)
     except subprocess.TimeoutExpired as e:
         raise CommandFailed(f"{argv[0]} did not finish within {timeout:g} s") from e
     except OSError as e:

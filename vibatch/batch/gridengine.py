@@ -16,7 +16,7 @@ docs/batch/gridengine.md):
   other code re-runs a job that already finished.
 - The OS: ``-l vm_image=NAME`` (a RESTRING complex the site defines) or ``-v VIBATCH_IMAGE=NAME``.
 - The cores are the job's PE slots; the memory ``h_vmem`` per slot times the slots; the
-  walltime ``h_rt``. The CPU ids are vibatch's own choice (SGE binds only with ``-binding``).
+  walltime ``h_rt``; the scratch disk ``-l scratch=SIZE`` (a MEMORY complex the site defines). The CPU ids are vibatch's own choice (SGE binds only with ``-binding``).
 - ``starter_method <shim>``: the shepherd starts it as the job user with the job's environment
   and ``[job script copy | binary, args...]``; the script copy lives in execd's spool, so its
   text is handed into the VM and run by ``$SGE_STARTER_SHELL_PATH``, as SGE's posix_compliant
@@ -40,6 +40,7 @@ from .kit import STARTER_FAILED, exec_job, home_of, read_request
 QSTAT = "/usr/bin/qstat"
 QSTAT_TIMEOUT_S = 60
 COMPLEX = "vm_image"
+SCRATCH_COMPLEX = "scratch"     # -l scratch=10G: a MEMORY complex the site defines (not consumable)
 # prolog: 99 reschedules the job, 100 puts it in error (Eqw), anything else puts the queue in
 # error. epilog: anything but 0 re-runs a job that already finished.
 EXIT = {
@@ -116,12 +117,20 @@ def job_from_prolog(cfg: Config, argv: Sequence[str], job: ET.Element,
             walltime = int(float(res["h_rt"][1])) or None
         except ValueError:
             walltime = None
+    scratch_mb = None
+    if SCRATCH_COMPLEX in res:
+        text, value = res[SCRATCH_COMPLEX]
+        try:
+            scratch_mb = int(float(value)) >> 20
+        except ValueError:
+            scratch_mb = parse_memory_mb(text, f"{SCRATCH_COMPLEX} size")
     image = res.get(COMPLEX, ("", ""))[0] or _env_list(job).get("VIBATCH_IMAGE") or None
     workdir = job.findtext("JB_cwd") or home_of(owner)
     account = job.findtext("JB_account")
     return make_request(job_id=vm_job_id(job_id, task), user=owner, cores=cores,
                         memory_mb=memory_mb, workdir=workdir, image=image, walltime_s=walltime,
-                        queue=queue, account=None if account in (None, "", "sge") else account)
+                        queue=queue, account=None if account in (None, "", "sge") else account,
+                        scratch_mb=scratch_mb)
 
 
 def spool_config(env: Mapping[str, str]) -> dict[str, str]:

@@ -31,7 +31,7 @@ from typing import Mapping, Optional, Sequence
 from .. import proc
 from ..config import Config
 from ..errors import CommandFailed, JobError, NodeError
-from ..core.request import JobRequest, make_request, parse_cpu_list
+from ..core.request import JobRequest, make_request, parse_cpu_list, parse_memory_mb
 from ..hygiene import minimal_env
 from .base import AS_IS, BatchSystem, Call, exits, main
 from .kit import STARTER_FAILED, exec_job, read_request, requestable_names
@@ -48,6 +48,7 @@ EXIT = {
 }
 _DETAIL = re.compile(r"^\s+Nodes=(\S+) CPU_IDs=(\S+) Mem=(\d+)")
 _RUNTIME = re.compile(r"^\s+RunTime=\S+ TimeLimit=(\S+)")
+_TMPDISK = re.compile(r"^\s+MinCPUsNode=\S+ MinMemory\w+=\S+ MinTmpDiskNode=(\S+)")
 _IMAGE_TOKEN = re.compile(r"(?:^|\s)" + IMAGE_KEY + r"=(\S*)")
 
 
@@ -123,6 +124,18 @@ def allocation(show: str, node: str, job_id: str) -> tuple[tuple[int, ...], int,
     return cpus, int(details[0].group(3)), parse_time_limit(limits[0]) if len(limits) == 1 else None
 
 
+def tmp_disk_mb(show: str) -> Optional[int]:
+    """``sbatch --tmp`` (MinTmpDiskNode, MiB) from ``scontrol show job``: the job's scratch disk.
+    The record's text is not escaped (``allocation``): more than one such line is refused."""
+    found = [m.group(1) for m in map(_TMPDISK.match, show.splitlines()) if m]
+    if len(found) > 1:
+        raise JobError(f"cannot read the job's --tmp from scontrol ({len(found)} candidate "
+                       "lines; does the job name or comment hold 'MinTmpDiskNode=...'?)")
+    if not found or found[0] == "0":
+        return None
+    return parse_memory_mb(found[0], "--tmp size")
+
+
 def array_task_id(show: str, job_id: str) -> Optional[str]:
     """For an array task whose id is also its array's, scontrol prints every task's record: the
     task's own name (``ArrayJobId_ArrayTaskId``, printed before any text the user chose on the
@@ -158,7 +171,8 @@ def job_from_prolog(cfg: Config, env: Mapping[str, str], show: str) -> JobReques
                         memory_mb=mem or cfg.jobs.default_memory_mb,
                         workdir=env.get("SLURM_JOB_WORK_DIR", ""), image=image, walltime_s=limit,
                         queue=env.get("SLURM_JOB_PARTITION") or None,
-                        account=env.get("SLURM_JOB_ACCOUNT") or None, cpus=cpus)
+                        account=env.get("SLURM_JOB_ACCOUNT") or None, cpus=cpus,
+                        scratch_mb=tmp_disk_mb(show))
 
 
 def exit_code(env: Mapping[str, str]) -> Optional[int]:

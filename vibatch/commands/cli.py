@@ -41,6 +41,10 @@ def _add_job_resources(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="working directory, shared into the VM at the same path")
     p.add_argument("--walltime", type=_positive_int, help="walltime in seconds, if known")
     p.add_argument("--cpus", help="exact host CPU ids the batch system gave the job, e.g. 2-3")
+    p.add_argument("--network", choices=("none", "user", "nat", "bridge"),
+                   help="network mode (default: vm.network; others as network.groups allow)")
+    p.add_argument("--scratch", help="scratch disk the batch system granted, e.g. 10G "
+                   "(default: scratch.default_gb; mounted at scratch.mount, the job's $TMPDIR)")
 
 
 def _when(text: str) -> int:
@@ -98,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--at", type=_when, help="when: epoch seconds, or local time as "
                    "YYYY-MM-DDTHH:MM[:SS]")
     g.add_argument("--cancel", action="store_true", help="the node is not draining after all")
+
+    p = sub.add_parser("network", help="the node's network policy for user/nat guests (root)")
+    p.add_argument("action", choices=("apply", "show", "remove"),
+                   help="apply: put the config's policy (and the NAT bridge) in force now; "
+                   "show: print the rules it would load; remove: take them away")
 
     p = sub.add_parser("status", help="jobs, slots and VMs on this node")
     p.add_argument("--json", action="store_true")
@@ -233,6 +242,8 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
             print(f"{PROG}: metrics.textfile is empty in {cfg.source}: no textfile",
                   file=sys.stderr)
         return 0
+    if cmd == "network":
+        return _network(args, cfg)
     from ..core import lifecycle  # noqa: PLC0415
     if cmd in ("image", "catalog"):
         from . import admin  # noqa: PLC0415
@@ -281,7 +292,27 @@ def _request(args: argparse.Namespace, cfg, job_id: str, user: str):
     cores = args.cores or (len(cpus) if cpus else cfg.jobs.default_cores)
     return make_request(job_id=job_id, user=user, cores=cores, memory_mb=memory, image=args.image,
                         workdir=args.workdir or os.getcwd(), walltime_s=args.walltime, cpus=cpus,
-                        queue=args.queue, account=args.account)
+                        queue=args.queue, account=args.account,
+                        scratch_mb=parse_memory_mb(args.scratch, "scratch size") if args.scratch else None,
+                        network=args.network)
+
+
+def _network(args: argparse.Namespace, cfg) -> int:
+    from ..core.lifecycle import qemu_ids  # noqa: PLC0415
+    from ..vm import network  # noqa: PLC0415
+    uid = qemu_ids(cfg)[0]
+    if args.action == "show":
+        sys.stdout.write(network.ruleset(cfg, uid))
+        return 0
+    require_root(f"network {args.action}")
+    if args.action == "remove":
+        network.remove(cfg, uid)
+        return 0
+    modes = {cfg.vm.network, *cfg.network.groups}
+    for mode in sorted(modes & {"user", "nat", "bridge"}):
+        network.ensure(cfg, mode, uid)
+        print(f"{PROG}: network {mode}: policy in force")
+    return 0
 
 
 def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg, node) -> int:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..vm import hypervisor
+from ..vm import hypervisor, network
 from ..core import lifecycle
 from ..errors import VibatchError
 from ..core.execjob import Exec
@@ -142,7 +142,9 @@ def _in_guest(node: lifecycle.Node, job_id: str, juser, work: str, cores: int, m
     check("Machine/Job Features give the job's allocation",
           lambda: _features(guest, job_id, cores, memory_mb))
     check("signals reach the job", lambda: _signals(cfg.source, job_id, juser))
-    check(f"network matches policy ({cfg.vm.network})", lambda: _network(guest, cfg.vm.network))
+    check(f"network matches policy ({cfg.vm.network})",
+          lambda: _network(guest, cfg.vm.network, network.guest_net(cfg, cfg.vm.network,
+                                                                    state.cpus)))
     total = sum(state.phases.values())
     limit = cfg.vm.boot_timeout_s + cfg.vm.setup_timeout_s
     check("the job user cannot become root in the image", lambda: _root_paths(guest),
@@ -275,14 +277,21 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     return buf.decode(errors="replace").split("\n")[0].strip()
 
 
-def _network(guest: _Guest, policy: str) -> tuple[bool, str]:
+def _network(guest: _Guest, mode: str, want: Optional[network.GuestNet]) -> tuple[bool, str]:
+    """none: no interface but lo; user and nat: the interface vibatch configured, with its
+    address and default route; bridge: an interface (the site's DHCP configures it)."""
     st, out, err = guest.sh("ls /sys/class/net")
     if st != 0:
         return False, f"({st}) {err.strip()}"
     nics = [n for n in out.split() if n != "lo"]
-    if policy == "none":
-        return not nics, f"interfaces besides lo: {', '.join(nics) or 'none'}"
-    return bool(nics), f"interfaces besides lo: {', '.join(nics) or 'none'} (policy: outbound NAT)"
+    if mode == "none" or not nics or want is None:
+        ok = not nics if mode == "none" else bool(nics)
+        return ok, f"interfaces besides lo: {', '.join(nics) or 'none'}"
+    st, out, err = guest.sh("ip -4 -o addr show; ip route show default")
+    seen = " ".join(out.split())
+    ok = st == 0 and f"inet {want.address}" in seen and f"default via {want.gateway}" in seen
+    return ok, (f"{', '.join(nics)}: {want.address} via {want.gateway}" if ok
+                else f"expected {want.address} via {want.gateway}; the guest has: {seen or err}")
 
 
 def _clean(node: lifecycle.Node, job_id: str) -> tuple[bool, str]:

@@ -60,8 +60,9 @@ def find_job_id(explicit: Optional[str]) -> str:
 
 
 def guest_env(environ: dict, exclude: Sequence[str], guest_path: str, cwd: str,
-              job_id: str) -> list[str]:
-    """The job's environment minus what only makes sense on the host."""
+              job_id: str, tmpdir: str = "") -> list[str]:
+    """The job's environment minus what only makes sense on the host; ``tmpdir``: the job's
+    scratch disk in the guest, its $TMPDIR."""
     skip = set(exclude)
     env = {k: v for k, v in environ.items()
            if k not in skip and "=" not in k and "\0" not in k + v}
@@ -71,6 +72,8 @@ def guest_env(environ: dict, exclude: Sequence[str], guest_path: str, cwd: str,
     env["VIBATCH_JOB_ID"] = job_id
     # HEPiX Machine/Job Features, made by the guest's setup (core/features.py)
     env["MACHINEFEATURES"], env["JOBFEATURES"] = MACHINE_FEATURES, JOB_FEATURES
+    if tmpdir:
+        env["TMPDIR"] = tmpdir
     return [f"{k}={v}" for k, v in sorted(env.items())]
 
 
@@ -163,7 +166,7 @@ class Exec:
             cwd = self.cwd()
             env = guest_env(dict(os.environ if environ is None else environ),
                             self.cfg.exec.env_exclude, self.cfg.exec.guest_path,
-                            cwd, self.paths.job_id)
+                            cwd, self.paths.job_id, self.info.tmpdir)
             args = ["-c", OUTER, INNER, "vibatch-job", f"{io_guest}/{token}.out",
                     f"{io_guest}/{token}.err", cwd, *argv]
             with self.agent.session(AGENT_TIMEOUT_S):

@@ -65,11 +65,13 @@ def machine(cfg: Config, jobslots: int) -> dict[str, str]:
 
 
 def job(cfg: Config, job_id: str, cores: int, memory_mb: int, walltime_s: Optional[int],
-        started: int, machine_keys: dict[str, str]) -> dict[str, str]:
+        started: int, machine_keys: dict[str, str], scratch_bytes: int = 0) -> dict[str, str]:
     """The job's features; the node's (``machine``'s answer) give its CPUs and shutdowntime."""
     out: dict[str, object] = {"job_id": job_id, "allocated_cpu": cores,
                               "mem_limit_MB": memory_mb, "max_rss_bytes": memory_mb << 20,
                               "jobstart_secs": started}
+    if scratch_bytes:
+        out["scratch_limit_bytes"] = scratch_bytes     # the job's scratch disk, its $TMPDIR
     ends = [int(machine_keys["shutdowntime"])] if "shutdowntime" in machine_keys else []
     if walltime_s:
         out["wall_limit_secs"] = walltime_s

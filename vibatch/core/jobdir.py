@@ -4,6 +4,8 @@
         state.json                  the prologue's record (root, 0600)
         overlay.qcow2               the copy-on-write disk (root 0600; libvirt lends it to QEMU)
         console.log                 the serial console (virtlogd's, rotated: bounded)
+        scratch.img                 the job's scratch disk, if it has one (sparse ext4; root
+                                    0600, lent to QEMU like the overlay)
         disk.json                   the disk space this job may grow into (root, 0600)
         io/                         the job user's, 0700: shared into the guest for exec's output;
                                     a tmpfs of its own (size jobs.io_max_mb, nosuid,nodev,noexec)
@@ -56,6 +58,10 @@ class JobPaths:
     @property
     def console(self) -> str:
         return os.path.join(self.state, "console.log")
+
+    @property
+    def scratch(self) -> str:
+        return os.path.join(self.state, "scratch.img")
 
     @property
     def disk(self) -> str:

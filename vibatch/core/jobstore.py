@@ -80,10 +80,13 @@ class JobState:
     exit_code: Optional[int] = None
     vm_end: Optional[str] = None           # destroyed | gone | never_started | unknown
     vm_cpu_time_s: Optional[float] = None
+    network: Optional[str] = None          # vm.network the job's VM had
+    scratch_bytes: int = 0                 # its scratch disk (0: none)
+    site_shares: tuple[str, ...] = ()      # host paths shared read-only into it
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        d["cpus"] = list(self.cpus)
+        d["cpus"], d["site_shares"] = list(self.cpus), list(self.site_shares)
         return d
 
     @classmethod
@@ -104,7 +107,8 @@ class JobState:
                 raise bad(f"{key} is {type(value).__name__}")
         if data.get("phase") not in PHASES:
             raise bad(f"phase {data.get('phase')!r}")
-        return cls(**{**data, "cpus": tuple(data.get("cpus") or ())})
+        return cls(**{**data, "cpus": tuple(data.get("cpus") or ()),
+                      "site_shares": tuple(data.get("site_shares") or ())})
 
 
 def _is(value: Any, want: str) -> bool:
@@ -116,7 +120,8 @@ def _is(value: Any, want: str) -> bool:
     if want == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if want.startswith("tuple"):
-        return isinstance(value, list) and all(_is(v, "int") for v in value)
+        item = want[len("tuple["):].split(",")[0]
+        return isinstance(value, list) and all(_is(v, item) for v in value)
     return isinstance(value, {"str": str, "bool": bool, "dict": dict}[want])
 
 
@@ -135,6 +140,7 @@ class JobInfo:
     workdir: str
     io_host: str           # the job's I/O folder on the host
     io_guest: str          # the same folder in the guest
+    tmpdir: str = ""       # the job's scratch disk in the guest, its $TMPDIR ("": none)
 
     def write(self, paths: JobPaths) -> None:
         atomic_write_json(paths.info, dataclasses.asdict(self), mode=0o644)
@@ -150,8 +156,10 @@ class JobInfo:
         if data is None:
             return None
         names = {f.name: f.type for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or set(data) != set(names) or \
-                not all(_is(data[k], str(t)) for k, t in names.items()):
+        optional = {f.name for f in dataclasses.fields(cls)
+                    if f.default is not dataclasses.MISSING}   # absent in an older vibatch's file
+        if not isinstance(data, dict) or not set(names) - optional <= set(data) <= set(names) or \
+                not all(_is(data[k], str(names[k])) for k in data):
             raise NodeError(f"{paths.info} is not a valid job info file")
         return cls(**data)
 

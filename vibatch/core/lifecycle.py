@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-from ..vm import accel, hypervisor, share
+from ..vm import accel, hypervisor, network, share
 from . import accounting, disk, faultpoints, features, jobstore, metrics
 from ..images import qemuimg
 from ..vm.agent import AgentError, LibvirtAgent, SocketAgent
@@ -103,6 +103,7 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
     a SIGKILL leaves the record to the next epilogue, reap or prologue for the same job."""
     cfg = node.cfg
     check_limits(cfg, req.cores, req.memory_mb)
+    net_mode = network.choose(cfg, req.network, user_groups(req.user.name, req.user.gid))
     paths = JobPaths.of(cfg, req.job_id)
     timer = PhaseTimer()
     started = time.time()
@@ -115,7 +116,9 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
             image=image.name, image_digest=image.digest, image_dir=image.dir,
             requested_image=req.image, queue=req.queue, account=req.account,
             workdir=req.workdir, walltime_s=req.walltime_s, domain=paths.domain, batch=batch,
-            batch_env=dict(batch_env or {})))
+            batch_env=dict(batch_env or {}), network=net_mode,
+            scratch_bytes=disk.scratch_bytes(cfg, req.scratch_mb),
+            site_shares=tuple(path for _, path in site_shares(cfg, image))))
         if holder is not None:
             rec.stage(holder_pid=holder, holder_start=_start_time(holder))
         _reserve(node, rec)
@@ -124,7 +127,7 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
             faultpoints.point("reserved")
             with timer.phase("claim"):
                 rec.set(jobstore.SLOT)
-                disk.admit(cfg, paths, image)
+                disk.admit(cfg, paths, image, rec.state.scratch_bytes)
                 slot, _ = node.slots.claim(req.job_id, req.cores, req.memory_mb, req.cpus)
                 rec.stage(cpus=tuple(slot.cpus), memory_mb=slot.memory_mb)
             _bring_up(node, req, rec, image, slot, timer)
@@ -235,7 +238,7 @@ def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, s
     cfg, paths = node.cfg, rec.paths
     faultpoints.point("slot")
     with timer.phase("shares"):      # first: a working directory the user may not reach fails
-        _prepare_shares(node, req, paths, slot)   # before the image is hashed or cloned
+        _prepare_shares(node, req, paths, slot, image)   # before the image is hashed or cloned
     with timer.phase("image_check"):
         rec.stage(image_hashed=node.library.ensure_verified(image))
     with timer.phase("clone"):
@@ -243,17 +246,22 @@ def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, s
         qemuimg.create_overlay(image.disk.path, image.disk_format, paths.overlay)
         os.chown(paths.overlay, *qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
         os.chmod(paths.overlay, 0o600)
+        if rec.state.scratch_bytes:
+            disk.create_scratch(paths.scratch, rec.state.scratch_bytes, req.user.uid,
+                                req.user.gid, qemu_ids(cfg))
     faultpoints.point("overlay")
     with timer.phase("domain_start"):
         kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
                             lambda: _probe_files(node, image))
-        spec = domain_spec(cfg, req, paths, image, slot, kind)
+        network.ensure(cfg, rec.state.network, qemu_ids(cfg)[0])
+        spec = domain_spec(cfg, req, paths, image, slot, kind, rec.state.scratch_bytes,
+                           rec.state.network)
         rec.set(jobstore.DOMAIN, accel=kind)
         try:
             dom = hypervisor.start_capped(node.conn, render(spec),
                                           slot.memory_mb + cfg.vm.memory_overhead_mb)
         except HypervisorError:
-            why = share.refusal(_share_specs(paths))   # the directory changed since the check
+            why = share.refusal([s.source for s in spec.shares])   # changed since the check
             if why:
                 raise MissingWorkdir(why) from None
             raise
@@ -265,25 +273,56 @@ def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, s
     faultpoints.point("booted")
     with timer.phase("guest_setup"):
         _setup_guest(node, root_agent, node.user_agent(paths.socket), req, slot, paths,
-                     Deadline(cfg.vm.setup_timeout_s), int(rec.state.started_at or time.time()))
+                     Deadline(cfg.vm.setup_timeout_s), int(rec.state.started_at or time.time()),
+                     rec.state.scratch_bytes, site_shares(cfg, image),
+                     network.guest_net(cfg, rec.state.network or "none", slot.cpus))
     faultpoints.point("set_up")
 
 
-def _prepare_shares(node: Node, req: JobRequest, paths: JobPaths, slot: Slot) -> None:
-    """The working directory checked as the job user (a refusal is the job's fault), and each
-    share's spec written for the launcher libvirt starts in virtiofsd's place (share.py)."""
-    u = req.user
+def site_shares(cfg: Config, image: Image) -> list[tuple[str, str]]:
+    """(virtiofs tag, path) of each of the site's read-only shares this image's guests get."""
+    names = {image.name} | {a for a, target in cfg.images.aliases.items() if target == image.name}
+    return [(f"{SITE_TAG}{i}", s.path) for i, s in enumerate(cfg.shares)
+            if not s.images or names & set(s.images)]
+
+
+SITE_TAG = "vbsite"
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def _prepare_shares(node: Node, req: JobRequest, paths: JobPaths, slot: Slot,
+                    image: Image) -> None:
+    """The working directory and the site's shares checked as the job user (a refusal is the
+    job's fault; a site share that is missing, the node's), and each share's spec written for
+    the launcher libvirt starts in virtiofsd's place (share.py)."""
+    cfg, u = node.cfg, req.user
+    mounts = [p for _, p in site_shares(cfg, image)]
+    if disk.scratch_bytes(cfg, req.scratch_mb):
+        mounts.append(cfg.scratch.mount)
+    for path in mounts:
+        if _overlaps(req.workdir, path):
+            raise MissingWorkdir(f"working directory {req.workdir} cannot be shared into a VM: "
+                                 f"the guest mounts {path} there for the site")
     groups = tuple(os.getgrouplist(u.name, u.gid))
     node.check_workdir(req.workdir, u.uid, u.gid, groups)
+    for _, path in site_shares(cfg, image):
+        node.check_workdir(path, u.uid, u.gid, groups, label="site share")
     os.chown(paths.io, u.uid, u.gid, follow_symlinks=False)  # served as the job user
     common = dict(job_id=req.job_id, uid=u.uid, gid=u.gid, groups=groups,
-                  cpus=tuple(slot.cpus), virtiofsd=node.cfg.vm.virtiofsd)
-    share.write_specs(paths.state, [share.ShareSpec(tag=WORKDIR_TAG, path=req.workdir, **common),
-                                    share.ShareSpec(tag=IO_TAG, own=paths.io, **common)])
+                  cpus=tuple(slot.cpus), virtiofsd=cfg.vm.virtiofsd)
+    share.write_specs(paths.state, [
+        share.ShareSpec(tag=WORKDIR_TAG, path=req.workdir, **common),
+        share.ShareSpec(tag=IO_TAG, own=paths.io, **common),
+        *(share.ShareSpec(tag=tag, path=path, readonly=True, label="site share", **common)
+          for tag, path in site_shares(cfg, image))])
 
 
-def _share_specs(paths: JobPaths) -> list[str]:
-    return [share.spec_path(paths.state, tag) for tag in (WORKDIR_TAG, IO_TAG)]
+def _shares(cfg: Config, paths: JobPaths, image: Image) -> tuple[Share, ...]:
+    tags = [WORKDIR_TAG, IO_TAG] + [tag for tag, _ in site_shares(cfg, image)]
+    return tuple(Share(share.spec_path(paths.state, tag), tag) for tag in tags)
 
 
 def _probe_files(node: Node, image: Image) -> tuple[Optional[str], Optional[str]]:
@@ -305,17 +344,22 @@ def qemu_ids(cfg: Config) -> tuple[int, int]:
 
 
 def domain_spec(cfg: Config, req: JobRequest, paths: JobPaths, image: Image, slot: Slot,
-                kind: str) -> DomainSpec:
+                kind: str, scratch_bytes: int = 0, net_mode: Optional[str] = None) -> DomainSpec:
+    net_mode = net_mode or cfg.vm.network
+    guest_net = network.guest_net(cfg, net_mode, slot.cpus)
     return DomainSpec(
         name=paths.domain, accel=kind, vcpu_pins=slot.cpus, memory_mb=slot.memory_mb,
         disk_overlay=paths.overlay, disk_base=image.disk.path, disk_base_format=image.disk_format,
         console_log=paths.console, user_agent_socket=paths.socket,
-        shares=tuple(Share(spec, tag) for spec, tag in zip(_share_specs(paths),
-                                                           (WORKDIR_TAG, IO_TAG))),
+        shares=_shares(cfg, paths, image),
+        scratch_disk=paths.scratch if scratch_bytes else None, scratch_serial=disk.SCRATCH_LABEL,
         kernel=image.kernel.path if image.kernel else None,
         initrd=image.initrd.path if image.initrd else None, cmdline=image.cmdline,
         machine=cfg.vm.machine, emulator=cfg.vm.emulator, virtiofsd=cfg.vm.share_launcher,
-        tcg_tb_cache_mb=cfg.vm.tcg_tb_cache_mb, network=cfg.vm.network,
+        tcg_tb_cache_mb=cfg.vm.tcg_tb_cache_mb, network=net_mode,
+        network_bridge={"nat": cfg.network.nat_bridge, "bridge": cfg.network.bridge}.get(net_mode,
+                                                                                        ""),
+        mac=guest_net.mac if guest_net else "",
         metadata=(("job_id", req.job_id), ("user", req.user.name), ("uid", str(req.user.uid)),
                   ("gid", str(req.user.gid)), ("image", image.name), ("image_digest", image.digest),
                   ("cpus", ",".join(map(str, slot.cpus))), ("memory_mb", str(slot.memory_mb)),
@@ -338,11 +382,17 @@ def _wait_for_agent(agent: Any, deadline: Deadline, timeout: float) -> None:
 
 
 def _setup_guest(node: Node, root_agent: Any, user_agent: Any, req: JobRequest, slot: Slot,
-                 paths: JobPaths, deadline: Deadline, started: int) -> None:
-    u = req.user
+                 paths: JobPaths, deadline: Deadline, started: int, scratch_bytes: int,
+                 site: list[tuple[str, str]], net: Optional[network.GuestNet]) -> None:
+    u, cfg = req.user, node.cfg
+    tmpdir = cfg.scratch.mount if scratch_bytes else ""
     setup = SetupArgs(u.name, u.uid, u.gid, u.home, req.workdir,
                       features.as_args(*job_features(node, req.job_id, len(slot.cpus),
-                                                     slot.memory_mb, req.walltime_s, started)))
+                                                     slot.memory_mb, req.walltime_s, started,
+                                                     scratch_bytes)),
+                      shares=tuple(site),
+                      scratch=(disk.SCRATCH_LABEL, tmpdir) if tmpdir else None,
+                      net=net.arg() if net else None)
     try:
         res = root_agent.run("/bin/sh", setup.argv(), deadline, what="guest setup")
     except AgentError as e:
@@ -359,14 +409,17 @@ def _setup_guest(node: Node, root_agent: Any, user_agent: Any, req: JobRequest, 
     give_to(paths.socket, u.uid, u.gid, 0o600)
     os.chmod(paths.run, 0o711)   # only now can anyone but root reach the socket at all
     jobstore.JobInfo(job_id=req.job_id, uid=u.uid, gid=u.gid, user=u.name, home=u.home,
-                     workdir=req.workdir, io_host=paths.io, io_guest=GUEST_IO_DIR).write(paths)
+                     workdir=req.workdir, io_host=paths.io, io_guest=GUEST_IO_DIR,
+                     tmpdir=tmpdir).write(paths)
 
 
 def job_features(node: Node, job_id: str, cores: int, memory_mb: int,
-                 walltime_s: Optional[int], started: int) -> tuple[dict, dict]:
+                 walltime_s: Optional[int], started: int,
+                 scratch_bytes: int = 0) -> tuple[dict, dict]:
     """(machine, job) features of a job of this node (features.py)."""
     m = features.machine(node.cfg, len(node.slots.capacity.cpus))
-    return m, features.job(node.cfg, job_id, cores, memory_mb, walltime_s, started, m)
+    return m, features.job(node.cfg, job_id, cores, memory_mb, walltime_s, started, m,
+                           scratch_bytes)
 
 
 def _wait_for_user_agent(agent: Any, deadline: Deadline) -> tuple[int, int]:
@@ -512,7 +565,8 @@ def _record(state: jobstore.JobState, slot: Optional[Slot], exit_code: Optional[
         "vm_cpu_time_s": round(cpu_time, 3) if cpu_time is not None else None,
         "vm_end": state.vm_end or "unknown", "started_at": state.started_at,
         "ended_at": time.time(), "prologue_completed": state.ended_from == jobstore.READY,
-        "ended_by": state.ended_by,
+        "ended_by": state.ended_by, "network": state.network,
+        "scratch_bytes": state.scratch_bytes, "site_shares": list(state.site_shares),
     }
 
 
@@ -623,7 +677,7 @@ def announce_shutdown(node: Node, at: Optional[int]) -> list[tuple[str, Optional
         if not st or st.phase != jobstore.READY:
             continue
         m, j = job_features(node, st.job_id, len(st.cpus), st.memory_mb or 0, st.walltime_s,
-                            int(st.started_at or time.time()))
+                            int(st.started_at or time.time()), st.scratch_bytes)
         script = ('set -u; for kv in "$@"; do f=${kv%%=*} v=${kv#*=}; '
                   'if [ -n "$v" ]; then printf "%s\\n" "$v" > "$f.new" && chmod 644 "$f.new" && '
                   'mv -f "$f.new" "$f"; else rm -f "$f"; fi || exit 1; done')

@@ -84,16 +84,16 @@ def check_workdir(workdir: str) -> str:
     return workdir
 
 
-def parse_memory_mb(text: str) -> int:
+def parse_memory_mb(text: str, what: str = "memory amount") -> int:
     """'512', '512M', '2G', '2GiB', '1048576K' -> MiB (a bare number is MiB)."""
     m = _MEMORY.match(str(text))
     if not m:
-        raise ResourceRequestError(f"invalid memory amount {text!r}: use e.g. 512M or 2G")
+        raise ResourceRequestError(f"invalid {what} {text!r}: use e.g. 512M or 2G")
     value, unit = int(m.group(1)), m.group(2).upper()
     factor = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
     mb = int(value * factor)
     if mb <= 0:
-        raise ResourceRequestError(f"invalid memory amount {text!r}: must be at least 1 MiB")
+        raise ResourceRequestError(f"invalid {what} {text!r}: must be at least 1 MiB")
     return mb
 
 
@@ -153,12 +153,16 @@ class JobRequest:
     cpus: Optional[tuple[int, ...]] = None   # exact host CPU ids given by the batch system
     queue: Optional[str] = None              # queue/partition, for its default image
     account: Optional[str] = None            # for the account's allow-list
+    scratch_mb: Optional[int] = None         # scratch disk the batch system granted (MiB)
+    network: Optional[str] = None            # the network mode the job asked for (network.py)
 
 
 def make_request(job_id: str, user: str, cores: int, memory_mb: int, image: Optional[str],
                  workdir: str, walltime_s: Optional[int] = None,
                  cpus: Optional[Sequence[int]] = None, queue: Optional[str] = None,
-                 account: Optional[str] = None) -> JobRequest:
+                 account: Optional[str] = None,
+                 scratch_mb: Optional[int] = None,
+                 network: Optional[str] = None) -> JobRequest:
     """Every value here may come from the job's user: each is checked before anything is made,
     and a bad one is the job's fault (JobError), never an exception of another kind."""
     check_job_id(job_id)
@@ -172,6 +176,8 @@ def make_request(job_id: str, user: str, cores: int, memory_mb: int, image: Opti
     if cpus is not None and len(set(cpus)) != cores:
         raise ResourceRequestError(f"the batch system gave {len(set(cpus))} CPU ids "
                                    f"({','.join(map(str, cpus))}) for {cores} cores")
+    if scratch_mb is not None and (not _is_int(scratch_mb) or scratch_mb < 0):
+        raise ResourceRequestError(f"invalid scratch size {scratch_mb!r} MiB: must be 0 or more")
     if walltime_s is not None and (not _is_int(walltime_s) or walltime_s <= 0):
         raise ResourceRequestError(f"invalid walltime {walltime_s!r}: must be positive")
     if image is not None and image != "" and not valid_name(image):
@@ -182,4 +188,5 @@ def make_request(job_id: str, user: str, cores: int, memory_mb: int, image: Opti
     workdir = check_workdir(workdir)   # existence: checked as the job's user (share.py)
     return JobRequest(job_id, juser, cores, memory_mb, image or None, workdir, walltime_s,
                       tuple(sorted(set(cpus))) if cpus is not None else None,
-                      queue or None, account or None)
+                      queue or None, account or None, scratch_mb or None,
+                      check_text("network mode", network, 16) if network else None)

@@ -43,7 +43,11 @@ class DomainSpec:
     emulator: str = "/usr/bin/qemu-system-x86_64"
     virtiofsd: str = "/opt/vibatch/hooks/libvirt/virtiofsd"   # libvirt starts it per share
     tcg_tb_cache_mb: int = 64
-    network: str = "none"
+    network: str = "none"                       # none | user | nat | bridge (network.py)
+    network_bridge: str = ""                    # the bridge a nat/bridge NIC is on
+    mac: str = ""                               # the NIC's MAC (the guest setup finds it by it)
+    scratch_disk: Optional[str] = None          # the job's scratch disk (raw, sparse)
+    scratch_serial: str = "vbscratch"           # how the guest finds it (/sys/block/*/serial)
     metadata: tuple[tuple[str, str], ...] = ()   # (key, value) recorded in <metadata>
 
 
@@ -114,6 +118,14 @@ def build(spec: DomainSpec) -> ET.Element:
     _sub(backing, "source", file=spec.disk_base)
     _sub(backing, "backingStore")
     _sub(disk, "target", dev="vda", bus="virtio")
+    if spec.scratch_disk:
+        scratch = _sub(dev, "disk", type="file", device="disk")
+        _sub(scratch, "driver", name="qemu", type="raw", cache="unsafe", discard="unmap",
+             error_policy="report")
+        _sub(scratch, "source", file=spec.scratch_disk)
+        _sub(scratch, "backingStore")
+        _sub(scratch, "target", dev="vdb", bus="virtio")
+        _sub(scratch, "serial", spec.scratch_serial)
     # libvirtd starts the <binary> (vibatch's launcher, share.py) as root for each share; it
     # serves the share as the job's user, not as root
     for share in spec.shares:
@@ -123,9 +135,15 @@ def build(spec: DomainSpec) -> ET.Element:
         _sub(binary, "cache", mode="none")
         _sub(fs, "source", dir=share.source)
         _sub(fs, "target", dir=share.tag)
-    if spec.network == "user":
-        iface = _sub(dev, "interface", type="user")
+    if spec.network in ("user", "nat", "bridge"):
+        iface = _sub(dev, "interface", type="user" if spec.network == "user" else "bridge")
+        if spec.network != "user":
+            _sub(iface, "source", bridge=spec.network_bridge)
+        if spec.mac:
+            _sub(iface, "mac", address=spec.mac)
         _sub(iface, "model", type="virtio")
+        if spec.network != "user":      # no frame from this VM's tap reaches another port's
+            _sub(iface, "port", isolated="yes")
     # the console goes through virtlogd, which rotates it (virtlogd.conf max_size, max_backups):
     # a guest printing without end fills at most that much of the state filesystem
     serial = _sub(dev, "serial", type="pty")

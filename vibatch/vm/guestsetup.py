@@ -7,6 +7,7 @@ gets every job value as a positional argument; nothing is pasted into shell text
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .domain import IO_TAG, USER_AGENT_PORT, WORKDIR_TAG
 
@@ -16,7 +17,8 @@ JOB_FEATURES = "/run/vibatch/features/job"            # $JOBFEATURES
 GUEST_AGENT_STATE = "/run/vibatch/agent"
 
 # $1 name  $2 uid  $3 gid  $4 home  $5 workdir  $6 io dir  $7 agent state dir
-# $8 machine features dir  $9 job features dir  then m:KEY=VALUE / j:KEY=VALUE, one per feature
+# $8 machine features dir  $9 job features dir  then m:KEY=VALUE / j:KEY=VALUE, one per feature,
+# s:TAG=PATH per site share, x:SERIAL=PATH for the scratch disk, n:MAC=ADDR,GW,DNS for the NIC
 SETUP_SCRIPT = r"""
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -52,8 +54,33 @@ grep -q " $io virtiofs " /proc/mounts || mount -t virtiofs "$TAG_IO" "$io" || fa
 
 # HEPiX Machine/Job Features: root's files (0644 in 0755 directories), the job user reads them
 mkdir -p "$mf" "$jf" && chmod 755 "$(dirname "$mf")" "$mf" "$jf" || fail "cannot create $mf or $jf"
+# site shares (s:TAG=PATH), read-only at their host path, and the scratch disk (x:SERIAL=PATH),
+# the job user's
 for kv in "$@"; do
-  case $kv in m:*) d=$mf ;; j:*) d=$jf ;; *) fail "bad feature argument $kv" ;; esac
+  case $kv in
+    m:*) d=$mf ;;
+    j:*) d=$jf ;;
+    s:*) kv=${kv#s:}; p=${kv#*=}
+         mkdir -p "$p" || fail "cannot create $p for a site share"
+         grep -q " $p virtiofs " /proc/mounts || mount -t virtiofs -o ro,nosuid,nodev "${kv%%=*}" "$p" || fail "cannot mount the site share on $p"
+         continue ;;
+    x:*) kv=${kv#x:}; p=${kv#*=} dev=
+         for b in /sys/block/vd*; do [ "$(cat "$b/serial" 2>/dev/null)" = "${kv%%=*}" ] && dev=/dev/${b##*/}; done
+         [ -n "$dev" ] || fail "no scratch disk (serial ${kv%%=*}) in the guest"
+         mkdir -p "$p" || fail "cannot create $p for the scratch disk"
+         grep -q "^$dev " /proc/mounts || mount -t ext4 -o nosuid,nodev "$dev" "$p" || fail "cannot mount the scratch disk on $p"
+         chown "$uid:$gid" "$p" && chmod 700 "$p" || fail "cannot hand $p to the job user"
+         continue ;;
+    n:*) kv=${kv#n:}; mac=${kv%%=*} v=${kv#*=}; addr=${v%%,*} v=${v#*,}; gw=${v%%,*} dns=${v#*,} dev=
+         for i in /sys/class/net/*; do [ "$(cat "$i/address" 2>/dev/null)" = "$mac" ] && dev=${i##*/}; done
+         [ -n "$dev" ] || fail "no network interface with MAC $mac in the guest"
+         ip link set "$dev" up || fail "cannot bring $dev up"
+         ip -4 addr show dev "$dev" | grep -q " $addr " || ip addr add "$addr" dev "$dev" || fail "cannot give $dev the address $addr"
+         ip route replace default via "$gw" dev "$dev" || fail "cannot route through $gw"
+         [ -z "$dns" ] || printf 'nameserver %s\n' "$dns" > /etc/resolv.conf || fail "cannot write /etc/resolv.conf"
+         continue ;;
+    *) fail "bad setup argument $kv" ;;
+  esac
   kv=${kv#?:}
   printf '%s\n' "${kv#*=}" > "$d/${kv%%=*}" && chmod 644 "$d/${kv%%=*}" || fail "cannot write $d/${kv%%=*}"
 done
@@ -87,9 +114,14 @@ class SetupArgs:
     home: str
     workdir: str
     features: tuple[str, ...] = ()     # m:KEY=VALUE / j:KEY=VALUE (features.as_args)
+    shares: tuple[tuple[str, str], ...] = ()   # (tag, guest path) of each site share
+    scratch: Optional[tuple[str, str]] = None  # (disk serial, guest path)
+    net: Optional[str] = None          # n:MAC=ADDRESS/PREFIX,GATEWAY,DNS (network.GuestNet.arg)
 
     def argv(self) -> list[str]:
         script = (f"TAG_WD={WORKDIR_TAG} TAG_IO={IO_TAG} PORT={USER_AGENT_PORT}\n" + SETUP_SCRIPT)
         return ["-c", script, "vibatch-setup", self.name, str(self.uid), str(self.gid), self.home,
                 self.workdir, GUEST_IO_DIR, GUEST_AGENT_STATE, MACHINE_FEATURES, JOB_FEATURES,
-                *self.features]
+                *self.features, *(f"s:{tag}={path}" for tag, path in self.shares),
+                *([f"x:{self.scratch[0]}={self.scratch[1]}"] if self.scratch else []),
+                *([self.net] if self.net else [])]

@@ -70,8 +70,10 @@ class ShareSpec:
     groups: tuple[int, ...]
     cpus: tuple[int, ...]
     virtiofsd: str                 # the real virtiofsd the launcher execs
-    path: Optional[str] = None     # walked as the job user (the working directory)
+    path: Optional[str] = None     # walked as the job user (the working directory, site shares)
     own: Optional[str] = None      # opened by root (the I/O folder vibatch made)
+    readonly: bool = False         # refuse every change to the tree (site shares)
+    label: str = "working directory"   # what the path is, in messages
 
 
 def shares_dir(state_dir: str) -> str:
@@ -126,15 +128,16 @@ def refusal(spec_files: Sequence[str]) -> Optional[str]:
 
 
 def check_as_user(path: str, uid: int, gid: int, groups: Sequence[int],
-                  timeout: float = CHECK_TIMEOUT_S) -> None:
+                  timeout: float = CHECK_TIMEOUT_S, label: str = "working directory") -> None:
     """Raise MissingWorkdir (the job's fault, naming the path) unless the job's user can open
     ``path`` through every parent without following a symbolic link. Checked in a child that
     takes the user's credentials: root's own answer would tell the user what lies below a
-    directory they may not enter."""
+    directory they may not enter. A site share (``label``) that is missing or reached through
+    a link is the node's fault (NodeError): the site configured it."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
             "from vibatch.vm.share import _check_child; _check_child(sys.argv[2:])")
     argv = [sys.executable, "-I", "-B", "-c", code, _pkg_parent(), path, str(uid), str(gid),
-            ",".join(map(str, groups))]
+            ",".join(map(str, groups)), label]
     try:
         r = subprocess.run(argv, env=ENV, cwd="/", capture_output=True, timeout=timeout,
                            stdin=subprocess.DEVNULL)
@@ -145,8 +148,11 @@ def check_as_user(path: str, uid: int, gid: int, groups: Sequence[int],
     if r.returncode == 0 and out == "ok":
         return
     if r.returncode == 2 and out.startswith("refused "):
-        raise MissingWorkdir(out[len("refused "):])
-    raise NodeError(f"could not check the working directory {path} as the job's user: "
+        kind, _, why = out[len("refused "):].partition(" ")
+        if label != "working directory" and kind in ("missing", "link"):
+            raise NodeError(f"{why} on this node (fix the site's shares: in the config)")
+        raise MissingWorkdir(why)
+    raise NodeError(f"could not check the {label} {path} as the job's user: "
                     + (r.stderr.decode(errors="replace").strip().splitlines() or
                        [f"exit status {r.returncode}"])[-1])
 
@@ -165,17 +171,12 @@ def _become_checker(uid: int, gid: int, groups: Sequence[int]) -> None:
 
 
 def _check_child(args: list[str]) -> None:
-    path, uid, gid, groups = args[0], int(args[1]), int(args[2]), args[3]
+    path, uid, gid, groups, label = args[0], int(args[1]), int(args[2]), args[3], args[4]
     try:
         _become_checker(uid, gid, [int(g) for g in groups.split(",") if g])
-        fd = walk_as_user(path)
-        try:
-            os.fchdir(fd)
-        except OSError as e:
-            raise _Refused(f"working directory {path}: the job's user may not enter it "
-                           f"({e.strerror})") from None
+        _enter(walk_as_user(path, label), path, label)
     except _Refused as e:
-        print("refused", e, flush=True)
+        print("refused", e.kind, e, flush=True)
         os._exit(2)
     print("ok", flush=True)
     os._exit(0)
@@ -188,14 +189,24 @@ PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 4, 3
 
 
 class _Refused(Exception):
-    pass
+    def __init__(self, message: str, kind: str = "denied") -> None:
+        super().__init__(message)
+        self.kind = kind      # missing | link | denied
 
 
-def walk_as_user(path: str) -> int:
+def _enter(fd: int, path: str, label: str) -> None:
+    """fchdir into the walked directory: that needs search permission on it."""
+    try:
+        os.fchdir(fd)
+    except OSError as e:
+        raise _Refused(f"{label} {path}: the job's user may not enter it ({e.strerror})") from None
+
+
+def walk_as_user(path: str, label: str = "working directory") -> int:
     """Open ``path`` (absolute, normalised) component by component with this process's
     credentials, following no symbolic link. Returns an O_PATH descriptor; raises _Refused."""
     if not os.path.isabs(path) or os.path.normpath(path) != path or path.startswith("//"):
-        raise _Refused(f"working directory {path!r} is not a normalised absolute path")
+        raise _Refused(f"{label} {path!r} is not a normalised absolute path")
     fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     done = ""
     try:
@@ -205,7 +216,7 @@ def walk_as_user(path: str) -> int:
                 nfd = os.open(comp, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC,
                               dir_fd=fd)
             except OSError as e:
-                raise _Refused(_why(e, fd, comp, here, done or "/", path)) from None
+                raise _why(e, fd, comp, here, done or "/", path, label) from None
             os.close(fd)
             fd, done = nfd, here
         return fd
@@ -214,22 +225,23 @@ def walk_as_user(path: str) -> int:
         raise
 
 
-def _why(e: OSError, parent_fd: int, comp: str, here: str, parent: str, path: str) -> str:
+def _why(e: OSError, parent_fd: int, comp: str, here: str, parent: str, path: str,
+         label: str) -> _Refused:
     if e.errno in (errno.ENOTDIR, errno.ELOOP):
         try:
             st = os.stat(comp, dir_fd=parent_fd, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
-                return (f"working directory {path}: {here} is a symbolic link; give the real "
-                        "path (as `pwd -P` prints it)")
+                return _Refused(f"{label} {path}: {here} is a symbolic link; give the real "
+                                "path (as `pwd -P` prints it)", "link")
         except OSError:
             pass
-        return f"working directory {path}: {here} is not a directory"
+        return _Refused(f"{label} {path}: {here} is not a directory", "missing")
     if e.errno == errno.EACCES:
-        return (f"working directory {path}: the job's user may not enter {parent} "
-                "(permission denied)")
+        return _Refused(f"{label} {path}: the job's user may not enter {parent} "
+                        "(permission denied)")
     if e.errno == errno.ENOENT:
-        return f"working directory {path} does not exist ({here} is missing)"
-    return f"working directory {path}: cannot open {here}: {e.strerror}"
+        return _Refused(f"{label} {path} does not exist ({here} is missing)", "missing")
+    return _Refused(f"{label} {path}: cannot open {here}: {e.strerror}")
 
 
 def _libc() -> ctypes.CDLL:
@@ -358,12 +370,8 @@ def _serve(spec: ShareSpec, listen: int) -> None:
     #    our cwd
     _become_checker(uid, gid, spec.groups)
     if spec.path is not None:
-        fd = walk_as_user(spec.path)
-        try:
-            os.fchdir(fd)
-        except OSError as e:
-            raise _Refused(f"working directory {spec.path}: the job's user may not enter it "
-                           f"({e.strerror})") from None
+        fd = walk_as_user(spec.path, spec.label)
+        _enter(fd, spec.path, spec.label)
     else:
         os.fchdir(fd)
     os.set_inheritable(fd, True)            # virtiofsd serves the share through it
@@ -385,7 +393,7 @@ def _serve(spec: ShareSpec, listen: int) -> None:
     _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
     _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
     _keep_chroot_capability(libc)
-    install_filter(libc)
+    install_filter(libc, readonly=spec.readonly)
     argv = [process_name(spec.job_id, spec.tag), f"--fd={listen}",
             # virtiofsd changes directory to / before its chroot, so it gets the share by path:
             # the descriptor of the checked directory, which it holds (no swap window)
@@ -443,6 +451,24 @@ SYSCALLS = {
 }
 
 
+# a read-only share: every call that could change the tree fails with EROFS, whatever guest root
+# asks (the C virtiofsd of QEMU 7.2 has no read-only mode of its own)
+RET_EROFS = 0x00050000 | errno.EROFS
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | 0o20000000   # | __O_TMPFILE
+READONLY_SYSCALLS = {
+    2: ("rdonly", 1), 257: ("rdonly", 2),                  # open, openat: no write/create flag
+    **{nr: ("erofs",) for nr in (
+        85, 90, 91, 268, 452,           # creat, chmod, fchmod, fchmodat, fchmodat2
+        92, 93, 94, 260,                # chown, fchown, lchown, fchownat
+        83, 258, 133, 259, 84,          # mkdir, mkdirat, mknod, mknodat, rmdir
+        87, 263, 82, 264, 316,          # unlink, unlinkat, rename, renameat, renameat2
+        86, 265, 88, 266,               # link, linkat, symlink, symlinkat
+        76, 77, 285,                    # truncate, ftruncate, fallocate
+        188, 189, 190, 197, 198, 199,   # set/remove xattr
+        132, 235, 261, 280)},           # utime, utimes, futimesat, utimensat
+}
+
+
 def _ins(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("HBBI", code, jt, jf, k)
 
@@ -458,6 +484,11 @@ def _block(spec: tuple) -> list[bytes]:
     kind = spec[0]
     if kind == "deny":
         return [_ins(RET, RET_EPERM)]
+    if kind == "erofs":
+        return [_ins(RET, RET_EROFS)]
+    if kind == "rdonly":
+        return [_arg(spec[1]), _ins(JSET, WRITE_FLAGS, 0, 1), _ins(RET, RET_EROFS),
+                _ins(RET, RET_ALLOW)]
     if kind == "mode":
         return [_arg(spec[1]), _ins(JSET, SUID_BITS, 0, 1), _ins(RET, RET_EPERM),
                 _ins(RET, RET_ALLOW)]
@@ -470,20 +501,21 @@ def _block(spec: tuple) -> list[bytes]:
             _ins(RET, RET_EPERM)]
 
 
-def filter_program() -> bytes:
+def filter_program(readonly: bool = False) -> bytes:
     prog = [_ins(LD_ABS, 4), _ins(JEQ, AUDIT_ARCH_X86_64, 1, 0), _ins(RET, RET_KILL),
             _ins(LD_ABS, 0), _ins(JGE, X32_BIT, 0, 1), _ins(RET, RET_KILL)]
-    for nr, spec in SYSCALLS.items():
+    rules = {**SYSCALLS, **READONLY_SYSCALLS} if readonly else SYSCALLS
+    for nr, spec in rules.items():
         block = _block(spec)
         prog += [_ins(LD_ABS, 0), _ins(JEQ, nr, 0, len(block))] + block
     prog.append(_ins(RET, RET_ALLOW))
     return b"".join(prog)
 
 
-def install_filter(libc: Optional[ctypes.CDLL] = None) -> None:
+def install_filter(libc: Optional[ctypes.CDLL] = None, readonly: bool = False) -> None:
     """Install the filter in this process (needs no_new_privs or CAP_SYS_ADMIN)."""
     libc = libc or _libc()
-    prog = filter_program()
+    prog = filter_program(readonly)
     buf = ctypes.create_string_buffer(prog, len(prog))
 
     class SockFprog(ctypes.Structure):
