@@ -276,6 +276,8 @@ def test_slurm_parsers():
     assert slurm.parse_time_limit("UNLIMITED") is None
     assert slurm.image_from_comment("hi vibatch_image=a x vibatch_image=el9") == "el9"
     assert slurm.image_from_comment("myvibatch_image=a") is None
+    assert slurm.network_from_comment("vibatch_image=a vibatch_network=nat") == "nat"
+    assert slurm.network_from_comment("vibatch_image=a") is None
     assert slurm.image_from_constraints("bigmem&[el9*2|x]", {"el9"}) == "el9"
     assert slurm.exit_code({"SLURM_JOB_EXIT_CODE2": "7:0"}) == 7
     assert slurm.exit_code({"SLURM_JOB_EXIT_CODE2": "0:15"}) == 143

@@ -18,7 +18,8 @@ import threading
 
 import pytest
 
-from vmhelp import epilogue, exec_popen, exec_run, leftovers, prologue, variant, wait_until
+from vmhelp import (epilogue, exec_popen, exec_run, guest_root, leftovers, prologue, variant,
+                    wait_until)
 
 pytestmark = pytest.mark.vm
 
@@ -26,7 +27,7 @@ NS = f"vbt-out-{os.getpid() % 100000}"
 HOST_IF, NS_IF = f"vbto{os.getpid() % 10000}h", f"vbto{os.getpid() % 10000}n"
 HOST_IP, OUT_IP = "10.231.7.1", "10.231.7.2"
 BRIDGE, SUBNET = f"vbtnat{os.getpid() % 1000}", "10.214.77.0/24"
-OUT_PORT, NODE_PORT, VM_PORT = 8080, 8081, 9000
+OUT_PORT, NODE_PORT, VM_PORT, NODE6_PORT = 8080, 8081, 9000, 8083
 
 
 def _ip(*argv):
@@ -37,8 +38,7 @@ def _ip(*argv):
 def outside(vm_env):
     """The outside world (a netns with an HTTP server) and a node service on the host."""
     _ip("netns", "add", NS)
-    server = None
-    node_srv = None
+    server = node_srv = node6 = None
     try:
         _ip("link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF)
         _ip("link", "set", NS_IF, "netns", NS)
@@ -57,17 +57,24 @@ def outside(vm_env):
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert wait_until(lambda: _connects(OUT_IP, OUT_PORT), 20), "outside server"
         node_srv = http.server.ThreadingHTTPServer(("0.0.0.0", NODE_PORT), _NodeService)
-        threading.Thread(target=node_srv.serve_forever, daemon=True).start()
+        node6 = _Server6(("::1", NODE6_PORT), _NodeService)    # a node service on IPv6 only
+        for srv in (node_srv, node6):
+            threading.Thread(target=srv.serve_forever, daemon=True).start()
         yield
     finally:
-        if node_srv:
-            node_srv.shutdown()
-            node_srv.server_close()
+        for srv in (node_srv, node6):
+            if srv:
+                srv.shutdown()
+                srv.server_close()
         if server:
             server.kill()
             server.wait(10)
         subprocess.run(["ip", "link", "del", HOST_IF], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", NS], capture_output=True, check=False)
+
+
+class _Server6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 class _NodeService(http.server.BaseHTTPRequestHandler):
@@ -129,6 +136,11 @@ def _ipt(*argv):
                           timeout=30)
 
 
+def _ipt6(*argv):
+    return subprocess.run(["ip6tables", "-w", "5", *argv], capture_output=True, text=True,
+                          timeout=30)
+
+
 def test_nat_reaches_the_outside_but_not_the_node_nor_another_vm(vm_env, tracker, policy):
     cfg_path = policy("nat")
     a, b = tracker.job_id(), tracker.job_id()
@@ -161,11 +173,23 @@ def test_nat_reaches_the_outside_but_not_the_node_nor_another_vm(vm_env, tracker
         assert _get(vm_env, a, b_ip, VM_PORT) == f"refused {b_ip}:{VM_PORT}"
         taps = _taps()
         assert len(taps) == 2, taps
-        for tap in taps:
-            subprocess.run(["bridge", "link", "set", "dev", tap, "isolated", "off"], check=True)
+        # two layers: the bridge ports are isolated (no frame from one VM's tap to another's),
+        # and where bridged frames pass iptables (br_netfilter) the FORWARD chain drops routed
+        # and bridged traffic to the bridge's subnet. Lift them one at a time.
+        nf = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+        nf_was = open(nf).read().strip() if os.path.exists(nf) else None
         try:
+            for tap in taps:
+                subprocess.run(["bridge", "link", "set", "dev", tap, "isolated", "off"], check=True)
+            if nf_was == "1":
+                assert _get(vm_env, a, b_ip, VM_PORT) == f"refused {b_ip}:{VM_PORT}"
+                with open(nf, "w") as f:
+                    f.write("0\n")
             assert _get(vm_env, a, b_ip, VM_PORT) == f"reached {b_ip}:{VM_PORT}: from B"
         finally:
+            if nf_was is not None:
+                with open(nf, "w") as f:
+                    f.write(nf_was + "\n")
             for tap in taps:
                 subprocess.run(["bridge", "link", "set", "dev", tap, "isolated", "on"], check=True)
         assert _get(vm_env, a, b_ip, VM_PORT) == f"refused {b_ip}:{VM_PORT}"
@@ -199,6 +223,22 @@ def test_user_mode_reaches_the_outside_but_no_port_of_the_node(vm_env, tracker, 
     finally:
         _ipt("-I", "OUTPUT", "1", *jump[1:])
     assert _get(vm_env, job, "10.0.2.2", NODE_PORT) == f"refused 10.0.2.2:{NODE_PORT}"
+    # IPv6: slirp serves fec0::/64 and maps fec0::2 to the host's ::1. vibatch gives the guest
+    # no IPv6 address; guest root (the threat) gives itself one
+    rc, out, err = guest_root(vm_env, job, "d=$(ls /sys/class/net | grep -v '^lo$'); "
+                              "echo 0 > /proc/sys/net/ipv6/conf/$d/disable_ipv6; "
+                              "ip -6 addr add fec0::15/64 dev $d nodad && "
+                              "ip -6 route add default via fec0::2 dev $d && ip -6 addr show dev $d")
+    assert rc == 0 and "fec0::15" in out, out + err
+    assert _get(vm_env, job, "fec0::2", NODE6_PORT) == f"refused fec0::2:{NODE6_PORT}"
+    jump6 = ["OUTPUT", "-m", "owner", "--uid-owner", uid, "-j", "VIBATCH-6"]
+    assert _ipt6("-D", *jump6).returncode == 0
+    try:
+        assert _get(vm_env, job, "fec0::2", NODE6_PORT) == \
+            f"reached fec0::2:{NODE6_PORT}: node secret"
+    finally:
+        _ipt6("-I", "OUTPUT", "1", *jump6[1:])
+    assert _get(vm_env, job, "fec0::2", NODE6_PORT) == f"refused fec0::2:{NODE6_PORT}"
     assert epilogue(vm_env, job, config=cfg_path).returncode == 0
     assert leftovers(vm_env, job) == []
 

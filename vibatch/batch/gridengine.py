@@ -130,7 +130,8 @@ def job_from_prolog(cfg: Config, argv: Sequence[str], job: ET.Element,
     return make_request(job_id=vm_job_id(job_id, task), user=owner, cores=cores,
                         memory_mb=memory_mb, workdir=workdir, image=image, walltime_s=walltime,
                         queue=queue, account=None if account in (None, "", "sge") else account,
-                        scratch_mb=scratch_mb)
+                        scratch_mb=scratch_mb,
+                        network=_env_list(job).get("VIBATCH_NETWORK") or None)
 
 
 def spool_config(env: Mapping[str, str]) -> dict[str, str]:

@@ -49,12 +49,20 @@ EXIT = {
 _DETAIL = re.compile(r"^\s+Nodes=(\S+) CPU_IDs=(\S+) Mem=(\d+)")
 _RUNTIME = re.compile(r"^\s+RunTime=\S+ TimeLimit=(\S+)")
 _TMPDISK = re.compile(r"^\s+MinCPUsNode=\S+ MinMemory\w+=\S+ MinTmpDiskNode=(\S+)")
+NETWORK_KEY = "vibatch_network"
 _IMAGE_TOKEN = re.compile(r"(?:^|\s)" + IMAGE_KEY + r"=(\S*)")
+_NETWORK_TOKEN = re.compile(r"(?:^|\s)" + NETWORK_KEY + r"=(\S*)")
 
 
 def image_from_comment(comment: Optional[str]) -> Optional[str]:
     """The last ``vibatch_image=NAME`` in a job comment (the lua appends its choice last)."""
     found = _IMAGE_TOKEN.findall(comment or "")
+    return found[-1] if found and found[-1] else None
+
+
+def network_from_comment(comment: Optional[str]) -> Optional[str]:
+    """The last ``vibatch_network=MODE`` in a job comment (the policy decides: network.py)."""
+    found = _NETWORK_TOKEN.findall(comment or "")
     return found[-1] if found and found[-1] else None
 
 
@@ -172,7 +180,8 @@ def job_from_prolog(cfg: Config, env: Mapping[str, str], show: str) -> JobReques
                         workdir=env.get("SLURM_JOB_WORK_DIR", ""), image=image, walltime_s=limit,
                         queue=env.get("SLURM_JOB_PARTITION") or None,
                         account=env.get("SLURM_JOB_ACCOUNT") or None, cpus=cpus,
-                        scratch_mb=tmp_disk_mb(show))
+                        scratch_mb=tmp_disk_mb(show),
+                        network=network_from_comment(env.get("SLURM_JOB_COMMENT")))
 
 
 def exit_code(env: Mapping[str, str]) -> Optional[int]:

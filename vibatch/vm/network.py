@@ -20,7 +20,10 @@ For ``user`` and ``nat`` the node enforces the policy, in iptables chains of vib
 - no other job's VM: the bridge's ports are isolated (``<port isolated='yes'/>``: no frame from
   one VM's tap reaches another's) and routed traffic to the bridge's subnet is dropped;
 - elsewhere only ``network.allow`` (``CIDR``, ``CIDR:PORT``, ``CIDR:PORT/udp``); everything
-  else is dropped, and nothing may come in that is not a reply.
+  else is dropped, and nothing may come in that is not a reply;
+- no IPv6 at all: the bridge has IPv6 off (no link-local address for a guest to reach the
+  node by), and ip6tables drops whatever comes from the bridge or leaves as QEMU's user
+  (slirp would otherwise map its fec0::2 to the host's ``::1``).
 
 The guest's address is static, set by the guest setup through the agent (an image needs no
 DHCP client): host part 10 + the job's first CPU, which no other running job has.
@@ -41,8 +44,11 @@ MODES = ("none", "user", "nat", "bridge")
 IP = "/usr/sbin/ip"
 IPTABLES = "/usr/sbin/iptables"
 IPTABLES_RESTORE = "/usr/sbin/iptables-restore"
+IP6TABLES = "/usr/sbin/ip6tables"
+IP6TABLES_RESTORE = "/usr/sbin/ip6tables-restore"
 TIMEOUT_S = 30.0
 CHAIN_IN, CHAIN_FWD, CHAIN_OUT, CHAIN_NAT = "VIBATCH-IN", "VIBATCH-FWD", "VIBATCH-OUT", "VIBATCH-NAT"
+CHAIN_6 = "VIBATCH-6"       # IPv6: guests are given none, and may send none
 USER_NET = ipaddress.ip_interface("10.0.2.15/24")      # slirp's fixed guest address
 USER_GATEWAY, USER_DNS = "10.0.2.2", "10.0.2.3"
 @dataclass(frozen=True)
@@ -106,18 +112,24 @@ def ruleset(cfg, qemu_uid: int) -> str:
     return "\n".join(lines)
 
 
-def _jumps(cfg, qemu_uid: int) -> list[tuple[str, list[str]]]:
-    """(table, rule) of each jump into vibatch's chains, first in its built-in chain."""
-    br = cfg.network.nat_bridge
-    return [("filter", ["INPUT", "-i", br, "-j", CHAIN_IN]),
-            ("filter", ["FORWARD", "-i", br, "-j", CHAIN_FWD]),
-            ("filter", ["FORWARD", "-o", br, "-j", CHAIN_FWD]),
-            ("filter", ["OUTPUT", "-m", "owner", "--uid-owner", str(qemu_uid), "-j", CHAIN_OUT]),
-            ("nat", ["POSTROUTING", "-j", CHAIN_NAT])]
+RULESET6 = f"*filter\n:{CHAIN_6} - [0:0]\n-A {CHAIN_6} -j DROP\nCOMMIT\n"
 
 
-def _ipt(*argv: str, check: bool = True) -> proc.Result:
-    return proc.run([IPTABLES, "-w", "5", *argv], timeout=TIMEOUT_S, check=check)
+def _jumps(cfg, qemu_uid: int) -> list[tuple[str, str, list[str]]]:
+    """(tool, table, rule) of each jump into vibatch's chains, first in its built-in chain."""
+    br, owner = cfg.network.nat_bridge, ["-m", "owner", "--uid-owner", str(qemu_uid)]
+    return [(IPTABLES, "filter", ["INPUT", "-i", br, "-j", CHAIN_IN]),
+            (IPTABLES, "filter", ["FORWARD", "-i", br, "-j", CHAIN_FWD]),
+            (IPTABLES, "filter", ["FORWARD", "-o", br, "-j", CHAIN_FWD]),
+            (IPTABLES, "filter", ["OUTPUT", *owner, "-j", CHAIN_OUT]),
+            (IPTABLES, "nat", ["POSTROUTING", "-j", CHAIN_NAT]),
+            (IP6TABLES, "filter", ["INPUT", "-i", br, "-j", CHAIN_6]),
+            (IP6TABLES, "filter", ["FORWARD", "-i", br, "-j", CHAIN_6]),
+            (IP6TABLES, "filter", ["OUTPUT", *owner, "-j", CHAIN_6])]
+
+
+def _ipt(tool: str, *argv: str, check: bool = True) -> proc.Result:
+    return proc.run([tool, "-w", "5", *argv], timeout=TIMEOUT_S, check=check)
 
 
 def ensure(cfg, mode: str, qemu_uid: int) -> None:
@@ -134,9 +146,11 @@ def ensure(cfg, mode: str, qemu_uid: int) -> None:
         try:
             proc.run([IPTABLES_RESTORE, "-w", "5", "--noflush"], timeout=TIMEOUT_S,
                      input_text=ruleset(cfg, qemu_uid))
-            for table, rule in _jumps(cfg, qemu_uid):
-                if _ipt("-t", table, "-C", *rule, check=False).returncode != 0:
-                    _ipt("-t", table, "-I", *rule[:1], "1", *rule[1:])
+            proc.run([IP6TABLES_RESTORE, "-w", "5", "--noflush"], timeout=TIMEOUT_S,
+                     input_text=RULESET6)
+            for tool, table, rule in _jumps(cfg, qemu_uid):
+                if _ipt(tool, "-t", table, "-C", *rule, check=False).returncode != 0:
+                    _ipt(tool, "-t", table, "-I", *rule[:1], "1", *rule[1:])
         except NodeError as e:
             raise NodeError(f"cannot put the network policy in force: {e}") from None
 
@@ -151,21 +165,27 @@ def _bridge(cfg) -> None:
     have = proc.run([IP, "-o", "-4", "addr", "show", "dev", br], timeout=TIMEOUT_S).stdout
     if f" {net[1]}/{net.prefixlen} " not in have:
         proc.run([IP, "addr", "add", f"{net[1]}/{net.prefixlen}", "dev", br], timeout=TIMEOUT_S)
+    _sysctl(f"/proc/sys/net/ipv6/conf/{br}/disable_ipv6", "1")    # before it is up
     proc.run([IP, "link", "set", br, "up"], timeout=TIMEOUT_S)
-    with open("/proc/sys/net/ipv4/ip_forward", "r+") as f:
-        if f.read().strip() != "1":
+    _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+
+
+def _sysctl(path: str, value: str) -> None:
+    with open(path, "r+") as f:
+        if f.read().strip() != value:
             f.seek(0)
-            f.write("1\n")
+            f.write(value + "\n")
 
 
 def remove(cfg, qemu_uid: int) -> None:
     """Take vibatch's chains, jumps and bridge away (``vibatch network remove``)."""
-    for table, rule in _jumps(cfg, qemu_uid):
-        while _ipt("-t", table, "-C", *rule, check=False).returncode == 0:
-            _ipt("-t", table, "-D", *rule)
-    for table, chain in (("filter", CHAIN_IN), ("filter", CHAIN_FWD), ("filter", CHAIN_OUT),
-                         ("nat", CHAIN_NAT)):
-        _ipt("-t", table, "-F", chain, check=False)
-        _ipt("-t", table, "-X", chain, check=False)
+    for tool, table, rule in _jumps(cfg, qemu_uid):
+        while _ipt(tool, "-t", table, "-C", *rule, check=False).returncode == 0:
+            _ipt(tool, "-t", table, "-D", *rule)
+    for tool, table, chain in ((IPTABLES, "filter", CHAIN_IN), (IPTABLES, "filter", CHAIN_FWD),
+                               (IPTABLES, "filter", CHAIN_OUT), (IPTABLES, "nat", CHAIN_NAT),
+                               (IP6TABLES, "filter", CHAIN_6)):
+        _ipt(tool, "-t", table, "-F", chain, check=False)
+        _ipt(tool, "-t", table, "-X", chain, check=False)
     if os.path.isdir(f"/sys/class/net/{cfg.network.nat_bridge}/bridge"):
         proc.run([IP, "link", "del", cfg.network.nat_bridge], timeout=TIMEOUT_S, check=False)
