@@ -123,6 +123,44 @@ def test_two_jobs_get_disjoint_cpus_from_their_allocation(vm_env, cluster):
     os.unlink(gate)
 
 
+def test_a_maintenance_reservation_reaches_a_running_job_as_shutdowntime(vm_env, cluster):
+    """The admin books a Slurm maintenance of this node; `vibatch drain --sync` (cron) puts
+    its start into the running job's $MACHINEFEATURES/shutdowntime, and withdraws it when the
+    reservation is deleted, also once no job runs."""
+    import datetime
+    import time
+    gate = os.path.join(cluster.home, "gate-maint")
+    job = submit(cluster, "#!/bin/sh\necho started\n"
+                 f"i=0; while [ ! -e {gate} ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done\n"
+                 'echo "shutdowntime $(cat $MACHINEFEATURES/shutdowntime)'
+                 ' $(cat $JOBFEATURES/shutdowntime_job)"\n',
+                 "--mem=400M", "--comment", "vibatch_image=testguest")
+    start = datetime.datetime.fromtimestamp(int(time.time()) + 7200).replace(microsecond=0)
+    try:
+        wait_until(f"job {job} to start in its VM", lambda: os.path.exists(
+            os.path.join(cluster.home, f"slurm-{job}.out")) and "started" in output(cluster, job),
+            120)
+        r = cluster.cmd("scontrol", "create", "reservation", "ReservationName=vbmaint",
+                        f"StartTime={start.isoformat()}", "Duration=10", f"Nodes={cluster.node}",
+                        "Users=root", "Flags=MAINT,IGNORE_JOBS")
+        assert r.returncode == 0, r.stderr
+        r = vm_env.run("drain", "--sync")
+        at = int(start.timestamp())
+        assert r.returncode == 0 and f"node drains at {at}" in r.stdout, r.stdout + r.stderr
+        assert f"job {job}: updated" in r.stdout
+    finally:
+        with open(gate, "w"):
+            pass
+        cluster.cmd("scontrol", "delete", "ReservationName=vbmaint")
+    assert cluster.wait_finished(job)["ExitCode"] == "0:0"
+    assert f"shutdowntime {at} {at}\n" in output(cluster, job), output(cluster, job)
+    r = vm_env.run("drain", "--sync")          # no job runs now: asked as the last job was
+    assert r.returncode == 0 and "node is not draining" in r.stdout, r.stdout + r.stderr
+    assert not os.path.exists(os.path.join(vm_env.cfg.state_dir, "drain.json"))
+    assert leftovers(vm_env, job) == []
+    os.unlink(gate)
+
+
 def test_an_array_picks_its_os_by_constraint_and_each_task_gets_a_vm(vm_env, cluster):
     job = submit(cluster, '#!/bin/sh\necho "task $SLURM_ARRAY_TASK_ID on $(cat /etc/hostname)"\n',
                  "--array=1-3", "-c", "1", "--mem=400M", "--constraint=testguest",
@@ -266,6 +304,21 @@ def test_the_tmp_grant_is_read_once_or_refused():
     assert slurm.tmp_disk_mb("JobId=5 JobName=x\n") is None
     with pytest.raises(Exception, match="2 candidate lines"):
         slurm.tmp_disk_mb("JobId=5 JobName=x\n" + line.format("900G") + line.format("1M"))
+
+
+def test_a_maintenance_reservation_is_read_for_this_node_only():
+    show = ("ReservationName=m1 StartTime=2030-01-02T03:04:05 EndTime=2030-01-02T04:04:05 "
+            "Duration=01:00:00 Nodes=vm[1-3] NodeCnt=3 Flags=MAINT,SPEC_NODES State=INACTIVE\n"
+            "ReservationName=m0 StartTime=2030-01-01T00:00:00 EndTime=2030-01-01T01:00:00 "
+            "Duration=01:00:00 Nodes=vm2 NodeCnt=1 Flags=SPEC_NODES State=INACTIVE\n"
+            "ReservationName=old StartTime=2020-01-01T00:00:00 EndTime=2020-01-01T01:00:00 "
+            "Duration=01:00:00 Nodes=vm2 NodeCnt=1 Flags=MAINT State=INACTIVE\n")
+    import datetime
+    want = int(datetime.datetime.fromisoformat("2030-01-02T03:04:05").timestamp())
+    now = datetime.datetime.fromisoformat("2026-12-02T00:00:00").timestamp()
+    assert slurm.maintenance_start(show, "vm2", now) == want    # not m0 (no MAINT), not old
+    assert slurm.maintenance_start(show, "vm9", now) is None
+    assert slurm.maintenance_start("", "vm2", now) is None
 
 
 def test_slurm_parsers():

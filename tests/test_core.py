@@ -443,3 +443,33 @@ def test_a_missing_site_share_is_the_nodes_fault_and_an_overlap_the_jobs(site, t
         lifecycle.prologue(fake_node(capped, hv),
                            dataclasses.replace(request(capped, work), scratch_mb=2048))
     assert remains(capped, hv) == []
+
+
+def test_drain_sync_takes_the_batch_systems_maintenance_and_withdraws_it(site):
+    """`vibatch drain --sync`: the earliest drain time a ready job's batch system announces
+    becomes shutdowntime, asked again with the same environment once that job is gone, and
+    withdrawn when the system no longer announces one; an admin's drain is never touched."""
+    from vibatch.core import features
+    cfg, hv, work = site
+    node = fake_node(cfg, hv)
+    lifecycle.prologue(node, request(cfg, work), batch="slurm",
+                       batch_env={"SLURMD_NODENAME": "vm"})
+    maint = {"at": 1_900_000_000}
+    asked = []
+
+    def drain_time(system, env):
+        asked.append((system, env))
+        return maint["at"]
+    assert lifecycle.sync_drain(node, drain_time)[0] == 1_900_000_000
+    assert asked == [("slurm", {"SLURMD_NODENAME": "vm"})]
+    assert features.shutdowntime(cfg) == 1_900_000_000
+    assert lifecycle.job_features(node, "j", 1, 256, None, 0)[0]["shutdowntime"] == "1900000000"
+    assert lifecycle.sync_drain(node, drain_time) == (1_900_000_000, [])   # unchanged
+    lifecycle.epilogue(node, "j1", 0)
+    maint["at"] = None           # the reservation was deleted; no job runs any more
+    assert lifecycle.sync_drain(node, drain_time)[0] is None
+    assert features.shutdowntime(cfg) is None and asked[-1] == ("slurm", {"SLURMD_NODENAME": "vm"})
+    lifecycle.announce_shutdown(node, 1_800_000_000)           # the admin's own
+    maint["at"] = 1_700_000_000
+    assert lifecycle.sync_drain(node, drain_time) == (1_800_000_000, [])
+    lifecycle.announce_shutdown(node, None)

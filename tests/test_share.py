@@ -16,19 +16,22 @@ NOBODY = 65534
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (drops to another user)")
 
-FILTER_PROBE = r"""
-import ctypes, errno, json, os, sys
+# a child that installs the filter, then t(name, call) records "ok" or the errno of each call
+PROBE = r"""
+import errno, json, os, sys
 sys.path.insert(0, sys.argv[1])
 from vibatch.vm.share import install_filter
 d = sys.argv[2]
-open(os.path.join(d, "f"), "w").close()
-install_filter()
 res = {}
 def t(name, fn):
     try:
         fn(); res[name] = "ok"
     except OSError as e:
         res[name] = errno.errorcode[e.errno]
+"""
+FILTER_PROBE = PROBE + r"""
+open(os.path.join(d, "f"), "w").close()
+install_filter()
 f = os.path.join(d, "f")
 t("chmod 755", lambda: os.chmod(f, 0o755))
 t("chmod 4755", lambda: os.chmod(f, 0o4755))
@@ -60,22 +63,13 @@ def test_the_filter_refuses_setuid_bits_devices_and_xattrs(tmp_path):
     assert not any(os.stat(tmp_path / n).st_mode & 0o6000 for n in os.listdir(tmp_path))
 
 
-READONLY_PROBE = r"""
-import errno, json, os, sys
-sys.path.insert(0, sys.argv[1])
-from vibatch.vm.share import install_filter
-d, ro = sys.argv[2], sys.argv[3] == "ro"
+READONLY_PROBE = PROBE + r"""
+ro = sys.argv[3] == "ro"
 f = os.path.join(d, "f")
 with open(f, "w") as fh:
     fh.write("host")
 os.mkdir(os.path.join(d, "sub"))
 install_filter(readonly=ro)
-res = {}
-def t(name, fn):
-    try:
-        fn(); res[name] = "ok"
-    except OSError as e:
-        res[name] = errno.errorcode[e.errno]
 def read():
     with open(f) as fh:
         assert fh.read() == "host"

@@ -12,12 +12,14 @@ used.
 import contextlib
 import http.server
 import os
+import re
 import socket
 import subprocess
 import threading
 
 import pytest
 
+from conftest import vibatch_cmd
 from vmhelp import (epilogue, exec_popen, exec_run, guest_root, leftovers, prologue, variant,
                     wait_until)
 
@@ -131,14 +133,18 @@ def _get(vm_env, job, host, port, path=""):
     return out.strip()
 
 
-def _ipt(*argv):
-    return subprocess.run(["iptables", "-w", "5", *argv], capture_output=True, text=True,
-                          timeout=30)
-
-
-def _ipt6(*argv):
-    return subprocess.run(["ip6tables", "-w", "5", *argv], capture_output=True, text=True,
-                          timeout=30)
+def _only_the_rule_stops_it(vm_env, job, tool, rule, host, port):
+    """The node's service on host:port is refused; with ``rule`` (one jump into vibatch's
+    chains) deleted the same request gets its answer; with the rule back, refused again."""
+    def ipt(*argv):
+        return subprocess.run([tool, "-w", "5", *argv], capture_output=True, text=True, timeout=30)
+    assert _get(vm_env, job, host, port) == f"refused {host}:{port}"
+    assert ipt("-D", *rule).returncode == 0
+    try:
+        assert _get(vm_env, job, host, port) == f"reached {host}:{port}: node secret"
+    finally:
+        ipt("-I", rule[0], "1", *rule[1:])
+    assert _get(vm_env, job, host, port) == f"refused {host}:{port}"
 
 
 def test_nat_reaches_the_outside_but_not_the_node_nor_another_vm(vm_env, tracker, policy):
@@ -153,15 +159,9 @@ def test_nat_reaches_the_outside_but_not_the_node_nor_another_vm(vm_env, tracker
     # the node's service, on the host's own address inside the allowed subnet, and on the
     # bridge's: refused. Lift the INPUT jump and the same request gets the node's answer.
     gateway = SUBNET.replace(".0/24", ".1")
-    assert _get(vm_env, a, HOST_IP, NODE_PORT) == f"refused {HOST_IP}:{NODE_PORT}"
     assert _get(vm_env, a, gateway, NODE_PORT) == f"refused {gateway}:{NODE_PORT}"
-    jump = ["INPUT", "-i", BRIDGE, "-j", "VIBATCH-IN"]
-    assert _ipt("-D", *jump).returncode == 0
-    try:
-        assert _get(vm_env, a, HOST_IP, NODE_PORT) == f"reached {HOST_IP}:{NODE_PORT}: node secret"
-    finally:
-        _ipt("-I", "INPUT", "1", *jump[1:])
-    assert _get(vm_env, a, HOST_IP, NODE_PORT) == f"refused {HOST_IP}:{NODE_PORT}"
+    _only_the_rule_stops_it(vm_env, a, "iptables", ["INPUT", "-i", BRIDGE, "-j", "VIBATCH-IN"],
+                            HOST_IP, NODE_PORT)
 
     # another job's VM: B listens, A cannot connect. With B's bridge port not isolated (the
     # flag vibatch's domain sets) A's request reaches B's listener, on the same L2 segment.
@@ -213,32 +213,20 @@ def test_user_mode_reaches_the_outside_but_no_port_of_the_node(vm_env, tracker, 
     from vibatch import config
     from vibatch.core.lifecycle import qemu_ids
     uid = str(qemu_ids(config.load(cfg_path))[0])
-    for host in ("10.0.2.2", HOST_IP):
-        assert _get(vm_env, job, host, NODE_PORT) == f"refused {host}:{NODE_PORT}"
-    jump = ["OUTPUT", "-m", "owner", "--uid-owner", uid, "-j", "VIBATCH-OUT"]
-    assert _ipt("-D", *jump).returncode == 0
-    try:
-        assert _get(vm_env, job, "10.0.2.2", NODE_PORT) == \
-            f"reached 10.0.2.2:{NODE_PORT}: node secret"
-    finally:
-        _ipt("-I", "OUTPUT", "1", *jump[1:])
-    assert _get(vm_env, job, "10.0.2.2", NODE_PORT) == f"refused 10.0.2.2:{NODE_PORT}"
+    assert _get(vm_env, job, HOST_IP, NODE_PORT) == f"refused {HOST_IP}:{NODE_PORT}"
+    owner = ["-m", "owner", "--uid-owner", uid]
+    _only_the_rule_stops_it(vm_env, job, "iptables", ["OUTPUT", *owner, "-j", "VIBATCH-OUT"],
+                            "10.0.2.2", NODE_PORT)
     # IPv6: slirp serves fec0::/64 and maps fec0::2 to the host's ::1. vibatch gives the guest
     # no IPv6 address; guest root (the threat) gives itself one
     rc, out, err = guest_root(vm_env, job, "d=$(ls /sys/class/net | grep -v '^lo$'); "
                               "echo 0 > /proc/sys/net/ipv6/conf/$d/disable_ipv6; "
-                              "ip -6 addr add fec0::15/64 dev $d nodad && "
+                              "echo 0 > /proc/sys/net/ipv6/conf/$d/accept_dad; "
+                              "ip -6 addr add fec0::15/64 dev $d && "
                               "ip -6 route add default via fec0::2 dev $d && ip -6 addr show dev $d")
     assert rc == 0 and "fec0::15" in out, out + err
-    assert _get(vm_env, job, "fec0::2", NODE6_PORT) == f"refused fec0::2:{NODE6_PORT}"
-    jump6 = ["OUTPUT", "-m", "owner", "--uid-owner", uid, "-j", "VIBATCH-6"]
-    assert _ipt6("-D", *jump6).returncode == 0
-    try:
-        assert _get(vm_env, job, "fec0::2", NODE6_PORT) == \
-            f"reached fec0::2:{NODE6_PORT}: node secret"
-    finally:
-        _ipt6("-I", "OUTPUT", "1", *jump6[1:])
-    assert _get(vm_env, job, "fec0::2", NODE6_PORT) == f"refused fec0::2:{NODE6_PORT}"
+    _only_the_rule_stops_it(vm_env, job, "ip6tables", ["OUTPUT", *owner, "-j", "VIBATCH-6"],
+                            "fec0::2", NODE6_PORT)
     assert epilogue(vm_env, job, config=cfg_path).returncode == 0
     assert leftovers(vm_env, job) == []
 
@@ -271,3 +259,17 @@ def _taps():
     """The tap devices on the test's bridge."""
     return sorted(os.listdir(f"/sys/class/net/{BRIDGE}/brif"))
 
+
+
+def test_image_test_checks_the_network_mode_in_force(vm_env, policy):
+    """`vibatch image test` under a nat policy: the guest has the address and route vibatch
+    configured (and under none, no interface: test_vm_images)."""
+    cfg_path = policy("nat")
+    r = subprocess.run(vibatch_cmd("--config", cfg_path, "image", "test", "testguest",
+                                   "--user", "vbt-alice"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = [x for x in r.stdout.splitlines() if "network matches policy" in x]
+    assert line and line[0].startswith("PASS  network matches policy (nat): "), r.stdout
+    prefix = SUBNET.rsplit(".", 1)[0].replace(".", r"\.")
+    assert re.search(rf": \S+: {prefix}\.1\d/24 via {prefix}\.1$", line[0]), line

@@ -32,9 +32,15 @@ def job_gone(name: str, job_id: str, env: dict) -> Optional[bool]:
     return system(name).job_gone(job_id, env) if name in SYSTEMS else None
 
 
+def drain_time(name: str, env: dict) -> Optional[int]:
+    """``vibatch drain --sync``'s question to a job's batch system (None: no drain known)."""
+    return system(name).drain_time(env) if name in SYSTEMS else None
+
+
 def offer_formats() -> dict[str, Callable[[Sequence[str]], str]]:
     """``vibatch image offer --format`` -> how to write the offered names, over every system."""
     return {fmt: write for name in SYSTEMS for fmt, write in system(name).offer_formats.items()}
 
 
-__all__ = ["SYSTEMS", "BatchSystem", "job_gone", "main", "offer_formats", "system"]
+__all__ = ["SYSTEMS", "BatchSystem", "drain_time", "job_gone", "main", "offer_formats",
+           "system"]

@@ -155,6 +155,11 @@ class BatchSystem:
         it still does, None if it cannot be asked or cannot tell (then reap leaves it)."""
         return None
 
+    def drain_time(self, env: dict) -> Optional[int]:
+        """When the system will take this node away (epoch seconds), if it says so; None if it
+        does not, or cannot be asked (``vibatch drain --sync``)."""
+        return None
+
     def before_epilogue(self, cfg: Config, job_id: str, exit_code: Optional[int]) -> None:
         pass
 

@@ -23,9 +23,11 @@ docs/batch/slurm.md):
 """
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import sys
+import time
 from typing import Mapping, Optional, Sequence
 
 from .. import proc
@@ -220,6 +222,40 @@ def job_gone(job_id: str, env: Mapping[str, str]) -> Optional[bool]:
     return bool(node) and node not in expand_hostlist(fields.get("NodeList", ""))
 
 
+def maintenance_start(show: str, node: str, now: float) -> Optional[int]:
+    """The earliest start (epoch seconds) of a MAINT reservation of ``node`` that has not
+    ended, from ``scontrol -o show reservation`` (one reservation per line; admins' text)."""
+    starts = []
+    for line in show.splitlines():
+        fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        if "MAINT" not in fields.get("Flags", "").split(",") or \
+                node not in expand_hostlist(fields.get("Nodes", "")):
+            continue
+        try:
+            start, end = (datetime.datetime.fromisoformat(fields[k]).timestamp()
+                          for k in ("StartTime", "EndTime"))
+        except (KeyError, ValueError):
+            continue
+        if end > now:
+            starts.append(int(start))
+    return min(starts) if starts else None
+
+
+def drain_time(env: Mapping[str, str]) -> Optional[int]:
+    node = env.get("SLURMD_NODENAME")
+    if not node:
+        return None
+    conf = {"SLURM_CONF": env["SLURM_CONF"]} if env.get("SLURM_CONF") else {}
+    try:
+        r = proc.run([SCONTROL, "-o", "show", "reservation"], timeout=ASK_TIMEOUT_S,
+                     env=minimal_env(**conf), check=False)
+    except CommandFailed:
+        return None
+    if r.returncode != 0 and "No reservations" not in r.stdout + r.stderr:
+        return None
+    return maintenance_start(r.stdout, node, time.time())
+
+
 class Slurm(BatchSystem):
     name = "slurm"
     EXIT = EXIT
@@ -248,6 +284,9 @@ class Slurm(BatchSystem):
 
     def job_gone(self, job_id: str, env: dict) -> Optional[bool]:
         return job_gone(job_id, env)
+
+    def drain_time(self, env: dict) -> Optional[int]:
+        return drain_time(env)
 
     def epilogue_exit_code(self, argv: Sequence[str], env: dict) -> Optional[int]:
         return exit_code(env)

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--at", type=_when, help="when: epoch seconds, or local time as "
                    "YYYY-MM-DDTHH:MM[:SS]")
     g.add_argument("--cancel", action="store_true", help="the node is not draining after all")
+    g.add_argument("--sync", action="store_true", help="take the drain time from the batch "
+                   "system (a Slurm maintenance reservation of this node), for cron")
 
     p = sub.add_parser("network", help="the node's network policy for user/nat guests (root)")
     p.add_argument("action", choices=("apply", "show", "remove"),
@@ -267,9 +269,14 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
             return _status(args, cfg, node)
         if cmd == "drain":
             require_root("drain")
-            at = None if args.cancel else args.at
+            if args.sync:
+                from .. import batch  # noqa: PLC0415 - asked only here and by reap
+                at, answers = lifecycle.sync_drain(node, batch.drain_time)
+                print(f"node drains at {at}" if at else "node is not draining")
+            else:
+                answers = lifecycle.announce_shutdown(node, None if args.cancel else args.at)
             problems = 0
-            for job, err in lifecycle.announce_shutdown(node, at):
+            for job, err in answers:
                 print(f"job {job}: {'updated' if err is None else 'not updated: ' + err}")
                 problems += err is not None
             return NodeError.exit_code if problems else 0   # the node could not tell them all

@@ -40,15 +40,33 @@ def shutdowntime(cfg: Config) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def set_drain(cfg: Config, at: Optional[int]) -> None:
-    """Announce the node's end at ``at`` (epoch seconds), or withdraw it (None)."""
+def drain_source(cfg: Config) -> tuple[Optional[str], dict]:
+    """Who announced the drain: ("admin", {}) for ``vibatch drain --at``, or a batch system's
+    name and the environment it was asked with (``vibatch drain --sync`` found its
+    maintenance); (None, {}) if the node is not draining."""
+    try:
+        with open(drain_path(cfg)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None, {}
+    if not isinstance(data, dict):
+        return None, {}
+    env = data.get("env") if isinstance(data.get("env"), dict) else {}
+    return str(data.get("source", "admin")), {str(k): str(v) for k, v in env.items()}
+
+
+def set_drain(cfg: Config, at: Optional[int], source: str = "admin",
+              env: Optional[dict] = None) -> None:
+    """Announce the node's end at ``at`` (epoch seconds), or withdraw it (None); ``env`` is
+    how to ask ``source`` (a batch system) again."""
     if at is None:
         try:
             os.unlink(drain_path(cfg))
         except FileNotFoundError:
             pass
         return
-    atomic_write_json(drain_path(cfg), {"shutdowntime": int(at), "set_at": int(time.time())})
+    atomic_write_json(drain_path(cfg), {"shutdowntime": int(at), "set_at": int(time.time()),
+                                        "source": source, "env": dict(env or {})})
 
 
 def machine(cfg: Config, jobslots: int) -> dict[str, str]:

@@ -667,11 +667,39 @@ def _signal(pid: Any, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def announce_shutdown(node: Node, at: Optional[int]) -> list[tuple[str, Optional[str]]]:
+DrainTime = Callable[[str, dict], Optional[int]]   # (system, batch_env) -> its drain time
+
+
+def sync_drain(node: Node, drain_time: DrainTime) -> tuple[Optional[int], list]:
+    """Ask the batch system of each ready job (and the one that announced the drain in force)
+    when this node is to be drained (a Slurm maintenance reservation, for one), and announce
+    the earliest answer as the node's ``shutdowntime``; withdraw a drain found this way once
+    no system announces one. An admin's ``vibatch drain --at`` is left as it is. Returns (the
+    time in force, announce's answers: empty when nothing changed)."""
+    current = features.shutdowntime(node.cfg)
+    by, by_env = features.drain_source(node.cfg)
+    if by == "admin":
+        return current, []
+    keys = {(by, tuple(sorted(by_env.items())))} if by else set()
+    for _, st in jobstore.records(node.cfg):
+        if st and st.phase == jobstore.READY and st.batch:
+            keys.add((st.batch, tuple(sorted(st.batch_env.items()))))
+    answers = sorted((t, system, env) for system, env in keys
+                     if (t := drain_time(system, dict(env))) is not None)
+    if not keys:
+        return current, []
+    at, source, env = answers[0] if answers else (None, None, ())
+    if at == current and source == by:
+        return current, []
+    return at, announce_shutdown(node, at, source or "admin", dict(env))
+
+
+def announce_shutdown(node: Node, at: Optional[int], source: str = "admin",
+                      env: Optional[dict] = None) -> list[tuple[str, Optional[str]]]:
     """The node drains at ``at`` (epoch seconds), or no longer (None): record it for the jobs
     to come, and rewrite ``shutdowntime`` (machine) and ``shutdowntime_job`` in every ready
     job's guest through its root agent. Returns (job, None or why it could not be updated)."""
-    features.set_drain(node.cfg, at)
+    features.set_drain(node.cfg, at, source, env)
     out: list[tuple[str, Optional[str]]] = []
     for paths, st in jobstore.records(node.cfg):
         if not st or st.phase != jobstore.READY:
