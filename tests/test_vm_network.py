@@ -223,7 +223,7 @@ def test_user_mode_reaches_the_outside_but_no_port_of_the_node(vm_env, tracker, 
                               "echo 0 > /proc/sys/net/ipv6/conf/$d/disable_ipv6; "
                               "echo 0 > /proc/sys/net/ipv6/conf/$d/accept_dad; "
                               "ip -6 addr add fec0::15/64 dev $d && "
-                              "ip -6 route add default via fec0::2 dev $d && ip -6 addr show dev $d")
+                              "ip -6 route replace default via fec0::2 dev $d && ip -6 addr show dev $d")
     assert rc == 0 and "fec0::15" in out, out + err
     _only_the_rule_stops_it(vm_env, job, "ip6tables", ["OUTPUT", *owner, "-j", "VIBATCH-6"],
                             "fec0::2", NODE6_PORT)
