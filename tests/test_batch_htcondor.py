@@ -228,7 +228,7 @@ def test_without_prepare_job_the_wrapper_boots_the_vm_outside_the_jobs_mount_nam
     r = starter.run(tracker, job_ad(113, '"testguest"'),
                     '#!/bin/sh\necho "ran in $PWD"\nexit 3\n', prepare_job=False)
     job = f"113.0@{SESSION}-ap.example.org"
-    assert r["status"] == 3 and r["stderr"] == "", r
+    assert r["status"] == 3 and r["stderr"] == "", r["stderr"]
     assert r["stdout"] == f"ran in {r['scratch']}\n"
     assert r["job_exit"] == {"rc": 0, "stdout": "", "stderr": ""}
     assert leftovers(vm_env, job) == []

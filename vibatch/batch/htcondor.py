@@ -14,7 +14,8 @@ docs/batch/htcondor.md and tests/condor_starter.py):
   the user's 0700 scratch directory (23.0 wrote the directory as its account and did see it).
 - ``USER_JOB_WRAPPER`` runs as the user with argv ``<scratch>/<executable> <args>``, no PATH, in
   its own session, stdin /dev/null, cwd the scratch directory (or the Iwd without file
-  transfer). Its exit status is the job's; condor_rm's KillSig goes to it.
+  transfer), in a mount namespace of its own (MOUNT_UNDER_SCRATCH), which the helper it calls
+  leaves for its starter's. Its exit status is the job's; condor_rm's KillSig goes to it.
 - ``<Keyword>_HOOK_JOB_EXIT`` runs as the user after the job (``exit``, also after SIGKILL, or
   ``evict`` after condor_rm), with the starter's environment, which holds HTCondor's session key
   (``CONDOR_PRIVATE_INHERIT``); the starter waits 30 s for it.
@@ -32,6 +33,7 @@ The OS is chosen with a job attribute, ``+VibatchImage = "el9"`` in the submit f
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -58,6 +60,7 @@ SLOT_JOB_ATTRS = (IMAGE_ATTR, "Iwd", "AllowedJobDuration")
 AD_MAX_BYTES = 1 << 20
 TOOL_TIMEOUT_S = 30
 MAX_ANCESTRY = 64
+CLONE_NEWNS = 0x00020000
 PREPARE_ALARM_S = 600     # the helper's own deadline for booting; the hooks have none
 FINISH_ALARM_S = 25       # the starter waits 30 s for the JOB_EXIT hook
 SUDO_MARGIN_S = 15
@@ -230,6 +233,34 @@ def find_caller(environ: dict) -> Caller:
                     "among its ancestors (USE_PID_NAMESPACES hides it)")
 
 
+def enter_mount_namespace(caller: Caller) -> None:
+    """Act in the mount namespace of the caller's starter, where the hooks run. The starter
+    runs the wrapper, and so sudo and this helper, in the job's own namespace (MOUNT_UNDER_SCRATCH
+    makes one): what the prologue mounts there, the job's I/O tmpfs, libvirtd and the share
+    launcher it starts never see, and the VM cannot start (seen on 25.0.13)."""
+    pid = caller.starter_pid
+    try:
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise NodeError(f"condor_starter {pid}'s mount namespace: {e.strerror}") from None
+    try:
+        theirs, ours = os.fstat(fd), os.stat("/proc/self/ns/mnt")
+        if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+            return
+        try:    # the namespace we hold is that of the root starter find_caller saw
+            p = psutil.Process(pid)
+            if p.name() != STARTER_NAME or p.uids().real != 0:
+                raise psutil.NoSuchProcess(pid)
+        except psutil.Error:
+            raise NodeError(f"condor_starter {pid} ended while the VM helper ran") from None
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNS) != 0:
+            raise NodeError(f"cannot enter condor_starter {pid}'s mount namespace: "
+                            f"{os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+
+
 def trusted_uids(cfg) -> set[int]:
     """Who may own EXECUTE and the startd's address file: root and HTCondor's own account."""
     import pwd  # noqa: PLC0415
@@ -384,6 +415,7 @@ def helper_prepare(core: Any, config_path: str, scratch: str, cwd: str, environ:
     PREPARE_JOB hook, finds it) and print its job id."""
     cfg = core.cfg
     caller = find_caller(environ)
+    enter_mount_namespace(caller)
     held = core.jobs_held_by(caller.starter_pid)
     if held:
         print(held[0])
@@ -415,6 +447,7 @@ def helper_prepare(core: Any, config_path: str, scratch: str, cwd: str, environ:
 def helper_finish(core: Any, environ: dict) -> list[str]:
     """End the VMs of the caller's starter (none: nothing to do)."""
     caller = find_caller(environ)
+    enter_mount_namespace(caller)
     jobs = core.jobs_held_by(caller.starter_pid)
     for job_id in jobs:
         core.epilogue(job_id, None)
