@@ -224,7 +224,9 @@ def test_without_prepare_job_the_wrapper_boots_the_vm_outside_the_jobs_mount_nam
     # the starter runs the wrapper, and so sudo and the helper, in the job's own mount namespace
     # (MOUNT_UNDER_SCRATCH): a mount made there, such as the job's I/O tmpfs, is not libvirtd's,
     # and the share launcher libvirtd starts found only root's empty directory (on the real
-    # 25.0.13 pool every job without the hook failed so, with exit 1)
+    # 25.0.13 pool every job without the hook failed so, with exit 1). Made in the starter's
+    # namespace, the wrapper must see it too: this host's / is not a shared mount, so nothing
+    # propagates into the job's namespace by itself
     r = starter.run(tracker, job_ad(113, '"testguest"'),
                     '#!/bin/sh\necho "ran in $PWD"\nexit 3\n', prepare_job=False)
     job = f"113.0@{SESSION}-ap.example.org"
