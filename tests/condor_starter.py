@@ -14,7 +14,10 @@ from source; see docs/batch/htcondor.md), in order:
 4. it starts ``USER_JOB_WRAPPER <scratch>/<executable> <args...>`` as the user, in its own
    session, in the scratch directory (or the Iwd without file transfer), stdin /dev/null,
    stdout/stderr into files, with the job's environment plus the starter's variables and **no
-   PATH**;
+   PATH**; in a mount namespace of its own (DaemonCore: ``unshare(CLONE_NEWNS|CLONE_FS)``, ``/``
+   made a recursive slave, then ``<scratch>/<dir>`` bound over each ``MOUNT_UNDER_SCRATCH``
+   directory and a fresh ``/dev/shm``), so nothing mounted there (by sudo and the helper too)
+   is seen outside it; the hooks run in the starter's own namespace;
 5. condor_rm sends the job's KillSig to the wrapper, then SIGKILL to its process group after the
    kill-signal timeout;
 6. after the job it looks for ``$_CONDOR_WRAPPER_ERROR_FILE`` *as its own account*, which cannot
@@ -42,6 +45,8 @@ import sys
 import time
 
 PR_SET_NAME = 15
+CLONE_NEWNS, CLONE_FS = 0x00020000, 0x00000200
+MS_BIND, MS_REC, MS_SLAVE = 0x1000, 0x4000, 0x80000
 ERROR_FILE = ".job_wrapper_failure"
 JOB_EXIT_TIMEOUT_S = 30
 SLOT = "slot1_1"
@@ -72,6 +77,46 @@ def read_as(path, uid, gid):
                         ".read())", path], capture_output=True, text=True, user=uid, group=gid,
                        extra_groups=[], timeout=30, env={})
     return r.stdout if r.returncode == 0 else None
+
+
+def mount_under_scratch(spec, scratch, uid, gid):
+    """VanillaProc::StartJob: ``(<scratch><dir>, <dir>)`` for each MOUNT_UNDER_SCRATCH directory
+    (the pool's value, as condor_config_val prints it), the source made as the user, 0700."""
+    with open(spec["condor_config"]) as f:
+        value = json.load(f)["params"].get("MOUNT_UNDER_SCRATCH", '"/tmp,/var/tmp"')
+    pairs = []
+    for d in filter(None, re.split(r"[\s,]+", value.strip('"'))):
+        src = scratch + d
+        if not os.path.isdir(d) or src.startswith(d):
+            continue
+        path = scratch
+        for part in d.strip("/").split("/"):
+            path = os.path.join(path, part)
+            if not os.path.isdir(path):
+                os.mkdir(path, 0o700)
+                os.chown(path, uid, gid)
+        pairs.append((src, d))
+    return pairs
+
+
+def job_namespace(pairs, uid, gid):
+    """The wrapper's start (DaemonCore's Create_Process with a FilesystemRemap): a mount
+    namespace of its own, then the user. Runs in the child, before exec."""
+    def enter():
+        libc = ctypes.CDLL(None, use_errno=True)
+        steps = [(libc.unshare, (CLONE_NEWNS | CLONE_FS,)),
+                 (libc.mount, (b"", b"/", b"dontcare", MS_REC | MS_SLAVE, b""))]
+        steps += [(libc.mount, (src.encode(), dst.encode(), None, MS_BIND, None))
+                  for src, dst in pairs]
+        if pairs:   # AddDevShmMapping (MOUNT_PRIVATE_DEV_SHM)
+            steps.append((libc.mount, (b"/dev/shm", b"/dev/shm", b"tmpfs", 0, None)))
+        for call, args in steps:
+            if call(*args) != 0:
+                raise OSError(ctypes.get_errno(), f"{call.__name__}{args[:2]}")
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    return enter
 
 
 def wait_for(path, timeout):
@@ -197,10 +242,12 @@ def main():
     write_as(out_path, b"", uid, gid, 0o644)
     write_as(err_path, b"", uid, gid, 0o644)
     executable = os.path.join(files_dir, spec["executable"])
+    pairs = mount_under_scratch(spec, scratch, uid, gid)
     with open(out_path, "ab") as out, open(err_path, "ab") as err:
         job = subprocess.Popen([spec["wrapper"], executable, *spec["args"]], env=env, cwd=iwd,
                                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                               user=uid, group=gid, extra_groups=[], start_new_session=True)
+                               preexec_fn=job_namespace(pairs, uid, gid),
+                               start_new_session=True)
     reason, removed_at = "exit", None
     remove = spec.get("remove")
     if remove:     # condor_rm once the job is running: KillSig, then SIGKILL after the timeout

@@ -218,6 +218,26 @@ def test_a_node_fault_requeues_the_job_only_from_prepare_job(vm_env, tracker, co
     assert leftovers(vm_env, f"106.0@{SESSION}-ap.example.org") == []
 
 
+def test_without_prepare_job_the_wrapper_boots_the_vm_outside_the_jobs_mount_namespace(
+        vm_env, tracker, condor):
+    starter = condor[0]
+    # the starter runs the wrapper, and so sudo and the helper, in the job's own mount namespace
+    # (MOUNT_UNDER_SCRATCH): a mount made there, such as the job's I/O tmpfs, is not libvirtd's,
+    # and the share launcher libvirtd starts found only root's empty directory (on the real
+    # 25.0.13 pool every job without the hook failed so, with exit 1). Made in the starter's
+    # namespace, the wrapper must see it too: this host's / is not a shared mount, so nothing
+    # propagates into the job's namespace by itself
+    r = starter.run(tracker, job_ad(113, '"testguest"'),
+                    '#!/bin/sh\necho "ran in $PWD"\nexit 3\n', prepare_job=False)
+    job = f"113.0@{SESSION}-ap.example.org"
+    assert r["status"] == 3 and r["stderr"] == "", r["stderr"]
+    assert r["stdout"] == f"ran in {r['scratch']}\n"
+    assert r["job_exit"] == {"rc": 0, "stdout": "", "stderr": ""}
+    assert leftovers(vm_env, job) == []
+    with open("/proc/self/mountinfo") as f:
+        assert [ln for ln in f if f"/jobs/{job}/" in ln] == []
+
+
 def test_mount_under_scratch_over_vibatch_is_refused(vm_env, tracker, condor):
     starter = condor[0]
     set_params(starter.pool, MOUNT_UNDER_SCRATCH='"/tmp,/var/tmp"')   # the default, as printed

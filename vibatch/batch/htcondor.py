@@ -14,7 +14,8 @@ docs/batch/htcondor.md and tests/condor_starter.py):
   the user's 0700 scratch directory (23.0 wrote the directory as its account and did see it).
 - ``USER_JOB_WRAPPER`` runs as the user with argv ``<scratch>/<executable> <args>``, no PATH, in
   its own session, stdin /dev/null, cwd the scratch directory (or the Iwd without file
-  transfer). Its exit status is the job's; condor_rm's KillSig goes to it.
+  transfer), in a mount namespace of its own (MOUNT_UNDER_SCRATCH), which the helper it calls
+  leaves for its starter's. Its exit status is the job's; condor_rm's KillSig goes to it.
 - ``<Keyword>_HOOK_JOB_EXIT`` runs as the user after the job (``exit``, also after SIGKILL, or
   ``evict`` after condor_rm), with the starter's environment, which holds HTCondor's session key
   (``CONDOR_PRIVATE_INHERIT``); the starter waits 30 s for it.
@@ -32,6 +33,7 @@ The OS is chosen with a job attribute, ``+VibatchImage = "el9"`` in the submit f
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -45,6 +47,7 @@ import psutil
 from .. import proc
 from ..config import Config
 from ..errors import Fault, NodeError, ResourceRequestError, VibatchError
+from ..core.jobdir import JobPaths
 from ..core.request import JobRequest, check_job_id, make_request, resolve_user
 from .base import AS_IS, BatchSystem, Call, exits, main, run_root
 from .kit import STARTER_FAILED, exec_job, read_request
@@ -58,6 +61,10 @@ SLOT_JOB_ATTRS = (IMAGE_ATTR, "Iwd", "AllowedJobDuration")
 AD_MAX_BYTES = 1 << 20
 TOOL_TIMEOUT_S = 30
 MAX_ANCESTRY = 64
+CLONE_NEWNS = 0x00020000
+# the mount API (Linux 5.2; the same syscall numbers on every architecture)
+SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429
+AT_FDCWD, OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH = -100, 1, 4
 PREPARE_ALARM_S = 600     # the helper's own deadline for booting; the hooks have none
 FINISH_ALARM_S = 25       # the starter waits 30 s for the JOB_EXIT hook
 SUDO_MARGIN_S = 15
@@ -230,6 +237,69 @@ def find_caller(environ: dict) -> Caller:
                     "among its ancestors (USE_PID_NAMESPACES hides it)")
 
 
+def _setns(fd: int, what: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNS) != 0:
+        raise NodeError(f"cannot enter {what}: {os.strerror(ctypes.get_errno())}")
+
+
+def enter_mount_namespace(caller: Caller) -> Optional[int]:
+    """Act in the mount namespace of the caller's starter, where the hooks run; return a
+    descriptor of the one left (None: we were there). The starter runs the wrapper, and so sudo
+    and this helper, in the job's own namespace (MOUNT_UNDER_SCRATCH makes one): libvirtd and
+    the share launcher it starts never see a mount made there, such as the job's I/O tmpfs, and
+    the VM cannot start (seen on 25.0.13)."""
+    pid = caller.starter_pid
+    try:
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        left = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise NodeError(f"condor_starter {pid}'s mount namespace: {e.strerror}") from None
+    try:
+        theirs, ours = os.fstat(fd), os.fstat(left)
+        if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+            os.close(left)
+            return None
+        try:    # the namespace we hold is that of the root starter find_caller saw
+            p = psutil.Process(pid)
+            if p.name() != STARTER_NAME or p.uids().real != 0:
+                raise psutil.NoSuchProcess(pid)
+        except psutil.Error:
+            raise NodeError(f"condor_starter {pid} ended while the VM helper ran") from None
+        _setns(fd, f"condor_starter {pid}'s mount namespace")
+    except BaseException:
+        os.close(left)
+        raise
+    finally:
+        os.close(fd)
+    return left
+
+
+def lend_mount(path: str, ns: int) -> None:
+    """Show the mount at ``path`` at the same path in the mount namespace ``ns`` too (a clone:
+    the same files), and come back. The wrapper, in the job's namespace, reads the job's output
+    from the I/O tmpfs the prologue mounted in the starter's. A host whose / is a shared mount
+    (systemd's default) has propagated it there already; one whose / is private has not."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    tree = libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | os.O_CLOEXEC)
+    if tree < 0:
+        raise NodeError(f"cannot clone the mount at {path}: {os.strerror(ctypes.get_errno())}")
+    back = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(ns, "the job's mount namespace")
+        try:
+            if not os.path.ismount(path) and libc.syscall(
+                    SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, path.encode(),
+                    MOVE_MOUNT_F_EMPTY_PATH) != 0:
+                raise NodeError(f"cannot mount {path} in the job's mount namespace: "
+                                f"{os.strerror(ctypes.get_errno())}")
+        finally:
+            _setns(back, "the starter's mount namespace again")
+    finally:
+        os.close(back)
+        os.close(tree)
+
+
 def trusted_uids(cfg) -> set[int]:
     """Who may own EXECUTE and the startd's address file: root and HTCondor's own account."""
     import pwd  # noqa: PLC0415
@@ -382,8 +452,18 @@ def slot_ad(caller: Caller, trusted: set[int], condor: Condor, address_file: str
 def helper_prepare(core: Any, config_path: str, scratch: str, cwd: str, environ: dict) -> None:
     """Boot the VM of the caller's job (once: a second call, from the wrapper after the
     PREPARE_JOB hook, finds it) and print its job id."""
-    cfg = core.cfg
     caller = find_caller(environ)
+    job_ns = enter_mount_namespace(caller)
+    try:
+        _prepare(core, config_path, scratch, cwd, caller, job_ns)
+    finally:
+        if job_ns is not None:
+            os.close(job_ns)
+
+
+def _prepare(core: Any, config_path: str, scratch: str, cwd: str, caller: Caller,
+             job_ns: Optional[int]) -> None:
+    cfg = core.cfg
     held = core.jobs_held_by(caller.starter_pid)
     if held:
         print(held[0])
@@ -409,12 +489,21 @@ def helper_prepare(core: Any, config_path: str, scratch: str, cwd: str, environ:
     user = resolve_user(str(caller.uid)).name
     req = read_request(lambda: job_from_ads(cfg, ad, ad, user, workdir))
     core.prologue(req, holder=caller.starter_pid)
+    if job_ns is not None:   # called by the wrapper (no PREPARE_JOB hook)
+        try:
+            lend_mount(JobPaths.of(cfg, req.job_id).io, job_ns)
+        except NodeError:
+            core.epilogue(req.job_id, None)   # the wrapper ends no VM it was not told of
+            raise
     print(req.job_id)
 
 
 def helper_finish(core: Any, environ: dict) -> list[str]:
     """End the VMs of the caller's starter (none: nothing to do)."""
     caller = find_caller(environ)
+    job_ns = enter_mount_namespace(caller)
+    if job_ns is not None:
+        os.close(job_ns)
     jobs = core.jobs_held_by(caller.starter_pid)
     for job_id in jobs:
         core.epilogue(job_id, None)
