@@ -12,6 +12,8 @@ to their results. See docs/batch/torque.md, "The contract, as observed".
 - ``$job_starter``: the job user (uid, gid, supplementary groups), umask 0077, cwd the home,
   the job's environment, argv ``[job_starter, <login shell>]``, stdin a pipe carrying
   ``<$PBS_HOME/mom_priv/jobs/<id>.SC>[ <qsub -F args>]\\n`` (the script is the user's, 0700).
+- an array task ``8[1].srv``: the hooks get that id; its files are named ``8-1.srv``
+  (``.SC``, ``.OU``, ``.ER``), and its environment has ``PBS_ARRAYID=1``.
 - the rules: prologue 0 runs the job; 1 aborts it (exit_status -2) and **the spool files are
   never copied to the user**; anything else, or the kill, is exit_status -14 and the job is
   **run again at once on the same node** (unless the node went offline meanwhile). The
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -48,6 +51,18 @@ class Job:
     queue: str = "batch"
     account: str = ""
     name: str = "job.sh"
+
+    @property
+    def file_prefix(self) -> str:
+        """What pbs_mom names the job's files by (its ``hashname``): an array task ``8[1].srv``
+        has ``mom_priv/jobs/8-1.srv.SC`` and ``spool/8-1.srv.OU``."""
+        return re.sub(r"\[(\d+)\]", r"-\1", self.job_id)
+
+    @property
+    def array_id(self) -> str:
+        """``PBS_ARRAYID`` in an array task's environment ("" for a plain job)."""
+        m = re.search(r"\[(\d+)\]", self.job_id)
+        return m.group(1) if m else ""
 
     @property
     def resources(self) -> str:
@@ -111,7 +126,7 @@ class PbsMom:
             err.close()
 
     def _spool_file(self, job: Job, kind: str) -> str:
-        path = os.path.join(self.spool, f"{job.job_id}.{kind}")
+        path = os.path.join(self.spool, f"{job.file_prefix}.{kind}")
         if not os.path.exists(path):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             pw = pwd.getpwnam(job.user)
@@ -128,7 +143,7 @@ class PbsMom:
                 "PBS_O_WORKDIR": home, "PBS_RESOURCE_NODES": job.nodes}
 
     def script_path(self, job: Job) -> str:
-        return os.path.join(self.mom_priv, "jobs", f"{job.job_id}.SC")
+        return os.path.join(self.mom_priv, "jobs", f"{job.file_prefix}.SC")
 
     def _root_hook(self, hook: str, job: Job, argv: list[str], alarm: int) -> Optional[int]:
         """The hook's exit code, or None if pbs_mom's alarm killed its session."""
@@ -160,6 +175,8 @@ class PbsMom:
                "PBS_JOBNAME": job.name, "PBS_QUEUE": job.queue, "PBS_O_WORKDIR": pw.pw_dir,
                "PBS_O_HOME": pw.pw_dir, "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_TASKNUM": "1",
                "PBS_NODENUM": "0", "PBS_VNODENUM": "0", "ENVIRONMENT": "BATCH"}
+        if job.array_id:
+            env["PBS_ARRAYID"] = job.array_id
         p = self._spawn([os.path.join(self.hooks, "job_starter"), pw.pw_shell], env, pw.pw_dir,
                         job, stdin=subprocess.PIPE, as_user=True)
         line = self.script_path(job) + (f" {job.args}" if job.args else "") + "\n"

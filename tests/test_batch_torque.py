@@ -88,6 +88,31 @@ def test_qdel_runs_the_jobs_trap_in_the_guest(vm_env, tracker, mom, torque_user)
     assert leftovers(vm_env, job.job_id) == []
 
 
+@pytest.mark.vm
+def test_each_task_of_a_job_array_runs_in_its_own_vm(vm_env, tracker, mom, torque_user):
+    # qsub -t 1-2 on a real pbs_mom: the hooks get the ids N[1].srv and N[2].srv (brackets in
+    # the id, the files named N-1.srv), PBS_ARRAYID in the job's environment. On the code of
+    # 870f6ca the brackets made the Job Features' job_id refused: a node fault for every task,
+    # and the real node was taken out by a user's ordinary job array.
+    base = tracker.job_id("")
+    tasks = [f"{base}[{i}].torque-srv" for i in (1, 2)]
+    tracker.jobs.extend(tasks)
+    for i, task in enumerate(tasks, 1):
+        job = Job(task, USER, script='echo "task $PBS_ARRAYID of $PBS_JOBID in '
+                                     '$(cat /etc/hostname), features job $(cat $JOBFEATURES/job_id)"\n')
+        r = mom.run(job, max_runs=2)
+        assert (r.exit_status, r.runs) == (0, 1), r.spool_err
+        assert r.out == f"task {i} of {task} in vbguest, features job {task}\n", r.err
+        assert leftovers(vm_env, task) == [] and not mom.offline()
+    rec = [json.loads(line) for line in open(vm_env.cfg.accounting_file)]
+    assert sorted(x["job_id"] for x in rec if x["job_id"] in tasks) == tasks   # one VM each
+
+
+def test_an_array_task_id_is_a_plain_feature_value():
+    from vibatch.core import features
+    assert features.as_args({}, {"job_id": "12[3].srv"}) == ["j:job_id=12[3].srv"]
+
+
 def test_a_jobs_fault_fails_it_with_the_reason_in_its_own_error_file(vm_env, tracker, mom,
                                                                      torque_user):
     # pbs_mom never copies an aborted job's (prologue exit 1) output to the user: the reason

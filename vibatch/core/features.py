@@ -23,7 +23,8 @@ from ..util import atomic_write_json
 
 DRAIN_FILE = "drain.json"
 _KEY = re.compile(r"^[A-Za-z0-9_]{1,32}$")
-_VALUE = re.compile(r"^[A-Za-z0-9_.@+:-]{1,128}$")
+# every character a job id may hold (request.check_job_id): Torque's array tasks are 12[3].srv
+_VALUE = re.compile(r"^[A-Za-z0-9_.@+:\[\]-]{1,128}$")
 
 
 def drain_path(cfg: Config) -> str:
