@@ -11,7 +11,7 @@
 # OUTDIR receives, for --layout kernel (add with `vibatch image add --kernel --initrd --cmdline`):
 #   disk.qcow2   ext4 root file system, no partition table (root=/dev/vda)
 #   vmlinux      the Debian kernel as an uncompressed ELF: boots by PVH, no decompression in the guest
-#   initrd.cpio  Debian's own initramfs (initramfs-tools), uncompressed
+#   initrd.img   Debian's own initramfs (initramfs-tools), as it made it
 #   cmdline      the kernel command line to boot it with
 # and for --layout disk (add with `vibatch image add --disk-boot`):
 #   disk.qcow2   an MBR disk: GRUB (i386-pc) in the MBR and the gap after it, one ext4 partition
@@ -72,13 +72,17 @@ PKGS="systemd-sysv,udev,dbus,qemu-guest-agent,$KPKG"
 # 130 MB uncompressed, which costs 10 s to load and seconds to boot under TCG. MODULES=list is
 # set before the kernel is installed (so its postinst does not first build the big one); the
 # modules file is initramfs-tools' conffile, so it is edited once the package is in. The hooks
-# run in order, in the chroot, while mmdebstrap's mounts are up.
+# run in order, in the chroot, while mmdebstrap's mounts are up. systemd-networkd is enabled for
+# the DHCP configuration below. e2scrub_reap (bookworm's e2fsprogs; trixie has none) looks for
+# stale LVM snapshots at every boot: there is no LVM, and under TCG it kept the vCPU busy 11 s.
 unshare --mount --propagation private -- \
   mmdebstrap --mode=root --variant=minbase --include="$PKGS" \
     --essential-hook='mkdir -p "$1/etc/initramfs-tools/conf.d"' \
     --essential-hook='echo MODULES=list > "$1/etc/initramfs-tools/conf.d/modules-list.conf"' \
     --customize-hook='printf "%s\n" virtio_pci virtio_blk crc32c_generic ext4 >> "$1/etc/initramfs-tools/modules"' \
     --customize-hook='chroot "$1" update-initramfs -u -k all' \
+    --customize-hook='chroot "$1" systemctl enable --quiet systemd-networkd.service' \
+    --customize-hook='[ ! -e "$1/lib/systemd/system/e2scrub_reap.service" ] || chroot "$1" systemctl disable --quiet e2scrub_reap.service e2scrub_all.timer' \
     "$RELEASE" "$R" "deb $MIRROR $RELEASE main" "deb $MIRROR $RELEASE-updates main" \
     "deb $SECURITY $RELEASE-security main"
 
@@ -93,10 +97,6 @@ printf '# <file system> <mount point> <type> <options> <dump> <pass>\n%s / ext4 
   "$ROOTDEV" > "$R/etc/fstab"
 mkdir -p "$R/etc/systemd/network"
 printf '[Match]\nName=en*\n\n[Network]\nDHCP=yes\n' > "$R/etc/systemd/network/80-dhcp.network"
-chroot "$R" systemctl enable --quiet systemd-networkd.service
-# e2scrub_reap looks for stale LVM snapshots of ext4 scrubs at every boot; there is no LVM here,
-# and under TCG it kept the one vCPU busy for 11 s of the boot
-chroot "$R" systemctl disable --quiet e2scrub_reap.service e2scrub_all.timer
 # an empty /root/.ssh appears during the bootstrap on this machine (no package lists it):
 # rmdir removes it only while empty, so a key in it would fail the build here
 [ ! -d "$R/root/.ssh" ] || rmdir "$R/root/.ssh"
@@ -105,10 +105,11 @@ rm -rf "$R/var/cache/apt/archives/"*.deb "$R/var/lib/apt/lists/"*_Packages "$R/t
 # 3. checks: the image's promises, failing the build if one is broken
 root_pw=$(awk -F: '$1 == "root" { print $2 }' "$R/etc/shadow")
 case "$root_pw" in '*'|'!'*) ;; *) echo "build.sh: root is not locked in /etc/shadow ($root_pw)" >&2; exit 1 ;; esac
-for bad in "$R/usr/bin/sudo" "$R/etc/ssh" "$R/root/.ssh" "$R/etc/sudoers.d"; do
+# (trixie's systemd ships an ssh client snippet in /etc/ssh/ssh_config.d: no server, no key)
+for bad in "$R/usr/bin/sudo" "$R/etc/sudoers.d" "$R/usr/sbin/sshd" "$R/etc/ssh/sshd_config" "$R/root/.ssh"; do
   [ ! -e "$bad" ] || { echo "build.sh: the image must not have $bad" >&2; exit 1; }
 done
-keys=$(find "$R" -xdev \( -name 'authorized_keys*' -o -name 'id_rsa*' -o -name 'id_ed25519*' \) -print)
+keys=$(find "$R" -xdev \( -name 'authorized_keys*' -o -name 'ssh_host_*key*' -o -name 'id_rsa*' -o -name 'id_ed25519*' -o -name 'id_ecdsa*' \) -print)
 [ -z "$keys" ] || { echo "build.sh: the image must hold no SSH keys: $keys" >&2; exit 1; }
 [ -e "$R/lib/udev/rules.d/60-qemu-guest-agent.rules" ] || [ -e "$R/usr/lib/udev/rules.d/60-qemu-guest-agent.rules" ] \
   || { echo "build.sh: qemu-guest-agent's udev rule is missing" >&2; exit 1; }
@@ -123,13 +124,13 @@ CMDLINE="console=ttyS0 quiet rw root=$ROOTDEV"
 MKE2FS="mke2fs -q -t ext4 -L debroot -O ^metadata_csum_seed,^orphan_file"
 if [ "$LAYOUT" = kernel ]; then
   python3 "$HERE/../testguest/extract-vmlinux.py" "$R/boot/vmlinuz-$KVER" "$WORK/vmlinux"
-  # Debian's initramfs (gzip: zstd, initramfs-tools' default, is not in the image), stored
-  # uncompressed: the guest then spends no time decompressing it.
-  python3 "$HERE/decompress.py" "$R/boot/initrd.img-$KVER" "$WORK/initrd.cpio"
+  # Debian's initramfs as it is (gzip, as zstd is not in the image; trixie's has an
+  # uncompressed early part before it)
+  cp "$R/boot/initrd.img-$KVER" "$WORK/initrd.img"
   echo "$CMDLINE" > "$WORK/cmdline"
   $MKE2FS -d "$R" "$WORK/root.img" "$SIZE"
   qemu-img convert -q -f raw -O qcow2 "$WORK/root.img" "$WORK/disk.qcow2"
-  OUTPUTS="disk.qcow2 vmlinux initrd.cpio cmdline KVER os-release packages"
+  OUTPUTS="disk.qcow2 vmlinux initrd.img cmdline KVER os-release packages"
 else
   # GRUB as grub-install would lay it out: its modules in /boot/grub/i386-pc, core.img (with
   # the modules to find and read /boot/grub) in the 1 MiB gap before partition 1, boot.img's
@@ -173,7 +174,7 @@ for f in $OUTPUTS; do mv -f "$WORK/$f" "$OUT/$f"; done
 VERSION_ID=$(sed -n 's/^VERSION_ID="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$OUT/os-release")
 echo "build.sh: built $OUT: Debian $VERSION_ID ($RELEASE), $LAYOUT boot, kernel $KVER"
 if [ "$LAYOUT" = kernel ]; then
-  echo "add it: vibatch image add $OUT/disk.qcow2 --name debian$VERSION_ID --os debian --os-version $VERSION_ID --kernel $OUT/vmlinux --initrd $OUT/initrd.cpio --cmdline \"$CMDLINE\""
+  echo "add it: vibatch image add $OUT/disk.qcow2 --name debian$VERSION_ID --os debian --os-version $VERSION_ID --kernel $OUT/vmlinux --initrd $OUT/initrd.img --cmdline \"$CMDLINE\""
 else
   echo "add it: vibatch image add $OUT/disk.qcow2 --name debian$VERSION_ID --os debian --os-version $VERSION_ID --disk-boot"
 fi
