@@ -20,7 +20,7 @@ import filelock
 import pytest
 
 from conftest import REPO, vibatch_cmd
-from vmhelp import epilogue, exec_run, leftovers, prologue
+from vmhelp import epilogue, exec_run, leftovers, prologue, variant
 
 RECIPE = [os.path.join(REPO, "images/debian/build.sh"),
           os.path.join(REPO, "images/testguest/extract-vmlinux.py")]
@@ -85,7 +85,12 @@ def debian(request, vm_env):
     r = subprocess.run(vibatch_cmd("--config", vm_env.config_path, *args), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    yield {"name": name, "release": release, "layout": layout, "out": out,
+    # A systemd boot under TCG takes 18-40 s here (docs/benchmarks.md): more than the suite's
+    # 60 s boot timeout leaves room for a busy machine. TCG, not the probe: on this nested host
+    # the KVM probe (vm/accel.py) once saw the probe kernel print under KVM, and the Debian
+    # guest then sat paused by QEMU (a KVM failure) until the boot timeout.
+    config = variant(vm_env, "debian", {"vm": {"boot_timeout_s": 240, "acceleration": "tcg"}})
+    yield {"name": name, "release": release, "layout": layout, "out": out, "config": config,
            "kver": _read(os.path.join(out, "KVER"))}
     subprocess.run(vibatch_cmd("--config", vm_env.config_path, "image", "remove", name, "--force"),
                    capture_output=True, timeout=120)
@@ -114,7 +119,7 @@ def test_the_image_holds_nothing_it_should_not(debian, tmp_path):
               for line in _debugfs(raw, "cat /etc/shadow").splitlines() if ":" in line}
     assert shadow["root"] == "*" or shadow["root"].startswith("!"), shadow["root"]
     assert all(pw in ("*", "!", "!*") for pw in shadow.values()), shadow   # no account has one
-    assert _debugfs(raw, "stat /etc/machine-id").count("Size: 0") == 1   # systemd makes one per boot
+    assert _debugfs(raw, "cat /etc/machine-id") == ""            # systemd makes one per boot
     for absent in ("/etc/hostname", "/usr/bin/sudo", "/etc/sudoers.d", "/usr/sbin/sshd",
                    "/etc/ssh/sshd_config", "/root/.ssh", "/opt/vibatch"):
         assert "File not found" in subprocess.run(
@@ -127,7 +132,7 @@ def test_the_image_holds_nothing_it_should_not(debian, tmp_path):
 
 
 def test_image_test_passes(vm_env, debian):
-    r = subprocess.run(vibatch_cmd("--config", vm_env.config_path, "image", "test",
+    r = subprocess.run(vibatch_cmd("--config", debian["config"], "image", "test",
                                    debian["name"], "--user", "vbt-bob"),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -153,8 +158,8 @@ def test_a_cold_job_on_debian(vm_env, tracker, debian):
     wd = vm_env.workdir(job)
     with open(os.path.join(wd, "from-host"), "w") as f:
         f.write("written on the host\n")
-    r = prologue(vm_env, job, workdir=wd, args=("--image", debian["name"], "--cores", "2",
-                                               "--memory", "768M"))
+    r = prologue(vm_env, job, workdir=wd, config=debian["config"],
+                 args=("--image", debian["name"], "--cores", "2", "--memory", "768M"))
     assert r.returncode == 0, r.stderr
     rc, out, err = exec_run(vm_env, job, "sh", "-c", GUEST, cwd=wd)
     assert rc == 7, err                                     # the job's own exit code
@@ -182,7 +187,7 @@ def test_a_cold_job_on_debian(vm_env, tracker, debian):
     st = os.stat(os.path.join(wd, "from-guest"))
     assert (st.st_uid, st.st_gid) == (alice.pw_uid, alice.pw_gid)
     assert _read(os.path.join(wd, "from-guest")) == "from-guest"
-    assert epilogue(vm_env, job).returncode == 0
+    assert epilogue(vm_env, job, config=debian["config"]).returncode == 0
     assert leftovers(vm_env, job) == []
     with open(vm_env.cfg.accounting_file) as f:
         rec = [json.loads(line) for line in f if json.loads(line)["job_id"] == job]
