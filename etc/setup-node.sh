@@ -21,7 +21,8 @@ log() { echo "setup-node: $*"; }
 
 PKGS=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
       gcc python3-dev python3-venv cpio e2fsprogs xz-utils lz4 zstd passwd
-      syslinux syslinux-common mtools dosfstools fdisk iptables iproute2)
+      syslinux syslinux-common mtools dosfstools fdisk iptables iproute2
+      mmdebstrap debian-archive-keyring)   # images/debian (the tests build it; this does not)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
