@@ -215,6 +215,7 @@ class Config:
 _POSITIVE = (lambda v: v > 0, "must be greater than 0")
 _NONNEG = (lambda v: v >= 0, "must be 0 or more")
 _ABS = (lambda v: os.path.isabs(v), "must be an absolute path")
+NETWORK_MODES = ("none", "user", "nat", "bridge")     # vm.network (vm/network.py)
 _CHECKS: dict[str, tuple] = {
     "libvirt_uri": (str, lambda v: "://" in v, "must be a libvirt URI such as qemu:///system"),
     "state_dir": (str,) + _ABS, "run_dir": (str,) + _ABS, "library_dir": (str,) + _ABS,
@@ -244,7 +245,7 @@ _CHECKS: dict[str, tuple] = {
     "vm.emulator": (str,) + _ABS, "vm.virtiofsd": (str,) + _ABS,
     "vm.share_launcher": (str,) + _ABS,
     "vm.qemu_user": (str, lambda v: bool(v), "must name the user libvirt runs QEMU as"),
-    "vm.network": (str, lambda v: v in ("none", "user", "nat", "bridge"),
+    "vm.network": (str, lambda v: v in NETWORK_MODES,
                    "must be none, user, nat or bridge"),
     "vm.console_tail_lines": (int, lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),
     "exec.env_exclude": (list, lambda v: all(isinstance(s, str) and s for s in v),
@@ -356,6 +357,11 @@ def _guest_path_ok(path: str) -> Optional[str]:
     return None
 
 
+def paths_overlap(a: str, b: str) -> bool:
+    """One normalised absolute path is the other, or below it: mounting both would nest."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
 def _site_shares(source: str, items: tuple, scratch_mount: str) -> tuple:
     out: list[SiteShare] = []
     for i, item in enumerate(items):
@@ -373,7 +379,7 @@ def _site_shares(source: str, items: tuple, scratch_mount: str) -> tuple:
                                                    for x in images):
             raise ConfigError(f"{where}.images: must be a list of image names or aliases")
         for other in [s.path for s in out] + [scratch_mount]:
-            if path == other or path.startswith(other + "/") or other.startswith(path + "/"):
+            if paths_overlap(path, other):
                 raise ConfigError(f"{where}.path: {path} overlaps {other} (another share or "
                                   "scratch.mount): shares may not nest")
         out.append(SiteShare(path, tuple(images)))

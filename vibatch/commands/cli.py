@@ -41,7 +41,7 @@ def _add_job_resources(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="working directory, shared into the VM at the same path")
     p.add_argument("--walltime", type=_positive_int, help="walltime in seconds, if known")
     p.add_argument("--cpus", help="exact host CPU ids the batch system gave the job, e.g. 2-3")
-    p.add_argument("--network", choices=("none", "user", "nat", "bridge"),
+    p.add_argument("--network", choices=config_mod.NETWORK_MODES,
                    help="network mode (default: vm.network; others as network.groups allow)")
     p.add_argument("--scratch", help="scratch disk the batch system granted, e.g. 10G "
                    "(default: scratch.default_gb; mounted at scratch.mount, the job's $TMPDIR)")

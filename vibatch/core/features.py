@@ -31,13 +31,19 @@ def drain_path(cfg: Config) -> str:
     return os.path.join(cfg.state_dir, DRAIN_FILE)
 
 
-def shutdowntime(cfg: Config) -> Optional[int]:
-    """The node's announced end (``vibatch drain --at``), if it is draining."""
+def _drain(cfg: Config) -> dict:
+    """``drain.json`` (root's, written by set_drain), or {} when the node is not draining."""
     try:
         with open(drain_path(cfg)) as f:
-            value = json.load(f).get("shutdowntime")
-    except (OSError, ValueError, AttributeError):
-        return None
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def shutdowntime(cfg: Config) -> Optional[int]:
+    """The node's announced end (``vibatch drain --at``), if it is draining."""
+    value = _drain(cfg).get("shutdowntime")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -45,12 +51,8 @@ def drain_source(cfg: Config) -> tuple[Optional[str], dict]:
     """Who announced the drain: ("admin", {}) for ``vibatch drain --at``, or a batch system's
     name and the environment it was asked with (``vibatch drain --sync`` found its
     maintenance); (None, {}) if the node is not draining."""
-    try:
-        with open(drain_path(cfg)) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None, {}
-    if not isinstance(data, dict):
+    data = _drain(cfg)
+    if not data:
         return None, {}
     env = data.get("env") if isinstance(data.get("env"), dict) else {}
     return str(data.get("source", "admin")), {str(k): str(v) for k, v in env.items()}

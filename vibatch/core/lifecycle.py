@@ -20,7 +20,7 @@ from ..vm import accel, hypervisor, network, share
 from . import accounting, disk, faultpoints, features, jobstore, metrics
 from ..images import qemuimg
 from ..vm.agent import AgentError, LibvirtAgent, SocketAgent
-from ..config import Config
+from ..config import Config, paths_overlap
 from ..vm.domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
 from ..errors import (BootFailed, ConfigError, HypervisorError, JobAlreadyRunning, LockTimeout,
                       MissingWorkdir, NodeError, ResourceRequestError, VibatchError)
@@ -236,9 +236,11 @@ def _start_time(pid: int) -> float:
 def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, slot: Slot,
               timer: PhaseTimer) -> None:
     cfg, paths = node.cfg, rec.paths
+    site = site_shares(cfg, image)
     faultpoints.point("slot")
     with timer.phase("shares"):      # first: a working directory the user may not reach fails
-        _prepare_shares(node, req, paths, slot, image)   # before the image is hashed or cloned
+        _prepare_shares(node, req, paths, slot, site,   # before the image is hashed or cloned
+                        rec.state.scratch_bytes)
     with timer.phase("image_check"):
         rec.stage(image_hashed=node.library.ensure_verified(image))
     with timer.phase("clone"):
@@ -274,7 +276,7 @@ def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, s
     with timer.phase("guest_setup"):
         _setup_guest(node, root_agent, node.user_agent(paths.socket), req, slot, paths,
                      Deadline(cfg.vm.setup_timeout_s), int(rec.state.started_at or time.time()),
-                     rec.state.scratch_bytes, site_shares(cfg, image),
+                     rec.state.scratch_bytes, site,
                      network.guest_net(cfg, rec.state.network or "none", slot.cpus))
     faultpoints.point("set_up")
 
@@ -289,26 +291,20 @@ def site_shares(cfg: Config, image: Image) -> list[tuple[str, str]]:
 SITE_TAG = "vbsite"
 
 
-def _overlaps(a: str, b: str) -> bool:
-    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
-
-
 def _prepare_shares(node: Node, req: JobRequest, paths: JobPaths, slot: Slot,
-                    image: Image) -> None:
+                    site: list[tuple[str, str]], scratch_bytes: int) -> None:
     """The working directory and the site's shares checked as the job user (a refusal is the
     job's fault; a site share that is missing, the node's), and each share's spec written for
     the launcher libvirt starts in virtiofsd's place (share.py)."""
     cfg, u = node.cfg, req.user
-    mounts = [p for _, p in site_shares(cfg, image)]
-    if disk.scratch_bytes(cfg, req.scratch_mb):
-        mounts.append(cfg.scratch.mount)
+    mounts = [p for _, p in site] + ([cfg.scratch.mount] if scratch_bytes else [])
     for path in mounts:
-        if _overlaps(req.workdir, path):
+        if paths_overlap(req.workdir, path):
             raise MissingWorkdir(f"working directory {req.workdir} cannot be shared into a VM: "
                                  f"the guest mounts {path} there for the site")
     groups = tuple(os.getgrouplist(u.name, u.gid))
     node.check_workdir(req.workdir, u.uid, u.gid, groups)
-    for _, path in site_shares(cfg, image):
+    for _, path in site:
         node.check_workdir(path, u.uid, u.gid, groups, label="site share")
     os.chown(paths.io, u.uid, u.gid, follow_symlinks=False)  # served as the job user
     common = dict(job_id=req.job_id, uid=u.uid, gid=u.gid, groups=groups,
@@ -317,7 +313,7 @@ def _prepare_shares(node: Node, req: JobRequest, paths: JobPaths, slot: Slot,
         share.ShareSpec(tag=WORKDIR_TAG, path=req.workdir, **common),
         share.ShareSpec(tag=IO_TAG, own=paths.io, **common),
         *(share.ShareSpec(tag=tag, path=path, readonly=True, label="site share", **common)
-          for tag, path in site_shares(cfg, image))])
+          for tag, path in site)])
 
 
 def _shares(cfg: Config, paths: JobPaths, image: Image) -> tuple[Share, ...]:

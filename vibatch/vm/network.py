@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .. import proc
-from ..config import parse_allow
+from ..config import NETWORK_MODES, parse_allow
 from ..errors import JobError, NodeError
 from ..util import hold, root_lock
 
-MODES = ("none", "user", "nat", "bridge")
+MODES = NETWORK_MODES
 IP = "/usr/sbin/ip"
 IPTABLES = "/usr/sbin/iptables"
 IPTABLES_RESTORE = "/usr/sbin/iptables-restore"
