@@ -70,12 +70,13 @@ def choose(cfg, asked: Optional[str], groups: Sequence[str]) -> str:
         return cfg.vm.network
     if asked not in MODES:
         raise JobError(f"unknown network mode {asked!r}: choose one of {', '.join(MODES)}")
-    if asked == "none" or set(groups) & set(cfg.network.groups.get(asked, ())):
+    def may(mode: str) -> bool:
+        return mode in ("none", cfg.vm.network) or bool(set(groups) &
+                                                        set(cfg.network.groups.get(mode, ())))
+    if may(asked):
         return asked
-    allowed = [m for m in MODES if m in ("none", cfg.vm.network)
-               or set(groups) & set(cfg.network.groups.get(m, ()))]
     raise JobError(f"network mode {asked!r} is not allowed for your groups; you may ask for: "
-                   + ", ".join(allowed))
+                   + ", ".join(m for m in MODES if may(m)))
 
 
 def guest_net(cfg, mode: str, cpus: Sequence[int]) -> Optional[GuestNet]:
