@@ -42,6 +42,7 @@ class FakeHypervisor:
     def __init__(self, path: str):
         self.path = path
         self.fail_create: Optional[str] = None
+        self.template_builds: list = []
 
     @property
     def down(self) -> bool:
@@ -115,6 +116,12 @@ class FakeConn:
             if src.get("mode") == "bind" and src.get("path"):
                 open(src.get("path"), "w").close()
         return FakeDomain(self, name)
+
+    def getLibVersion(self) -> int:
+        return 9000000
+
+    def getVersion(self) -> int:
+        return 7002000
 
     def listAllDomains(self) -> list:
         self._up()
@@ -220,7 +227,8 @@ def fake_node(cfg: Any, hv: FakeHypervisor):
     """A Node of ``cfg`` whose ports are the fakes."""
     from vibatch.core.lifecycle import Node
     return Node(cfg, connect=hv.connect, root_agent=FakeRootAgent,
-                user_agent=lambda path: FakeUserAgent(hv, path), check_workdir=fake_check_workdir)
+                user_agent=lambda path: FakeUserAgent(hv, path), check_workdir=fake_check_workdir,
+                build_template=lambda *args: hv.template_builds.append(args))
 
 
 # --- a batch system and a core for vibatch.batch.main ----------------------------------------

@@ -53,7 +53,7 @@ def test_every_spec_field_changes_the_xml():
                "kernel": None, "initrd": None, "cmdline": "quiet", "machine": "pc",
                "emulator": "/e", "virtiofsd": "/v", "tcg_tb_cache_mb": 32, "network": "user", "network_bridge": "br9",
                "mac": "52:54:00:00:00:01",
-               "metadata": (("job_id", "43"),)}
+               "metadata": (("job_id", "43"),), "template": True, "cpu_weight": 10}
     assert set(changes) == {f.name for f in dataclasses.fields(DomainSpec)}
     for field, value in changes.items():
         spec = dataclasses.replace(CASES["tcg-kernel-site-scratch"], initrd="/lib/initrd")

@@ -10,7 +10,7 @@ import binascii
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
 import yaml
@@ -175,6 +175,23 @@ class ScratchConfig:
 
 
 @dataclass(frozen=True)
+class TemplateShape:
+    cores: int
+    memory_mb: int
+    images: tuple = ()                 # image names or aliases (empty: every image)
+
+
+@dataclass(frozen=True)
+class TemplatesConfig:
+    """Warm start (vm/template.py): jobs restored from a saved boot of their image and shape."""
+    enabled: bool = True               # restore a job from a ready template of its shape
+    on_first_use: bool = True          # a job that finds none starts a background build of it
+    shapes: tuple = ()                 # TemplateShape: what `vibatch template sync` keeps ready
+    max_count: int = 16                # templates kept on this node at most
+    build_timeout_s: float = 600.0     # a build's boot, settle and save, at most
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     # Prometheus textfile (node_exporter's textfile collector); relative: under state_dir;
     # "": no textfile
@@ -207,6 +224,7 @@ class Config:
     logs: LogsConfig = field(default_factory=LogsConfig)
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    templates: TemplatesConfig = field(default_factory=TemplatesConfig)
     shares: tuple = ()                 # SiteShare, in the config's order
     source: str = "<defaults>"
 
@@ -319,6 +337,14 @@ _CHECKS["scratch.mount"] = (str, lambda v: _guest_path_ok(v) is None,
                             "must be an absolute, normalised path outside the guest's system "
                             "directories")
 _CHECKS["shares"] = (list, lambda v: True, "")
+_CHECKS.update({
+    "templates.enabled": (bool, lambda v: True, ""),
+    "templates.on_first_use": (bool, lambda v: True, ""),
+    "templates.shapes": (list, lambda v: True, ""),     # checked whole by _template_shapes
+    "templates.max_count": (int, lambda v: 0 <= v <= 1000, "must be between 0 and 1000"),
+    "templates.build_timeout_s": (float, lambda v: 10 <= v <= 7200,
+                                  "must be between 10 and 7200"),
+})
 _IFNAME = (str, lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", v) is not None,
            "must be a network interface name (at most 15 letters, digits, _ . -)")
 _CHECKS.update({
@@ -337,7 +363,7 @@ _CHECKS.update({
 _SECTIONS = {"host": HostConfig, "jobs": JobLimits, "vm": VmConfig, "exec": ExecConfig,
              "images": ImagesConfig, "htcondor": HTCondorConfig, "torque": TorqueConfig,
              "features": FeaturesConfig, "metrics": MetricsConfig, "logs": LogsConfig,
-             "scratch": ScratchConfig, "network": NetworkConfig}
+             "scratch": ScratchConfig, "network": NetworkConfig, "templates": TemplatesConfig}
 # where a share or the scratch disk may not be mounted in the guest: its own system directories
 # themselves (a share below /etc, such as /etc/grid-security/certificates, is fine)
 _GUEST_OWN = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32",
@@ -386,6 +412,27 @@ def _site_shares(source: str, items: tuple, scratch_mount: str) -> tuple:
     return tuple(out)
 
 
+def _template_shapes(source: str, items: tuple) -> tuple:
+    out = []
+    for i, item in enumerate(items):
+        where = f"{source}: templates.shapes[{i}]"
+        if not isinstance(item, dict) or set(item) - {"cores", "memory_mb", "images"} or \
+                not {"cores", "memory_mb"} <= set(item):
+            raise ConfigError(f"{where}: expected a mapping with cores and memory_mb (and "
+                              f"optionally images), got {item!r}")
+        for key in ("cores", "memory_mb"):
+            v = item[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "cores" else 64):
+                raise ConfigError(f"{where}.{key}: {v!r} must be an integer of at least "
+                                  f"{1 if key == 'cores' else 64}")
+        images = item.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(x, str) and _refs(x)
+                                                   for x in images):
+            raise ConfigError(f"{where}.images: must be a list of image names or aliases")
+        out.append(TemplateShape(item["cores"], item["memory_mb"], tuple(images)))
+    return tuple(out)
+
+
 def _check(source: str, key: str, value: Any) -> Any:
     typ, ok, reason = _CHECKS[key]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
@@ -425,7 +472,9 @@ def parse(data: Any, source: str) -> Config:
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
     cfg = _build(source, Config, data, "")
     cfg = Config(**{**{f.name: getattr(cfg, f.name) for f in fields(Config)}, "source": source,
-                    "shares": _site_shares(source, cfg.shares, cfg.scratch.mount)})
+                    "shares": _site_shares(source, cfg.shares, cfg.scratch.mount),
+                    "templates": replace(cfg.templates, shapes=_template_shapes(
+                        source, cfg.templates.shapes))})
     _cross_check(cfg)
     return cfg
 

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job", help="job id (default: a fresh run-… id)")
     p.add_argument("--user", help="job user (default: $SUDO_USER, or you if not root)")
     p.add_argument("--timings", action="store_true", help="print a phase-by-phase timing table")
+    p.add_argument("--cold", action="store_true", help="boot the VM even if a template of its "
+                   "image and shape is ready (no warm start)")
     _add_job_resources(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
 
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _image_parsers(sub)
     _catalog_parsers(sub)
+    from . import templates  # noqa: PLC0415 - its own module, like admin's
+    templates.add_parsers(sub)
 
     sub.add_parser("check-config", help="validate the config file and print it")
     p = sub.add_parser("doctor", help="check this node: KVM, libvirt, hooks, images, ... (root)")
@@ -247,6 +251,9 @@ def _dispatch(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
     if cmd == "network":
         return _network(args, cfg)
     from ..core import lifecycle  # noqa: PLC0415
+    if cmd == "template":
+        from . import templates  # noqa: PLC0415
+        return templates.command(args, cfg)
     if cmd in ("image", "catalog"):
         from . import admin  # noqa: PLC0415
         return admin.image_command(args, cfg) if cmd == "image" else admin.catalog_command(args, cfg)
@@ -332,7 +339,7 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg, node) -> in
         raise JobError("vibatch run as root needs --user NAME (the job never runs as root)")
     job_id = args.job or f"run-{os.getpid()}-{secrets.token_hex(3)}"
     req = _request(args, cfg, job_id, user)
-    state = lifecycle.prologue(node, req)
+    state = lifecycle.prologue(node, req, cold=args.cold)
     status = 255
     t0 = time.perf_counter()
     try:
@@ -347,7 +354,7 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg, node) -> in
         for name, secs in phases.items():
             print(f"{name.ljust(width)}  {secs:7.3f}", file=sys.stderr)
         print(f"{'total'.ljust(width)}  {sum(phases.values()):7.3f}   "
-              f"(accel {state.accel}, CPUs {','.join(map(str, state.cpus))}, "
+              f"({state.start} start, accel {state.accel}, CPUs {','.join(map(str, state.cpus))}, "
               f"image {state.image})", file=sys.stderr)
     return status
 

@@ -83,6 +83,8 @@ class JobState:
     network: Optional[str] = None          # vm.network the job's VM had
     scratch_bytes: int = 0                 # its scratch disk (0: none)
     site_shares: tuple[str, ...] = ()      # host paths shared read-only into it
+    start: Optional[str] = None            # warm (restored from a template) | cold (booted)
+    template: Optional[str] = None         # the template it was restored from
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

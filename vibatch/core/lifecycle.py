@@ -16,15 +16,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-from ..vm import accel, hypervisor, network, share
+from ..vm import accel, hypervisor, network, share, template
 from . import accounting, disk, faultpoints, features, jobstore, metrics
 from ..images import qemuimg
 from ..vm.agent import AgentError, LibvirtAgent, SocketAgent
 from ..config import Config, paths_overlap
-from ..vm.domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render
+from ..vm.domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, render, to_xml
 from ..errors import (BootFailed, ConfigError, HypervisorError, JobAlreadyRunning, LockTimeout,
                       MissingWorkdir, NodeError, ResourceRequestError, VibatchError)
-from ..vm.guestsetup import GUEST_IO_DIR, JOB_FEATURES, MACHINE_FEATURES, SetupArgs
+from ..vm.guestsetup import (GUEST_IO_DIR, JOB_FEATURES, MACHINE_FEATURES, SetupArgs,
+                             fresh_machine)
 from .jobdir import DOMAIN_PREFIX, JobPaths, console_tail
 from ..images.library import IN_USE_UNKNOWN, Image, Library
 from .node import capacity
@@ -51,6 +52,8 @@ class Node:
     user_agent: Callable[[str], Any] = field(default=SocketAgent, repr=False)
     # checks the working directory with the job user's own credentials (share.py)
     check_workdir: Callable[..., None] = field(default=share.check_as_user, repr=False)
+    # starts a template build in the background: (cfg, image name, cores, memory_mb)
+    build_template: Callable[..., None] = field(default=template.spawn_build, repr=False)
 
     def __post_init__(self) -> None:
         for d in (self.cfg.state_dir, self.cfg.run_dir):
@@ -88,7 +91,7 @@ def check_limits(cfg: Config, cores: int, memory_mb: int) -> None:
 @metrics.observed("prologue")   # phase log, counters, textfile: best effort
 def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
              holder: Optional[int] = None, batch: Optional[str] = None,
-             batch_env: Optional[dict] = None) -> jobstore.JobState:
+             batch_env: Optional[dict] = None, cold: bool = False) -> jobstore.JobState:
     """Bring up the job's VM. Returns the job's record (with phase timings).
 
     The image is resolved through the site's policy unless the caller passes one (``vibatch
@@ -100,7 +103,10 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
 
     Each step is preceded by its phase in the job's record (jobstore). Whatever stops the
     prologue (an error, SIGTERM, the hook's alarm) undoes what it made and accounts for it once;
-    a SIGKILL leaves the record to the next epilogue, reap or prologue for the same job."""
+    a SIGKILL leaves the record to the next epilogue, reap or prologue for the same job.
+
+    The VM is restored from a template of the job's image and shape when one is ready (a warm
+    start; ``cold`` forces a boot), else booted; a restore that fails boots instead."""
     cfg = node.cfg
     check_limits(cfg, req.cores, req.memory_mb)
     net_mode = network.choose(cfg, req.network, user_groups(req.user.name, req.user.gid))
@@ -130,7 +136,7 @@ def prologue(node: Node, req: JobRequest, image: Optional[Image] = None,
                 disk.admit(cfg, paths, image, rec.state.scratch_bytes)
                 slot, _ = node.slots.claim(req.job_id, req.cores, req.memory_mb, req.cpus)
                 rec.stage(cpus=tuple(slot.cpus), memory_mb=slot.memory_mb)
-            _bring_up(node, req, rec, image, slot, timer)
+            _bring_up(node, req, rec, image, slot, timer, cold)
             # ready: nobody owns it now; it is the batch system's job until its epilogue
             rec.set(jobstore.READY, phases=dict(timer.phases), ready_at=time.time(),
                     owner_pid=None, owner_start=None)
@@ -166,6 +172,11 @@ def _stoppable() -> Iterator[None]:
 def resolve_image(node: Node, req: JobRequest) -> Resolution:
     return resolve(node.cfg, node.library, req.image, queue=req.queue,
                    groups=user_groups(req.user.name, req.user.gid), account=req.account)
+
+
+def resolve_image_name(node: Node, name: str) -> Image:
+    """An admin's image name or alias (no job policy applies: ``template build``)."""
+    return node.library.get(node.cfg.images.aliases.get(name, name))
 
 
 def images_in_use(cfg: Config) -> dict[str, list[str]]:
@@ -234,7 +245,7 @@ def _start_time(pid: int) -> float:
 
 
 def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, slot: Slot,
-              timer: PhaseTimer) -> None:
+              timer: PhaseTimer, cold: bool = False) -> None:
     cfg, paths = node.cfg, rec.paths
     site = site_shares(cfg, image)
     faultpoints.point("slot")
@@ -245,20 +256,81 @@ def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, s
         rec.stage(image_hashed=node.library.ensure_verified(image))
     with timer.phase("clone"):
         rec.set(jobstore.OVERLAY)
-        qemuimg.create_overlay(image.disk.path, image.disk_format, paths.overlay)
-        os.chown(paths.overlay, *qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
-        os.chmod(paths.overlay, 0o600)
+        kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
+                            lambda: _probe_files(node, image))
+        tpl = None if cold else _template_for(node, image, slot, kind)
+        _make_overlay(cfg, paths, image, tpl)
         if rec.state.scratch_bytes:
             disk.create_scratch(paths.scratch, rec.state.scratch_bytes, req.user.uid,
                                 req.user.gid, qemu_ids(cfg))
     faultpoints.point("overlay")
+    network.ensure(cfg, rec.state.network, qemu_ids(cfg)[0])
+    spec = domain_spec(cfg, req, paths, image, slot, kind, rec.state.scratch_bytes,
+                       rec.state.network)
+    root_agent = None
+    if tpl is not None:
+        try:
+            root_agent = _restore(node, rec, spec, tpl, slot, timer)
+        except (HypervisorError, AgentError, BootFailed) as e:   # never the job's fault
+            log_error(f"job {req.job_id}: warm start from template {tpl.id} failed; "
+                      "booting instead", e)
+            with timer.phase("restore"):
+                _end_vm(node, paths, rec.state.uuid, tolerate=False)
+                rec.set(jobstore.OVERLAY, uuid=None, start=None, template=None)
+                _make_overlay(cfg, paths, image, None)
+    if root_agent is None:
+        root_agent = _boot(node, rec, spec, slot, timer)
+        if not cold and cfg.templates.enabled and cfg.templates.on_first_use:
+            _request_template(node, image, slot, kind)
+    faultpoints.point("booted")
+    with timer.phase("guest_setup"):
+        _setup_guest(node, root_agent, node.user_agent(paths.socket), req, slot, paths,
+                     Deadline(cfg.vm.setup_timeout_s), int(rec.state.started_at or time.time()),
+                     rec.state.scratch_bytes, site,
+                     network.guest_net(cfg, rec.state.network or "none", slot.cpus))
+    faultpoints.point("set_up")
+
+
+def _make_overlay(cfg: Config, paths: JobPaths, image: Image,
+                  tpl: Optional[template.Template]) -> None:
+    """The job's disk: an overlay on the template's disk (warm) or on the image's (cold)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(paths.overlay)
+    if tpl is not None:
+        qemuimg.create_overlay(tpl.overlay, "qcow2", paths.overlay)
+    else:
+        qemuimg.create_overlay(image.disk.path, image.disk_format, paths.overlay)
+    os.chown(paths.overlay, *qemu_ids(cfg))  # libvirt does no relabelling (domain.py)
+    os.chmod(paths.overlay, 0o600)
+
+
+def _template_key(node: Node, image: Image, slot: Slot, kind: str) -> template.Key:
+    spec = template_spec(node, image, len(slot.cpus), slot.memory_mb, kind)
+    return template.key_for(node.cfg, node.conn, spec, image.digest)
+
+
+def _template_for(node: Node, image: Image, slot: Slot,
+                  kind: str) -> Optional[template.Template]:
+    if not node.cfg.templates.enabled:
+        return None
+    return template.find(node.cfg, _template_key(node, image, slot, kind))
+
+
+def _request_template(node: Node, image: Image, slot: Slot, kind: str) -> None:
+    """A job booted cold: have its shape's template built in the background (best effort)."""
+    try:
+        key = _template_key(node, image, slot, kind)
+        if not template.building(node.cfg, key.id):
+            node.build_template(node.cfg, image.name, len(slot.cpus), slot.memory_mb)
+    except (VibatchError, OSError) as e:
+        log_error(f"template request for {image.name}", e)
+
+
+def _boot(node: Node, rec: jobstore.Record, spec: DomainSpec, slot: Slot,
+          timer: PhaseTimer) -> Any:
+    cfg = node.cfg
     with timer.phase("domain_start"):
-        kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
-                            lambda: _probe_files(node, image))
-        network.ensure(cfg, rec.state.network, qemu_ids(cfg)[0])
-        spec = domain_spec(cfg, req, paths, image, slot, kind, rec.state.scratch_bytes,
-                           rec.state.network)
-        rec.set(jobstore.DOMAIN, accel=kind)
+        rec.set(jobstore.DOMAIN, accel=spec.accel, start="cold")
         try:
             dom = hypervisor.start_capped(node.conn, render(spec),
                                           slot.memory_mb + cfg.vm.memory_overhead_mb)
@@ -272,13 +344,50 @@ def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, s
     with timer.phase("boot"):
         root_agent = node.root_agent(dom)
         _wait_for_agent(root_agent, Deadline(cfg.vm.boot_timeout_s), cfg.vm.boot_timeout_s)
-    faultpoints.point("booted")
-    with timer.phase("guest_setup"):
-        _setup_guest(node, root_agent, node.user_agent(paths.socket), req, slot, paths,
-                     Deadline(cfg.vm.setup_timeout_s), int(rec.state.started_at or time.time()),
-                     rec.state.scratch_bytes, site,
-                     network.guest_net(cfg, rec.state.network or "none", slot.cpus))
-    faultpoints.point("set_up")
+    return root_agent
+
+
+def _restore(node: Node, rec: jobstore.Record, spec: DomainSpec, tpl: template.Template,
+             slot: Slot, timer: PhaseTimer) -> Any:
+    """Restore the template as the job's own domain (its name, a new UUID and VM generation
+    id, its CPUs, memory cap and overlay), plug in the job's shares, scratch disk and NIC, and
+    set the guest's clock. Any failure here is the node's: the caller boots instead."""
+    cfg, paths = node.cfg, rec.paths
+    with timer.phase("restore"):
+        saved = hypervisor.SavedState(tpl.saved)
+        xml = template.job_xml(saved.xml, spec, tpl)
+        rec.set(jobstore.DOMAIN, accel=spec.accel, start="warm", template=tpl.id)
+        dom = hypervisor.restore_as(node.conn, saved, xml,
+                                    os.path.join(paths.state, "restore.fifo"),
+                                    cfg.vm.boot_timeout_s)
+        faultpoints.point("domain")
+        rec.set(jobstore.DOMAIN, uuid=dom.UUIDString())
+        hypervisor.cap_and_resume(dom, slot.memory_mb + cfg.vm.memory_overhead_mb)
+    with timer.phase("agent"):
+        root_agent = node.root_agent(dom)
+        _wait_for_agent(root_agent, Deadline(cfg.vm.boot_timeout_s), cfg.vm.boot_timeout_s)
+        _set_clock(root_agent)
+    with timer.phase("hotplug"):
+        for device in spec.hotplugged():
+            try:
+                hypervisor.attach_live(dom, to_xml(device))
+            except HypervisorError:
+                why = share.refusal([s.source for s in spec.shares])
+                if why:
+                    raise MissingWorkdir(why) from None
+                raise
+    return root_agent
+
+
+def _set_clock(agent: Any) -> None:
+    """The restored guest's clock still shows the template's save time. qemu-ga sets the
+    system time first and then runs hwclock, which a stock image may lack (Debian 12 has no
+    /sbin/hwclock without util-linux-extra): that error alone is not a failure."""
+    try:
+        agent.command("guest-set-time", {"time": time.time_ns()}, 10.0)
+    except AgentError as e:
+        if "hwclock" not in str(e):
+            raise
 
 
 def site_shares(cfg: Config, image: Image) -> list[tuple[str, str]]:
@@ -362,6 +471,40 @@ def domain_spec(cfg: Config, req: JobRequest, paths: JobPaths, image: Image, slo
                   ("state_dir", cfg.state_dir)))
 
 
+def template_spec(node: Node, image: Image, cores: int, memory_mb: int,
+                  kind: str) -> DomainSpec:
+    """The domain a template of ``image`` is booted as (named and placed by template.build):
+    no shares, scratch disk or NIC; pinned to the node's first job CPUs at a low CPU weight,
+    so that the jobs there come first."""
+    cfg = node.cfg
+    return DomainSpec(
+        name="", accel=kind, vcpu_pins=tuple(node.slots.capacity.cpus)[:cores],
+        memory_mb=memory_mb, disk_overlay="", disk_base=image.disk.path,
+        disk_base_format=image.disk_format, console_log="", user_agent_socket="", shares=(),
+        kernel=image.kernel.path if image.kernel else None,
+        initrd=image.initrd.path if image.initrd else None, cmdline=image.cmdline,
+        machine=cfg.vm.machine, emulator=cfg.vm.emulator, virtiofsd=cfg.vm.share_launcher,
+        tcg_tb_cache_mb=cfg.vm.tcg_tb_cache_mb, template=True, cpu_weight=10)
+
+
+def build_template(node: Node, image: Image, cores: int, memory_mb: int,
+                   log: Callable[[str], None] = lambda _m: None) -> template.Template:
+    """Boot ``image`` with ``cores`` vCPUs and ``memory_mb`` and keep it as a template (off the
+    job's path: ``vibatch template build``/``sync``, or a cold job's background request)."""
+    cfg = node.cfg
+    check_limits(cfg, cores, memory_mb)
+    cpus = node.slots.capacity.cpus
+    if cores > len(cpus):
+        raise ResourceRequestError(f"{cores} cores: this node gives jobs at most {len(cpus)}")
+    node.library.ensure_verified(image)
+    kind = accel.choose(cfg.vm.acceleration, cfg.state_dir, cfg.vm.emulator,
+                        lambda: _probe_files(node, image))
+    spec = template_spec(node, image, cores, memory_mb, kind)
+    key = template.key_for(cfg, node.conn, spec, image.digest)
+    return template.build(cfg, node.conn, key, spec, image.name, node.root_agent, qemu_ids(cfg),
+                          log)
+
+
 def _wait_for_agent(agent: Any, deadline: Deadline, timeout: float) -> None:
     while True:
         try:
@@ -388,7 +531,7 @@ def _setup_guest(node: Node, root_agent: Any, user_agent: Any, req: JobRequest, 
                                                      scratch_bytes)),
                       shares=tuple(site),
                       scratch=(disk.SCRATCH_LABEL, tmpdir) if tmpdir else None,
-                      net=net.arg() if net else None)
+                      net=net.arg() if net else None, fresh=fresh_machine(req.job_id))
     try:
         res = root_agent.run("/bin/sh", setup.argv(), deadline, what="guest setup")
     except AgentError as e:
@@ -563,6 +706,7 @@ def _record(state: jobstore.JobState, slot: Optional[Slot], exit_code: Optional[
         "ended_at": time.time(), "prologue_completed": state.ended_from == jobstore.READY,
         "ended_by": state.ended_by, "network": state.network,
         "scratch_bytes": state.scratch_bytes, "site_shares": list(state.site_shares),
+        "start": state.start, "template": state.template,
     }
 
 
@@ -779,6 +923,7 @@ def reap(node: Node, batch_gone: Optional[JobGone] = None) -> list[str]:
         for job_id in _orphans(node.cfg):
             if job_id not in job_ids:
                 _clear_orphan(node, job_id)
+        out.extend(template.leftovers(node.conn, node.cfg))
     for rec, why in todo:
         _finish(node, rec, ended_by="reap")
         out.append(f"job {rec.paths.job_id} ({why})")

@@ -49,6 +49,19 @@ class DomainSpec:
     scratch_disk: Optional[str] = None          # the job's scratch disk (raw, sparse)
     scratch_serial: str = "vbscratch"           # how the guest finds it (/sys/block/*/serial)
     metadata: tuple[tuple[str, str], ...] = ()   # (key, value) recorded in <metadata>
+    # a template (template.py): shared memory for the shares hot-plugged after each restore,
+    # a VM generation id libvirt renews at every restore, and free PCIe ports to plug into
+    template: bool = False
+    cpu_weight: int = 0                         # <cputune><shares> (0: libvirt's default)
+
+    def hotplugged(self) -> list[ET.Element]:
+        """The devices a restored template gets after the restore: shares, scratch, NIC."""
+        return [*([scratch_disk(self)] if self.scratch_disk else []),
+                *(filesystem(self, share) for share in self.shares),
+                *([interface(self)] if self.network in ("user", "nat", "bridge") else [])]
+
+
+SPARE_PORTS = 8       # PCIe root ports a template keeps free for its job's hot-plugged devices
 
 
 def _sub(parent: ET.Element, tag: str, text: Optional[str] = None, **attrs: str) -> ET.Element:
@@ -71,7 +84,9 @@ def build(spec: DomainSpec) -> ET.Element:
     for i, cpu in enumerate(spec.vcpu_pins):
         _sub(cputune, "vcpupin", vcpu=str(i), cpuset=str(cpu))
     _sub(cputune, "emulatorpin", cpuset=",".join(str(c) for c in spec.vcpu_pins))
-    if spec.shares:  # virtiofs needs shared guest memory
+    if spec.cpu_weight:
+        _sub(cputune, "shares", str(spec.cpu_weight))
+    if spec.shares or spec.template:  # virtiofs needs shared guest memory
         mb = _sub(dom, "memoryBacking")
         _sub(mb, "source", type="memfd")
         _sub(mb, "access", mode="shared")
@@ -99,6 +114,8 @@ def build(spec: DomainSpec) -> ET.Element:
         tcg = _sub(features, "tcg")
         _sub(tcg, "tb-cache", str(spec.tcg_tb_cache_mb), unit="MiB")
     _sub(dom, "clock", offset="utc")
+    if spec.template:
+        _sub(dom, "genid")     # libvirt gives every restore of the template a new one
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         _sub(dom, event, "destroy")
     # No DAC relabelling at all: libvirt would otherwise chown the library's kernel, initrd and
@@ -118,32 +135,11 @@ def build(spec: DomainSpec) -> ET.Element:
     _sub(backing, "source", file=spec.disk_base)
     _sub(backing, "backingStore")
     _sub(disk, "target", dev="vda", bus="virtio")
-    if spec.scratch_disk:
-        scratch = _sub(dev, "disk", type="file", device="disk")
-        _sub(scratch, "driver", name="qemu", type="raw", cache="unsafe", discard="unmap",
-             error_policy="report")
-        _sub(scratch, "source", file=spec.scratch_disk)
-        _sub(scratch, "backingStore")
-        _sub(scratch, "target", dev="vdb", bus="virtio")
-        _sub(scratch, "serial", spec.scratch_serial)
-    # libvirtd starts the <binary> (vibatch's launcher, share.py) as root for each share; it
-    # serves the share as the job's user, not as root
-    for share in spec.shares:
-        fs = _sub(dev, "filesystem", type="mount", accessmode="passthrough")
-        _sub(fs, "driver", type="virtiofs", queue="1024")
-        binary = _sub(fs, "binary", path=spec.virtiofsd)
-        _sub(binary, "cache", mode="none")
-        _sub(fs, "source", dir=share.source)
-        _sub(fs, "target", dir=share.tag)
-    if spec.network in ("user", "nat", "bridge"):
-        iface = _sub(dev, "interface", type="user" if spec.network == "user" else "bridge")
-        if spec.network != "user":
-            _sub(iface, "source", bridge=spec.network_bridge)
-        if spec.mac:
-            _sub(iface, "mac", address=spec.mac)
-        _sub(iface, "model", type="virtio")
-        if spec.network != "user":      # no frame from this VM's tap reaches another port's
-            _sub(iface, "port", isolated="yes")
+    if not spec.template:
+        dev.extend(spec.hotplugged())
+    else:
+        for i in range(SPARE_PORTS):   # the first indexes (libvirt fills any gap with more)
+            _sub(dev, "controller", type="pci", model="pcie-root-port", index=str(1 + i))
     # the console goes through virtlogd, which rotates it (virtlogd.conf max_size, max_backups):
     # a guest printing without end fills at most that much of the state filesystem
     serial = _sub(dev, "serial", type="pty")
@@ -161,11 +157,49 @@ def build(spec: DomainSpec) -> ET.Element:
     return dom
 
 
-def render(spec: DomainSpec) -> str:
+def scratch_disk(spec: DomainSpec) -> ET.Element:
+    disk = ET.Element("disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type="raw", cache="unsafe", discard="unmap",
+         error_policy="report")
+    _sub(disk, "source", file=spec.scratch_disk or "")
+    _sub(disk, "backingStore")
+    _sub(disk, "target", dev="vdb", bus="virtio")
+    _sub(disk, "serial", spec.scratch_serial)
+    return disk
+
+
+def filesystem(spec: DomainSpec, share: Share) -> ET.Element:
+    """libvirtd starts the <binary> (vibatch's launcher, share.py) as root for each share; it
+    serves the share as the job's user, not as root."""
+    fs = ET.Element("filesystem", type="mount", accessmode="passthrough")
+    _sub(fs, "driver", type="virtiofs", queue="1024")
+    binary = _sub(fs, "binary", path=spec.virtiofsd)
+    _sub(binary, "cache", mode="none")
+    _sub(fs, "source", dir=share.source)
+    _sub(fs, "target", dir=share.tag)
+    return fs
+
+
+def interface(spec: DomainSpec) -> ET.Element:
+    iface = ET.Element("interface", type="user" if spec.network == "user" else "bridge")
+    if spec.network != "user":
+        _sub(iface, "source", bridge=spec.network_bridge)
+    if spec.mac:
+        _sub(iface, "mac", address=spec.mac)
+    _sub(iface, "model", type="virtio")
+    if spec.network != "user":      # no frame from this VM's tap reaches another port's
+        _sub(iface, "port", isolated="yes")
+    return iface
+
+
+def to_xml(el: ET.Element) -> str:
     ET.register_namespace("vb", METADATA_NS)
-    root = build(spec)
-    ET.indent(root, space="  ")
-    return ET.tostring(root, encoding="unicode") + "\n"
+    ET.indent(el, space="  ")
+    return ET.tostring(el, encoding="unicode") + "\n"
+
+
+def render(spec: DomainSpec) -> str:
+    return to_xml(build(spec))
 
 
 def read_metadata(xml: str) -> dict[str, str]:

@@ -6,6 +6,9 @@ gets every job value as a positional argument; nothing is pasted into shell text
 """
 from __future__ import annotations
 
+import re
+import secrets
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,8 +20,9 @@ JOB_FEATURES = "/run/vibatch/features/job"            # $JOBFEATURES
 GUEST_AGENT_STATE = "/run/vibatch/agent"
 
 # $1 name  $2 uid  $3 gid  $4 home  $5 workdir  $6 io dir  $7 agent state dir
-# $8 machine features dir  $9 job features dir  then m:KEY=VALUE / j:KEY=VALUE, one per feature,
-# s:TAG=PATH per site share, x:SERIAL=PATH for the scratch disk, n:MAC=ADDR,GW,DNS for the NIC
+# $8 machine features dir  $9 job features dir  then r:SEED h:HOSTNAME i:MACHINE-ID (a fresh
+# machine), m:KEY=VALUE / j:KEY=VALUE, one per feature, s:TAG=PATH per site share,
+# x:SERIAL=PATH for the scratch disk, n:MAC=ADDR,GW,DNS for the NIC
 SETUP_SCRIPT = r"""
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -26,34 +30,60 @@ name=$1 uid=$2 gid=$3 home=$4 wd=$5 io=$6 st=$7 mf=$8 jf=$9
 shift 9
 fail() { echo "vibatch guest setup: $*" >&2; exit 1; }
 have() { command -v "$1" >/dev/null 2>&1; }
+# a device plugged in after a restore (warm start) may take a moment to appear: retry 10 s
+settle() { n=0; until "$@" 2>/dev/null; do n=$((n+1)); [ $n -lt 100 ] || { "$@"; return; }; sleep 0.1; done; }
+# builtins only (every fork is slow under emulation): is PATH mounted (with type TYPE)?
+mounted() { while read -r _ m t _; do [ "$m" = "$1" ] && [ -z "${2:-}" -o "$t" = "${2:-}" ] && return 0; done < /proc/mounts; return 1; }
+vfs() { mounted "$2" virtiofs || mount -t virtiofs ${3:+-o "$3"} "$1" "$2"; }
+disk_by_serial() { for b in /sys/block/vd*; do read -r s 2>/dev/null < "$b/serial" && [ "$s" = "$1" ] && { dev=/dev/${b##*/}; return 0; }; done; return 1; }
+nic_by_mac() { for i in /sys/class/net/*; do read -r a 2>/dev/null < "$i/address" && [ "$a" = "$1" ] && { dev=${i##*/}; return 0; }; done; return 1; }
+
+# a fresh machine first (r: RNG seed, h: host name, i: machine id): a restored template's
+# guest would otherwise share them with every other job restored from it
+while [ $# -gt 0 ]; do
+  case $1 in
+    r:*) printf '%s' "${1#r:}" > /dev/urandom || fail "cannot seed the RNG" ;;
+    h:*) printf '%s' "${1#h:}" > /proc/sys/kernel/hostname || fail "cannot set the host name"
+         [ ! -f /etc/hostname ] || printf '%s\n' "${1#h:}" > /etc/hostname ;;
+    i:*) [ ! -f /etc/machine-id ] || printf '%s\n' "${1#i:}" > /etc/machine-id || fail "cannot write /etc/machine-id" ;;
+    *) break ;;
+  esac
+  shift
+done
 
 # the job's group and user, with the host's ids
-group=$(awk -F: -v g="$gid" '$3 == g { print $1; exit }' /etc/group)
+group= taken=
+while IFS=: read -r g _ i _; do
+  [ "$i" = "$gid" ] && [ -z "$group" ] && group=$g
+  [ "$g" = "$name" ] && taken=1
+done < /etc/group
 if [ -z "$group" ]; then
   group=$name
-  grep -q "^$group:" /etc/group && group=vbjob$gid
+  [ -z "$taken" ] || group=vbjob$gid
   if have groupadd; then groupadd -o -g "$gid" "$group" || fail "groupadd $group failed"
   elif have addgroup; then addgroup -g "$gid" "$group" || fail "addgroup $group failed"
   else echo "$group:x:$gid:" >> /etc/group || fail "cannot write /etc/group"; fi
 fi
-line=$(grep "^$name:" /etc/passwd)
-if [ -n "$line" ]; then
-  [ "$(echo "$line" | cut -d: -f3)" = "$uid" ] || fail "the image already has a user $name with another uid"
-else
+known=
+while IFS=: read -r n _ i _; do
+  [ "$n" = "$name" ] || continue
+  [ "$i" = "$uid" ] || fail "the image already has a user $name with another uid"
+  known=1
+done < /etc/passwd
+if [ -z "$known" ]; then
   if have useradd; then useradd -o -M -N -u "$uid" -g "$gid" -d "$home" -s /bin/sh "$name" || fail "useradd $name failed"
   elif have adduser; then adduser -D -H -u "$uid" -G "$group" -h "$home" -s /bin/sh "$name" || fail "adduser $name failed"
   else echo "$name:x:$uid:$gid:vibatch job user:$home:/bin/sh" >> /etc/passwd || fail "cannot write /etc/passwd"; fi
 fi
 if [ ! -d "$home" ]; then mkdir -p "$home" && chown "$uid:$gid" "$home" && chmod 700 "$home"; fi
 
-# the job's working directory at the same path, and the per-job I/O folder
-have modprobe && modprobe virtiofs 2>/dev/null
-mkdir -p "$wd" "$io" || fail "cannot create $wd or $io"
-grep -q " $wd virtiofs " /proc/mounts || mount -t virtiofs "$TAG_WD" "$wd" || fail "cannot mount the working directory on $wd"
-grep -q " $io virtiofs " /proc/mounts || mount -t virtiofs "$TAG_IO" "$io" || fail "cannot mount the I/O folder on $io"
-
-# HEPiX Machine/Job Features: root's files (0644 in 0755 directories), the job user reads them
-mkdir -p "$mf" "$jf" && chmod 755 "$(dirname "$mf")" "$mf" "$jf" || fail "cannot create $mf or $jf"
+# the job's working directory at the same path, the per-job I/O folder, and the HEPiX
+# Machine/Job Features directories (root's files, 0644 in 0755 directories)
+[ -d /sys/module/virtiofs ] || { have modprobe && modprobe virtiofs 2>/dev/null; }
+mkdir -p "$wd" "$io" "$mf" "$jf" "$st" || fail "cannot create $wd, $io, $mf, $jf or $st"
+settle vfs "$TAG_WD" "$wd" || fail "cannot mount the working directory on $wd"
+settle vfs "$TAG_IO" "$io" || fail "cannot mount the I/O folder on $io"
+chmod 755 "${mf%/*}" "$mf" "$jf" || fail "cannot open $mf or $jf to the job"
 # site shares (s:TAG=PATH), read-only at their host path, and the scratch disk (x:SERIAL=PATH),
 # the job user's
 for kv in "$@"; do
@@ -62,18 +92,18 @@ for kv in "$@"; do
     j:*) d=$jf ;;
     s:*) kv=${kv#s:}; p=${kv#*=}
          mkdir -p "$p" || fail "cannot create $p for a site share"
-         grep -q " $p virtiofs " /proc/mounts || mount -t virtiofs -o ro,nosuid,nodev "${kv%%=*}" "$p" || fail "cannot mount the site share on $p"
+         settle vfs "${kv%%=*}" "$p" ro,nosuid,nodev || fail "cannot mount the site share on $p"
          continue ;;
     x:*) kv=${kv#x:}; p=${kv#*=} dev=
-         for b in /sys/block/vd*; do [ "$(cat "$b/serial" 2>/dev/null)" = "${kv%%=*}" ] && dev=/dev/${b##*/}; done
-         [ -n "$dev" ] || fail "no scratch disk (serial ${kv%%=*}) in the guest"
+         settle disk_by_serial "${kv%%=*}" || fail "no scratch disk (serial ${kv%%=*}) in the guest"
          mkdir -p "$p" || fail "cannot create $p for the scratch disk"
-         grep -q "^$dev " /proc/mounts || mount -t ext4 -o nosuid,nodev "$dev" "$p" || fail "cannot mount the scratch disk on $p"
+         mounted "$p" || mount -t ext4 -o nosuid,nodev "$dev" "$p" || fail "cannot mount the scratch disk on $p"
          chown "$uid:$gid" "$p" && chmod 700 "$p" || fail "cannot hand $p to the job user"
          continue ;;
     n:*) kv=${kv#n:}; mac=${kv%%=*} v=${kv#*=}; addr=${v%%,*} v=${v#*,}; gw=${v%%,*} dns=${v#*,} dev=
-         for i in /sys/class/net/*; do [ "$(cat "$i/address" 2>/dev/null)" = "$mac" ] && dev=${i##*/}; done
-         [ -n "$dev" ] || fail "no network interface with MAC $mac in the guest"
+         settle nic_by_mac "$mac" || fail "no network interface with MAC $mac in the guest"
+         ! have udevadm || udevadm settle -t 5 2>/dev/null   # a new NIC may still be renamed
+         nic_by_mac "$mac" || fail "the network interface with MAC $mac went away"
          ip link set "$dev" up || fail "cannot bring $dev up"
          ip -4 addr show dev "$dev" | grep -q " $addr " || ip addr add "$addr" dev "$dev" || fail "cannot give $dev the address $addr"
          ip route replace default via "$gw" dev "$dev" || fail "cannot route through $gw"
@@ -82,19 +112,19 @@ for kv in "$@"; do
     *) fail "bad setup argument $kv" ;;
   esac
   kv=${kv#?:}
-  printf '%s\n' "${kv#*=}" > "$d/${kv%%=*}" && chmod 644 "$d/${kv%%=*}" || fail "cannot write $d/${kv%%=*}"
+  printf '%s\n' "${kv#*=}" > "$d/${kv%%=*}" || fail "cannot write $d/${kv%%=*}"
 done
+chmod 644 "$mf"/* "$jf"/* 2>/dev/null
 
 # a second qemu-guest-agent, as the job user, on the job's own virtio-serial port
 port=
 for p in /sys/class/virtio-ports/*; do
-  [ "$(cat "$p/name" 2>/dev/null)" = "$PORT" ] && port=/dev/$(basename "$p")
+  read -r n 2>/dev/null < "$p/name" && [ "$n" = "$PORT" ] && port=/dev/${p##*/}
 done
 [ -n "$port" ] || fail "no virtio-serial port named $PORT"
-ga=$(command -v qemu-ga || ls /usr/bin/qemu-ga /usr/sbin/qemu-ga /usr/libexec/qemu-ga 2>/dev/null | head -n1)
+ga=$(command -v qemu-ga) || for g in /usr/bin/qemu-ga /usr/sbin/qemu-ga /usr/libexec/qemu-ga; do [ -x "$g" ] && ga=$g && break; done
 [ -n "$ga" ] || fail "qemu-ga not found"
-chown "$uid:$gid" "$port" && chmod 600 "$port" || fail "cannot hand $port to the job user"
-mkdir -p "$st" && chown "$uid:$gid" "$st" && chmod 700 "$st" || fail "cannot create $st"
+chown "$uid:$gid" "$port" "$st" && chmod 600 "$port" && chmod 700 "$st" || fail "cannot hand $port and $st to the job user"
 set -- "$ga" -d -m virtio-serial -p "$port" -t "$st" -f "$st/qemu-ga.pid"
 if have runuser; then runuser -u "$name" -- "$@" || fail "cannot start the user agent"
 elif have setpriv && setpriv --help 2>&1 | grep -q reuid; then
@@ -117,11 +147,21 @@ class SetupArgs:
     shares: tuple[tuple[str, str], ...] = ()   # (tag, guest path) of each site share
     scratch: Optional[tuple[str, str]] = None  # (disk serial, guest path)
     net: Optional[str] = None          # n:MAC=ADDRESS/PREFIX,GATEWAY,DNS (network.GuestNet.arg)
+    fresh: tuple[str, ...] = ()        # r:SEED h:HOSTNAME i:MACHINE-ID (fresh_machine)
 
     def argv(self) -> list[str]:
         script = (f"TAG_WD={WORKDIR_TAG} TAG_IO={IO_TAG} PORT={USER_AGENT_PORT}\n" + SETUP_SCRIPT)
         return ["-c", script, "vibatch-setup", self.name, str(self.uid), str(self.gid), self.home,
                 self.workdir, GUEST_IO_DIR, GUEST_AGENT_STATE, MACHINE_FEATURES, JOB_FEATURES,
-                *self.features, *(f"s:{tag}={path}" for tag, path in self.shares),
+                *self.fresh, *self.features, *(f"s:{tag}={path}" for tag, path in self.shares),
                 *([f"x:{self.scratch[0]}={self.scratch[1]}"] if self.scratch else []),
                 *([self.net] if self.net else [])]
+
+
+def fresh_machine(job_id: str) -> tuple[str, ...]:
+    """What makes each job's guest a machine of its own, also when restored from a template:
+    256 bits for its RNG (on top of the reseed its VM generation id causes), a host name of the
+    job's and a new machine id."""
+    host = "vb-" + re.sub(r"[^a-z0-9-]+", "-", job_id.lower()).strip("-")[:60]
+    return (f"r:{secrets.token_hex(32)}", f"h:{host.rstrip('-') or 'vb-job'}",
+            f"i:{uuid.uuid4().hex}")
