@@ -246,7 +246,7 @@ def test_the_slurm_hooks_load_their_config_once_per_call(hook_site, monkeypatch,
     loads.clear()
     monkeypatch.setenv("SLURM_JOB_EXIT_CODE2", "0:15")
     code, log = run(slurm.SYSTEM, ["epilog"], path)
-    assert code == 0 and loads == [path] and ("epilogue", "7", 143) in log
+    assert code == 0 and loads == [path] and ("epilogue", "7", 143, 15) in log   # 0:15
     assert read_refusal(real_load(path), "7") is None
 
 
