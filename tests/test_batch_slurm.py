@@ -278,8 +278,6 @@ def test_an_unknown_os_by_constraint_is_refused_at_submit_with_the_choices(vm_en
     assert "--constraint 'nosuch-os' names no OS image of this cluster" in r.stderr, r.stderr
     assert "testguest" in r.stderr.split("offers:")[1] and "Invalid feature" in r.stderr
     # a real feature that names no OS still passes (the job gets the default image)
-    print(cluster.cmd("sbatch", "--constraint=vibatch", "--wrap", "true", user=USER,
-                      cwd=cluster.home).stderr)
     job = submit(cluster, "#!/bin/sh\necho ok\n", "--constraint=vibatch")
     assert cluster.wait_finished(job)["ExitCode"] == "0:0" and output(cluster, job) == "ok\n"
     assert_node_healthy(cluster)
