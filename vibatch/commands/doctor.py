@@ -156,7 +156,7 @@ def _launcher(cfg: Config) -> Check:
     why = _unsafe(path)
     if why:
         return Check("share launcher", FAIL, f"vm.share_launcher: {why}",
-                     "etc/setup-node.sh installs it root-owned 0755 under "
+                     "etc/setup-node.sh installs it root-owned 0500 under "
                      f"{HOOKS_DIR}/libvirt; libvirtd runs it as root for every share")
     return Check("share launcher", PASS, f"{path}, root-owned, writable by root only")
 
