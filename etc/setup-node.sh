@@ -43,14 +43,17 @@ fi
 log "installing vibatch into $VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check "$REPO[test]"
 ln -sf "$VENV/bin/vibatch" /usr/local/bin/vibatch
-# the batch systems' hook shims, root-owned: point slurm.conf, the SGE queue or pbs_mom here
-for sys_dir in "$REPO"/hooks/*/; do
-  install -d -o root -g root -m 0755 "$PREFIX/hooks/$(basename "$sys_dir")"
-  for f in "$sys_dir"*; do
-    install -o root -g root -m 0755 "$f" "$PREFIX/hooks/$(basename "$sys_dir")/"
-  done
+chmod -R a+rX "$PREFIX"   # before the hooks: they keep their own modes
+# the batch systems' hook shims, root-owned, each with its mode from hooks/modes (0500 for
+# root's hooks, 0555 for the job user's): point slurm.conf, the SGE queue or pbs_mom here
+install -d -o root -g root -m 0755 "$PREFIX" "$PREFIX/hooks"
+for f in "$REPO"/hooks/*/*; do
+  rel=${f#"$REPO"/hooks/}
+  mode=$(awk -v f="$rel" '$1 == f { print $2 }' "$REPO/hooks/modes")
+  [ -n "$mode" ] || { echo "setup-node: hooks/$rel has no mode in hooks/modes" >&2; exit 1; }
+  install -d -o root -g root -m 0755 "$PREFIX/hooks/$(dirname "$rel")"
+  install -o root -g root -m "$mode" "$f" "$PREFIX/hooks/$rel"
 done
-chmod -R a+rX "$PREFIX"
 
 mkdir -p /etc/vibatch
 [ -e "$CONF" ] || install -m 644 "$REPO/etc/vibatch.yaml" "$CONF"

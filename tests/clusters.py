@@ -223,9 +223,9 @@ class SlurmCluster:
         os.chmod(self.conf, 0o644)
 
     def cmd(self, *argv: str, user: Optional[str] = None, cwd: str = "/", timeout: float = 60,
-            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+            env: Optional[dict] = None, umask: int = 0o022) -> subprocess.CompletedProcess:
         full = list(argv) if user is None else ["runuser", "-u", user, "--", *argv]
-        return subprocess.run(full, env={**self.env, **(env or {})}, cwd=cwd,
+        return subprocess.run(full, env={**self.env, **(env or {})}, cwd=cwd, umask=umask,
                               capture_output=True, text=True, timeout=timeout)
 
     def node_state(self) -> str:
@@ -300,9 +300,9 @@ class GridEngineCluster:
                 "LANG": "C.UTF-8"}
 
     def cmd(self, *argv: str, user: Optional[str] = None, cwd: str = "/", timeout: float = 60,
-            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+            env: Optional[dict] = None, umask: int = 0o022) -> subprocess.CompletedProcess:
         full = list(argv) if user is None else ["runuser", "-u", user, "--", *argv]
-        return subprocess.run(full, env={**self.env, **(env or {})}, cwd=cwd,
+        return subprocess.run(full, env={**self.env, **(env or {})}, cwd=cwd, umask=umask,
                               capture_output=True, text=True, timeout=timeout)
 
     def qconf(self, *args: str) -> str:

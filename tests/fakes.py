@@ -291,8 +291,9 @@ class FakeCore:
             self.fail()
         return {}
 
-    def epilogue(self, job_id: str, exit_code: Optional[int] = None) -> None:
-        self.log.append(("epilogue", job_id, exit_code))
+    def epilogue(self, job_id: str, exit_code: Optional[int] = None,
+                 signum: Optional[int] = None) -> None:
+        self.log.append(("epilogue", job_id, exit_code) + ((signum,) if signum else ()))
 
     def jobs_held_by(self, pid: int) -> list:
         return []

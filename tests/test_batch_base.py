@@ -246,7 +246,7 @@ def test_the_slurm_hooks_load_their_config_once_per_call(hook_site, monkeypatch,
     loads.clear()
     monkeypatch.setenv("SLURM_JOB_EXIT_CODE2", "0:15")
     code, log = run(slurm.SYSTEM, ["epilog"], path)
-    assert code == 0 and loads == [path] and ("epilogue", "7", 143) in log
+    assert code == 0 and loads == [path] and ("epilogue", "7", 143, 15) in log   # 0:15
     assert read_refusal(real_load(path), "7") is None
 
 
@@ -283,3 +283,13 @@ def test_grid_engine_on_the_shared_runner(hook_site, monkeypatch, capfd):
     monkeypatch.setenv("SGE_JOBEXIT_STAT", "7")
     code, log = run(gridengine.SYSTEM, ["epilog", "17", "3", "nobody", "all.q"], path)
     assert code == 0 and ("epilogue", "17.3", 7) in log
+
+
+def test_the_alarm_comes_from_the_shim_then_the_config_then_the_system(tmp_path):
+    """Slurm's Prolog= takes no arguments: batch.hook_alarm_s sets the hooks' alarm (issue 11)."""
+    path = tmp_path / "vibatch.yaml"
+    path.write_text("batch: {hook_alarm_s: 120}\n")
+    slurm_ = batch.system("slurm")
+    assert slurm_.deadline_s(Call("prolog", [], 0, str(path))) == 100        # 120 - 20
+    assert slurm_.deadline_s(Call("prolog", [], 60, str(path))) == 40        # --alarm wins
+    assert slurm_.deadline_s(Call("prolog", [], 0, str(tmp_path / "none"))) == 280  # default

@@ -2,6 +2,8 @@
 prolog and epilog (root@) and starter_method are vibatch's shims, and jobs submitted with qsub by
 an ordinary user. Each job boots a real guest; the tests read qacct, qstat and the job's output,
 and check that nothing is left behind and that the queue never goes into error."""
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -179,6 +181,67 @@ def test_an_unknown_os_puts_the_job_not_the_queue_in_error_with_a_readable_messa
     r = sge.cmd("qsub", "-w", "e", "-l", "vm_image=nosuch-os", "-b", "y", "/bin/true",
                 user=USER, cwd=sge.home)
     assert r.returncode != 0 and "no suitable queues" in r.stdout + r.stderr
+
+
+def test_the_job_gets_execds_umask_not_the_submitters(vm_env, sge):
+    """Grid Engine starts jobs with execd's umask (022), whatever the submitter's: so does the
+    job's VM, and files in the shared cwd get 0644 (they were 0600)."""
+    r = sge.cmd("qsub", "-terse", "-cwd", "-j", "y", "-o", f"{sge.home}/o.$JOB_ID.$TASK_ID",
+                "-b", "y", "-v", "VIBATCH_IMAGE=testguest", "/bin/sh", "-c",
+                "umask; rm -rf ge-u; mkdir ge-u; echo x > ge-u/f",
+                user=USER, cwd=sge.home, umask=0o077)
+    job = r.stdout.strip()
+    assert sge.wait_accounted(job)["exit_status"] == "0"
+    assert output(sge, job) == "0022\n"
+    d = os.path.join(sge.home, "ge-u")
+    assert (os.stat(d).st_mode & 0o777, os.stat(os.path.join(d, "f")).st_mode & 0o777) == \
+        (0o755, 0o644)
+
+
+def test_the_shipped_sge_request_refuses_a_mistyped_image_at_submit(vm_env, sge):
+    """Without -w e, a job asking for a vm_image no queue offers waits forever in qw; the cell's
+    sge_request that vibatch ships (hooks/gridengine/sge_request) makes qsub refuse it."""
+    path = os.path.join(sge.common, "sge_request")
+    before = open(path).read() if os.path.exists(path) else None
+    r = sge.cmd("qsub", "-terse", "-l", "vm_image=nosuch-os", "-b", "y", "/bin/true",
+                user=USER, cwd=sge.home)
+    assert r.returncode == 0, r.stdout + r.stderr     # the gap: accepted, and it never runs
+    waiting = r.stdout.strip()
+    try:
+        assert sge.job_state(waiting) == "qw"
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(repo, "hooks", "gridengine", "sge_request")) as f, \
+                open(path, "w") as out:
+            out.write((before or "") + f.read())
+        r = sge.cmd("qsub", "-terse", "-l", "vm_image=nosuch-os", "-b", "y", "/bin/true",
+                    user=USER, cwd=sge.home)
+        assert r.returncode != 0 and "no suitable queues" in r.stdout + r.stderr, r.stdout
+        job = qsub(sge, "echo ok\n", "-l", "vm_image=testguest")   # a good one still runs
+        assert sge.wait_accounted(job)["exit_status"] == "0" and output(sge, job) == "ok\n"
+    finally:
+        if before is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        else:
+            with open(path, "w") as out:
+                out.write(before)
+        sge.cmd("qdel", waiting)
+
+
+def test_a_queues_complex_value_is_not_a_default_for_jobs_that_ask_for_nothing(vm_env, sge):
+    """complex_values vm_image=X on the queue only matches requests: a job without -l vm_image
+    carries no vm_image request (qstat -j), and the prolog gives it vibatch's default (the
+    queue here offers 'elsewhere', which no library has: had it been the default, the job
+    would have gone to Eqw)."""
+    sge.qconf("-mattr", "queue", "complex_values", "vm_image=elsewhere", "all.q")
+    try:
+        job = qsub(sge, "echo ran\n")
+        assert sge.wait_accounted(job)["exit_status"] == "0" and output(sge, job) == "ran\n"
+        acct = [json.loads(line) for line in open(vm_env.cfg.accounting_file)
+                if f'"job_id": "{job}"' in line]
+        assert acct[0]["image"] == vm_env.cfg.images.default == "testguest", acct
+    finally:
+        sge.qconf("-mattr", "queue", "complex_values", "vm_image=testguest,scratch=10G", "all.q")
 
 
 def test_a_wd_below_another_users_0700_directory_is_refused_and_the_queue_stays_ok(vm_env, sge):

@@ -3,6 +3,7 @@ Epilog and job_submit.lua installed, and jobs submitted with sbatch by an ordina
 boots a real guest; the tests read what Slurm recorded (job state, exit code, node state) and
 what the job printed, and check that nothing is left behind."""
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -46,13 +47,13 @@ def slurm_cluster(vm_env):
         yield c
 
 
-def submit(c, script: str, *opts: str, cwd=None) -> str:
+def submit(c, script: str, *opts: str, cwd=None, umask: int = 0o022) -> str:
     cwd = cwd or c.home
     path = os.path.join(cwd, "job.sh")
     with open(path, "w") as f:
         f.write(script)
     os.chown(path, UID, UID)
-    r = c.cmd("sbatch", "--parsable", *opts, path, user=USER, cwd=cwd)
+    r = c.cmd("sbatch", "--parsable", *opts, path, user=USER, cwd=cwd, umask=umask)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
 
@@ -179,17 +180,51 @@ def test_an_array_picks_its_os_by_constraint_and_each_task_gets_a_vm(vm_env, clu
         assert leftovers(vm_env, task_job) == []
 
 
-def test_scancel_stops_the_job_and_leaves_nothing(vm_env, cluster):
-    job = submit(cluster, "#!/bin/sh\ntrap 'echo got TERM; exit 143' TERM\necho started\n"
-                 "sleep 600 & wait\n", "--comment", "vibatch_image=testguest")
+def cancelled_once_started(cluster, script: str) -> tuple[str, dict]:
+    """Submit ``script`` (it prints "started"), scancel it as the user once it runs in its VM;
+    (job id, Slurm's record once the Epilog ran)."""
+    job = submit(cluster, script, "--comment", "vibatch_image=testguest")
     wait_until("the job to start in its VM", lambda: os.path.exists(
         os.path.join(cluster.home, f"slurm-{job}.out")) and "started" in output(cluster, job), 120)
     assert cluster.cmd("scancel", job, user=USER).returncode == 0
-    rec = cluster.wait_finished(job)
+    return job, cluster.wait_finished(job)
+
+
+def test_scancel_stops_the_job_and_leaves_nothing(vm_env, cluster):
+    job, rec = cancelled_once_started(cluster, "#!/bin/sh\ntrap 'echo got TERM; exit 143' TERM\n"
+                                      "echo started\nsleep 600 & wait\n")
     assert rec["JobState"] == "CANCELLED", rec
     assert "got TERM" in output(cluster, job)
     assert leftovers(vm_env, job) == []
     assert_node_healthy(cluster)
+
+
+def test_scancel_of_a_job_ignoring_sigterm_is_recorded_with_slurms_signal(vm_env, cluster):
+    """Slurm SIGKILLs a job that ignores SIGTERM after KillWait and records 0:9; vibatch's
+    accounting record carries that signal too (it said exit code 0 before)."""
+    job, rec = cancelled_once_started(cluster, "#!/bin/sh\ntrap '' TERM\necho started\n"
+                                      "while :; do sleep 1; done\n")
+    assert rec["JobState"] == "CANCELLED" and rec["ExitCode"] == "0:9", rec
+    acct = [json.loads(line) for line in open(vm_env.cfg.accounting_file)
+            if f'"job_id": "{job}"' in line]
+    assert len(acct) == 1 and (acct[0]["exit_code"], acct[0].get("signal")) == (128 + 9, 9), acct
+    assert leftovers(vm_env, job) == []
+    assert_node_healthy(cluster)
+
+
+def test_the_job_gets_the_submitters_umask(vm_env, cluster):
+    """Slurm applies the submitter's umask (SLURM_UMASK) to the job: so does the job's VM,
+    and files it writes in the shared work dir get the modes a job on the host would give."""
+    modes = {}
+    for mask in (0o002, 0o077):
+        job = submit(cluster, f"#!/bin/sh\numask\nrm -rf u{mask:o}; mkdir u{mask:o}\n"
+                     f"echo x > u{mask:o}/f\n", "--comment", "vibatch_image=testguest",
+                     umask=mask)
+        assert cluster.wait_finished(job)["ExitCode"] == "0:0"
+        assert output(cluster, job) == f"{mask:04o}\n"
+        d = os.path.join(cluster.home, f"u{mask:o}")
+        modes[mask] = (os.stat(d).st_mode & 0o777, os.stat(os.path.join(d, "f")).st_mode & 0o777)
+    assert modes == {0o002: (0o775, 0o664), 0o077: (0o700, 0o600)}
 
 
 def test_reap_asks_slurmctld_and_ends_only_the_vm_of_a_job_it_no_longer_has(vm_env, cluster):
@@ -233,6 +268,20 @@ def test_an_unknown_os_is_refused_at_submit_with_the_choices(vm_env, cluster):
     r = cluster.cmd("sbatch", "--comment", "vibatch_image=nosuch-os", "--wrap", "true",
                     user=USER, cwd=cluster.home)
     assert r.returncode != 0 and "from the job comment" in r.stderr
+    assert_node_healthy(cluster)
+
+
+def test_an_unknown_os_by_constraint_is_refused_at_submit_with_the_choices(vm_env, cluster):
+    """A --constraint term that is neither an offered OS nor a feature of any node: the lua
+    names the choices instead of Slurm's bare "Invalid feature specification"."""
+    r = cluster.cmd("sbatch", "--constraint=nosuch-os", "--wrap", "true",
+                    user=USER, cwd=cluster.home)
+    assert r.returncode != 0
+    assert "--constraint 'nosuch-os' names no OS image of this cluster" in r.stderr, r.stderr
+    assert "testguest" in r.stderr.split("offers:")[1] and "Invalid feature" in r.stderr
+    # a real feature that names no OS still passes (the job gets the default image)
+    job = submit(cluster, "#!/bin/sh\necho ok\n", "--constraint=vibatch")
+    assert cluster.wait_finished(job)["ExitCode"] == "0:0" and output(cluster, job) == "ok\n"
     assert_node_healthy(cluster)
 
 

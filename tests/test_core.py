@@ -473,3 +473,28 @@ def test_drain_sync_takes_the_batch_systems_maintenance_and_withdraws_it(site):
     maint["at"] = 1_700_000_000
     assert lifecycle.sync_drain(node, drain_time) == (1_800_000_000, [])
     lifecycle.announce_shutdown(node, None)
+
+
+def test_reap_ends_a_ready_job_past_its_walltime_plus_grace(site):
+    """Item 4 of issue 11: a job whose batch daemon died without its epilogue (nobody says it
+    is gone) still ends at its time limit plus batch.walltime_grace_s, by reap."""
+    cfg, hv, work = site
+    req = dataclasses.replace(request(cfg, work), walltime_s=60)
+    lifecycle.prologue(fake_node(cfg, hv), req)
+    assert lifecycle.reap(fake_node(cfg, hv)) == []          # within the limit: left alone
+    paths = JobPaths.of(cfg, "j1")
+    state = jobstore.read(paths)
+    grace = cfg.batch.walltime_grace_s
+    jobstore.Record(paths, state).set(started_at=state.started_at - 60 - grace + 5)
+    assert lifecycle.reap(fake_node(cfg, hv)) == []          # within limit + grace: still left
+    jobstore.Record(paths, jobstore.read(paths)).set(started_at=state.started_at - 60 - grace - 1)
+    assert lifecycle.reap(fake_node(cfg, hv)) == \
+        [f"job j1 (past its walltime (60 s) + grace ({grace} s))"]
+    assert remains(cfg, hv) == [] and records(cfg)[0]["ended_by"] == "reap"
+
+
+def test_the_guest_is_told_its_walltime_deadline_last():
+    from vibatch.vm.guestsetup import SetupArgs
+    argv = SetupArgs("u", 1, 1, "/h", "/w", net="n:x", deadline_s=360).argv()
+    assert argv[-2:] == ["n:x", "t:360"]
+    assert not [a for a in SetupArgs("u", 1, 1, "/h", "/w").argv() if a.startswith("t:")]

@@ -105,3 +105,31 @@ def test_remove_deletes_an_unused_image(site, disk):
     assert r.returncode == 0 and "1 version(s) deleted" in r.stdout
     assert site.cli("image", "show", "alma").returncode == 11
     assert os.listdir(os.path.join(site.cfg.library_dir, ".store")) == []
+
+
+def test_the_offer_file_follows_the_library_and_doctor_sees_a_stale_one(site, disk, tmp_path):
+    """batch.offer_file (what Slurm's job_submit.lua reads) is rewritten by image add and
+    remove; one that fell behind is reported by doctor."""
+    import yaml
+    from vibatch import config
+    from vibatch.commands import doctor
+    from vibatch.images import offerfile
+    offer = tmp_path / "etc" / "offer"
+    with open(site.config_path) as f:
+        data = yaml.safe_load(f)
+    data["batch"] = {"offer_file": str(offer)}
+    with open(site.config_path, "w") as f:
+        yaml.safe_dump(data, f)
+    r = add(site, disk)
+    assert r.returncode == 0 and f"rewrote the offer file {offer}" in r.stdout, r.stderr
+    assert offer.read_text() == "el9\nalma\n"
+    assert add(site, make_disk(str(tmp_path / "r.qcow2"), "rocky"), "rocky").returncode == 0
+    assert offer.read_text() == "el9\nalma\nrocky\n"
+    assert site.cli("image", "remove", "rocky").returncode == 0
+    assert offer.read_text() == "el9\nalma\n"
+    cfg = config.load(site.config_path)
+    assert offerfile.stale(cfg, str(offer)) is None
+    offer.write_text("el9\nrocky\n")       # an old copy, as a cron-less site had it
+    assert offerfile.stale(cfg, str(offer)) == f"{offer} lacks alma; still offers rocky"
+    [check] = list(doctor._offer(cfg, str(tmp_path / "slurm.conf")))
+    assert check.level == doctor.WARN and "lacks alma" in check.detail

@@ -539,8 +539,8 @@ def test_doctor_on_the_slurm_conf_a_real_slurmd_reads(places, tmp_path, monkeypa
     c._write_conf()
     monkeypatch.setenv("SLURM_CONF", c.conf)
     checks = list(doctor._slurm(config.parse({}, "test"), places))
-    assert [(x.name, x.level) for x in checks] == [("slurm Prolog", doctor.PASS),
-                                                   ("slurm Epilog", doctor.PASS)]
+    assert _levels(checks, "slurm") == [("slurm Prolog", doctor.PASS),
+                                        ("slurm Epilog", doctor.PASS)]
     # the cluster tests' shims have this node's paths substituted: safe, but not byte-for-byte
     # vibatch's, which doctor says without failing
     hooks = install_shims("slurm", str(tmp_path / "hooks-subst"),
@@ -548,7 +548,8 @@ def test_doctor_on_the_slurm_conf_a_real_slurmd_reads(places, tmp_path, monkeypa
                           {"prolog": 0o500, "epilog": 0o500})
     c.extra.update(Prolog=os.path.join(hooks, "prolog"), Epilog=os.path.join(hooks, "epilog"))
     c._write_conf()
-    assert [x.level for x in doctor._slurm(config.parse({}, "test"), places)] == [doctor.WARN] * 2
+    assert [x.level for x in doctor._slurm(config.parse({}, "test"), places)
+            if x.name.startswith("slurm")] == [doctor.WARN] * 2
 
 
 SYSLOG_CHILD = r"""

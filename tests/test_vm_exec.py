@@ -78,6 +78,18 @@ def test_files_appear_on_host_owned_by_job_user(vm_env, job):
     assert os.stat(os.path.join(job, "outdir")).st_uid == alice.pw_uid
 
 
+@pytest.mark.parametrize("mask", [0o002, 0o027])
+def test_the_job_runs_with_its_starters_umask(vm_env, job, mask):
+    """The umask the batch system gave the job's process (vibatch exec's own) holds in the
+    guest, so files on the shared work dir get the modes they would get without a VM (the
+    guest's qemu-ga would otherwise leave 0077: every file 0600)."""
+    rc, out, _ = exec_run(vm_env, JOB, "sh", "-c", f"umask; rm -rf m{mask:o}; mkdir m{mask:o}; "
+                          f"echo x > m{mask:o}/f", cwd=job, umask=mask)
+    assert rc == 0 and out.strip() == f"{mask:04o}", out
+    assert os.stat(os.path.join(job, f"m{mask:o}")).st_mode & 0o777 == 0o777 & ~mask
+    assert os.stat(os.path.join(job, f"m{mask:o}", "f")).st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_job_sees_exactly_its_cores_and_memory(vm_env, job):
     rc, out, _ = exec_run(vm_env, JOB, "sh", "-c", "nproc; grep MemTotal /proc/meminfo")
     assert rc == 0

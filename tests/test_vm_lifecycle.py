@@ -239,3 +239,39 @@ def test_reap_leaves_a_running_job_alone(vm_env, tracker):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and job not in r.stdout
     assert exec_run(vm_env, job, "true")[0] == 0
+
+
+def test_walltime_plus_grace_ends_the_vm_in_the_guest_and_by_reap(vm_env, tracker):
+    """Issue 11 item 4, with no batch system left to end the jobs (as after a node daemon's
+    crash): at walltime (1 s) + grace (30 s) the guest's root timer powers the VM off; a guest
+    whose root stopped that timer (a hostile job may be root in its VM) runs on, and reap ends
+    it, past its limit. reap then also cleans up the VM that ended itself."""
+    import libvirt
+    from vibatch.util import Deadline
+    from vibatch.vm.agent import LibvirtAgent
+    cfg = variant(vm_env, "walltime", {"batch": {"walltime_grace_s": 30}})
+    itself, hostile = tracker.job_id(), tracker.job_id()
+    for job in (itself, hostile):
+        r = prologue(vm_env, job, config=cfg, args=("--walltime", "1"))
+        assert r.returncode == 0, r.stderr
+    conn = libvirt.open(vm_env.cfg.libvirt_uri)
+    try:
+        res = LibvirtAgent(conn.lookupByName("vibatch-" + hostile)).run(
+            "/bin/sh", ["-c", 'kill "$(cat /run/vibatch/walltime.pid)"'], Deadline(20), what="kill")
+        assert res.wait_status == 0, res.err
+        assert wait_until(lambda: not _domain_exists(conn, itself), timeout=150)
+        with open(os.path.join(vm_env.cfg.state_dir, "jobs", hostile, "state.json")) as f:
+            due = json.load(f)["started_at"] + 1 + 30
+        import time
+        assert wait_until(lambda: time.time() > due + 1, timeout=120)
+        assert _domain_exists(conn, hostile)            # its timer is gone: only reap ends it
+        r = subprocess.run(vibatch_cmd("--config", cfg, "reap"), capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert f"job {itself} (VM gone)" in r.stdout
+        assert f"job {hostile} (past its walltime (1 s) + grace (30 s))" in r.stdout, r.stdout
+        assert not _domain_exists(conn, hostile)
+    finally:
+        conn.close()
+    for job in (itself, hostile):
+        assert leftovers(vm_env, job) == []

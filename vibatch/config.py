@@ -91,6 +91,19 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    # the root hooks' deadline, below the batch system's own hook timeout (Slurm's
+    # PrologEpilogTimeout, Torque's $prologalarm): 0 keeps each system's default. A shim's
+    # --alarm N wins over it.
+    hook_alarm_s: int = 0
+    # the names jobs may ask for (`vibatch image offer`), rewritten by `image add/remove/sync`
+    # and by every Slurm Prolog when they changed ("": none); Slurm's job_submit.lua reads it
+    offer_file: str = ""
+    # a job with a time limit is ended this long after it, by its guest and by `vibatch reap`
+    walltime_grace_s: int = 300
+
+
+@dataclass(frozen=True)
 class HTCondorConfig:
     daemon_user: str = "condor"        # HTCondor's account (CONDOR_IDS): owns EXECUTE and LOG
     condor_config: str = "/etc/condor/condor_config"   # CONDOR_CONFIG for the tools the helper runs
@@ -217,6 +230,7 @@ class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     exec: ExecConfig = field(default_factory=ExecConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     htcondor: HTCondorConfig = field(default_factory=HTCondorConfig)
     torque: TorqueConfig = field(default_factory=TorqueConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
@@ -313,6 +327,13 @@ _CHECKS.update({
     "images.download_timeout_s": (float,) + _POSITIVE,
     "images.connect_timeout_s": (float,) + _POSITIVE,
 })
+_CHECKS.update({
+    "batch.hook_alarm_s": (int, lambda v: v == 0 or 10 <= v <= 86400,
+                           "must be 0 (each system's default) or between 10 and 86400"),
+    "batch.offer_file": (str, lambda v: v == "" or os.path.isabs(v),
+                         "must be an absolute path, or \"\" for none"),
+    "batch.walltime_grace_s": (int, lambda v: 30 <= v <= 86400, "must be between 30 and 86400"),
+})
 _CHECKS["htcondor.daemon_user"] = (str, lambda v: bool(v), "must name HTCondor's daemon account "
                                    "(CONDOR_IDS; usually condor)")
 _CHECKS.update({
@@ -361,7 +382,7 @@ _CHECKS.update({
                        "must map user, nat or bridge to lists of unix groups"),
 })
 _SECTIONS = {"host": HostConfig, "jobs": JobLimits, "vm": VmConfig, "exec": ExecConfig,
-             "images": ImagesConfig, "htcondor": HTCondorConfig, "torque": TorqueConfig,
+             "images": ImagesConfig, "batch": BatchConfig, "htcondor": HTCondorConfig, "torque": TorqueConfig,
              "features": FeaturesConfig, "metrics": MetricsConfig, "logs": LogsConfig,
              "scratch": ScratchConfig, "network": NetworkConfig, "templates": TemplatesConfig}
 # where a share or the scratch disk may not be mounted in the guest: its own system directories

@@ -93,6 +93,12 @@ function slurm_job_submit(job_desc, part_list, submit_uid)
    elseif names == nil then
       slurm.log_info("vibatch: %s missing; image names are checked by the Prolog only",
                      OFFER_FILE)
+   elseif job_desc.features ~= nil and job_desc.features ~= "" then
+      -- A constraint that names no offered OS. The lua cannot see the nodes' features: if a
+      -- term is none either, Slurm refuses the job next ("Invalid feature specification") and
+      -- sbatch prints this line with it; if it is a real feature, the job gets the default OS.
+      slurm.log_user("vibatch: --constraint '%s' names no OS image of this cluster, which " ..
+                     "offers: %s", job_desc.features, list ~= "" and list or "nothing")
    end
    job_desc.script = "#!" .. JOB_EXEC .. "\n" .. job_desc.script
    return slurm.SUCCESS

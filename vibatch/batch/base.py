@@ -64,7 +64,7 @@ class Call:
 
     hook: str
     args: list[str]
-    alarm_s: int
+    alarm_s: int           # the shim's --alarm; 0: not given (see ``alarm``)
     config_path: str
     helper: str = ""
     env: dict[str, str] = field(default_factory=dict)   # as the hook got it, before hygiene
@@ -75,6 +75,16 @@ class Call:
     make_core: Callable[[Config], Any] = _real_core
     _cfg: Optional[Config] = None
 
+    def alarm(self, default_s: int) -> int:
+        """The hook's alarm: the shim's ``--alarm``, else the config's ``batch.hook_alarm_s``,
+        else ``default_s`` (also when the config cannot be read: the hook reports that)."""
+        if self.alarm_s:
+            return self.alarm_s
+        try:
+            return self.cfg().batch.hook_alarm_s or default_s
+        except VibatchError:
+            return default_s
+
     def cfg(self) -> Config:
         """The config, loaded once per call."""
         if self._cfg is None:
@@ -82,12 +92,12 @@ class Call:
         return self._cfg
 
 
-def parse_call(argv: Sequence[str], default_alarm_s: int, **ports: Any) -> Call:
+def parse_call(argv: Sequence[str], **ports: Any) -> Call:
     """``[--alarm S] [--config PATH] [--helper PATH] HOOK ARGS...``, as the shims call us. Paths
     are written into the shim, never taken from the environment: root's hooks run with
     environments that batch systems partly hand over to the job's user."""
     argv = list(argv)
-    opts = {"--alarm": str(default_alarm_s), "--config": config_mod.DEFAULT_PATH, "--helper": ""}
+    opts = {"--alarm": "0", "--config": config_mod.DEFAULT_PATH, "--helper": ""}
     while len(argv) >= 2 and argv[0] in opts:
         opts[argv[0]] = argv[1]   # --alarm: the batch system's own hook timeout, if set
         argv = argv[2:]
@@ -108,7 +118,7 @@ class BatchSystem:
     epilogue_hook = "epilog"
     starter_hook: Optional[str] = "starter"
     starter_label = "starter"            # how the starter's failures are introduced
-    default_alarm_s = 600                # when the shim passes no --alarm
+    default_alarm_s = 600                # without --alarm or batch.hook_alarm_s
     margin_s = 0                         # finish (and clean up) this long before that alarm
     keeps_refusals = False               # a job's fault exits 0 and the starter fails the job
     offer_formats: dict[str, Callable[[Sequence[str]], str]] = {}
@@ -126,6 +136,12 @@ class BatchSystem:
     def epilogue_exit_code(self, argv: Sequence[str], env: dict) -> Optional[int]:
         """The job's exit code as the epilogue is told it (None: unknown)."""
         return None
+
+    def epilogue_status(self, argv: Sequence[str], env: dict) -> tuple[Optional[int],
+                                                                       Optional[int]]:
+        """(exit code, signal): the signal that ended the job where the system says so
+        separately (Slurm's ``rc:signal``), else None."""
+        return self.epilogue_exit_code(argv, env), None
 
     def starter_job_id(self, env: dict) -> str:
         raise NotImplementedError
@@ -172,7 +188,7 @@ class BatchSystem:
         return None
 
     def deadline_s(self, call: Call) -> int:
-        return max(5, call.alarm_s - self.margin_s)
+        return max(5, call.alarm(self.default_alarm_s) - self.margin_s)
 
 
 def run_hook(system: str, hook: str, body: Callable[[], None], table: Exits,
@@ -247,11 +263,11 @@ def _epilogue(system: BatchSystem, call: Call, core: Any) -> None:
     job_id, _ = system.job_of(call.args, call.env)
     if not job_id:
         return
-    code = system.epilogue_exit_code(call.args, call.env)
+    code, signum = system.epilogue_status(call.args, call.env)
     if system.keeps_refusals:
         clear_refusal(cfg, job_id)
     system.before_epilogue(cfg, job_id, code)
-    core.epilogue(job_id, code)
+    core.epilogue(job_id, code, signum)
 
 
 def _root_hook(system: BatchSystem, call: Call) -> int:
@@ -291,7 +307,7 @@ def _starter(system: BatchSystem, call: Call) -> int:
 def main(system: BatchSystem, argv: Optional[Sequence[str]] = None, **ports: Any) -> int:
     """Every hook of every system (``ports``: tests' stand-ins for Call.enter_root and
     Call.make_core)."""
-    call = parse_call(sys.argv[1:] if argv is None else argv, system.default_alarm_s, **ports)
+    call = parse_call(sys.argv[1:] if argv is None else argv, **ports)
     if call.hook == system.starter_hook:
         return _starter(system, call)
     if call.hook in (system.prologue_hook, system.epilogue_hook):

@@ -35,8 +35,10 @@ class Core:
         return lifecycle.prologue(self.node, req, holder=holder, batch=batch,
                                   batch_env=batch_env)
 
-    def epilogue(self, job_id: str, exit_code: Optional[int] = None) -> None:
-        lifecycle.epilogue(self.node, job_id, exit_code)
+    def epilogue(self, job_id: str, exit_code: Optional[int] = None,
+                 signum: Optional[int] = None) -> None:
+        """``signum``: the signal that ended the job, if the batch system says so."""
+        lifecycle.epilogue(self.node, job_id, exit_code, signum)
 
     def jobs_held_by(self, pid: int) -> list[str]:
         """The jobs on this node whose holder is the running process ``pid``."""

@@ -713,7 +713,7 @@ class HTCondor(BatchSystem):
             else:
                 helper_finish(core, call.env)
 
-        alarm = call.alarm_s if verb == "prepare" else FINISH_ALARM_S
+        alarm = call.alarm(self.default_alarm_s) if verb == "prepare" else FINISH_ALARM_S
         return run_root(self, call, body, alarm, what=verb)
 
 

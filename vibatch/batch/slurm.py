@@ -35,6 +35,8 @@ from ..config import Config
 from ..errors import CommandFailed, JobError, NodeError
 from ..core.request import JobRequest, make_request, parse_cpu_list, parse_memory_mb
 from ..hygiene import minimal_env
+from ..images import offerfile
+from ..util import log_error
 from .base import AS_IS, BatchSystem, Call, exits, main
 from .kit import STARTER_FAILED, exec_job, read_request, requestable_names
 
@@ -186,13 +188,34 @@ def job_from_prolog(cfg: Config, env: Mapping[str, str], show: str) -> JobReques
                         network=network_from_comment(env.get("SLURM_JOB_COMMENT")))
 
 
+def exit_status(text: str) -> tuple[Optional[int], Optional[int]]:
+    """(exit code, signal) from Slurm's ``rc:signal`` ('7:0' -> (7, None); '0:9' -> (137, 9):
+    a signal gives 128+N, as a shell reports it)."""
+    m = re.match(r"^(\d+):(\d+)$", text or "")
+    if not m:
+        return None, None
+    rc, sig = int(m.group(1)), int(m.group(2))
+    return (128 + sig, sig) if sig else (rc, None)
+
+
 def exit_code(env: Mapping[str, str]) -> Optional[int]:
     """The job's exit code from ``SLURM_JOB_EXIT_CODE2`` ('7:0'; a signal gives 128+N)."""
-    m = re.match(r"^(\d+):(\d+)$", env.get("SLURM_JOB_EXIT_CODE2", ""))
-    if not m:
-        return None
-    rc, sig = int(m.group(1)), int(m.group(2))
-    return 128 + sig if sig else rc
+    return exit_status(env.get("SLURM_JOB_EXIT_CODE2", ""))[0]
+
+
+def final_status(job_id: str, env: Mapping[str, str]) -> tuple[Optional[int], Optional[int]]:
+    """The Epilog's (exit code, signal). slurmd fills ``SLURM_JOB_EXIT_CODE2`` from the request
+    that ends the job: after ``scancel`` (or the time limit) that is ``0:0``, sent before the
+    batch step was killed (seen on 22.05: a job that ignored SIGTERM was SIGKILLed and
+    slurmctld recorded ``0:9``, the Epilog got ``0:0``). By the time the Epilog runs, the step
+    has ended and reported to slurmctld: so a ``0:0`` is checked against slurmctld's
+    ``ExitCode`` (the environment's answer stands if slurmctld cannot be asked)."""
+    code, sig = exit_status(env.get("SLURM_JOB_EXIT_CODE2", ""))
+    if code not in (0, None):
+        return code, sig
+    fields = show_job_fields(job_id, env)
+    asked = exit_status((fields or {}).get("ExitCode", "")) if fields else (None, None)
+    return asked if asked[0] is not None else (code, sig)
 
 
 # a job in one of these holds its nodes; any other state (or no record at all) is over
@@ -201,10 +224,11 @@ HOLDING = {"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "RESIZING", "SIG
 ASK_TIMEOUT_S = 10
 
 
-def job_gone(job_id: str, env: Mapping[str, str]) -> Optional[bool]:
-    """Whether job ``job_id`` no longer holds this node, as slurmctld says: True for "Invalid
-    job id" or a state that holds no node (or nodes that are not this one: requeued); False
-    while it holds this node; None if slurmctld cannot be asked or its answer is unclear."""
+def show_job_fields(job_id: str, env: Mapping[str, str]) -> Optional[dict]:
+    """``scontrol -o show job ID`` as {field: value}; {} for "Invalid job id"; None if
+    slurmctld cannot be asked, or answers for another job (an array's other tasks) or without
+    a JobState. The line is not escaped: a job's own name or comment can repeat a field, which
+    misleads only about that job."""
     conf = {"SLURM_CONF": env["SLURM_CONF"]} if env.get("SLURM_CONF") else {}
     try:
         r = proc.run([SCONTROL, "-o", "show", "job", job_id], timeout=ASK_TIMEOUT_S,
@@ -212,10 +236,22 @@ def job_gone(job_id: str, env: Mapping[str, str]) -> Optional[bool]:
     except CommandFailed:
         return None
     if r.returncode != 0:
-        return True if "Invalid job id specified" in r.stderr else None
+        return {} if "Invalid job id specified" in r.stderr else None
     fields = dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
     if fields.get("JobId") != job_id or "JobState" not in fields:
         return None        # an array's other tasks, or text we do not know
+    return fields
+
+
+def job_gone(job_id: str, env: Mapping[str, str]) -> Optional[bool]:
+    """Whether job ``job_id`` no longer holds this node, as slurmctld says: True for "Invalid
+    job id" or a state that holds no node (or nodes that are not this one: requeued); False
+    while it holds this node; None if slurmctld cannot be asked or its answer is unclear."""
+    fields = show_job_fields(job_id, env)
+    if fields is None:
+        return None
+    if not fields:
+        return True
     if fields["JobState"] not in HOLDING:
         return True
     node = env.get("SLURMD_NODENAME")
@@ -256,6 +292,18 @@ def drain_time(env: Mapping[str, str]) -> Optional[int]:
     return maintenance_start(r.stdout, node, time.time())
 
 
+def node_features(text: str, node: str) -> Optional[set[str]]:
+    """The Features= of ``node``'s NodeName line(s) in slurm.conf (None: no line names it)."""
+    found: Optional[set[str]] = None
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        fields = dict(item.partition("=")[::2] for item in line.split() if "=" in item)
+        names = {k.lower(): v for k, v in fields.items()}
+        if "nodename" in names and node in expand_hostlist(names["nodename"]):
+            found = (found or set()) | set(filter(None, names.get("features", "").split(",")))
+    return found
+
+
 class Slurm(BatchSystem):
     name = "slurm"
     EXIT = EXIT
@@ -282,6 +330,18 @@ class Slurm(BatchSystem):
     def asking_env(self, env: dict) -> dict:
         return {k: env[k] for k in ("SLURM_CONF", "SLURMD_NODENAME") if env.get(k)}
 
+    @staticmethod
+    def node_features(text: str, node: str) -> Optional[set[str]]:
+        return node_features(text, node)
+
+    def after_prologue(self, cfg: Config, req: JobRequest) -> None:
+        """Keep the offer file in step with the library (also after a change of aliases in the
+        config, which no image command sees). Best effort: a job never fails for it."""
+        try:
+            offerfile.refresh(cfg)
+        except Exception as e:  # noqa: BLE001 - the job's VM is ready; only log
+            log_error(f"slurm prolog of job {req.job_id}: refreshing {cfg.batch.offer_file}", e)
+
     def job_gone(self, job_id: str, env: dict) -> Optional[bool]:
         return job_gone(job_id, env)
 
@@ -290,6 +350,10 @@ class Slurm(BatchSystem):
 
     def epilogue_exit_code(self, argv: Sequence[str], env: dict) -> Optional[int]:
         return exit_code(env)
+
+    def epilogue_status(self, argv: Sequence[str], env: dict) -> tuple[Optional[int],
+                                                                       Optional[int]]:
+        return final_status(env.get("SLURM_JOB_ID", ""), env)
 
     def starter_job_id(self, env: dict) -> str:
         return env.get("SLURM_JOB_ID", "")

@@ -247,7 +247,7 @@ class Torque(BatchSystem):
 
     def after_node_fault(self, call: Call, exc: BaseException, message: str) -> Optional[int]:
         job_id, user = self.job_of(call.args, call.env)
-        budget = call.alarm_s - KILL_EARLY_S - 5 - (time.monotonic() - call.started)
+        budget = call.alarm(self.default_alarm_s) - KILL_EARLY_S - 5 - (time.monotonic() - call.started)
         return after_node_fault(call.cfg(), job_id, user, message, isinstance(exc, NoFreeSlot),
                                 budget)
 

@@ -11,7 +11,7 @@ from typing import Optional
 import yaml
 
 from .. import batch
-from ..images import catalog as catalog_mod
+from ..images import catalog as catalog_mod, offerfile
 from ..config import Config
 from ..errors import (CatalogRejected, ImageIntegrityError, ImageRejected, ImageTestFailed,
                       LibraryError, UsageError, VibatchError)
@@ -78,6 +78,7 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
                       progress=Progress.on(sys.stderr))
         print(f"added {img.name}: {img.os} {img.os_version} ({img.boot} boot, {img.disk_format}), "
               f"{img.digest[:23]}…")
+        _refresh_offer(cfg, lib)
         return 0
     if act in ("list", "show"):
         in_use = lifecycle.images_in_use(cfg)
@@ -111,10 +112,14 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
         gone = lib.gc(in_use)
         print(f"removed {img.name}" + (f"; its files stay until job(s) {', '.join(users)} end"
                                        if users else f" ({len(gone)} version(s) deleted)"))
+        _refresh_offer(cfg, lib)
         return 0
     if act == "sync":
         require_root("image sync")
-        return _sync(cfg, lib, args.url or list(cfg.images.catalogs))
+        try:
+            return _sync(cfg, lib, args.url or list(cfg.images.catalogs))
+        finally:     # also after a partial sync: what was installed is offered
+            _refresh_offer(cfg, lib)
     if act == "test":
         require_root("image test")
         return _test(cfg, lib, args)
@@ -126,17 +131,26 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
         if args.format != "lines" and args.format not in formats:
             raise UsageError(f"argument --format: invalid choice {args.format!r} (choose from "
                              f"lines, {', '.join(formats)})")
-        names = offer(cfg, lib)
         if args.format == "lines":
-            text = "".join(f"{name}\n" for name in names)
+            text = offerfile.text(cfg, lib)
         else:
-            text = formats[args.format](names)
+            text = formats[args.format](offer(cfg, lib))
         if args.output:
             atomic_write(args.output, text.encode(), mode=0o644)
         else:
             sys.stdout.write(text)
         return 0
     raise LibraryError(f"unknown image action {act}")
+
+
+def _refresh_offer(cfg: Config, lib: Library) -> None:
+    """Keep ``batch.offer_file`` in step with the library just changed."""
+    try:
+        if offerfile.refresh(cfg, lib):
+            print(f"rewrote the offer file {cfg.batch.offer_file}")
+    except OSError as e:
+        print(f"vibatch: could not rewrite the offer file {cfg.batch.offer_file}: {e}",
+              file=sys.stderr)
 
 
 def _print_show(d: dict, now: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import socket
 import stat
@@ -18,7 +19,9 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from .. import config as config_mod, proc, safeio
 from ..config import Config
+from .. import batch
 from ..errors import VibatchError
+from ..images import offerfile
 from ..vm import accel
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
@@ -153,7 +156,7 @@ def _launcher(cfg: Config) -> Check:
     why = _unsafe(path)
     if why:
         return Check("share launcher", FAIL, f"vm.share_launcher: {why}",
-                     "etc/setup-node.sh installs it root-owned 0755 under "
+                     "etc/setup-node.sh installs it root-owned 0500 under "
                      f"{HOOKS_DIR}/libvirt; libvirtd runs it as root for every share")
     return Check("share launcher", PASS, f"{path}, root-owned, writable by root only")
 
@@ -317,6 +320,52 @@ def _slurm(cfg: Config, places: Places) -> Iterator[Check]:
         yield Check("slurm PrologFlags", FAIL, f"{path}: PrologFlags lacks Alloc: the Prolog "
                     "would run only when the first step starts, after the job's script",
                     f"PrologFlags=Alloc in {path}")
+    text = (data or b"").decode(errors="replace")
+    yield from _safely("offer file (slurm)", lambda c: _offer(c, path), cfg)
+    yield from _safely("node Features (slurm)", lambda c: _features(c, path, text), cfg)
+
+
+LUA_OFFER = re.compile(r'^\s*local\s+OFFER_FILE\s*=\s*"([^"]+)"', re.M)
+
+
+def _offer(cfg: Config, slurm_conf_path: str) -> Iterator[Check]:
+    """Does the offer file job_submit.lua reads (or batch.offer_file) say what this node
+    offers? A stale one refuses new images at submit and lets removed ones through."""
+    lua = safeio.read_bounded(os.path.join(os.path.dirname(slurm_conf_path), "job_submit.lua"),
+                              HOOK_MAX)
+    m = LUA_OFFER.search((lua or b"").decode(errors="replace"))
+    path = m.group(1) if m else cfg.batch.offer_file
+    if not path:
+        yield Check("offer file (slurm)", SKIP, "no job_submit.lua next to slurm.conf and no "
+                    "batch.offer_file")
+        return
+    why = offerfile.stale(cfg, path)
+    if why:
+        yield Check("offer file (slurm)", WARN, why + ": job_submit.lua checks jobs' OS against "
+                    "it", f"set batch.offer_file: {path} (image add/remove/sync and every Prolog "
+                    f"then rewrite it), or run `vibatch image offer --output {path}` now")
+    else:
+        yield Check("offer file (slurm)", PASS, f"{path} lists what this node offers")
+
+
+def _features(cfg: Config, path: str, text: str) -> Iterator[Check]:
+    """With --constraint picking the OS, this node's Features= must name every offered OS."""
+    node = socket.gethostname().split(".")[0]
+    features = batch.system("slurm").node_features(text, node)
+    offered = offerfile.text(cfg).split()
+    if features is None or not features & set(offered):
+        yield Check("node Features (slurm)", SKIP, f"{path}: node {node} has no Features= that "
+                    "names an image (users do not pick the OS with --constraint)")
+        return
+    missing = [n for n in offered if n not in features]
+    if missing:
+        yield Check("node Features (slurm)", WARN, f"{path}: node {node}'s Features= lacks "
+                    f"{', '.join(missing)}, which this node offers: --constraint cannot ask "
+                    "for them", f"add them to Features= of NodeName={node} and run "
+                    "`scontrol reconfigure`")
+    else:
+        yield Check("node Features (slurm)", PASS, f"node {node}'s Features= names every image "
+                    "and alias this node offers")
 
 
 def _gridengine(cfg: Config, places: Places) -> Iterator[Check]:

@@ -38,8 +38,11 @@ DROP_EVERY = 1 << 20   # give back the space of copied output each MiB   # keep 
 # ($0 of the outer shell is the inner script; $@ are the inner script's $0 and arguments.)
 OUTER = ('if command -v setsid >/dev/null 2>&1; then exec setsid /bin/sh -c "$0" "$@"; fi; '
          'exec /bin/sh -c "$0" "$@"')
-INNER = ('out=$1 err=$2 dir=$3; shift 3; exec <"/dev/null" >"$out" 2>"$err"; '
-         'cd "$dir" || exit 126; exec "$@"')
+# The umask is the forwarder's own: the one the batch system gave the job's process (Slurm:
+# the submitter's SLURM_UMASK; Grid Engine: execd's 022; Torque: pbs_mom's 0077), not the 0077
+# qemu-ga's daemon start leaves its children with.
+INNER = ('out=$1 err=$2 dir=$3 mask=$4; shift 4; umask "$mask" || exit 126; '
+         'exec <"/dev/null" >"$out" 2>"$err"; cd "$dir" || exit 126; exec "$@"')
 # Signal the job's process group when the job leads one (setsid ran), else the job alone. The
 # choice is made from /proc, not from kill's exit status: busybox's kill delivers
 # `kill -s SIG -- -PGID` but reports failure, and a fallback on that status signalled twice.
@@ -48,6 +51,13 @@ INNER = ('out=$1 err=$2 dir=$3; shift 3; exec <"/dev/null" >"$out" 2>"$err"; '
 KILL = ('sig=$1 pid=$2; st=$(cat "/proc/$pid/stat" 2>/dev/null) || st=""; set -- ${st##*) }; '
         'if [ "${3:-}" = "$pid" ]; then kill -s "$sig" -- "-$pid" 2>/dev/null; '
         'else kill -s "$sig" "$pid"; fi')
+
+
+def current_umask() -> int:
+    """This process's umask (there is no call that reads it without setting it)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def find_job_id(explicit: Optional[str]) -> str:
@@ -168,7 +178,7 @@ class Exec:
                             self.cfg.exec.env_exclude, self.cfg.exec.guest_path,
                             cwd, self.paths.job_id, self.info.tmpdir)
             args = ["-c", OUTER, INNER, "vibatch-job", f"{io_guest}/{token}.out",
-                    f"{io_guest}/{token}.err", cwd, *argv]
+                    f"{io_guest}/{token}.err", cwd, f"{current_umask():04o}", *argv]
             with self.agent.session(AGENT_TIMEOUT_S):
                 pid = self.agent.exec_start("/bin/sh", args, env=env, timeout=AGENT_TIMEOUT_S)
                 status = self._follow(pid, out, err, Deadline(FAST_PHASE_S))

@@ -78,6 +78,7 @@ class JobState:
     ended_by: Optional[str] = None         # prologue (its undo), epilogue or reap
     ended_from: Optional[str] = None       # the phase the teardown started from
     exit_code: Optional[int] = None
+    exit_signal: Optional[int] = None      # the signal that ended the job, as the batch says
     vm_end: Optional[str] = None           # destroyed | gone | never_started | unknown
     vm_cpu_time_s: Optional[float] = None
     network: Optional[str] = None          # vm.network the job's VM had

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from ..vm import accel, hypervisor, network, share, template
-from . import accounting, disk, faultpoints, features, jobstore, metrics
+from . import accounting, disk, faultpoints, features, jobstore, metrics, walltime
 from ..images import qemuimg
 from ..vm.agent import AgentError, LibvirtAgent, SocketAgent
 from ..config import Config, paths_overlap
@@ -531,7 +531,8 @@ def _setup_guest(node: Node, root_agent: Any, user_agent: Any, req: JobRequest, 
                                                      scratch_bytes)),
                       shares=tuple(site),
                       scratch=(disk.SCRATCH_LABEL, tmpdir) if tmpdir else None,
-                      net=net.arg() if net else None, fresh=fresh_machine(req.job_id))
+                      net=net.arg() if net else None, fresh=fresh_machine(req.job_id),
+                      deadline_s=walltime.guest_deadline_s(cfg, req.walltime_s))
     try:
         res = root_agent.run("/bin/sh", setup.argv(), deadline, what="guest setup")
     except AgentError as e:
@@ -591,13 +592,16 @@ def _undo(node: Node, rec: jobstore.Record, exc: BaseException) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
-def _take_over(rec: jobstore.Record, ended_by: str, exit_code: Optional[int] = None) -> None:
+def _take_over(rec: jobstore.Record, ended_by: str, exit_code: Optional[int] = None,
+               signum: Optional[int] = None) -> None:
     """Make this process the record's owner and move it to ``ending`` (under the jobs lock,
     unless this process already owns it). The job's exit code, if the caller knows it, is kept
     for whoever finishes the record."""
     fields: dict[str, Any] = {**jobstore.me(), "ended_by": rec.state.ended_by or ended_by}
     if exit_code is not None:
         fields["exit_code"] = exit_code
+    if signum:
+        fields["exit_signal"] = signum
     if jobstore.before(rec.state.phase, jobstore.ENDING):
         rec.set(jobstore.ENDING, ended_from=rec.state.phase, **fields)
     else:
@@ -701,6 +705,7 @@ def _record(state: jobstore.JobState, slot: Optional[Slot], exit_code: Optional[
         "cpus": cpus, "cores": len(cpus or []),
         "memory_mb": state.memory_mb or (slot.memory_mb if slot else None),
         "accel": state.accel, "phases": phases, "exit_code": exit_code,
+        "signal": state.exit_signal,
         "vm_cpu_time_s": round(cpu_time, 3) if cpu_time is not None else None,
         "vm_end": state.vm_end or "unknown", "started_at": state.started_at,
         "ended_at": time.time(), "prologue_completed": state.ended_from == jobstore.READY,
@@ -766,7 +771,8 @@ def _clear_orphan(node: Node, job_id: str) -> Optional[str]:
 
 # ---------------------------------------------------------------------------------------------
 @metrics.observed("epilogue")
-def epilogue(node: Node, job_id: str, exit_code: Optional[int] = None) -> Optional[dict]:
+def epilogue(node: Node, job_id: str, exit_code: Optional[int] = None,
+             signum: Optional[int] = None) -> Optional[dict]:
     """Tear the job's VM down and account for it. Returns the record, or None if nothing ran
     (or another process, alive, is ending it: that one accounts).
 
@@ -786,7 +792,7 @@ def epilogue(node: Node, job_id: str, exit_code: Optional[int] = None) -> Option
                 return None
             if not jobstore.owner_alive(state):
                 rec = jobstore.Record(paths, state)
-                _take_over(rec, "epilogue", exit_code)
+                _take_over(rec, "epilogue", exit_code, signum)
                 break
             owner, preparing = state.owner_pid, state.phase in jobstore.PREPARING
         if not preparing:   # another epilogue or reap is ending it
@@ -960,6 +966,8 @@ def _reap_reason(node: Node, paths: JobPaths, state: Optional[jobstore.JobState]
         return "holder gone"
     if hypervisor.lookup(node.conn, paths.domain) is None:
         return "VM gone"
+    if walltime.overdue(node.cfg, state.started_at, state.walltime_s):
+        return walltime.reason(node.cfg, state.walltime_s)
     if state.holder_pid is None and (paths.job_id, state.ready_at) in gone:
         return f"its {state.batch} job is gone"   # the same ready record the batch was asked of
     return None

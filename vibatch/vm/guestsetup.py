@@ -18,11 +18,13 @@ GUEST_IO_DIR = "/run/vibatch/io"
 MACHINE_FEATURES = "/run/vibatch/features/machine"    # $MACHINEFEATURES in the guest
 JOB_FEATURES = "/run/vibatch/features/job"            # $JOBFEATURES
 GUEST_AGENT_STATE = "/run/vibatch/agent"
+WALLTIME_PID = "/run/vibatch/walltime.pid"           # the guest's walltime timer (t:SECONDS)
 
 # $1 name  $2 uid  $3 gid  $4 home  $5 workdir  $6 io dir  $7 agent state dir
 # $8 machine features dir  $9 job features dir  then r:SEED h:HOSTNAME i:MACHINE-ID (a fresh
 # machine), m:KEY=VALUE / j:KEY=VALUE, one per feature, s:TAG=PATH per site share,
-# x:SERIAL=PATH for the scratch disk, n:MAC=ADDR,GW,DNS for the NIC
+# x:SERIAL=PATH for the scratch disk, n:MAC=ADDR,GW,DNS for the NIC,
+# t:SECONDS (last): power the guest off that long from now (the job's walltime plus grace)
 SETUP_SCRIPT = r"""
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -109,6 +111,17 @@ for kv in "$@"; do
          ip route replace default via "$gw" dev "$dev" || fail "cannot route through $gw"
          [ -z "$dns" ] || printf 'nameserver %s\n' "$dns" > /etc/resolv.conf || fail "cannot write /etc/resolv.conf"
          continue ;;
+    t:*) s=${kv#t:}
+         case $s in ''|*[!0-9]*) fail "bad walltime deadline $s" ;; esac
+         # root's timer: the VM ends itself at the job's limit plus grace even if nothing on
+         # the host does (a batch daemon that died without its epilogue). Guest root can stop
+         # it: vibatch reap is the enforcement (docs/operations.md). Its pid: $WALLTIME_PID.
+         if [ ! -s "$WALLTIME_PID" ]; then
+           (trap - TERM; sleep "$s"; echo "vibatch: walltime + grace ($s s) passed: powering off" >/dev/console 2>/dev/null
+            sync; poweroff -f 2>/dev/null; echo o > /proc/sysrq-trigger) </dev/null >/dev/null 2>&1 &
+           echo $! > "$WALLTIME_PID" || fail "cannot write $WALLTIME_PID"
+         fi
+         continue ;;
     *) fail "bad setup argument $kv" ;;
   esac
   kv=${kv#?:}
@@ -148,14 +161,17 @@ class SetupArgs:
     scratch: Optional[tuple[str, str]] = None  # (disk serial, guest path)
     net: Optional[str] = None          # n:MAC=ADDRESS/PREFIX,GATEWAY,DNS (network.GuestNet.arg)
     fresh: tuple[str, ...] = ()        # r:SEED h:HOSTNAME i:MACHINE-ID (fresh_machine)
+    deadline_s: Optional[int] = None   # t:SECONDS, the guest powers off then (walltime + grace)
 
     def argv(self) -> list[str]:
-        script = (f"TAG_WD={WORKDIR_TAG} TAG_IO={IO_TAG} PORT={USER_AGENT_PORT}\n" + SETUP_SCRIPT)
+        script = (f"TAG_WD={WORKDIR_TAG} TAG_IO={IO_TAG} PORT={USER_AGENT_PORT} "
+                  f"WALLTIME_PID={WALLTIME_PID}\n" + SETUP_SCRIPT)
         return ["-c", script, "vibatch-setup", self.name, str(self.uid), str(self.gid), self.home,
                 self.workdir, GUEST_IO_DIR, GUEST_AGENT_STATE, MACHINE_FEATURES, JOB_FEATURES,
                 *self.fresh, *self.features, *(f"s:{tag}={path}" for tag, path in self.shares),
                 *([f"x:{self.scratch[0]}={self.scratch[1]}"] if self.scratch else []),
-                *([self.net] if self.net else [])]
+                *([self.net] if self.net else []),
+                *([f"t:{self.deadline_s}"] if self.deadline_s else [])]   # last (issue 11)
 
 
 def fresh_machine(job_id: str) -> tuple[str, ...]:
