@@ -198,7 +198,7 @@ class TemplateShape:
 class TemplatesConfig:
     """Warm start (vm/template.py): jobs restored from a saved boot of their image and shape."""
     enabled: bool = True               # restore a job from a ready template of its shape
-    on_first_use: bool = True          # a job that finds none starts a background build of it
+    on_first_use: bool = False         # a job that finds none starts a background build of it
     shapes: tuple = ()                 # TemplateShape: what `vibatch template sync` keeps ready
     max_count: int = 16                # templates kept on this node at most
     build_timeout_s: float = 600.0     # a build's boot, settle and save, at most
