@@ -48,7 +48,7 @@ def command(args: argparse.Namespace, cfg: Config) -> int:
             image = lifecycle.resolve_image_name(node, args.image)
             return _build(node, image, args.cores, memory, args.if_missing)
         if act == "list":
-            rows = [_row(node, t) for t in template.all_templates(cfg)]
+            rows = _rows(node)
             if args.json:
                 print(json.dumps(rows, indent=1))
                 return 0
@@ -66,7 +66,7 @@ def command(args: argparse.Namespace, cfg: Config) -> int:
                     raise UsageError(f"no template {args.id!r} (see vibatch template list)")
                 print(f"removed template {args.id}")
                 return 0
-            for r in [_row(node, t) for t in template.all_templates(cfg)]:
+            for r in _rows(node):
                 if args.all or r["state"] != "ready":
                     template.remove(cfg, r["id"])
                     print(f"removed template {r['id']} ({r['state']})")
@@ -94,17 +94,22 @@ def _build(node: lifecycle.Node, image: Image, cores: int, memory_mb: int,
     return 0
 
 
-def _row(node: lifecycle.Node, t: template.Template) -> dict:
+def _rows(node: lifecycle.Node) -> list[dict]:
+    images = {i.digest: i for i in node.library.images()}
+    return [_row(node, t, images) for t in template.all_templates(node.cfg)]
+
+
+def _row(node: lifecycle.Node, t: template.Template, images: dict[str, Image]) -> dict:
     key = t.meta.get("key") or {}
     current = None
-    image = next((i for i in node.library.images() if i.digest == key.get("image_digest")), None)
+    image = images.get(key.get("image_digest"))
     if image is not None and key.get("cores") and key.get("memory_mb"):
         try:
             current = template.key_for(node.cfg, node.conn, lifecycle.template_spec(
                 node, image, key["cores"], key["memory_mb"], key.get("accel", "")), image.digest)
         except Exception:  # noqa: BLE001 - list what is there even without libvirt
             pass
-    why = why_not(node, t, current)
+    why = why_not(node, t, current, images)
     return {"id": t.id, "image": t.meta.get("image"), "cores": key.get("cores"),
             "memory_mb": key.get("memory_mb"), "accel": key.get("accel"),
             "save_bytes": t.meta.get("save_bytes"), "build_s": t.meta.get("build_s"),
@@ -112,11 +117,11 @@ def _row(node: lifecycle.Node, t: template.Template) -> dict:
             "key": key, "current_key": asdict(current) if current else None}
 
 
-def why_not(node: lifecycle.Node, t: template.Template, current) -> str | None:
+def why_not(node: lifecycle.Node, t: template.Template, current,
+            images: dict[str, Image]) -> str | None:
     if not t.meta:
         return "being built" if template.building(node.cfg, t.id) else "unreadable"
-    digest = (t.meta.get("key") or {}).get("image_digest")
-    if digest not in {i.digest for i in node.library.images()}:
+    if (t.meta.get("key") or {}).get("image_digest") not in images:
         return "outdated: its image is no longer in the library"
     return template.why_unusable(t, current)
 
@@ -124,11 +129,10 @@ def why_not(node: lifecycle.Node, t: template.Template, current) -> str | None:
 def _sync(node: lifecycle.Node) -> int:
     cfg = node.cfg
     failed = 0
-    for t in template.all_templates(cfg):
-        row = _row(node, t)
+    for row in _rows(node):
         if row["state"] not in ("ready", "being built"):
-            template.remove(cfg, t.id)
-            print(f"removed template {t.id} ({row['state']})")
+            template.remove(cfg, row["id"])
+            print(f"removed template {row['id']} ({row['state']})")
     names = {}
     for img in node.library.images():
         names.setdefault(img.name, img)

@@ -7,6 +7,7 @@ there is nothing to clean.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pwd
 import signal
@@ -335,9 +336,7 @@ def _boot(node: Node, rec: jobstore.Record, spec: DomainSpec, slot: Slot,
             dom = hypervisor.start_capped(node.conn, render(spec),
                                           slot.memory_mb + cfg.vm.memory_overhead_mb)
         except HypervisorError:
-            why = share.refusal([s.source for s in spec.shares])   # changed since the check
-            if why:
-                raise MissingWorkdir(why) from None
+            _raise_if_share_refused(spec)
             raise
         faultpoints.point("domain")
         rec.set(jobstore.DOMAIN, uuid=dom.UUIDString())
@@ -372,11 +371,17 @@ def _restore(node: Node, rec: jobstore.Record, spec: DomainSpec, tpl: template.T
             try:
                 hypervisor.attach_live(dom, to_xml(device))
             except HypervisorError:
-                why = share.refusal([s.source for s in spec.shares])
-                if why:
-                    raise MissingWorkdir(why) from None
+                _raise_if_share_refused(spec)
                 raise
     return root_agent
+
+
+def _raise_if_share_refused(spec: DomainSpec) -> None:
+    """libvirt failed to start a share: if the launcher refused the working directory (it
+    changed since the check as the user), that is the job's fault, not the node's."""
+    why = share.refusal([s.source for s in spec.shares])
+    if why:
+        raise MissingWorkdir(why) from None
 
 
 def _set_clock(agent: Any) -> None:
@@ -448,20 +453,29 @@ def qemu_ids(cfg: Config) -> tuple[int, int]:
     return pw.pw_uid, pw.pw_gid
 
 
+def _image_spec(cfg: Config, image: Image, kind: str, cpus: tuple[int, ...],
+                memory_mb: int) -> DomainSpec:
+    """What a VM of ``image`` is, before it is anyone's: no name, disk paths, shares or NIC."""
+    return DomainSpec(
+        name="", accel=kind, vcpu_pins=tuple(cpus), memory_mb=memory_mb, disk_overlay="",
+        disk_base=image.disk.path, disk_base_format=image.disk_format, console_log="",
+        user_agent_socket="", shares=(),
+        kernel=image.kernel.path if image.kernel else None,
+        initrd=image.initrd.path if image.initrd else None, cmdline=image.cmdline,
+        machine=cfg.vm.machine, emulator=cfg.vm.emulator, virtiofsd=cfg.vm.share_launcher,
+        tcg_tb_cache_mb=cfg.vm.tcg_tb_cache_mb)
+
+
 def domain_spec(cfg: Config, req: JobRequest, paths: JobPaths, image: Image, slot: Slot,
                 kind: str, scratch_bytes: int = 0, net_mode: Optional[str] = None) -> DomainSpec:
     net_mode = net_mode or cfg.vm.network
     guest_net = network.guest_net(cfg, net_mode, slot.cpus)
-    return DomainSpec(
-        name=paths.domain, accel=kind, vcpu_pins=slot.cpus, memory_mb=slot.memory_mb,
-        disk_overlay=paths.overlay, disk_base=image.disk.path, disk_base_format=image.disk_format,
-        console_log=paths.console, user_agent_socket=paths.socket,
-        shares=_shares(cfg, paths, image),
+    return dataclasses.replace(
+        _image_spec(cfg, image, kind, slot.cpus, slot.memory_mb),
+        name=paths.domain, disk_overlay=paths.overlay, console_log=paths.console,
+        user_agent_socket=paths.socket, shares=_shares(cfg, paths, image),
         scratch_disk=paths.scratch if scratch_bytes else None, scratch_serial=disk.SCRATCH_LABEL,
-        kernel=image.kernel.path if image.kernel else None,
-        initrd=image.initrd.path if image.initrd else None, cmdline=image.cmdline,
-        machine=cfg.vm.machine, emulator=cfg.vm.emulator, virtiofsd=cfg.vm.share_launcher,
-        tcg_tb_cache_mb=cfg.vm.tcg_tb_cache_mb, network=net_mode,
+        network=net_mode,
         network_bridge={"nat": cfg.network.nat_bridge, "bridge": cfg.network.bridge}.get(net_mode,
                                                                                         ""),
         mac=guest_net.mac if guest_net else "",
@@ -476,15 +490,9 @@ def template_spec(node: Node, image: Image, cores: int, memory_mb: int,
     """The domain a template of ``image`` is booted as (named and placed by template.build):
     no shares, scratch disk or NIC; pinned to the node's first job CPUs at a low CPU weight,
     so that the jobs there come first."""
-    cfg = node.cfg
-    return DomainSpec(
-        name="", accel=kind, vcpu_pins=tuple(node.slots.capacity.cpus)[:cores],
-        memory_mb=memory_mb, disk_overlay="", disk_base=image.disk.path,
-        disk_base_format=image.disk_format, console_log="", user_agent_socket="", shares=(),
-        kernel=image.kernel.path if image.kernel else None,
-        initrd=image.initrd.path if image.initrd else None, cmdline=image.cmdline,
-        machine=cfg.vm.machine, emulator=cfg.vm.emulator, virtiofsd=cfg.vm.share_launcher,
-        tcg_tb_cache_mb=cfg.vm.tcg_tb_cache_mb, template=True, cpu_weight=10)
+    return dataclasses.replace(
+        _image_spec(node.cfg, image, kind, tuple(node.slots.capacity.cpus)[:cores], memory_mb),
+        template=True, cpu_weight=10)
 
 
 def build_template(node: Node, image: Image, cores: int, memory_mb: int,
@@ -501,8 +509,11 @@ def build_template(node: Node, image: Image, cores: int, memory_mb: int,
                         lambda: _probe_files(node, image))
     spec = template_spec(node, image, cores, memory_mb, kind)
     key = template.key_for(cfg, node.conn, spec, image.digest)
-    return template.build(cfg, node.conn, key, spec, image.name, node.root_agent, qemu_ids(cfg),
-                          log)
+    def ready(dom: Any, deadline: Deadline) -> Any:
+        agent = node.root_agent(dom)
+        _wait_for_agent(agent, deadline, deadline.seconds)
+        return agent
+    return template.build(cfg, node.conn, key, spec, image.name, ready, qemu_ids(cfg), log)
 
 
 def _wait_for_agent(agent: Any, deadline: Deadline, timeout: float) -> None:

@@ -37,7 +37,6 @@ from ..errors import NodeError
 from ..images import qemuimg
 from ..util import Deadline, atomic_write_json, private_dir, read_json, root_lock
 from . import hypervisor
-from .agent import AgentError
 from .domain import METADATA_NS, USER_AGENT_PORT, DomainSpec, render
 
 FORMAT = 1
@@ -211,10 +210,11 @@ def job_xml(saved_xml: str, spec: DomainSpec, template: Template) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-Agent = Callable[[Any], Any]
+# (domain, deadline) -> its root agent, once it answers (lifecycle's wait for a boot)
+Ready = Callable[[Any, Deadline], Any]
 
 
-def build(cfg: Config, conn: Any, key: Key, spec: DomainSpec, image: str, root_agent: Agent,
+def build(cfg: Config, conn: Any, key: Key, spec: DomainSpec, image: str, ready: Ready,
           qemu_ids: tuple[int, int], log: Callable[[str], None] = lambda _m: None) -> Template:
     """Boot ``spec`` (a template spec: no shares, scratch or NIC), let it settle, save it, and
     keep it as the template of ``key``. Idempotent: a template already built is returned; a
@@ -250,8 +250,7 @@ def build(cfg: Config, conn: Any, key: Key, spec: DomainSpec, image: str, root_a
             raise TemplateError(f"libvirt could not boot the template: {e}") from None
         deadline = Deadline(cfg.templates.build_timeout_s)
         try:
-            agent = root_agent(dom)
-            _ping(agent, deadline)
+            agent = ready(dom, deadline)
             boot_s = time.monotonic() - t0
             log(f"booted in {boot_s:.1f} s; settling")
             res = agent.run("/bin/sh", ["-c", SETTLE], deadline, what="template settle")
@@ -279,20 +278,6 @@ def build(cfg: Config, conn: Any, key: Key, spec: DomainSpec, image: str, root_a
         return Template(key.id, final, read_json(os.path.join(final, "meta.json")))
     finally:
         lock.release()
-
-
-def _ping(agent: Any, deadline: Deadline) -> None:
-    while True:
-        try:
-            agent.ping(timeout=1.0)
-            return
-        except AgentError:
-            if not hypervisor.is_active(agent.domain):
-                raise TemplateError("the template VM stopped while booting") from None
-            if deadline.expired():
-                raise TemplateError(f"the template's agent did not answer within "
-                                    f"{deadline.seconds:g} s") from None
-            time.sleep(0.1)
 
 
 def _clear(conn: Any, cfg: Config, tid: str) -> None:
