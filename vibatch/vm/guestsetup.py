@@ -36,9 +36,11 @@ have() { command -v "$1" >/dev/null 2>&1; }
 settle() { n=0; until "$@" 2>/dev/null; do n=$((n+1)); [ $n -lt 100 ] || { "$@"; return; }; sleep 0.1; done; }
 # builtins only (every fork is slow under emulation): is PATH mounted (with type TYPE)?
 mounted() { while read -r _ m t _; do [ "$m" = "$1" ] && [ -z "${2:-}" -o "$t" = "${2:-}" ] && return 0; done < /proc/mounts; return 1; }
+# the first line of FILE into VAR, also without a newline (a virtio disk's serial has none)
+line() { eval "$1="; [ -r "$2" ] || return 1; IFS= read -r "$1" < "$2" || eval "[ -n \"\$$1\" ]"; }
 vfs() { mounted "$2" virtiofs || mount -t virtiofs ${3:+-o "$3"} "$1" "$2"; }
-disk_by_serial() { for b in /sys/block/vd*; do read -r s 2>/dev/null < "$b/serial" && [ "$s" = "$1" ] && { dev=/dev/${b##*/}; return 0; }; done; return 1; }
-nic_by_mac() { for i in /sys/class/net/*; do read -r a 2>/dev/null < "$i/address" && [ "$a" = "$1" ] && { dev=${i##*/}; return 0; }; done; return 1; }
+disk_by_serial() { for b in /sys/block/vd*; do line s "$b/serial" && [ "$s" = "$1" ] && { dev=/dev/${b##*/}; return 0; }; done; return 1; }
+nic_by_mac() { for i in /sys/class/net/*; do line a "$i/address" && [ "$a" = "$1" ] && { dev=${i##*/}; return 0; }; done; return 1; }
 
 # a fresh machine first (r: RNG seed, h: host name, i: machine id): a restored template's
 # guest would otherwise share them with every other job restored from it
@@ -132,7 +134,7 @@ chmod 644 "$mf"/* "$jf"/* 2>/dev/null
 # a second qemu-guest-agent, as the job user, on the job's own virtio-serial port
 port=
 for p in /sys/class/virtio-ports/*; do
-  read -r n 2>/dev/null < "$p/name" && [ "$n" = "$PORT" ] && port=/dev/${p##*/}
+  line n "$p/name" && [ "$n" = "$PORT" ] && port=/dev/${p##*/}
 done
 [ -n "$port" ] || fail "no virtio-serial port named $PORT"
 ga=$(command -v qemu-ga) || for g in /usr/bin/qemu-ga /usr/sbin/qemu-ga /usr/libexec/qemu-ga; do [ -x "$g" ] && ga=$g && break; done
