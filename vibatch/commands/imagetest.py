@@ -115,7 +115,7 @@ def run(node: lifecycle.Node, image: Image, *, user: str = "nobody", cores: int 
         booted: list = []
 
         def boot() -> tuple[bool, str]:
-            booted.append(lifecycle.prologue(node, req, image=image))
+            booted.append(lifecycle.prologue(node, req, image=image, cold=True))  # the image boots
             ph = booted[0].phases
             return True, (f"answered {ph['boot']:.2f} s after start (limit "
                           f"{cfg.vm.boot_timeout_s:g} s, {booted[0].accel})")

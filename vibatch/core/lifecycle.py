@@ -542,7 +542,7 @@ def _setup_guest(node: Node, root_agent: Any, user_agent: Any, req: JobRequest, 
                                                      scratch_bytes)),
                       shares=tuple(site),
                       scratch=(disk.SCRATCH_LABEL, tmpdir) if tmpdir else None,
-                      net=net.arg() if net else None, fresh=fresh_machine(req.job_id),
+                      net=net.arg() if net else None, fresh=fresh_machine(),
                       deadline_s=walltime.guest_deadline_s(cfg, req.walltime_s))
     try:
         res = root_agent.run("/bin/sh", setup.argv(), deadline, what="guest setup")

@@ -6,7 +6,6 @@ gets every job value as a positional argument; nothing is pasted into shell text
 """
 from __future__ import annotations
 
-import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ GUEST_AGENT_STATE = "/run/vibatch/agent"
 WALLTIME_PID = "/run/vibatch/walltime.pid"           # the guest's walltime timer (t:SECONDS)
 
 # $1 name  $2 uid  $3 gid  $4 home  $5 workdir  $6 io dir  $7 agent state dir
-# $8 machine features dir  $9 job features dir  then r:SEED h:HOSTNAME i:MACHINE-ID (a fresh
-# machine), m:KEY=VALUE / j:KEY=VALUE, one per feature, s:TAG=PATH per site share,
+# $8 machine features dir  $9 job features dir  then r:SEED i:MACHINE-ID (a fresh machine),
+# m:KEY=VALUE / j:KEY=VALUE, one per feature, s:TAG=PATH per site share,
 # x:SERIAL=PATH for the scratch disk, n:MAC=ADDR,GW,DNS for the NIC,
 # t:SECONDS (last): power the guest off that long from now (the job's walltime plus grace)
 SETUP_SCRIPT = r"""
@@ -42,13 +41,11 @@ vfs() { mounted "$2" virtiofs || mount -t virtiofs ${3:+-o "$3"} "$1" "$2"; }
 disk_by_serial() { for b in /sys/block/vd*; do line s "$b/serial" && [ "$s" = "$1" ] && { dev=/dev/${b##*/}; return 0; }; done; return 1; }
 nic_by_mac() { for i in /sys/class/net/*; do line a "$i/address" && [ "$a" = "$1" ] && { dev=${i##*/}; return 0; }; done; return 1; }
 
-# a fresh machine first (r: RNG seed, h: host name, i: machine id): a restored template's
-# guest would otherwise share them with every other job restored from it
+# a fresh machine first (r: RNG seed, i: machine id): a restored template's guest would
+# otherwise share them with every other job restored from it
 while [ $# -gt 0 ]; do
   case $1 in
     r:*) printf '%s' "${1#r:}" > /dev/urandom || fail "cannot seed the RNG" ;;
-    h:*) printf '%s' "${1#h:}" > /proc/sys/kernel/hostname || fail "cannot set the host name"
-         [ ! -f /etc/hostname ] || printf '%s\n' "${1#h:}" > /etc/hostname ;;
     i:*) [ ! -f /etc/machine-id ] || printf '%s\n' "${1#i:}" > /etc/machine-id || fail "cannot write /etc/machine-id" ;;
     *) break ;;
   esac
@@ -162,7 +159,7 @@ class SetupArgs:
     shares: tuple[tuple[str, str], ...] = ()   # (tag, guest path) of each site share
     scratch: Optional[tuple[str, str]] = None  # (disk serial, guest path)
     net: Optional[str] = None          # n:MAC=ADDRESS/PREFIX,GATEWAY,DNS (network.GuestNet.arg)
-    fresh: tuple[str, ...] = ()        # r:SEED h:HOSTNAME i:MACHINE-ID (fresh_machine)
+    fresh: tuple[str, ...] = ()        # r:SEED i:MACHINE-ID (fresh_machine)
     deadline_s: Optional[int] = None   # t:SECONDS, the guest powers off then (walltime + grace)
 
     def argv(self) -> list[str]:
@@ -176,10 +173,8 @@ class SetupArgs:
                 *([f"t:{self.deadline_s}"] if self.deadline_s else [])]   # last (issue 11)
 
 
-def fresh_machine(job_id: str) -> tuple[str, ...]:
+def fresh_machine() -> tuple[str, ...]:
     """What makes each job's guest a machine of its own, also when restored from a template:
-    256 bits for its RNG (on top of the reseed its VM generation id causes), a host name of the
-    job's and a new machine id."""
-    host = "vb-" + re.sub(r"[^a-z0-9-]+", "-", job_id.lower()).strip("-")[:60]
-    return (f"r:{secrets.token_hex(32)}", f"h:{host.rstrip('-') or 'vb-job'}",
-            f"i:{uuid.uuid4().hex}")
+    256 bits for its RNG (on top of the reseed its VM generation id causes) and a new machine
+    id. The host name stays the image's: jobs and tests rely on it."""
+    return (f"r:{secrets.token_hex(32)}", f"i:{uuid.uuid4().hex}")
