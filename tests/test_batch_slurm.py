@@ -64,8 +64,10 @@ def output(c, job_id: str, cwd=None) -> str:
 
 
 def assert_node_healthy(c):
+    # a trailing "-" is Slurm's PLANNED flag (sinfo(1)): backfill had planned a pending job (an
+    # array's last task) for the node, and it stays until the next backfill cycle; not a fault
     state = c.node_state()
-    assert "drain" not in state and state in ("idle", "mixed", "allocated"), (state, c.node_reason())
+    assert state.removesuffix("-") in ("idle", "mixed", "allocated"), (state, c.node_reason())
 
 
 def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, cluster):
