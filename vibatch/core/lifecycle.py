@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from ..vm import accel, hypervisor, network, share
-from . import accounting, disk, faultpoints, features, jobstore, metrics
+from . import accounting, adopt, disk, faultpoints, features, jobstore, metrics
 from ..images import qemuimg
 from ..vm.agent import AgentError, LibvirtAgent, SocketAgent
 from ..config import Config, paths_overlap
@@ -269,6 +269,7 @@ def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, s
             raise
         faultpoints.point("domain")
         rec.set(jobstore.DOMAIN, uuid=dom.UUIDString())
+        adopt.domain_running(node, rec.state, dom)   # the batch system's view (adopt.py)
     with timer.phase("boot"):
         root_agent = node.root_agent(dom)
         _wait_for_agent(root_agent, Deadline(cfg.vm.boot_timeout_s), cfg.vm.boot_timeout_s)
