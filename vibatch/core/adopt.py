@@ -22,11 +22,13 @@ import sys
 import time
 from typing import Any, Callable
 
-from ..util import log_error
+from ..util import atomic_write_json, log_error
+from .jobdir import JobPaths
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 # cgroup v1 (pids, else cpuacct) and v2 mounts where libvirt's machine cgroups may be
 _HIERARCHIES = ("pids", "cpuacct", "unified", "")
+ADOPTED_FILE = "adopted.json"  # in the job's state directory, once the system took the VM
 ADOPT_TIMEOUT_S = 120     # the Prolog's end (when Slurm creates the extern step) may take long
 
 
@@ -45,7 +47,12 @@ def domain_running(node: Any, state: Any, dom: Any) -> None:
         pids = vm_pids(dom)
         if not pids:
             raise RuntimeError(f"no processes found in libvirt's cgroup of {dom.name()}")
-        detach(lambda: adopter(pids), ADOPT_TIMEOUT_S)
+        note = os.path.join(JobPaths.of(node.cfg, state.job_id).state, ADOPTED_FILE)
+
+        def work() -> None:
+            adopter(pids)
+            atomic_write_json(note, {"system": state.batch, "pids": pids, "at": time.time()})
+        detach(work, ADOPT_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001 - accounting is lost, the job goes on
         log_error(f"job {state.job_id}: handing its VM to {state.batch}", e)
 
