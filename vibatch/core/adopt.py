@@ -4,7 +4,7 @@ suspends them with it (docs/batch/*.md, "Accounting and suspend").
 
 libvirt starts QEMU and the share launchers outside the job, in its own cgroup
 (``machine/qemu-N-NAME.libvirt-qemu``). ``domain_running`` (one call from the prologue) finds
-those processes and asks the job's batch system adapter (``BatchSystem.adopt``) to take them:
+those processes and asks the job's batch system adapter (``BatchSystem.adopter``, through the ``Node.adopter`` port) to take them:
 - Slurm: the job's extern step (``PrologFlags=Contain``) adds them to its process tracking and
   accounting (``REQUEST_ADD_EXTERN_PID``, what ``pam_slurm_adopt`` uses). The extern step exists
   only once the Prolog has returned, so a detached helper waits for it (bounded) and adds them;
@@ -37,11 +37,8 @@ def domain_running(node: Any, state: Any, dom: Any) -> None:
     system, if that system takes them. Never raises."""
     if not state.batch:
         return
-    try:
-        from ..batch import SYSTEMS, system   # noqa: PLC0415 - adapters never import the core
-        if state.batch not in SYSTEMS:
-            return
-        adopter = system(state.batch).adopter(state.job_id, dict(state.batch_env))
+    try:   # the port: batch/core.py asks the job's adapter (the core never imports one)
+        adopter = node.adopter(state.batch, state.job_id, dict(state.batch_env))
         if adopter is None:
             return
         pids = vm_pids(dom)

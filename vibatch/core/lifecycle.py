@@ -51,6 +51,7 @@ class Node:
     user_agent: Callable[[str], Any] = field(default=SocketAgent, repr=False)
     # checks the working directory with the job user's own credentials (share.py)
     check_workdir: Callable[..., None] = field(default=share.check_as_user, repr=False)
+    adopter: Callable[[str, str, dict], Any] = field(default=lambda *_: None, repr=False)  # adopt.py
 
     def __post_init__(self) -> None:
         for d in (self.cfg.state_dir, self.cfg.run_dir):
