@@ -179,6 +179,14 @@ class BatchSystem:
     def before_epilogue(self, cfg: Config, job_id: str, exit_code: Optional[int]) -> None:
         pass
 
+    # -- the batch system's view of the VM (core/adopt.py) ----------------------------------
+    def adopter(self, job_id: str, env: dict) -> Optional[Callable[[Sequence[int]], None]]:
+        """How to hand the job's VM processes (QEMU and its helpers, by pid) to this system
+        so that it accounts and suspends them as the job's; None if it needs nothing more.
+        The callable runs in a detached root child, after the prologue has returned, and
+        raises on failure (logged)."""
+        return None
+
     def after_node_fault(self, call: Call, exc: BaseException, message: str) -> Optional[int]:
         """A node fault in the prologue; returns the exit code if not the table's."""
         return None

@@ -26,9 +26,11 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
+import struct
 import sys
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from .. import proc
 from ..config import Config
@@ -304,6 +306,97 @@ def node_features(text: str, node: str) -> Optional[set[str]]:
     return found
 
 
+# The job's extern step (PrologFlags=Contain) takes the VM's processes: slurmstepd's socket
+# protocol (src/common/stepd_api.c, slurmstepd/req.c of 22.05): the client's protocol version
+# (int) -> the step's (int); REQUEST_STATE (int) -> state (int); REQUEST_ADD_EXTERN_PID (int)
+# and the pid (pid_t) -> rc (int, 0 ok). Only root (or SlurmUser) may add a pid.
+EXTERN_STEP = 0xFFFFFFFC          # SLURM_EXTERN_CONT
+PROTOCOL_VERSION = 38 << 8        # SLURM_22_05_PROTOCOL_VERSION (23.x still accept it)
+REQUEST_STATE, REQUEST_ADD_EXTERN_PID = 5, 22
+STEP_RUNNING = 2                  # SLURMSTEPD_STEP_RUNNING
+STEPD_TIMEOUT_S = 10
+
+
+def slurmd_config(env: Mapping[str, str]) -> dict[str, str]:
+    """``scontrol show config`` as {key: value} (the node's: its failure is the node's)."""
+    conf = {"SLURM_CONF": env["SLURM_CONF"]} if env.get("SLURM_CONF") else {}
+    out = proc.run([SCONTROL, "show", "config"], timeout=SCONTROL_TIMEOUT_S,
+                   env=minimal_env(**conf)).stdout
+    return {m.group(1): m.group(2) for m in
+            re.finditer(r"(?m)^(\w+)\s*=\s*(.*?)\s*$", out)}
+
+
+def spool_dir(config: Mapping[str, str], node: str) -> str:
+    """SlurmdSpoolDir of this node, ``%n``/``%h`` expanded."""
+    path = config.get("SlurmdSpoolDir", "")
+    if not path.startswith("/"):
+        raise NodeError(f"scontrol show config gives no usable SlurmdSpoolDir ({path!r})")
+    return path.replace("%n", node).replace("%h", socket.gethostname().split(".")[0])
+
+
+def contains_jobs(config: Mapping[str, str]) -> bool:
+    """PrologFlags=Contain (every job gets an extern step) with cgroup process tracking (the
+    only tracking that follows a process its step did not start)."""
+    flags = {f.strip().lower() for f in config.get("PrologFlags", "").split(",")}
+    return "contain" in flags and config.get("ProctrackType") == "proctrack/cgroup"
+
+
+def extern_socket(spool: str, node: str, job_id: str) -> str:
+    return os.path.join(spool, f"{node}_{job_id}.{EXTERN_STEP}")
+
+
+def _stepd_int(s: socket.socket, *send: int) -> int:
+    s.sendall(struct.pack(f"={len(send)}i", *send))
+    data = b""
+    while len(data) < 4:
+        chunk = s.recv(4 - len(data))
+        if not chunk:
+            raise NodeError("slurmstepd closed the connection")
+        data += chunk
+    return struct.unpack("=i", data)[0]
+
+
+def add_extern_pids(path: str, pids: Sequence[int], deadline: float) -> None:
+    """Add ``pids`` to the extern step listening on ``path``, once it runs (``deadline``:
+    time.monotonic())."""
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(STEPD_TIMEOUT_S)
+            s.connect(path)
+            if _stepd_int(s, PROTOCOL_VERSION) <= 0:
+                raise NodeError(f"{path}: slurmstepd refused protocol version {PROTOCOL_VERSION}")
+            if _stepd_int(s, REQUEST_STATE) == STEP_RUNNING:
+                for pid in pids:
+                    if _stepd_int(s, REQUEST_ADD_EXTERN_PID, pid) != 0:
+                        raise NodeError(f"the extern step at {path} refused pid {pid}")
+                return
+        if time.monotonic() > deadline:
+            raise NodeError(f"the extern step at {path} did not start running in time")
+        time.sleep(0.1)
+
+
+def adopter(job_id: str, env: Mapping[str, str], timeout_s: float = 120
+            ) -> Optional[Callable[[Sequence[int]], None]]:
+    """What hands the VM's processes to job ``job_id``'s extern step, if the node has one
+    (``contains_jobs``). The step exists only once the Prolog has returned (slurmd spawns it
+    then), so this waits for its socket."""
+    config = slurmd_config(env)
+    if not contains_jobs(config):
+        return None
+    node = env.get("SLURMD_NODENAME", "")
+    path = extern_socket(spool_dir(config, node), node, job_id)
+
+    def adopt(pids: Sequence[int]) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise NodeError(f"no extern step for job {job_id} at {path} within "
+                                f"{timeout_s:g} s")
+            time.sleep(0.1)
+        add_extern_pids(path, pids, deadline)
+    return adopt
+
+
 class Slurm(BatchSystem):
     name = "slurm"
     EXIT = EXIT
@@ -347,6 +440,10 @@ class Slurm(BatchSystem):
 
     def drain_time(self, env: dict) -> Optional[int]:
         return drain_time(env)
+
+    def adopter(self, job_id: str, env: dict) -> Optional[Callable[[Sequence[int]], None]]:
+        """The job's extern step takes the VM (``PrologFlags=Contain``; without it, nothing)."""
+        return adopter(job_id, env)
 
     def epilogue_exit_code(self, argv: Sequence[str], env: dict) -> Optional[int]:
         return exit_code(env)
