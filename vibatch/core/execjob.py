@@ -60,14 +60,15 @@ def find_job_id(explicit: Optional[str]) -> str:
 
 
 def guest_env(environ: dict, exclude: Sequence[str], guest_path: str, cwd: str,
-              job_id: str, tmpdir: str = "") -> list[str]:
+              job_id: str, tmpdir: str = "", path_first: str = "") -> list[str]:
     """The job's environment minus what only makes sense on the host; ``tmpdir``: the job's
-    scratch disk in the guest, its $TMPDIR."""
+    scratch disk in the guest, its $TMPDIR; ``path_first``: a guest folder put first on PATH."""
     skip = set(exclude)
     env = {k: v for k, v in environ.items()
            if k not in skip and "=" not in k and "\0" not in k + v}
     path = [p for p in env.get("PATH", "").split(":") if p]
-    env["PATH"] = ":".join(path + [p for p in guest_path.split(":") if p not in path])
+    env["PATH"] = ":".join(([path_first] if path_first else []) + path +
+                           [p for p in guest_path.split(":") if p not in path])
     env["PWD"] = cwd
     env["VIBATCH_JOB_ID"] = job_id
     # HEPiX Machine/Job Features, made by the guest's setup (core/features.py)
@@ -129,6 +130,7 @@ class Exec:
         self.lock_path = os.path.join(info.io_host, ".lock")
         self.agent = SocketAgent(self.paths.socket, lock=self._lock)
         self.pending: list[int] = []
+        self.relay = None   # serves the guest's requests while a command runs (poll, guest_bin)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -166,7 +168,8 @@ class Exec:
             cwd = self.cwd()
             env = guest_env(dict(os.environ if environ is None else environ),
                             self.cfg.exec.env_exclude, self.cfg.exec.guest_path,
-                            cwd, self.paths.job_id, self.info.tmpdir)
+                            cwd, self.paths.job_id, self.info.tmpdir,
+                            path_first=self.relay.guest_bin if self.relay else "")
             args = ["-c", OUTER, INNER, "vibatch-job", f"{io_guest}/{token}.out",
                     f"{io_guest}/{token}.err", cwd, *argv]
             with self.agent.session(AGENT_TIMEOUT_S):
@@ -218,6 +221,8 @@ class Exec:
             while self.pending:
                 self._forward(pid, self.pending.pop(0))
             moved = out.pump() + err.pump()
+            if self.relay is not None:
+                self.relay.poll()
             st = self.agent.exec_status(pid, timeout=AGENT_TIMEOUT_S)
             if st.exited:
                 return st.wait_status
