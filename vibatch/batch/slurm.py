@@ -38,6 +38,7 @@ from ..hygiene import minimal_env
 from .base import AS_IS, BatchSystem, Call, exits, main
 from .kit import STARTER_FAILED, exec_job, read_request, requestable_names
 from .slurmsteps import StepRelay, read_task_env
+from ..core.execjob import streams_input
 
 IMAGE_KEY = "vibatch_image"
 SCONTROL = "/usr/bin/scontrol"
@@ -320,8 +321,9 @@ class Slurm(BatchSystem):
             return StepRelay(ex.info.io_host, ex.info.io_guest, ex.info.workdir,
                              call.env.get("SLURM_CONF"))
 
-        if a[2] == "step":
-            return exec_job(call.cfg(), job_id, argv, environ=env, relay=relay)
+        if a[2] == "step":    # srun's input (task 0's; a terminal with --pty) goes along
+            return exec_job(call.cfg(), job_id, argv, environ=env, relay=relay,
+                            stdin=0 if streams_input(0) else None)
         with open(argv[0], "rb") as f:     # the spooled script: drop job_submit.lua's line
             first = f.readline(4096)
         ours = first.startswith(b"#!") and first.rstrip().endswith(b"/job_exec")
