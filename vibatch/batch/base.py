@@ -117,6 +117,7 @@ class BatchSystem:
     prologue_hook = "prolog"
     epilogue_hook = "epilog"
     starter_hook: Optional[str] = "starter"
+    other_starters: tuple[str, ...] = ()  # more hooks that run a job's part as its user
     starter_label = "starter"            # how the starter's failures are introduced
     default_alarm_s = 600                # without --alarm or batch.hook_alarm_s
     margin_s = 0                         # finish (and clean up) this long before that alarm
@@ -316,7 +317,7 @@ def main(system: BatchSystem, argv: Optional[Sequence[str]] = None, **ports: Any
     """Every hook of every system (``ports``: tests' stand-ins for Call.enter_root and
     Call.make_core)."""
     call = parse_call(sys.argv[1:] if argv is None else argv, **ports)
-    if call.hook == system.starter_hook:
+    if call.hook == system.starter_hook or call.hook in system.other_starters:
         return _starter(system, call)
     if call.hook in (system.prologue_hook, system.epilogue_hook):
         return _root_hook(system, call)

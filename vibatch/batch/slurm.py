@@ -41,6 +41,8 @@ from ..images import offerfile
 from ..util import log_error
 from .base import AS_IS, BatchSystem, Call, exits, main
 from .kit import STARTER_FAILED, exec_job, read_request, requestable_names
+from .slurmsteps import StepRelay, read_task_env
+from ..core.execjob import streams_input
 
 IMAGE_KEY = "vibatch_image"
 SCONTROL = "/usr/bin/scontrol"
@@ -51,6 +53,7 @@ EXIT = {
     "prolog": exits(ok=0, job=0, node=1),
     "epilog": exits(ok=0, job=0, node=1),
     "exec": exits(ok=AS_IS, job=STARTER_FAILED, node=STARTER_FAILED),
+    "task": exits(ok=AS_IS, job=STARTER_FAILED, node=STARTER_FAILED),
 }
 _DETAIL = re.compile(r"^\s+Nodes=(\S+) CPU_IDs=(\S+) Mem=(\d+)")
 _RUNTIME = re.compile(r"^\s+RunTime=\S+ TimeLimit=(\S+)")
@@ -402,10 +405,12 @@ class Slurm(BatchSystem):
     EXIT = EXIT
     starter_hook = "exec"     # the rewritten script's interpreter: job user, batch step
     starter_label = "job"
+    other_starters = ("task",)   # the SPANK plugin's: any step's task (slurmsteps.py)
     default_alarm_s = 300     # Slurm's PrologEpilogTimeout is unlimited unless the site sets it
     margin_s = 20
     keeps_refusals = True
-    usage = "[--alarm S] [--config PATH] prolog|epilog|exec SCRIPT [ARGS]"
+    usage = ("[--alarm S] [--config PATH] prolog|epilog|exec SCRIPT [ARGS]|"
+             "task FD JOBID batch|step -- ARGV")
 
     def job_of(self, argv: Sequence[str], env: dict) -> tuple[str, str]:
         return env.get("SLURM_JOB_ID", ""), env.get("SLURM_JOB_USER", "")
@@ -456,10 +461,35 @@ class Slurm(BatchSystem):
         return env.get("SLURM_JOB_ID", "")
 
     def start(self, call: Call) -> int:
+        if call.hook == "task":
+            return self.start_task(call)
         if not call.args:
             raise JobError("no job script (this is a #! interpreter)")
         return exec_job(call.cfg(), self.starter_job_id(call.env), call.args[1:],
                         script=call.args[0], drop_first_line=True)
+
+    def start_task(self, call: Call) -> int:
+        """A task of a step, exec'd by the SPANK plugin in the task's own process (as the job
+        user): ``FD JOBID batch|step -- ARGV``, the task's environment in the memfd FD, the
+        job id Slurm's own. ``call.env`` is the plugin's fixed one (slurmstepd's SLURM_CONF)."""
+        a = call.args
+        if len(a) < 5 or not a[0].isdigit() or not a[1].isdigit() or \
+                a[2] not in ("batch", "step") or a[3] != "--":
+            raise NodeError("usage: task FD JOBID batch|step -- ARGV (the SPANK plugin's call)")
+        env, job_id, argv = read_task_env(int(a[0])), a[1], a[4:]
+
+        def relay(ex) -> StepRelay:
+            return StepRelay(ex.info.io_host, ex.info.io_guest, ex.info.workdir,
+                             call.env.get("SLURM_CONF"))
+
+        if a[2] == "step":    # srun's input (task 0's; a terminal with --pty) goes along
+            return exec_job(call.cfg(), job_id, argv, environ=env, relay=relay,
+                            stdin=0 if streams_input(0) else None)
+        with open(argv[0], "rb") as f:     # the spooled script: drop job_submit.lua's line
+            first = f.readline(4096)
+        ours = first.startswith(b"#!") and first.rstrip().endswith(b"/job_exec")
+        return exec_job(call.cfg(), job_id, argv[1:], script=argv[0], drop_first_line=ours,
+                        environ=env, relay=relay)
 
 
 SYSTEM = Slurm()
