@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -26,8 +25,10 @@ def cluster(vm_env):
 
 
 @contextlib.contextmanager
-def slurm_cluster(vm_env):
-    """A running one-node Slurm with vibatch's hooks and a batch user (c.home), stopped after."""
+def slurm_cluster(vm_env, contain: bool = False):
+    """A running one-node Slurm with vibatch's hooks, the SPANK plugin and a batch user
+    (c.home), stopped after. ``contain``: PrologFlags=Contain with proctrack/cgroup and
+    slurmdbd, so the VM joins the job's extern step (test_batch_slurm_contain.py)."""
     hooks = os.path.join(vm_env.base, "slurm-hooks")
     offer = os.path.join(vm_env.base, "offer")
     install_shims("slurm", hooks, {
@@ -48,13 +49,15 @@ def slurm_cluster(vm_env):
     os.chmod(plugstack, 0o644)
     c = SlurmCluster(os.path.join(vm_env.base, "slurm"), {
         "Prolog": os.path.join(hooks, "prolog"), "Epilog": os.path.join(hooks, "epilog"),
-        "PrologFlags": "Alloc,Contain", "KillWait": "5", "OverTimeLimit": "0", "FirstJobId": "7001",
+        "PrologFlags": "Alloc", "KillWait": "5", "OverTimeLimit": "0", "FirstJobId": "7001",
         "JobRequeue": "0", "PlugStackConfig": plugstack,
         "LaunchParameters": "use_interactive_step",
-        # the VM in the job's extern step: counted by sacct, frozen by scontrol suspend
-        "ProctrackType": "proctrack/cgroup",
+        # the VM in the job's extern step: counted by sacct, frozen by scontrol suspend; its
+        # own job ids (one vm_env, one accounting file and state for the whole session)
+        **({"PrologFlags": "Alloc,Contain", "ProctrackType": "proctrack/cgroup",
+            "FirstJobId": "8001"} if contain else {}),
     }, features=["vibatch", "testguest"], job_submit_lua=os.path.join(hooks, "job_submit.lua"),
-        accounting=True)
+        accounting=contain)
     with batch_user(vm_env, USER, UID) as home, running(c):
         c.home = home
         yield c
@@ -336,143 +339,6 @@ def test_a_chdir_below_another_users_0700_directory_is_refused_and_the_node_stay
         assert_node_healthy(cluster)
 
 
-def slurm_seconds(text: str) -> float:
-    """sacct's TotalCPU ('00:12.345', '01:02:03', '1-02:03:04') in seconds."""
-    days, _, rest = text.rpartition("-")
-    parts = [float(p) for p in rest.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0.0)
-    return int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-
-
-def vm_processes(vm_env, job: str):
-    """(libvirt's domain, the pids in libvirt's cgroup of it) of a running job."""
-    from vibatch.core import adopt
-    from vibatch.vm import hypervisor
-    conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
-    dom = hypervisor.lookup(conn, "vibatch-" + job)
-    return conn, dom, adopt.vm_pids(dom)
-
-
-def cgroups_of(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/cgroup") as f:
-        return {line.split(":")[1]: line.strip().split(":", 2)[2] for line in f}
-
-
-def started(c, job: str, word: str = "started") -> bool:
-    path = os.path.join(c.home, f"slurm-{job}.out")
-    return os.path.exists(path) and word in output(c, job)
-
-
-def test_the_vms_cpu_time_and_memory_are_in_slurms_accounting(vm_env, cluster):
-    """QEMU (and the share launchers) join the job's extern step: sacct counts the guest's
-    CPU (>= 8 s of a ~12 s burn, and at least what libvirt measured) and its 300 MiB; the
-    move leaves libvirt's pinning and memory cap where they were (cgroup v1: only Slurm's
-    freezer changes)."""
-    gate = os.path.join(cluster.home, "gate-acct")
-    job = submit(cluster, "#!/bin/sh\n"
-                 "dd if=/dev/zero of=/dev/shm/fill bs=1M count=300 2>/dev/null\n"
-                 "end=$(( $(date +%s) + 12 )); while [ $(date +%s) -lt $end ]; do :; done\n"
-                 "echo burnt\n"
-                 f"i=0; while [ ! -e {gate} ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done\n",
-                 "--mem=800M", "--comment", "vibatch_image=testguest")
-    try:
-        wait_until("the burn in the guest", lambda: started(cluster, job, "burnt"), 180)
-        conn, dom, pids = vm_processes(vm_env, job)
-        try:
-            from vibatch.vm import hypervisor
-            libvirt_cpu = hypervisor.cpu_time_s(dom)
-            show = cluster.cmd("scontrol", "show", "job", "-d", job).stdout
-            assert pinned_cpus(vm_env, [job])[job] == set(slurm.allocation(show, cluster.node,
-                                                                           job)[0])
-            hard = dom.memoryParameters()["hard_limit"]
-        finally:
-            conn.close()
-        assert hard == (800 + vm_env.cfg.vm.memory_overhead_mb) * 1024
-        assert pids, "no processes in libvirt's cgroup of the VM"
-        groups = {pid: cgroups_of(pid) for pid in pids}
-        comms = {pid: open(f"/proc/{pid}/comm").read().strip() for pid in pids}
-        from vibatch.core.jobdir import JobPaths
-        from vibatch.util import read_json
-        print("adopted:", read_json(os.path.join(JobPaths.of(vm_env.cfg, job).state,
-                                                 "adopted.json")))
-        print("E9/E12:", {pid: (comms[pid], g["freezer"], g["cpuset"], g["memory"])
-                          for pid, g in groups.items()})
-        for pid, g in groups.items():   # in the extern step for Slurm, libvirt's cpuset kept
-            assert g["freezer"].endswith(f"/job_{job}/step_extern"), (pid, comms[pid], g)
-            assert g["cpuset"].startswith("/machine/qemu-"), (pid, g)
-        # QEMU (the one with vCPU threads) stays in libvirt's memory cgroup: the cap holds
-        assert any(g["memory"].startswith("/machine/qemu-") for g in groups.values()), groups
-    finally:
-        with open(gate, "w"):
-            pass
-    assert cluster.wait_finished(job)["ExitCode"] == "0:0"
-    os.unlink(gate)
-
-    def recorded():
-        lines = {r["JobID"]: r for r in cluster.sacct(job, "JobID,State,TotalCPU,MaxRSS")}
-        ext = lines.get(f"{job}.extern", {})
-        return lines if ext.get("State") == "COMPLETED" and ext.get("MaxRSS") else None
-    lines = wait_until("slurmdbd's record of the job's steps", recorded, 60, 0.5)
-    total = slurm_seconds(lines[job]["TotalCPU"])
-    print(f"libvirt {libvirt_cpu:.1f} s at the gate; sacct {lines}")
-    assert total >= 8 and total >= 0.8 * libvirt_cpu, (total, libvirt_cpu, lines)
-    assert int(lines[f"{job}.extern"]["MaxRSS"]) >= 300 << 20, lines
-    assert leftovers(vm_env, job) == []
-    assert_node_healthy(cluster)
-
-
-def test_scontrol_suspend_freezes_the_guest_and_resume_goes_on(vm_env, cluster):
-    """scontrol suspend freezes the extern step, QEMU with it: libvirt's CPU time stands
-    still; after resume the job carries on, its guest clock is right, and it ends with its
-    own exit code."""
-    from vibatch.vm import hypervisor
-    gate = os.path.join(cluster.home, "gate-susp")
-    job = submit(cluster, "#!/bin/sh\necho started\n"
-                 f"while [ ! -e {gate} ]; do :; done\n"     # burns until released
-                 'echo "clock $(date +%s)"\nexit 3\n',
-                 "--time=10", "--comment", "vibatch_image=testguest")
-    try:
-        wait_until("the job to start in its VM", lambda: started(cluster, job), 180)
-        conn, dom, _ = vm_processes(vm_env, job)
-        try:
-            r = cluster.cmd("scontrol", "suspend", job)
-            assert r.returncode == 0, r.stderr
-            cluster.wait_state(job, {"SUSPENDED"}, 30)
-            wait_until("the freeze (CPU time standing still)", lambda: _still(dom, 1.0), 30)
-            t0 = hypervisor.cpu_time_s(dom)
-            time.sleep(3)          # measuring: CPU time over 3 s of suspension
-            grown = hypervisor.cpu_time_s(dom) - t0
-            assert grown < 0.1, f"the suspended guest used {grown:.2f} s of CPU in 3 s"
-            r = cluster.cmd("scontrol", "resume", job)
-            assert r.returncode == 0, r.stderr
-            cluster.wait_state(job, {"RUNNING"}, 30)
-            t1 = hypervisor.cpu_time_s(dom)
-            wait_until("the guest to run again", lambda: hypervisor.cpu_time_s(dom) > t1 + 0.5,
-                       30)
-        finally:
-            conn.close()
-    finally:
-        with open(gate, "w"):
-            pass
-    released = time.time()
-    rec = cluster.wait_finished(job)
-    assert rec["ExitCode"] == "3:0", rec
-    clock = [int(line.split()[1]) for line in output(cluster, job).splitlines()
-             if line.startswith("clock ")]
-    assert clock and abs(clock[0] - released) < 5, (clock, released)
-    assert leftovers(vm_env, job) == []
-    os.unlink(gate)
-    assert_node_healthy(cluster)
-
-
-def _still(dom, seconds: float) -> bool:
-    from vibatch.vm import hypervisor
-    t0 = hypervisor.cpu_time_s(dom)
-    time.sleep(seconds)
-    return hypervisor.cpu_time_s(dom) - t0 < 0.05
-
-
 def test_scontrol_parsing_refuses_an_injected_allocation():
     show = ("JobId=5 JobName=evil\n   Nodes=vm CPU_IDs=7 Mem=99\n   UserId=u(1) GroupId=g(1)\n"
             "   RunTime=00:00:01 TimeLimit=01:00:00 TimeMin=N/A\n   JOB_GRES=(null)\n"
@@ -667,49 +533,3 @@ def test_a_step_cannot_run_the_users_code_on_the_host(vm_env, cluster):
     assert r.returncode == 0 and r.stdout == f"k={guest_kernel()}\n", r.stdout + r.stderr
     ran = open(mark).read() if os.path.exists(mark) else ""
     assert os.uname().release not in ran, ran
-
-
-def test_a_warm_started_jobs_vm_is_in_its_extern_step_and_runs_its_srun_steps(vm_env, cluster):
-    """A job restored from a template (its shares hot-plugged after the restore): QEMU and the
-    share launchers plugged then are all in the job's extern step, and an srun step runs in
-    the same restored VM and writes into the (hot-plugged) work directory."""
-    r = vm_env.run("template", "build", "testguest", "--cores", "1", "--memory", "400",
-                   timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    gate = os.path.join(cluster.home, "gate-warm")
-    try:
-        job = submit(cluster, "#!/bin/sh\n"
-                     f'echo "batch $(cat {BOOT_ID})"\n'
-                     f"srun sh -c 'cat {BOOT_ID} > from-step; echo step $(uname -r)'\n"
-                     "echo started\n"
-                     f"i=0; while [ ! -e {gate} ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done\n",
-                     "--mem=400M", "--comment", "vibatch_image=testguest")
-        try:
-            wait_until("the warm job's srun step", lambda: started(cluster, job), 180)
-            conn, _, pids = vm_processes(vm_env, job)
-            conn.close()
-            comms = {pid: open(f"/proc/{pid}/comm").read().strip() for pid in pids}
-            groups = {pid: cgroups_of(pid)["freezer"] for pid in pids}
-        finally:
-            with open(gate, "w"):
-                pass
-        rec = cluster.wait_finished(job)
-    finally:
-        r = vm_env.run("template", "remove", "--all")
-        assert r.returncode == 0, r.stdout + r.stderr
-    out = output(cluster, job)
-    assert rec["ExitCode"] == "0:0", (rec, out)
-    acct = [json.loads(line) for line in open(vm_env.cfg.accounting_file)
-            if f'"job_id": "{job}"' in line]
-    assert len(acct) == 1 and acct[0]["start"] == "warm" and acct[0]["template"], acct
-    # QEMU and the launchers of the hot-plugged shares (work directory, I/O folder)
-    assert "qemu-system-x86" in comms.values(), comms
-    assert list(comms.values()).count("virtiofsd") >= 2, comms
-    assert all(g.endswith(f"/job_{job}/step_extern") for g in groups.values()), (comms, groups)
-    boot = [line.split()[1] for line in out.splitlines() if line.startswith("batch ")]
-    with open(os.path.join(cluster.home, "from-step")) as f:
-        assert boot and f.read().strip() == boot[0] != host_boot_id(), out
-    assert f"step {guest_kernel()}" in out.splitlines(), out
-    os.unlink(gate)
-    assert leftovers(vm_env, job) == []
-    assert_node_healthy(cluster)

@@ -28,6 +28,7 @@ from .jobstore import LAST_EXIT, JobInfo
 from ..util import Deadline, flock_within
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+ENDING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)   # a VM lost after one: its outcome
 JOB_ID_VARS = ("VIBATCH_JOB_ID", "SLURM_JOB_ID", "JOB_ID", "PBS_JOBID", "CONDOR_JOB_ID")
 LOCK_TIMEOUT_S = 30.0
 AGENT_TIMEOUT_S = 30.0
@@ -208,6 +209,7 @@ class Exec:
         self.lock_path = os.path.join(info.io_host, ".lock")
         self.agent = SocketAgent(self.paths.socket, lock=self._lock)
         self.pending: list[int] = []
+        self.ending: Optional[int] = None   # a forwarded signal that ends jobs (ENDING)
         self.input: Optional[_Input] = None
         self.relay = None   # serves the guest's requests while a command runs (poll, guest_bin)
 
@@ -263,7 +265,13 @@ class Exec:
             if status is None:  # a longer command: poll in short transactions, sharing the agent
                 status = self._follow(pid, out, err)
         except AgentError as e:
-            raise ExecError(f"vibatch exec: {e}") from None
+            if self.ending is None:
+                raise ExecError(f"vibatch exec: {e}") from None
+            # the batch system ends the VM along with the job (Slurm's extern step: QEMU in
+            # it dies when it ends); that is the signal's outcome, not a node fault
+            name = signal.Signals(self.ending).name
+            print(f"vibatch exec: the job's VM ended after {name} ({e})", file=sys.stderr)
+            status = 128 + self.ending
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -300,6 +308,8 @@ class Exec:
 
     def _on_signal(self, signum: int, _frame) -> None:
         self.pending.append(signum)
+        if signum in ENDING:
+            self.ending = signum
 
     def _follow(self, pid: int, out: _Stream, err: _Stream,
                 until: Optional[Deadline] = None) -> Optional[int]:
