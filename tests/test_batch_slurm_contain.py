@@ -10,8 +10,8 @@ import time
 import pytest
 
 from clusters import wait_until
-from test_batch_slurm import (BOOT_ID, USER, assert_node_healthy, host_boot_id, output, slurm_cluster,
-                              submit)
+from test_batch_slurm import (BOOT_ID, USER, assert_node_healthy, host_boot_id, output,
+                              slurm_cluster, submit)
 from vmhelp import guest_kernel, leftovers, pinned_cpus
 from vibatch.batch import slurm
 
