@@ -5,14 +5,16 @@ and check that nothing is left behind and that the queue never goes into error."
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from clusters import GridEngineCluster, running, wait_until
-from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, lost_epilogue_vm,
-                    pinned_cpus, private_workdir, reap_ends_only)
+from vmhelp import (accounted, batch_user, guest_kernel, install_shims, leftovers,
+                    lost_epilogue_vm, pinned_cpus, private_workdir, reap_ends_only, warm_template)
+from vibatch.vm.guestsetup import host_name
 from vibatch import batch
 from vibatch.batch import gridengine
 from vibatch.errors import Fault
@@ -84,6 +86,26 @@ def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, sge
         ["file", os.path.join(sge.home, "core")], capture_output=True, text=True).stdout
     acct = [line for line in open(vm_env.cfg.accounting_file) if f'"job_id": "{job}"' in line]
     assert len(acct) == 1 and '"exit_code": 7' in acct[0] and '"memory_mb": 600' in acct[0]
+    assert_queue_ok(sge)
+
+
+def test_a_job_of_a_templates_shape_starts_warm_with_its_shares_and_scratch(vm_env, sge):
+    """Warm start under Grid Engine: restored from the template of the job's shape (1 slot,
+    h_vmem 600M), with its working directory, scratch, exit code and a host name of its own."""
+    with warm_template(vm_env, "testguest", 1, 600) as tid:
+        job = qsub(sge, 'echo "$(id -un) in $PWD on $(hostname) $(cat /etc/hostname), '
+                   '$(nproc) cpu, scratch $(stat -c %U $TMPDIR)"\n'
+                   "echo from-the-guest > warm-$JOB_ID\nexit 3\n",
+                   "-l", "vm_image=testguest,h_vmem=600M,scratch=100M")
+        rec = sge.wait_accounted(job)
+    assert rec["exit_status"] == "3" and rec["failed"] == "0", rec
+    assert output(sge, job) == (f"{USER} in {sge.home} on {host_name(socket.gethostname(), job)}"
+                                f" vbguest, 1 cpu, scratch {USER}\n")
+    with open(os.path.join(sge.home, f"warm-{job}")) as f:
+        assert f.read() == "from-the-guest\n"
+    assert [(a["start"], a["template"], a["exit_code"]) for a in accounted(vm_env, job)] == \
+        [("warm", tid, 3)]
+    assert leftovers(vm_env, job) == []
     assert_queue_ok(sge)
 
 

@@ -3,7 +3,6 @@ job's VM (QEMU and its share launchers) joins the job's extern step (vibatch/cor
 sacct counts it and scontrol suspend freezes it, on a cold boot and a warm start alike. The
 cluster is test_batch_slurm.py's (its hooks, SPANK plugin and batch user), with Contain on; the
 ordinary one keeps Slurm's default, where the job's trap sees scancel's SIGTERM."""
-import json
 import os
 import time
 
@@ -12,7 +11,7 @@ import pytest
 from clusters import wait_until
 from test_batch_slurm import (BOOT_ID, USER, assert_node_healthy, host_boot_id, output,
                               slurm_cluster, submit)
-from vmhelp import guest_kernel, leftovers, pinned_cpus
+from vmhelp import accounted, guest_kernel, leftovers, pinned_cpus, warm_template
 from vibatch.batch import slurm
 
 
@@ -163,11 +162,8 @@ def test_a_warm_started_jobs_vm_is_in_its_extern_step_and_runs_its_srun_steps(vm
     """A job restored from a template (its shares hot-plugged after the restore): QEMU and the
     share launchers plugged then are all in the job's extern step, and an srun step runs in
     the same restored VM and writes into the (hot-plugged) work directory."""
-    r = vm_env.run("template", "build", "testguest", "--cores", "1", "--memory", "400",
-                   timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
     gate = os.path.join(cluster.home, "gate-warm")
-    try:
+    with warm_template(vm_env, "testguest", 1, 400) as tid:
         job = submit(cluster, "#!/bin/sh\n"
                      f'echo "batch $(cat {BOOT_ID})"\n'
                      f"srun sh -c 'cat {BOOT_ID} > from-step; echo step $(uname -r)'\n"
@@ -184,14 +180,9 @@ def test_a_warm_started_jobs_vm_is_in_its_extern_step_and_runs_its_srun_steps(vm
             with open(gate, "w"):
                 pass
         rec = cluster.wait_finished(job)
-    finally:
-        r = vm_env.run("template", "remove", "--all")
-        assert r.returncode == 0, r.stdout + r.stderr
     out = output(cluster, job)
     assert rec["ExitCode"] == "0:0", (rec, out)
-    acct = [json.loads(line) for line in open(vm_env.cfg.accounting_file)
-            if f'"job_id": "{job}"' in line]
-    assert len(acct) == 1 and acct[0]["start"] == "warm" and acct[0]["template"], acct
+    assert [(a["start"], a["template"]) for a in accounted(vm_env, job)] == [("warm", tid)]
     # QEMU and the launchers of the hot-plugged shares (work directory, I/O folder)
     assert "qemu-system-x86" in comms.values(), comms
     assert list(comms.values()).count("virtiofsd") >= 2, comms

@@ -498,3 +498,16 @@ def test_the_guest_is_told_its_walltime_deadline_last():
     argv = SetupArgs("u", 1, 1, "/h", "/w", net="n:x", deadline_s=360).argv()
     assert argv[-2:] == ["n:x", "t:360"]
     assert not [a for a in SetupArgs("u", 1, 1, "/h", "/w").argv() if a.startswith("t:")]
+
+
+def test_each_job_gets_a_host_name_of_its_own_that_is_one_dns_label():
+    from vibatch.vm.guestsetup import fresh_machine, host_name
+    assert host_name("wn042.example.org", "7001") == "wn042-7001"
+    assert host_name("WN1", "123.pbs.Server") == "wn1-123-pbs-server"   # Torque's ids
+    assert host_name("wn1", "4567[2]") == "wn1-4567-2"                  # an array task
+    long = host_name("n" * 60, "123456")
+    assert len(long) <= 63 and not long.endswith("-")
+    one, two = fresh_machine("wn1", "1"), fresh_machine("wn1", "2")
+    assert [a[:2] for a in one] == ["r:", "i:", "h:"]
+    assert one[2] == "h:wn1-1" and two[2] == "h:wn1-2"
+    assert one[0] != two[0] and one[1] != two[1]                         # seed, machine id

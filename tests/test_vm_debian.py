@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import re
+import socket
 import subprocess
 
 import filelock
@@ -21,6 +22,7 @@ import pytest
 
 from conftest import REPO, vibatch_cmd
 from vmhelp import epilogue, exec_run, leftovers, prologue, variant
+from vibatch.vm.guestsetup import host_name
 
 RECIPE = [os.path.join(REPO, "images/debian/build.sh"),
           os.path.join(REPO, "images/testguest/extract-vmlinux.py")]
@@ -180,7 +182,7 @@ def test_a_cold_job_on_debian(vm_env, tracker, debian):
     assert any("x2dports-vport" in u and u.strip('"').endswith(".device")
                for u in wanted_by.split()), wanted_by
     assert re.fullmatch(r"[0-9a-f]{32}", machine_id)        # made at boot from the empty file
-    assert hostname == "localhost"                          # systemd's fallback: no /etc/hostname
+    assert hostname == host_name(socket.gethostname(), job)  # vibatch's per job (at boot localhost)
     if debian["layout"] == "kernel":
         assert "root=/dev/vda " in cmdline + " " and "BOOT_IMAGE" not in cmdline
     else:                                                   # GRUB booted it from the disk

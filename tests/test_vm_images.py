@@ -8,7 +8,7 @@ import pytest
 
 from conftest import IMAGE_BUILD, vibatch_cmd
 from imagehelp import entry_for, new_key, signed_doc, write_doc
-from vmhelp import epilogue, exec_run, leftovers, prologue, variant
+from vmhelp import epilogue, exec_run, leftovers, prologue, variant, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DISK_BUILD = os.environ.get("VIBATCH_DISK_IMAGE_BUILD", "/var/lib/vibatch/build/diskguest")
@@ -197,3 +197,48 @@ def test_job_on_an_image_installed_by_sync(vm_env, tracker, tmp_path):
     r = cli(vm_env, "image", "sync", str(pub / "catalog.json"), config=cfg)
     assert r.returncode == 0 and "expired   endorsed" in r.stdout
     assert cli(vm_env, "image", "show", "endorsed", config=cfg).returncode == 11
+
+
+def _templates(env, config):
+    r = cli(env, "template", "list", "--json", config=config)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_image_add_builds_its_templates_in_the_background_and_remove_drops_them(vm_env, tracker):
+    """templates.shapes names the image: `image add` returns at once and a background
+    `template sync` makes it ready, the next job of that shape starts warm; `image remove`
+    drops the template the same way."""
+    config = variant(vm_env, "shapes", {"templates": {"shapes": [
+        {"cores": 1, "memory_mb": 512, "images": ["warmguest"]}]}})
+    with open(os.path.join(IMAGE_BUILD, "cmdline")) as f:
+        cmdline = f.read().strip()
+    assert _templates(vm_env, config) == []
+    r = cli(vm_env, "image", "add", os.path.join(IMAGE_BUILD, "disk.qcow2"), "--name", "warmguest",
+            "--os", "vbguest", "--os-version", "test", "--kernel",
+            os.path.join(IMAGE_BUILD, "vmlinux"), "--initrd", os.path.join(IMAGE_BUILD, "initrd.cpio"),
+            "--cmdline", cmdline, config=config)
+    try:
+        assert r.returncode == 0 and "template sync` runs in the background" in r.stdout, r.stderr
+        assert wait_until(lambda: [(t["image"], t["cores"], t["memory_mb"], t["state"])
+                                   for t in _templates(vm_env, config)]
+                          == [("warmguest", 1, 512, "ready")], 180), _templates(vm_env, config)
+        job = tracker.job_id()
+        r = prologue(vm_env, job, config=config,
+                     args=("--image", "warmguest", "--cores", "1", "--memory", "512M"))
+        assert r.returncode == 0, r.stderr
+        assert exec_run(vm_env, job, "true")[0] == 0
+        assert epilogue(vm_env, job, config=config).returncode == 0
+        with open(vm_env.cfg.accounting_file) as f:
+            rec = [json.loads(line) for line in f if f'"job_id": "{job}"' in line]
+        assert [(x["start"], x["template"]) for x in rec] == \
+            [("warm", _templates(vm_env, config)[0]["id"])]
+        from vibatch.core.metrics import textfile_path
+        with open(textfile_path(vm_env.cfg)) as f:
+            prom = f.read()       # the node's metrics count the restore as a warm start
+        assert 'vibatch_prologue_phase_seconds_count{phase="restore",start="warm"} 1' in prom, prom
+        assert leftovers(vm_env, job) == []
+    finally:
+        r = cli(vm_env, "image", "remove", "warmguest", "--force", config=config)
+    assert r.returncode == 0 and "template sync` runs in the background" in r.stdout, r.stderr
+    assert wait_until(lambda: _templates(vm_env, config) == [], 60), _templates(vm_env, config)

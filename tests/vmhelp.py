@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import pwd
 import select
@@ -256,3 +257,24 @@ def reap_ends_only(env, lost: str, running: str, system: str) -> None:
     assert f"reaped job {lost} (its {system} job is gone)" in r.stdout, r.stdout
     assert f"job {running} " not in r.stdout
     assert leftovers(env, lost) == []
+
+
+@contextlib.contextmanager
+def warm_template(env, image: str, cores: int, memory_mb: int) -> Iterator[str]:
+    """A warm-start template of ``image`` in that shape, built for the block (its id), and
+    every template removed after it (the other tests boot cold)."""
+    def cli(*args):
+        return subprocess.run(vibatch_cmd("--config", env.config_path, "template", *args),
+                              capture_output=True, text=True, timeout=300)
+    r = cli("build", image, "--cores", str(cores), "--memory", str(memory_mb))
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        yield r.stdout.split()[1].rstrip(":")       # "template ID: IMAGE, ..."
+    finally:
+        cli("remove", "--all")
+
+
+def accounted(env, job: str) -> list[dict]:
+    """vibatch's accounting records of ``job``."""
+    with open(env.cfg.accounting_file) as f:
+        return [json.loads(line) for line in f if f'"job_id": "{job}"' in line]

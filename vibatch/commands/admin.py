@@ -79,6 +79,7 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
         print(f"added {img.name}: {img.os} {img.os_version} ({img.boot} boot, {img.disk_format}), "
               f"{img.digest[:23]}…")
         _refresh_offer(cfg, lib)
+        _refresh_templates(cfg)
         return 0
     if act in ("list", "show"):
         in_use = lifecycle.images_in_use(cfg)
@@ -113,6 +114,7 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
         print(f"removed {img.name}" + (f"; its files stay until job(s) {', '.join(users)} end"
                                        if users else f" ({len(gone)} version(s) deleted)"))
         _refresh_offer(cfg, lib)
+        _refresh_templates(cfg)
         return 0
     if act == "sync":
         require_root("image sync")
@@ -120,6 +122,7 @@ def image_command(args: argparse.Namespace, cfg: Config) -> int:
             return _sync(cfg, lib, args.url or list(cfg.images.catalogs))
         finally:     # also after a partial sync: what was installed is offered
             _refresh_offer(cfg, lib)
+            _refresh_templates(cfg)
     if act == "test":
         require_root("image test")
         return _test(cfg, lib, args)
@@ -151,6 +154,20 @@ def _refresh_offer(cfg: Config, lib: Library) -> None:
     except OSError as e:
         print(f"vibatch: could not rewrite the offer file {cfg.batch.offer_file}: {e}",
               file=sys.stderr)
+
+
+def _refresh_templates(cfg: Config) -> None:
+    """Bring the warm-start templates (templates.shapes) in step with the library just changed,
+    in the background: ``vibatch template sync`` builds what is missing, removes what is stale."""
+    if not (cfg.templates.enabled and cfg.templates.shapes):
+        return
+    from ..vm import template  # noqa: PLC0415
+    try:
+        template.spawn(cfg, "sync")
+        print("templates: `vibatch template sync` runs in the background (see `vibatch template "
+              "list`)")
+    except VibatchError as e:
+        print(f"vibatch: {e.message}", file=sys.stderr)
 
 
 def _print_show(d: dict, now: float) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import pwd
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -545,7 +546,8 @@ def _setup_guest(node: Node, root_agent: Any, user_agent: Any, req: JobRequest, 
                                                      scratch_bytes)),
                       shares=tuple(site),
                       scratch=(disk.SCRATCH_LABEL, tmpdir) if tmpdir else None,
-                      net=net.arg() if net else None, fresh=fresh_machine(),
+                      net=net.arg() if net else None,
+                      fresh=fresh_machine(socket.gethostname(), req.job_id),
                       deadline_s=walltime.guest_deadline_s(cfg, req.walltime_s))
     try:
         res = root_agent.run("/bin/sh", setup.argv(), deadline, what="guest setup")

@@ -33,8 +33,11 @@ BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 MAX_SERIES = 200          # phase and failure series kept in the counters file, at most
 COUNTERS_LOCK_S = 2.0     # a hook waits this long for the counters, then skips them
 PHASE_LOG_MAX = 64 << 20
-START_KIND = "cold"       # every VM boots from its image; a warm start (from a template) would
-                          # be counted under start="warm"
+def start_kind(result: Any) -> str:
+    """``warm`` (restored from a template) or ``cold`` (booted from its image): the prologue's
+    JobState or the epilogue's record say which; a failed run counts as cold."""
+    start = result.get("start") if isinstance(result, dict) else getattr(result, "start", None)
+    return "warm" if start == "warm" else "cold"
 _ATTR = "vibatch_phases"  # set on a prologue's exception: the phases it went through
 
 
@@ -72,7 +75,7 @@ def _observe(cfg: Config, hook: str, job_id: str, result: Any, exc: Optional[Bas
         log_error(f"metrics after the {hook} of job {job_id}", e)
         return
     for step in (lambda: log_phases(cfg, hook, str(job_id), phases, seconds, failure, result),
-                 lambda: count(cfg, hook, phases, seconds, failure),
+                 lambda: count(cfg, hook, phases, seconds, failure, start_kind(result)),
                  lambda: write(cfg)):
         try:   # each on its own: a log that cannot be written still leaves the counters
             step()
@@ -97,7 +100,8 @@ def log_phases(cfg: Config, hook: str, job_id: str, phases: dict, seconds: float
     where = cfg.logs.phases
     if not where:
         return
-    lines = [kv(job=job_id, hook=hook, phase=name, seconds=f"{secs:.3f}", start=START_KIND)
+    start = start_kind(result)
+    lines = [kv(job=job_id, hook=hook, phase=name, seconds=f"{secs:.3f}", start=start)
              for name, secs in phases.items()]
     end: dict[str, Any] = {"job": job_id, "hook": hook, "result": "ok", "seconds": f"{seconds:.3f}"}
     if failure:
@@ -105,7 +109,7 @@ def log_phases(cfg: Config, hook: str, job_id: str, phases: dict, seconds: float
                    fault=failure[0], reason=failure[1], message=failure[2])
     elif hook == "prologue":
         end.update(image=result.image, accel=result.accel, cpus=",".join(map(str, result.cpus)),
-                   memory_mb=result.memory_mb, start=START_KIND)
+                   memory_mb=result.memory_mb, start=start)
     elif result is None:
         end["result"] = "nothing"     # nothing ran for this job here
     else:
@@ -143,7 +147,7 @@ def _empty() -> dict:
 
 
 def count(cfg: Config, hook: str, phases: dict, seconds: float,
-          failure: Optional[tuple[str, str, str]]) -> None:
+          failure: Optional[tuple[str, str, str]], start: str = "cold") -> None:
     lock = root_lock(os.path.join(cfg.state_dir, "metrics.lock"), COUNTERS_LOCK_S)
     with hold(lock):
         c = read_counters(cfg)
@@ -151,9 +155,9 @@ def count(cfg: Config, hook: str, phases: dict, seconds: float,
         series = []   # durations of successful runs only: a timeout is not a slow boot
         if not failure:
             if hook == "prologue":
-                series = [(f"prologue_phase|{name}|{START_KIND}", secs)
+                series = [(f"prologue_phase|{name}|{start}", secs)
                           for name, secs in phases.items()]
-            series.append((f"{hook}|total|{START_KIND}", seconds))
+            series.append((f"{hook}|total|{start}", seconds))
         for key, secs in series:
             if key not in hists and len(hists) >= MAX_SERIES:
                 continue

@@ -6,6 +6,7 @@ gets every job value as a positional argument; nothing is pasted into shell text
 """
 from __future__ import annotations
 
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ GUEST_AGENT_STATE = "/run/vibatch/agent"
 WALLTIME_PID = "/run/vibatch/walltime.pid"           # the guest's walltime timer (t:SECONDS)
 
 # $1 name  $2 uid  $3 gid  $4 home  $5 workdir  $6 io dir  $7 agent state dir
-# $8 machine features dir  $9 job features dir  then r:SEED i:MACHINE-ID (a fresh machine),
+# $8 machine features dir  $9 job features dir  then r:SEED i:MACHINE-ID h:HOSTNAME (a fresh
+# machine),
 # m:KEY=VALUE / j:KEY=VALUE, one per feature, s:TAG=PATH per site share,
 # x:SERIAL=PATH for the scratch disk, n:MAC=ADDR,GW,DNS for the NIC,
 # t:SECONDS (last): power the guest off that long from now (the job's walltime plus grace)
@@ -41,12 +43,15 @@ vfs() { mounted "$2" virtiofs || mount -t virtiofs ${3:+-o "$3"} "$1" "$2"; }
 disk_by_serial() { for b in /sys/block/vd*; do line s "$b/serial" && [ "$s" = "$1" ] && { dev=/dev/${b##*/}; return 0; }; done; return 1; }
 nic_by_mac() { for i in /sys/class/net/*; do line a "$i/address" && [ "$a" = "$1" ] && { dev=${i##*/}; return 0; }; done; return 1; }
 
-# a fresh machine first (r: RNG seed, i: machine id): a restored template's guest would
-# otherwise share them with every other job restored from it
+# a fresh machine first (r: RNG seed, i: machine id, h: host name): a restored template's
+# guest would otherwise share them with every other job restored from it. The host name is the
+# kernel's (and resolves, through /etc/hosts); /etc/hostname stays the image's own
 while [ $# -gt 0 ]; do
   case $1 in
     r:*) printf '%s' "${1#r:}" > /dev/urandom || fail "cannot seed the RNG" ;;
     i:*) [ ! -f /etc/machine-id ] || printf '%s\n' "${1#i:}" > /etc/machine-id || fail "cannot write /etc/machine-id" ;;
+    h:*) printf '%s' "${1#h:}" > /proc/sys/kernel/hostname || fail "cannot set the host name"
+         [ ! -f /etc/hosts ] || printf '127.0.1.1\t%s\n' "${1#h:}" >> /etc/hosts || fail "cannot write /etc/hosts" ;;
     *) break ;;
   esac
   shift
@@ -159,7 +164,7 @@ class SetupArgs:
     shares: tuple[tuple[str, str], ...] = ()   # (tag, guest path) of each site share
     scratch: Optional[tuple[str, str]] = None  # (disk serial, guest path)
     net: Optional[str] = None          # n:MAC=ADDRESS/PREFIX,GATEWAY,DNS (network.GuestNet.arg)
-    fresh: tuple[str, ...] = ()        # r:SEED i:MACHINE-ID (fresh_machine)
+    fresh: tuple[str, ...] = ()        # r:SEED i:MACHINE-ID h:HOSTNAME (fresh_machine)
     deadline_s: Optional[int] = None   # t:SECONDS, the guest powers off then (walltime + grace)
 
     def argv(self) -> list[str]:
@@ -173,8 +178,14 @@ class SetupArgs:
                 *([f"t:{self.deadline_s}"] if self.deadline_s else [])]   # last (issue 11)
 
 
-def fresh_machine() -> tuple[str, ...]:
+def fresh_machine(node: str, job_id: str) -> tuple[str, ...]:
     """What makes each job's guest a machine of its own, also when restored from a template:
-    256 bits for its RNG (on top of the reseed its VM generation id causes) and a new machine
-    id. The host name stays the image's: jobs and tests rely on it."""
-    return (f"r:{secrets.token_hex(32)}", f"i:{uuid.uuid4().hex}")
+    256 bits for its RNG (on top of the reseed its VM generation id causes), a new machine id
+    and a host name of its own, ``<node>-<job>`` (which node ran which job, in a job's log)."""
+    return (f"r:{secrets.token_hex(32)}", f"i:{uuid.uuid4().hex}", f"h:{host_name(node, job_id)}")
+
+
+def host_name(node: str, job_id: str) -> str:
+    """``<node>-<job>`` as one DNS label: lower case letters, digits and '-', at most 63."""
+    label = re.sub(r"[^a-z0-9-]+", "-", f"{node.split('.')[0]}-{job_id}".lower())
+    return label[:63].strip("-") or "vibatch"

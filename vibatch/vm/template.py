@@ -316,14 +316,18 @@ def leftovers(conn: Any, cfg: Config) -> list[str]:
 
 def spawn_build(cfg: Config, image: str, cores: int, memory_mb: int) -> None:
     """Build a template in the background, detached from the hook (which never waits for it)."""
+    spawn(cfg, "build", image, "--cores", str(cores), "--memory", str(memory_mb), "--if-missing")
+
+
+def spawn(cfg: Config, *args: str) -> None:
+    """``vibatch template ARGS...`` in the background, detached from its caller."""
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "VIBATCH_CONFIG": cfg.source,
            "LC_ALL": "C.UTF-8"}
     try:
-        subprocess.Popen([sys.executable, "-I", "-B", "-m", "vibatch", "template", "build",
-                          image, "--cores", str(cores), "--memory", str(memory_mb),
-                          "--if-missing"], env=env, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, close_fds=True, cwd="/")
+        subprocess.Popen([sys.executable, "-I", "-B", "-m", "vibatch", "template", *args],
+                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                         cwd="/")
     except OSError as e:
-        raise NodeError(f"cannot start a template build: {e.strerror}") from None
+        raise NodeError(f"cannot start vibatch template {args[0]}: {e.strerror}") from None
 
