@@ -181,6 +181,7 @@ def test_a_warm_started_jobs_vm_is_in_its_extern_step_and_runs_its_srun_steps(vm
                 pass
         rec = cluster.wait_finished(job)
     out = output(cluster, job)
+    print(f"warm job {job} from template {tid}: {comms}, freezer {groups}; output {out!r}")
     assert rec["ExitCode"] == "0:0", (rec, out)
     assert [(a["start"], a["template"]) for a in accounted(vm_env, job)] == [("warm", tid)]
     # QEMU and the launchers of the hot-plugged shares (work directory, I/O folder)
