@@ -48,11 +48,12 @@ PHASES = ("claim", "shares", "image_check", "clone", "domain_start", "boot", "re
           "hotplug", "guest_setup")
 
 
-def bench_config(image: str, library_dir: str) -> str:
+def bench_config(image: str, library_dir: str, acceleration: str) -> str:
     data = {"state_dir": f"{ROOT}/state", "run_dir": f"/run/vb-bench-warm-{os.getpid()}",
             "library_dir": library_dir, "accounting_file": f"{ROOT}/acct.jsonl",
             "images": {"default": image}, "host": {"reserved_memory_mb": 1024},
-            "templates": {"enabled": True, "on_first_use": False}}
+            "templates": {"enabled": True, "on_first_use": False},
+            "vm": {"acceleration": acceleration, "boot_timeout_s": 240}}
     path = os.path.join(ROOT, "bench.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(data, f)
@@ -182,7 +183,7 @@ def half(args, start: str) -> dict:
     if args.add:
         library_dir = os.path.join(ROOT, "images")
         add_image(args.add, args.image, library_dir, os.path.join(ROOT, "state"))
-    cfg_path = bench_config(args.image, library_dir)
+    cfg_path = bench_config(args.image, library_dir, args.accel)
     cfg = config.load(cfg_path)
     res: dict = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "reaper": reaper()}
     try:
@@ -258,6 +259,8 @@ def main() -> None:
     ap.add_argument("--user", default="nobody")
     ap.add_argument("--half", choices=("cold", "warm", "both"), default="both")
     ap.add_argument("--results", help="JSON file the figures are merged into")
+    ap.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                    help="vm.acceleration (the Debian tests use tcg: docs/testing.md)")
     ap.add_argument("--add", metavar="BUILD", help="add the image --image from this output "
                     "directory of images/debian/build.sh (kernel layout) into the benchmark's "
                     "own library, instead of using the node's")
@@ -267,6 +270,7 @@ def main() -> None:
         with open(args.results) as f:
             results = json.load(f)
     results["meta"] = {"image": args.image, "memory": args.memory, "runs": args.runs,
+                       "accel": args.accel,
                        "machine": f"{platform.node()}, {os.cpu_count()} CPUs, "
                                   f"{platform.release()}"}
     for start in (("cold", "warm") if args.half == "both" else (args.half,)):
