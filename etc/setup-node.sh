@@ -4,6 +4,8 @@
 # 1. Debian packages: QEMU, qemu-utils, libvirt daemon + dev headers, image build tools.
 # 2. A virtualenv with vibatch in /opt/vibatch/venv (outside any home, so job users can run
 #    `vibatch exec`) and /usr/local/bin/vibatch.
+#    Slurm's SPANK plugin (spank/vibatch_spank.c) built against libslurm-dev into
+#    /opt/vibatch/lib/vibatch_spank.so (plugstack.conf: docs/batch/slurm.md).
 # 3. /etc/vibatch/vibatch.yaml from etc/vibatch.yaml, unless one exists.
 # 4. /dev/kvm as root:kvm 0660 (else libvirt re-probes QEMU for ~60 s at every start), and
 #    virtlogd + libvirtd started when no service manager runs them.
@@ -22,7 +24,8 @@ log() { echo "setup-node: $*"; }
 PKGS=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
       gcc python3-dev python3-venv cpio e2fsprogs xz-utils lz4 zstd passwd
       syslinux syslinux-common mtools dosfstools fdisk iptables iproute2
-      mmdebstrap debian-archive-keyring)   # images/debian (the tests build it; this does not)
+      mmdebstrap debian-archive-keyring   # images/debian (the tests build it; this does not)
+      libslurm-dev)                       # spank.h, for the Slurm plugin
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -54,6 +57,13 @@ for f in "$REPO"/hooks/*/*; do
   install -d -o root -g root -m 0755 "$PREFIX/hooks/$(dirname "$rel")"
   install -o root -g root -m "$mode" "$f" "$PREFIX/hooks/$rel"
 done
+# Slurm's SPANK plugin: built from our source here, never shipped as a binary
+install -d -o root -g root -m 0755 "$PREFIX/lib"
+gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o "$PREFIX/lib/vibatch_spank.so.new" \
+  "$REPO/spank/vibatch_spank.c"
+chown root:root "$PREFIX/lib/vibatch_spank.so.new"
+chmod 0755 "$PREFIX/lib/vibatch_spank.so.new"
+mv -f "$PREFIX/lib/vibatch_spank.so.new" "$PREFIX/lib/vibatch_spank.so"
 
 mkdir -p /etc/vibatch
 [ -e "$CONF" ] || install -m 644 "$REPO/etc/vibatch.yaml" "$CONF"

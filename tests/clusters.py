@@ -131,9 +131,12 @@ class SlurmCluster:
     PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client"]
 
     def __init__(self, state: str, extra: dict[str, str], features: list[str],
-                 job_submit_lua: Optional[str] = None, memory_mb: int = 4000):
+                 job_submit_lua: Optional[str] = None, memory_mb: int = 4000,
+                 accounting: bool = False):
         self.state, self.extra, self.features = state, extra, features
         self.lua, self.memory_mb = job_submit_lua, memory_mb
+        # accounting: slurmdbd on a private MariaDB (Debian's), so that sacct answers
+        self.accounting = accounting
         self.conf = os.path.join(state, "slurm.conf")
         self.node = socket.gethostname().split(".")[0]
         self.pids: dict[str, int] = {}
@@ -143,18 +146,20 @@ class SlurmCluster:
         return {"PATH": CLEAN_PATH, "SLURM_CONF": self.conf, "LANG": "C.UTF-8"}
 
     def start(self) -> None:
-        apt_install(self.PACKAGES)
-        for port in (6817, 6818):
+        apt_install(self.PACKAGES + (self.DBD_PACKAGES if self.accounting else []))
+        for port in (6817, 6818) + ((6819, self.DB_PORT) if self.accounting else ()):
             if not port_free(port):
                 raise ClusterError(f"port {port} is taken: another Slurm runs on this host")
         shutil.rmtree(self.state, ignore_errors=True)
-        for sub in ("", "ctld", "slurmd", "log", "run"):
+        for sub in ("", "ctld", "slurmd", "log", "run", "db"):
             os.makedirs(os.path.join(self.state, sub), exist_ok=True)
             os.chmod(os.path.join(self.state, sub), 0o755)
-        for sub in ("ctld", "log", "run"):
+        for sub in ("ctld", "log", "run", "db"):
             shutil.chown(os.path.join(self.state, sub), "slurm", "slurm")
         self._munge()
         self._write_conf()
+        if self.accounting:
+            self._slurmdbd()
         for daemon, args in (("slurmctld", ["-f", self.conf]),
                              ("slurmd", ["-f", self.conf, "-N", self.node])):
             subprocess.run([f"/usr/sbin/{daemon}", *args], env=self.env, cwd="/", check=True,
@@ -162,6 +167,62 @@ class SlurmCluster:
             pidfile = os.path.join(self.state, "run", f"{daemon}.pid")
             self.pids[daemon] = wait_until(f"{daemon}'s pid file", lambda p=pidfile: read_pid(p), 30)
         wait_until(f"node {self.node} to be idle", lambda: self.node_state() == "idle", 60)
+
+    DBD_PACKAGES = ["slurmdbd", "mariadb-server-core", "mariadb-client-core"]
+    DB_PORT = 6833
+    DB_PASSWORD = "vibatch-test-only"
+
+    def _slurmdbd(self) -> None:
+        """A private MariaDB (its data in the cluster's state, on 127.0.0.1 only) and slurmdbd
+        on it, both run as slurm; the cluster is registered before slurmctld starts."""
+        db, run = os.path.join(self.state, "db"), os.path.join(self.state, "run")
+        sock = os.path.join(run, "mariadb.sock")
+        r = subprocess.run(["/usr/bin/mariadb-install-db", "--no-defaults", f"--datadir={db}",
+                            "--user=slurm", "--auth-root-authentication-method=socket",
+                            "--skip-test-db"], env=self.env, cwd="/", capture_output=True,
+                           text=True, timeout=120)
+        if r.returncode != 0:
+            raise ClusterError(f"mariadb-install-db failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+        pidfile = os.path.join(run, "mariadb.pid")
+        with open(os.path.join(self.state, "log", "mariadb.log"), "wb") as log:
+            subprocess.Popen(["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={db}",
+                              "--user=slurm", f"--socket={sock}", f"--port={self.DB_PORT}",
+                              "--bind-address=127.0.0.1", "--skip-name-resolve", f"--pid-file={pidfile}",
+                              "--innodb-buffer-pool-size=64M", "--skip-log-bin"],
+                             env=self.env, cwd="/", stdin=subprocess.DEVNULL, stdout=log,
+                             stderr=log, start_new_session=True, close_fds=True)
+        self.pids["mariadbd"] = wait_until("mariadbd's pid file", lambda: read_pid(pidfile), 60)
+        grant = (f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{self.DB_PASSWORD}'; "
+                 "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
+        wait_until("mariadbd to take the grant", lambda: subprocess.run(
+            ["/usr/bin/mariadb", "--no-defaults", f"--socket={sock}", "-u", "root", "-e", grant],
+            env=self.env, capture_output=True, timeout=30).returncode == 0, 60, 0.5)
+        dbd = os.path.join(self.state, "slurmdbd.conf")
+        with open(dbd, "w") as f:
+            f.write("".join(f"{k}={v}\n" for k, v in {
+                "AuthType": "auth/munge", "DbdHost": "localhost", "DbdAddr": "127.0.0.1",
+                "SlurmUser": "slurm", "PidFile": f"{run}/slurmdbd.pid",
+                "LogFile": f"{self.state}/log/slurmdbd.log", "StorageType":
+                "accounting_storage/mysql", "StorageHost": "127.0.0.1",
+                "StoragePort": str(self.DB_PORT), "StorageUser": "slurm",
+                "StoragePass": self.DB_PASSWORD, "StorageLoc": "slurm_acct_db"}.items()))
+        os.chmod(dbd, 0o600)
+        shutil.chown(dbd, "slurm", "slurm")
+        subprocess.run(["/usr/sbin/slurmdbd"], env={**self.env, "SLURM_CONF": self.conf},
+                       cwd="/", check=True, timeout=60, capture_output=True)
+        self.pids["slurmdbd"] = wait_until("slurmdbd's pid file",
+                                           lambda: read_pid(f"{run}/slurmdbd.pid"), 60)
+        def registered() -> bool:
+            r = self.cmd("sacctmgr", "-i", "add", "cluster", "vibatch")
+            return r.returncode == 0 or "already exists" in r.stdout + r.stderr
+        wait_until("slurmdbd to answer and take the cluster", registered, 90, 1)
+
+    def sacct(self, job_id: str, fields: str = "JobID,State,TotalCPU,MaxRSS,ExitCode"
+              ) -> list[dict]:
+        """The job's lines in slurmdbd's records (``sacct -P``), one dict per job and step."""
+        r = self.cmd("sacct", "-n", "-P", "-j", job_id, "-o", fields, "--noconvert")
+        keys = fields.split(",")
+        return [dict(zip(keys, line.split("|"))) for line in r.stdout.splitlines() if line]
 
     def _munge(self) -> None:
         if not os.path.exists("/etc/munge/munge.key"):
@@ -206,8 +267,15 @@ class SlurmCluster:
             "AccountingStorageType": "accounting_storage/none",
             "JobCompType": "jobcomp/filetxt", "JobCompLoc": f"{s}/log/jobcomp.log",
             "DefMemPerCPU": "256", "MinJobAge": "300", "EnforcePartLimits": "ALL",
+            **({"AccountingStorageType": "accounting_storage/slurmdbd",
+                "AccountingStorageHost": "127.0.0.1", "AccountingStoragePort": "6819",
+                "JobAcctGatherType": "jobacct_gather/linux"} if self.accounting else {}),
             **self.extra,
         }
+        if conf["ProctrackType"] == "proctrack/cgroup":
+            with open(os.path.join(s, "cgroup.conf"), "w") as f:
+                f.write("CgroupPlugin=autodetect\nCgroupMountpoint=/sys/fs/cgroup\n")
+            os.chmod(os.path.join(s, "cgroup.conf"), 0o644)
         if self.lua:
             shutil.copy(self.lua, os.path.join(s, "job_submit.lua"))
             os.chmod(os.path.join(s, "job_submit.lua"), 0o644)
@@ -270,9 +338,9 @@ class SlurmCluster:
                         "squeue", "-h", "-o", "%A").stdout.strip(), 120)
                 except ClusterError:
                     pass
-        for daemon in ("slurmd", "slurmctld", "munged"):
+        for daemon in ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"):
             stop_pid(self.pids.pop(daemon, None), daemon)
-        for name in ("slurmd.log", "slurmctld.log"):   # printed by the tests that fail
+        for name in ("slurmd.log", "slurmctld.log", "slurmdbd.log"):   # printed by the tests that fail
             path = os.path.join(self.state, "log", name)
             if os.path.exists(path):
                 shutil.copy(path, f"/var/tmp/vibatch-tests/last-{name}")

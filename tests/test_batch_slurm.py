@@ -26,8 +26,10 @@ def cluster(vm_env):
 
 
 @contextlib.contextmanager
-def slurm_cluster(vm_env):
-    """A running one-node Slurm with vibatch's hooks and a batch user (c.home), stopped after."""
+def slurm_cluster(vm_env, contain: bool = False):
+    """A running one-node Slurm with vibatch's hooks, the SPANK plugin and a batch user
+    (c.home), stopped after. ``contain``: PrologFlags=Contain with proctrack/cgroup and
+    slurmdbd, so the VM joins the job's extern step (test_batch_slurm_contain.py)."""
     hooks = os.path.join(vm_env.base, "slurm-hooks")
     offer = os.path.join(vm_env.base, "offer")
     install_shims("slurm", hooks, {
@@ -38,11 +40,25 @@ def slurm_cluster(vm_env):
     }, {"prolog": 0o500, "epilog": 0o500, "job_exec": 0o555, "job_submit.lua": 0o644})
     r = vm_env.run("image", "offer", "--output", offer)
     assert r.returncode == 0, r.stderr
+    # the SPANK plugin as setup-node built it, next to the venv (every step into the VM)
+    plugin = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(sys.executable))),
+                          "lib", "vibatch_spank.so")
+    assert os.path.exists(plugin), f"{plugin} missing: run etc/setup-node.sh"
+    plugstack = os.path.join(hooks, "plugstack.conf")
+    with open(plugstack, "w") as f:
+        f.write(f"required {plugin} python={sys.executable} config={vm_env.config_path}\n")
+    os.chmod(plugstack, 0o644)
     c = SlurmCluster(os.path.join(vm_env.base, "slurm"), {
         "Prolog": os.path.join(hooks, "prolog"), "Epilog": os.path.join(hooks, "epilog"),
         "PrologFlags": "Alloc", "KillWait": "5", "OverTimeLimit": "0", "FirstJobId": "7001",
-        "JobRequeue": "0",
-    }, features=["vibatch", "testguest"], job_submit_lua=os.path.join(hooks, "job_submit.lua"))
+        "JobRequeue": "0", "PlugStackConfig": plugstack,
+        "LaunchParameters": "use_interactive_step",
+        # the VM in the job's extern step: counted by sacct, frozen by scontrol suspend; its
+        # own job ids (one vm_env, one accounting file and state for the whole session)
+        **({"PrologFlags": "Alloc,Contain", "ProctrackType": "proctrack/cgroup",
+            "FirstJobId": "8001"} if contain else {}),
+    }, features=["vibatch", "testguest"], job_submit_lua=os.path.join(hooks, "job_submit.lua"),
+        accounting=contain)
     with batch_user(vm_env, USER, UID) as home, running(c):
         c.home = home
         yield c
@@ -409,3 +425,136 @@ def test_slurm_parsers():
     assert slurm.exit_code({"SLURM_JOB_EXIT_CODE2": "7:0"}) == 7
     assert slurm.exit_code({"SLURM_JOB_EXIT_CODE2": "0:15"}) == 143
     assert slurm.exit_code({}) is None
+
+
+# -- every step in the job's VM (the SPANK plugin, spank/vibatch_spank.c) -----------------------
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"   # one per boot: the same in every step of one VM
+
+
+def host_boot_id() -> str:
+    with open(BOOT_ID) as f:
+        return f.read().strip()
+
+
+def converse(c, argv, probe: str, want: bytes, timeout: float = 240):
+    """Run ``argv`` as the batch user on a new pseudo-terminal (its controlling terminal), as
+    someone typing: type ``probe`` until the terminal shows a match of the regex ``want``
+    (typed text that comes before the program reads it may be dropped), then ``exit``. Returns
+    (the match, the exit status)."""
+    import fcntl
+    import pty
+    import re
+    import select
+    import termios
+    import time
+    master, slave = pty.openpty()
+
+    def child_tty():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    p = subprocess.Popen(["runuser", "-u", USER, "--", *argv], stdin=slave, stdout=slave,
+                         stderr=slave, cwd=c.home, preexec_fn=child_tty,
+                         env={**c.env, "SHELL": "/bin/sh", "HOME": c.home})
+    os.close(slave)
+    seen, found, next_probe = b"", None, 0.0
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end and p.poll() is None:
+            if found is None and time.monotonic() >= next_probe:
+                os.write(master, probe.encode() + b"\n")
+                next_probe = time.monotonic() + 3
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:
+                    break
+            if found is None:
+                found = re.search(want, seen)
+                if found is not None:
+                    os.write(master, b"exit\n")
+        rc = p.wait(timeout=max(1, end - time.monotonic()))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+    assert found is not None, seen.decode(errors="replace")
+    return found, rc
+
+
+def test_srun_steps_in_a_batch_script_run_in_its_vm(vm_env, cluster):
+    """The script runs in the guest; each `srun` there makes a real Slurm step (sacct-visible),
+    whose task the plugin sends back into the same VM; output, captures and exit codes work,
+    and an srun option that would run a program on the host is refused."""
+    job = submit(cluster, "#!/bin/sh\n#SBATCH --mem=400M\n"
+                 f'echo "batch $(cat {BOOT_ID})"\n'
+                 "srun hostname\nsrun uname -r\n"
+                 f"srun cat {BOOT_ID} | sed 's/^/step /'\n"
+                 'x=$(srun echo captured); echo "got $x"\n'
+                 "srun sh -c 'exit 3'; echo \"rc $?\"\n"
+                 "srun --task-ep=/bin/true true; echo \"refused $?\"\n",
+                 "--comment", "vibatch_image=testguest")
+    rec = cluster.wait_finished(job)
+    out = output(cluster, job)
+    assert rec["JobState"] == "COMPLETED", (rec, out)
+    lines = out.splitlines()
+    boot = [line.split()[1] for line in lines if line.startswith("batch ")]
+    assert boot and boot[0] != host_boot_id(), out
+    assert lines[1:3] == [host_name(cluster.node, job), guest_kernel()], out   # its own VM
+    assert f"step {boot[0]}" in lines, out            # the same VM: one boot
+    assert "got captured" in lines and "rc 3" in lines and "refused 125" in lines, out
+    assert "--task-ep=/bin/true: srun options that run a program on the host" in out, out
+    assert leftovers(vm_env, job) == []
+    assert_node_healthy(cluster)
+
+
+def test_srun_pty_from_a_terminal_gets_a_shell_in_the_guest(vm_env, cluster):
+    found, rc = converse(cluster, ["srun", "--pty", "--mem=400M", "/bin/sh"],
+                         "echo kernel=$(uname -r) host=$(cat /etc/hostname)",
+                         rb"kernel=(\S+) host=vbguest")
+    assert found.group(1).decode() == guest_kernel() and rc == 0
+
+
+def test_a_salloc_shell_and_its_sruns_run_in_one_guest(vm_env, cluster):
+    """salloc's shell is the interactive step (LaunchParameters=use_interactive_step), in the
+    VM; an srun typed there is a step of the same job, in the same VM."""
+    uuid = rb"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+    found, rc = converse(cluster, ["salloc", "--mem=400M"],
+                         f"echo shell=$(cat {BOOT_ID}) step=$(srun cat {BOOT_ID}) "
+                         "k=$(srun uname -r)", rb"shell=" + uuid + rb" step=" + uuid + rb" k=(\S+)")
+    shell, step, kernel = (g.decode() for g in found.groups())
+    assert shell == step != host_boot_id() and kernel == guest_kernel() and rc == 0
+
+
+def test_a_step_cannot_run_the_users_code_on_the_host(vm_env, cluster):
+    """Two ways a step's user could run code on the host before the task: LD_PRELOAD in the
+    task's environment (--export) and srun --task-prolog (which slurmstepd runs after the SPANK
+    task_init, task.c's exec_task). First the preload is shown working on the host, then
+    through srun neither runs there: the plugin starts the forwarder with a fixed environment
+    before either could."""
+    mark = os.path.join(cluster.home, "ran-on")
+    src = os.path.join(cluster.home, "evil.c")
+    lib = os.path.join(cluster.home, "evil.so")
+    with open(src, "w") as f:
+        f.write('#include <stdio.h>\n#include <sys/utsname.h>\n'
+                '__attribute__((constructor)) static void mark(void) { struct utsname u; '
+                f'FILE *f = fopen("{mark}", "a"); if (f && !uname(&u)) '
+                'fprintf(f, "%s\\n", u.release); if (f) fclose(f); }\n')
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", lib, src], check=True)
+    prolog = os.path.join(cluster.home, "tp.sh")
+    with open(prolog, "w") as f:
+        f.write(f"#!/bin/sh\nuname -r >> {mark}\n")
+    for path in (lib, prolog):
+        os.chmod(path, 0o755)
+    r = cluster.cmd("env", f"LD_PRELOAD={lib}", "/bin/true", user=USER, cwd=cluster.home)
+    with open(mark) as f:
+        assert r.returncode == 0 and f.read() == os.uname().release + "\n"  # the attack works
+    os.unlink(mark)
+    r = cluster.cmd("srun", "--mem=400M", f"--task-prolog={prolog}",
+                    f"--export=ALL,LD_PRELOAD={lib}", "sh", "-c", "echo k=$(uname -r)",
+                    user=USER, cwd=cluster.home, timeout=180)
+    assert r.returncode == 0 and r.stdout == f"k={guest_kernel()}\n", r.stdout + r.stderr
+    ran = open(mark).read() if os.path.exists(mark) else ""
+    assert os.uname().release not in ran, ran

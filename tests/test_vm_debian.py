@@ -9,6 +9,7 @@ runs reuse it). Slow: marked `debian_image` (deselect with -m "not debian_image"
 only bookworm with kernel boot runs; VIBATCH_DEBIAN_VARIANTS=all runs bookworm and trixie, each
 with kernel and disk boot, or name some: VIBATCH_DEBIAN_VARIANTS=trixie-disk,bookworm-kernel.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import filelock
 import pytest
 
 from conftest import REPO, vibatch_cmd
-from vmhelp import epilogue, exec_run, leftovers, prologue, variant
+from vmhelp import epilogue, exec_run, leftovers, prologue, variant, warm_template
 from vibatch.vm.guestsetup import host_name
 
 RECIPE = [os.path.join(REPO, "images/debian/build.sh"),
@@ -155,8 +156,18 @@ GUEST = ("uname -r; . /etc/os-release; echo \"$ID $VERSION_ID $VERSION_CODENAME\
          "echo from-guest > from-guest; exit 7")
 
 
-def test_a_cold_job_on_debian(vm_env, tracker, debian):
-    job = tracker.job_id()
+@pytest.mark.parametrize("start", ["cold", "warm"])
+def test_a_job_on_debian(vm_env, tracker, debian, start):
+    """A stock Debian image runs a job unchanged: booted (cold) or restored from a template of
+    its shape (warm), with the same results."""
+    with contextlib.ExitStack() as stack:
+        tid = stack.enter_context(warm_template(vm_env, debian["name"], 2, 768,
+                                                config=debian["config"])) if start == "warm" else None
+        _job_on_debian(vm_env, tracker, debian, start, tid)
+
+
+def _job_on_debian(vm_env, tracker, debian, start, tid):
+    job = tracker.job_id(start)
     wd = vm_env.workdir(job)
     with open(os.path.join(wd, "from-host"), "w") as f:
         f.write("written on the host\n")
@@ -196,4 +207,5 @@ def test_a_cold_job_on_debian(vm_env, tracker, debian):
     with open(vm_env.cfg.accounting_file) as f:
         rec = [json.loads(line) for line in f if json.loads(line)["job_id"] == job]
     assert len(rec) == 1 and rec[0]["image"] == debian["name"]
-    print(f"{debian['name']}: phases {rec[0].get('phases')}")
+    assert (rec[0]["start"], rec[0]["template"]) == (start, tid)
+    print(f"{debian['name']} {start}: phases {rec[0].get('phases')}")

@@ -260,12 +260,13 @@ def reap_ends_only(env, lost: str, running: str, system: str) -> None:
 
 
 @contextlib.contextmanager
-def warm_template(env, image: str, cores: int, memory_mb: int) -> Iterator[str]:
+def warm_template(env, image: str, cores: int, memory_mb: int,
+                  config: str | None = None) -> Iterator[str]:
     """A warm-start template of ``image`` in that shape, built for the block (its id), and
     every template removed after it (the other tests boot cold)."""
     def cli(*args):
-        return subprocess.run(vibatch_cmd("--config", env.config_path, "template", *args),
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(vibatch_cmd("--config", config or env.config_path, "template",
+                                          *args), capture_output=True, text=True, timeout=600)
     r = cli("build", image, "--cores", str(cores), "--memory", str(memory_mb))
     assert r.returncode == 0, r.stdout + r.stderr
     try:

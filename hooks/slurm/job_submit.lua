@@ -15,7 +15,8 @@ only reads one small file and rewrites two fields:
    with the spooled script as its argument, as the job user, and the forwarder runs the
    script (with its own #! line) in the job's VM.
 
-srun/salloc allocations have no script and are left alone (they run on the host).
+srun/salloc allocations have no script: their OS is checked and recorded the same way, and
+vibatch's SPANK plugin (spank/vibatch_spank.c) runs their steps in the VM.
 --]]
 
 local OFFER_FILE = "/etc/vibatch/offer"
@@ -71,9 +72,6 @@ local function requested(job_desc, names)
 end
 
 function slurm_job_submit(job_desc, part_list, submit_uid)
-   if job_desc.script == nil then
-      return slurm.SUCCESS
-   end
    if PARTITIONS ~= nil and not PARTITIONS[job_desc.partition or ""] then
       return slurm.SUCCESS
    end
@@ -100,7 +98,11 @@ function slurm_job_submit(job_desc, part_list, submit_uid)
       slurm.log_user("vibatch: --constraint '%s' names no OS image of this cluster, which " ..
                      "offers: %s", job_desc.features, list ~= "" and list or "nothing")
    end
-   job_desc.script = "#!" .. JOB_EXEC .. "\n" .. job_desc.script
+   -- srun and salloc allocations have no script: vibatch's SPANK plugin sends their steps
+   -- into the VM (and the batch step's too, where it is installed)
+   if job_desc.script ~= nil then
+      job_desc.script = "#!" .. JOB_EXEC .. "\n" .. job_desc.script
+   end
    return slurm.SUCCESS
 end
 

@@ -117,6 +117,7 @@ class BatchSystem:
     prologue_hook = "prolog"
     epilogue_hook = "epilog"
     starter_hook: Optional[str] = "starter"
+    other_starters: tuple[str, ...] = ()  # more hooks that run a job's part as its user
     starter_label = "starter"            # how the starter's failures are introduced
     default_alarm_s = 600                # without --alarm or batch.hook_alarm_s
     margin_s = 0                         # finish (and clean up) this long before that alarm
@@ -178,6 +179,14 @@ class BatchSystem:
 
     def before_epilogue(self, cfg: Config, job_id: str, exit_code: Optional[int]) -> None:
         pass
+
+    # -- the batch system's view of the VM (core/adopt.py) ----------------------------------
+    def adopter(self, job_id: str, env: dict) -> Optional[Callable[[Sequence[int]], None]]:
+        """How to hand the job's VM processes (QEMU and its helpers, by pid) to this system
+        so that it accounts and suspends them as the job's; None if it needs nothing more.
+        The callable runs in a detached root child, after the prologue has returned, and
+        raises on failure (logged)."""
+        return None
 
     def after_node_fault(self, call: Call, exc: BaseException, message: str) -> Optional[int]:
         """A node fault in the prologue; returns the exit code if not the table's."""
@@ -308,7 +317,7 @@ def main(system: BatchSystem, argv: Optional[Sequence[str]] = None, **ports: Any
     """Every hook of every system (``ports``: tests' stand-ins for Call.enter_root and
     Call.make_core)."""
     call = parse_call(sys.argv[1:] if argv is None else argv, **ports)
-    if call.hook == system.starter_hook:
+    if call.hook == system.starter_hook or call.hook in system.other_starters:
         return _starter(system, call)
     if call.hook in (system.prologue_hook, system.epilogue_hook):
         return _root_hook(system, call)

@@ -15,6 +15,12 @@ from ..core.jobdir import JobPaths
 from ..core.request import JobRequest
 
 
+def _adopter(system_name: str, job_id: str, env: dict) -> Any:
+    """adopt.py's port: how the job's batch system takes its VM's processes (or None)."""
+    from . import SYSTEMS, system   # noqa: PLC0415
+    return system(system_name).adopter(job_id, env) if system_name in SYSTEMS else None
+
+
 class Core:
     def __init__(self, cfg: Config, node: Any = None):
         self.cfg = cfg
@@ -23,7 +29,7 @@ class Core:
     @property
     def node(self) -> lifecycle.Node:
         if self._node is None:
-            self._node = lifecycle.Node(self.cfg)
+            self._node = lifecycle.Node(self.cfg, adopter=_adopter)
         return self._node
 
     def prologue(self, req: JobRequest, holder: Optional[int] = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import pwd
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ..config import Config
 from ..errors import JobError, UnknownUser, VibatchError
@@ -39,26 +39,35 @@ def read_request(parse: Callable[[], JobRequest]) -> JobRequest:
 
 def exec_job(cfg: Config, job_id: str, argv: Sequence[str], script: Optional[str] = None,
              drop_first_line: bool = False, interpreter: Optional[str] = None,
-             shell: Optional[str] = None) -> int:
+             shell: Optional[str] = None, environ: Optional[dict] = None,
+             relay: Optional[Callable[[Exec], Any]] = None, stdin: Optional[int] = None) -> int:
     """The job starter's part: run the job in its VM, as the job user. ``script`` is a host
     file the guest cannot see (the batch system's spool copy of the job script): its text is
     handed to the guest and run with ``argv`` as its arguments (by ``interpreter``, a path in
     the guest, if given; else by its own ``#!`` line, or by ``shell`` if it has none). If the
-    prologue refused the job, say why, in the job's own error output, and fail it."""
+    prologue refused the job, say why, in the job's own error output, and fail it.
+    ``environ``: the job's environment (default: ours); ``relay(exec)``: what serves the guest's
+    requests while the job runs (see Exec.relay), closed after; ``stdin``: a descriptor whose
+    input is streamed to the job (Exec.run)."""
     why = read_refusal(cfg, job_id)
     if why is not None:
         print(f"vibatch: this job cannot run: {why}", file=sys.stderr)
         return STARTER_FAILED
     ex = Exec(cfg, job_id)
-    if script is None:
-        return ex.run(list(argv))
-    with open(script, "rb") as f:
-        text = f.read()
-    if drop_first_line:
-        text = text.split(b"\n", 1)[1] if b"\n" in text else b""
-    if interpreter is None and not text.startswith(b"#!"):
-        interpreter = shell
-    return ex.run_script(text, list(argv), interpreter=interpreter)
+    ex.relay = relay(ex) if relay is not None else None
+    try:
+        if script is None:
+            return ex.run(list(argv), environ=environ, stdin=stdin)
+        with open(script, "rb") as f:
+            text = f.read()
+        if drop_first_line:
+            text = text.split(b"\n", 1)[1] if b"\n" in text else b""
+        if interpreter is None and not text.startswith(b"#!"):
+            interpreter = shell
+        return ex.run_script(text, list(argv), interpreter=interpreter, environ=environ)
+    finally:
+        if ex.relay is not None:
+            ex.relay.close()
 
 
 def _refusal_path(cfg: Config, job_id: str) -> str:

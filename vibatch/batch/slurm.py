@@ -26,9 +26,11 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
+import struct
 import sys
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from .. import proc
 from ..config import Config
@@ -39,6 +41,8 @@ from ..images import offerfile
 from ..util import log_error
 from .base import AS_IS, BatchSystem, Call, exits, main
 from .kit import STARTER_FAILED, exec_job, read_request, requestable_names
+from .slurmsteps import StepRelay, read_task_env
+from ..core.execjob import streams_input
 
 IMAGE_KEY = "vibatch_image"
 SCONTROL = "/usr/bin/scontrol"
@@ -49,6 +53,7 @@ EXIT = {
     "prolog": exits(ok=0, job=0, node=1),
     "epilog": exits(ok=0, job=0, node=1),
     "exec": exits(ok=AS_IS, job=STARTER_FAILED, node=STARTER_FAILED),
+    "task": exits(ok=AS_IS, job=STARTER_FAILED, node=STARTER_FAILED),
 }
 _DETAIL = re.compile(r"^\s+Nodes=(\S+) CPU_IDs=(\S+) Mem=(\d+)")
 _RUNTIME = re.compile(r"^\s+RunTime=\S+ TimeLimit=(\S+)")
@@ -304,15 +309,108 @@ def node_features(text: str, node: str) -> Optional[set[str]]:
     return found
 
 
+# The job's extern step (PrologFlags=Contain) takes the VM's processes: slurmstepd's socket
+# protocol (src/common/stepd_api.c, slurmstepd/req.c of 22.05): the client's protocol version
+# (int) -> the step's (int); REQUEST_STATE (int) -> state (int); REQUEST_ADD_EXTERN_PID (int)
+# and the pid (pid_t) -> rc (int, 0 ok). Only root (or SlurmUser) may add a pid.
+EXTERN_STEP = 0xFFFFFFFC          # SLURM_EXTERN_CONT
+PROTOCOL_VERSION = 38 << 8        # SLURM_22_05_PROTOCOL_VERSION (23.x still accept it)
+REQUEST_STATE, REQUEST_ADD_EXTERN_PID = 5, 22
+STEP_RUNNING = 2                  # SLURMSTEPD_STEP_RUNNING
+STEPD_TIMEOUT_S = 10
+
+
+def slurmd_config(env: Mapping[str, str]) -> dict[str, str]:
+    """``scontrol show config`` as {key: value} (the node's: its failure is the node's)."""
+    conf = {"SLURM_CONF": env["SLURM_CONF"]} if env.get("SLURM_CONF") else {}
+    out = proc.run([SCONTROL, "show", "config"], timeout=SCONTROL_TIMEOUT_S,
+                   env=minimal_env(**conf)).stdout
+    return {m.group(1): m.group(2) for m in
+            re.finditer(r"(?m)^(\w+)\s*=\s*(.*?)\s*$", out)}
+
+
+def spool_dir(config: Mapping[str, str], node: str) -> str:
+    """SlurmdSpoolDir of this node, ``%n``/``%h`` expanded."""
+    path = config.get("SlurmdSpoolDir", "")
+    if not path.startswith("/"):
+        raise NodeError(f"scontrol show config gives no usable SlurmdSpoolDir ({path!r})")
+    return path.replace("%n", node).replace("%h", socket.gethostname().split(".")[0])
+
+
+def contains_jobs(config: Mapping[str, str]) -> bool:
+    """PrologFlags=Contain (every job gets an extern step) with cgroup process tracking (the
+    only tracking that follows a process its step did not start)."""
+    flags = {f.strip().lower() for f in config.get("PrologFlags", "").split(",")}
+    return "contain" in flags and config.get("ProctrackType") == "proctrack/cgroup"
+
+
+def extern_socket(spool: str, node: str, job_id: str) -> str:
+    return os.path.join(spool, f"{node}_{job_id}.{EXTERN_STEP}")
+
+
+def _stepd_int(s: socket.socket, *send: int) -> int:
+    s.sendall(struct.pack(f"={len(send)}i", *send))
+    data = b""
+    while len(data) < 4:
+        chunk = s.recv(4 - len(data))
+        if not chunk:
+            raise NodeError("slurmstepd closed the connection")
+        data += chunk
+    return struct.unpack("=i", data)[0]
+
+
+def add_extern_pids(path: str, pids: Sequence[int], deadline: float) -> None:
+    """Add ``pids`` to the extern step listening on ``path``, once it runs (``deadline``:
+    time.monotonic())."""
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(STEPD_TIMEOUT_S)
+            s.connect(path)
+            if _stepd_int(s, PROTOCOL_VERSION) <= 0:
+                raise NodeError(f"{path}: slurmstepd refused protocol version {PROTOCOL_VERSION}")
+            if _stepd_int(s, REQUEST_STATE) == STEP_RUNNING:
+                for pid in pids:
+                    if _stepd_int(s, REQUEST_ADD_EXTERN_PID, pid) != 0:
+                        raise NodeError(f"the extern step at {path} refused pid {pid}")
+                return
+        if time.monotonic() > deadline:
+            raise NodeError(f"the extern step at {path} did not start running in time")
+        time.sleep(0.1)
+
+
+def adopter(job_id: str, env: Mapping[str, str], timeout_s: float = 120
+            ) -> Optional[Callable[[Sequence[int]], None]]:
+    """What hands the VM's processes to job ``job_id``'s extern step, if the node has one
+    (``contains_jobs``). The step exists only once the Prolog has returned (slurmd spawns it
+    then), so this waits for its socket."""
+    config = slurmd_config(env)
+    if not contains_jobs(config):
+        return None
+    node = env.get("SLURMD_NODENAME", "")
+    path = extern_socket(spool_dir(config, node), node, job_id)
+
+    def adopt(pids: Sequence[int]) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise NodeError(f"no extern step for job {job_id} at {path} within "
+                                f"{timeout_s:g} s")
+            time.sleep(0.1)
+        add_extern_pids(path, pids, deadline)
+    return adopt
+
+
 class Slurm(BatchSystem):
     name = "slurm"
     EXIT = EXIT
     starter_hook = "exec"     # the rewritten script's interpreter: job user, batch step
     starter_label = "job"
+    other_starters = ("task",)   # the SPANK plugin's: any step's task (slurmsteps.py)
     default_alarm_s = 300     # Slurm's PrologEpilogTimeout is unlimited unless the site sets it
     margin_s = 20
     keeps_refusals = True
-    usage = "[--alarm S] [--config PATH] prolog|epilog|exec SCRIPT [ARGS]"
+    usage = ("[--alarm S] [--config PATH] prolog|epilog|exec SCRIPT [ARGS]|"
+             "task FD JOBID batch|step -- ARGV")
 
     def job_of(self, argv: Sequence[str], env: dict) -> tuple[str, str]:
         return env.get("SLURM_JOB_ID", ""), env.get("SLURM_JOB_USER", "")
@@ -348,6 +446,10 @@ class Slurm(BatchSystem):
     def drain_time(self, env: dict) -> Optional[int]:
         return drain_time(env)
 
+    def adopter(self, job_id: str, env: dict) -> Optional[Callable[[Sequence[int]], None]]:
+        """The job's extern step takes the VM (``PrologFlags=Contain``; without it, nothing)."""
+        return adopter(job_id, env)
+
     def epilogue_exit_code(self, argv: Sequence[str], env: dict) -> Optional[int]:
         return exit_code(env)
 
@@ -359,10 +461,35 @@ class Slurm(BatchSystem):
         return env.get("SLURM_JOB_ID", "")
 
     def start(self, call: Call) -> int:
+        if call.hook == "task":
+            return self.start_task(call)
         if not call.args:
             raise JobError("no job script (this is a #! interpreter)")
         return exec_job(call.cfg(), self.starter_job_id(call.env), call.args[1:],
                         script=call.args[0], drop_first_line=True)
+
+    def start_task(self, call: Call) -> int:
+        """A task of a step, exec'd by the SPANK plugin in the task's own process (as the job
+        user): ``FD JOBID batch|step -- ARGV``, the task's environment in the memfd FD, the
+        job id Slurm's own. ``call.env`` is the plugin's fixed one (slurmstepd's SLURM_CONF)."""
+        a = call.args
+        if len(a) < 5 or not a[0].isdigit() or not a[1].isdigit() or \
+                a[2] not in ("batch", "step") or a[3] != "--":
+            raise NodeError("usage: task FD JOBID batch|step -- ARGV (the SPANK plugin's call)")
+        env, job_id, argv = read_task_env(int(a[0])), a[1], a[4:]
+
+        def relay(ex) -> StepRelay:
+            return StepRelay(ex.info.io_host, ex.info.io_guest, ex.info.workdir,
+                             call.env.get("SLURM_CONF"))
+
+        if a[2] == "step":    # srun's input (task 0's; a terminal with --pty) goes along
+            return exec_job(call.cfg(), job_id, argv, environ=env, relay=relay,
+                            stdin=0 if streams_input(0) else None)
+        with open(argv[0], "rb") as f:     # the spooled script: drop job_submit.lua's line
+            first = f.readline(4096)
+        ours = first.startswith(b"#!") and first.rstrip().endswith(b"/job_exec")
+        return exec_job(call.cfg(), job_id, argv[1:], script=argv[0], drop_first_line=ours,
+                        environ=env, relay=relay)
 
 
 SYSTEM = Slurm()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import select
 import signal
+import stat
 import sys
 import time
 from typing import Iterator, Optional, Sequence
@@ -26,6 +28,7 @@ from .jobstore import LAST_EXIT, JobInfo
 from ..util import Deadline, flock_within
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+ENDING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)   # a VM lost after one: its outcome
 JOB_ID_VARS = ("VIBATCH_JOB_ID", "SLURM_JOB_ID", "JOB_ID", "PBS_JOBID", "CONDOR_JOB_ID")
 LOCK_TIMEOUT_S = 30.0
 AGENT_TIMEOUT_S = 30.0
@@ -43,6 +46,20 @@ OUTER = ('if command -v setsid >/dev/null 2>&1; then exec setsid /bin/sh -c "$0"
 # qemu-ga's daemon start leaves its children with.
 INNER = ('out=$1 err=$2 dir=$3 mask=$4; shift 4; umask "$mask" || exit 126; '
          'exec <"/dev/null" >"$out" 2>"$err"; cd "$dir" || exit 126; exec "$@"')
+# The same, with the job's stdin streamed from the host (``_Input``): the host appends to the file
+# $in, and creates $in.eof at its end. A reader in the guest copies what is new into a FIFO the
+# job reads (busybox sh, stat, tail, head, mkfifo, mktemp: what every guest has), polling every
+# 50 ms; it stops at $in.eof once it has copied everything, or when the job has ended.
+INNER_INPUT = (
+    'out=$1 err=$2 dir=$3 mask=$4 in=$5; shift 5; umask "$mask" || exit 126; '
+    'exec >"$out" 2>"$err"; cd "$dir" || exit 126; '
+    'f=$(mktemp -u "${TMPDIR:-/tmp}/.vibatch-in.XXXXXX") && mkfifo -m 600 "$f" || exit 126; '
+    '{ pos=0; while :; do n=$(stat -c %s "$in" 2>/dev/null || echo 0); '
+    'if [ "$n" -gt "$pos" ]; then tail -c +$((pos+1)) "$in" | head -c $((n-pos)); pos=$n; '
+    'elif [ -e "$in.eof" ]; then n=$(stat -c %s "$in"); '
+    '[ "$n" -gt "$pos" ] && tail -c +$((pos+1)) "$in"; break; '
+    'else sleep 0.05; fi; done; } >"$f" & r=$!; '
+    '"$@" <"$f"; rc=$?; kill $r 2>/dev/null; rm -f "$f"; exit $rc')
 # Signal the job's process group when the job leads one (setsid ran), else the job alone. The
 # choice is made from /proc, not from kill's exit status: busybox's kill delivers
 # `kill -s SIG -- -PGID` but reports failure, and a fallback on that status signalled twice.
@@ -70,14 +87,15 @@ def find_job_id(explicit: Optional[str]) -> str:
 
 
 def guest_env(environ: dict, exclude: Sequence[str], guest_path: str, cwd: str,
-              job_id: str, tmpdir: str = "") -> list[str]:
+              job_id: str, tmpdir: str = "", path_first: str = "") -> list[str]:
     """The job's environment minus what only makes sense on the host; ``tmpdir``: the job's
-    scratch disk in the guest, its $TMPDIR."""
+    scratch disk in the guest, its $TMPDIR; ``path_first``: a guest folder put first on PATH."""
     skip = set(exclude)
     env = {k: v for k, v in environ.items()
            if k not in skip and "=" not in k and "\0" not in k + v}
     path = [p for p in env.get("PATH", "").split(":") if p]
-    env["PATH"] = ":".join(path + [p for p in guest_path.split(":") if p not in path])
+    env["PATH"] = ":".join(([path_first] if path_first else []) + path +
+                           [p for p in guest_path.split(":") if p not in path])
     env["PWD"] = cwd
     env["VIBATCH_JOB_ID"] = job_id
     # HEPiX Machine/Job Features, made by the guest's setup (core/features.py)
@@ -116,6 +134,58 @@ class _Stream:
             os.unlink(self.path)
 
 
+class _Input:
+    """The host's stdin (a terminal of ``srun --pty``, or a pipe from srun), appended to a file
+    in the job's I/O folder as it comes, for INNER_INPUT in the guest; ``path.eof`` at its end."""
+
+    def __init__(self, path: str, source: int, owner: tuple[int, int]):
+        self.path, self.source = path, source
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        if os.getuid() == 0:
+            os.fchown(fd, *owner)
+        self.f = os.fdopen(fd, "wb", buffering=0)
+        self.ended = False
+
+    def pump(self) -> int:
+        """Copy what is ready (never waiting; the source is left blocking, since a terminal's
+        stdin shares its file description with the job's stdout)."""
+        n = 0
+        while not self.ended and select.select([self.source], [], [], 0)[0]:
+            try:
+                chunk = os.read(self.source, 1 << 16)
+            except OSError:     # a terminal hung up (EIO)
+                chunk = b""
+            if not chunk:
+                self.end()
+                break
+            self.f.write(chunk)
+            n += len(chunk)
+        return n
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            with contextlib.suppress(OSError):
+                os.close(os.open(self.path + ".eof", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW,
+                                 0o600))
+
+    def close(self) -> None:
+        self.f.close()
+        for path in (self.path, self.path + ".eof"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def streams_input(fd: int = 0) -> bool:
+    """Whether ``fd`` carries input for the job: anything but /dev/null (or nothing)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    null = os.stat(os.devnull)
+    return not (stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev)
+
+
 def _full(path: str) -> bool:
     try:
         return os.statvfs(path).f_bavail == 0
@@ -139,6 +209,9 @@ class Exec:
         self.lock_path = os.path.join(info.io_host, ".lock")
         self.agent = SocketAgent(self.paths.socket, lock=self._lock)
         self.pending: list[int] = []
+        self.ending: Optional[int] = None   # a forwarded signal that ends jobs (ENDING)
+        self.input: Optional[_Input] = None
+        self.relay = None   # serves the guest's requests while a command runs (poll, guest_bin)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -163,34 +236,50 @@ class Exec:
         return here if here == wd or here.startswith(wd.rstrip("/") + "/") else wd
 
     def run(self, argv: Sequence[str], stdout=None, stderr=None,
-            environ: Optional[dict] = None) -> int:
+            environ: Optional[dict] = None, stdin: Optional[int] = None) -> int:
         """Run ``argv`` in the guest; its output goes to ``stdout``/``stderr`` (binary files,
-        default: ours) as it is written. Returns the wait status in the shell's convention."""
+        default: ours) as it is written; ``stdin``: a descriptor whose input is streamed to it
+        (default: none, it reads /dev/null). Returns the wait status in the shell's
+        convention."""
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
         io_host, io_guest = self.info.io_host, self.info.io_guest
         owner = (self.info.uid, self.info.gid)
         out = _Stream(os.path.join(io_host, token + ".out"), stdout or sys.stdout.buffer, owner)
         err = _Stream(os.path.join(io_host, token + ".err"), stderr or sys.stderr.buffer, owner)
+        self.input = None if stdin is None else \
+            _Input(os.path.join(io_host, token + ".in"), stdin, owner)
         old = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
         try:
             cwd = self.cwd()
             env = guest_env(dict(os.environ if environ is None else environ),
                             self.cfg.exec.env_exclude, self.cfg.exec.guest_path,
-                            cwd, self.paths.job_id, self.info.tmpdir)
-            args = ["-c", OUTER, INNER, "vibatch-job", f"{io_guest}/{token}.out",
-                    f"{io_guest}/{token}.err", cwd, f"{current_umask():04o}", *argv]
+                            cwd, self.paths.job_id, self.info.tmpdir,
+                            path_first=self.relay.guest_bin if self.relay else "")
+            inner, given = (INNER, []) if self.input is None else \
+                (INNER_INPUT, [f"{io_guest}/{token}.in"])
+            args = ["-c", OUTER, inner, "vibatch-job", f"{io_guest}/{token}.out",
+                    f"{io_guest}/{token}.err", cwd, f"{current_umask():04o}", *given, *argv]
             with self.agent.session(AGENT_TIMEOUT_S):
                 pid = self.agent.exec_start("/bin/sh", args, env=env, timeout=AGENT_TIMEOUT_S)
                 status = self._follow(pid, out, err, Deadline(FAST_PHASE_S))
             if status is None:  # a longer command: poll in short transactions, sharing the agent
                 status = self._follow(pid, out, err)
         except AgentError as e:
-            raise ExecError(f"vibatch exec: {e}") from None
+            if self.ending is None:
+                raise ExecError(f"vibatch exec: {e}") from None
+            # the batch system ends the VM along with the job (Slurm's extern step: QEMU in
+            # it dies when it ends); that is the signal's outcome, not a node fault
+            name = signal.Signals(self.ending).name
+            print(f"vibatch exec: the job's VM ended after {name} ({e})", file=sys.stderr)
+            status = 128 + self.ending
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
             out.pump(), err.pump()
             out.close(), err.close()
+            if self.input is not None:
+                self.input.close()
+                self.input = None
         self._record(status)
         if status != 0 and _full(io_host):   # the job's own stderr could not say so
             print(f"vibatch exec: the job's I/O folder ({io_guest} in the guest) is full: "
@@ -219,6 +308,8 @@ class Exec:
 
     def _on_signal(self, signum: int, _frame) -> None:
         self.pending.append(signum)
+        if signum in ENDING:
+            self.ending = signum
 
     def _follow(self, pid: int, out: _Stream, err: _Stream,
                 until: Optional[Deadline] = None) -> Optional[int]:
@@ -228,6 +319,10 @@ class Exec:
             while self.pending:
                 self._forward(pid, self.pending.pop(0))
             moved = out.pump() + err.pump()
+            if self.input is not None:
+                moved += self.input.pump()
+            if self.relay is not None:
+                self.relay.poll()
             st = self.agent.exec_status(pid, timeout=AGENT_TIMEOUT_S)
             if st.exited:
                 return st.wait_status

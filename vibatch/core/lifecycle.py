@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from ..vm import accel, hypervisor, network, share, template
-from . import accounting, disk, faultpoints, features, jobstore, metrics, walltime
+from . import accounting, adopt, disk, faultpoints, features, jobstore, metrics, walltime
 from ..images import qemuimg
 from ..vm.agent import AgentError, LibvirtAgent, SocketAgent
 from ..config import Config, paths_overlap
@@ -56,6 +56,8 @@ class Node:
     check_workdir: Callable[..., None] = field(default=share.check_as_user, repr=False)
     # starts a template build in the background: (cfg, image name, cores, memory_mb)
     build_template: Callable[..., None] = field(default=template.spawn_build, repr=False)
+    # how the job's batch system takes the VM's processes (adopt.py; set by batch/core.py)
+    adopter: Callable[[str, str, dict], Any] = field(default=lambda *_: None, repr=False)
 
     def __post_init__(self) -> None:
         for d in (self.cfg.state_dir, self.cfg.run_dir):
@@ -284,6 +286,7 @@ def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, s
         root_agent = _boot(node, rec, spec, slot, timer)
         if not cold and cfg.templates.enabled and cfg.templates.on_first_use:
             _request_template(node, image, slot, kind)
+    adopt.domain_running(node, rec.state)   # booted or restored, shares plugged (adopt.py)
     faultpoints.point("booted")
     with timer.phase("guest_setup"):
         _setup_guest(node, root_agent, node.user_agent(paths.socket), req, slot, paths,
