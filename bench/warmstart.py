@@ -134,7 +134,7 @@ def build_template(cfg_path: str, image: str, memory: int) -> dict:
 def add_image(build: str, name: str, library_dir: str, state_dir: str) -> None:
     """An image built by images/debian/build.sh --layout kernel (OUT: disk.qcow2, vmlinux,
     initrd.img, cmdline, os-release) into the benchmark's own library."""
-    from vibatch.images.library import Library
+    from vibatch.images.library import Library  # noqa: PLC0415 - only a Debian run needs it
     with open(os.path.join(build, "os-release")) as f:
         rel = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
     with open(os.path.join(build, "cmdline")) as f:

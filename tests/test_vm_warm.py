@@ -319,6 +319,13 @@ def test_a_damaged_state_file_gives_a_cold_start(vm_env, tracker, spare, how):
         rec = down(vm_env, job)
         assert rec["start"] == "cold" and "boot" in rec["phases"]
         assert ("restore" in rec["phases"]) == (how != "truncated")  # the failed try's time
+        if how != "truncated":    # marked by the failed restore: no later job tries it again
+            state = listed(vm_env)[spare.id]["state"]
+            assert state.startswith("failed: ") and state.endswith("(template sync rebuilds it)"), \
+                state
+            again = tracker.job_id(how + "again")
+            assert up(vm_env, again, "--memory", "384M")["start"] == "cold"
+            assert "restore" not in down(vm_env, again)["phases"]
     finally:
         if undo:
             undo()

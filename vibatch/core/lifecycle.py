@@ -357,12 +357,15 @@ def _restore(node: Node, rec: jobstore.Record, spec: DomainSpec, tpl: template.T
     set the guest's clock. Any failure here is the node's: the caller boots instead."""
     cfg, paths = node.cfg, rec.paths
     with timer.phase("restore"):
-        saved = hypervisor.SavedState(tpl.saved)
-        xml = template.job_xml(saved.xml, spec, tpl)
         rec.set(jobstore.DOMAIN, accel=spec.accel, start="warm", template=tpl.id)
-        dom = hypervisor.restore_as(node.conn, saved, xml,
-                                    os.path.join(paths.state, "restore.fifo"),
-                                    cfg.vm.boot_timeout_s)
+        try:
+            saved = hypervisor.SavedState(tpl.saved)
+            dom = hypervisor.restore_as(node.conn, saved, template.job_xml(saved.xml, spec, tpl),
+                                        os.path.join(paths.state, "restore.fifo"),
+                                        cfg.vm.boot_timeout_s)
+        except HypervisorError as e:     # its saved state: no later job tries it again
+            template.mark_failed(cfg, tpl.id, e.message)
+            raise
         faultpoints.point("domain")
         rec.set(jobstore.DOMAIN, uuid=dom.UUIDString())
         hypervisor.cap_and_resume(dom, slot.memory_mb + cfg.vm.memory_overhead_mb)

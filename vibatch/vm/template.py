@@ -41,6 +41,7 @@ from .domain import METADATA_NS, USER_AGENT_PORT, DomainSpec, render
 
 FORMAT = 1
 PREFIX = "vbtemplate-"          # the domain a build boots (never a job's "vibatch-" domain)
+FAILED = ".failed"              # <id>.failed: a restore found its saved state unusable
 SETTLE = r"""
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -123,7 +124,20 @@ def why_unusable(t: Template, key: Optional[Key]) -> Optional[str]:
         return f"incomplete: {e.filename} {e.strerror}"
     if size != t.meta.get("save_bytes"):
         return f"damaged: state.save has {size} bytes, {t.meta.get('save_bytes')} were saved"
+    try:
+        failed = read_json(t.dir + FAILED, {})
+    except ValueError:
+        failed = {"reason": f"{t.id}{FAILED} is unreadable"}
+    if failed:
+        return f"failed: {str(failed.get('reason', ''))[:200]} (template sync rebuilds it)"
     return None
+
+
+def mark_failed(cfg: Config, tid: str, reason: str) -> None:
+    """A restore found the template's saved state unusable: no later job tries it again, and
+    ``template sync`` (or a build) replaces it. The template's own files stay as they are."""
+    atomic_write_json(os.path.join(root(cfg), tid) + FAILED,
+                      {"reason": reason, "at": time.time()})
 
 
 def find(cfg: Config, key: Key) -> Optional[Template]:
@@ -164,6 +178,8 @@ def remove(cfg: Config, tid: str) -> bool:
     """Delete one template (jobs restored from it keep its overlay open: unlinking is safe for
     them, as is a new build of the same key)."""
     d = os.path.join(root(cfg), tid)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(d + FAILED)
     if not os.path.isdir(d) or os.path.islink(d):
         return False
     shutil.rmtree(d)
@@ -274,6 +290,8 @@ def build(cfg: Config, conn: Any, key: Key, spec: DomainSpec, image: str, ready:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(final)
         os.rename(work, final)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(final + FAILED)
         log(f"template {key.id} built in {time.monotonic() - t0:.1f} s ({size / 1e6:.0f} MB)")
         return Template(key.id, final, read_json(os.path.join(final, "meta.json")))
     finally:
