@@ -425,7 +425,8 @@ def _prepare_shares(node: Node, req: JobRequest, paths: JobPaths, slot: Slot,
         node.check_workdir(path, u.uid, u.gid, groups, label="site share")
     os.chown(paths.io, u.uid, u.gid, follow_symlinks=False)  # served as the job user
     common = dict(job_id=req.job_id, uid=u.uid, gid=u.gid, groups=groups,
-                  cpus=tuple(slot.cpus), virtiofsd=cfg.vm.virtiofsd)
+                  cpus=tuple(slot.cpus), virtiofsd=cfg.vm.virtiofsd,
+                  job_gids=(req.process_gid,) if req.process_gid else ())   # request.py
     share.write_specs(paths.state, [
         share.ShareSpec(tag=WORKDIR_TAG, path=req.workdir, **common),
         share.ShareSpec(tag=IO_TAG, own=paths.io, **common),
@@ -485,7 +486,8 @@ def domain_spec(cfg: Config, req: JobRequest, paths: JobPaths, image: Image, slo
         metadata=(("job_id", req.job_id), ("user", req.user.name), ("uid", str(req.user.uid)),
                   ("gid", str(req.user.gid)), ("image", image.name), ("image_digest", image.digest),
                   ("cpus", ",".join(map(str, slot.cpus))), ("memory_mb", str(slot.memory_mb)),
-                  ("state_dir", cfg.state_dir)))
+                  ("state_dir", cfg.state_dir)),
+        process_ids=(qemu_ids(cfg)[0], req.process_gid) if req.process_gid else None)
 
 
 def template_spec(node: Node, image: Image, cores: int, memory_mb: int,
