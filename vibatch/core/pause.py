@@ -27,8 +27,8 @@ STAT_MAX = 4096
 
 
 def process_state(pid: int, uid: int) -> Optional[str]:
-    """The state letter of process ``pid`` (``/proc/PID/stat``) if it exists and is ``uid``'s;
-    None otherwise (gone, or its pid reused by someone else)."""
+    """The state letter of process ``pid`` (``/proc/PID/stat``) if it lives and is ``uid``'s;
+    None otherwise (gone, a zombie, or its pid reused by someone else)."""
     try:
         fd = os.open(f"/proc/{int(pid)}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -40,7 +40,7 @@ def process_state(pid: int, uid: int) -> Optional[str]:
     finally:
         os.close(fd)
     rest = text.rpartition(")")[2].split()    # the name before ")" may hold anything
-    return rest[0] if rest else None
+    return rest[0] if rest and rest[0] not in ("Z", "X") else None    # a zombie has ended
 
 
 def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: float,
