@@ -156,7 +156,7 @@ class JobRequest:
     scratch_mb: Optional[int] = None         # scratch disk the batch system granted (MiB)
     network: Optional[str] = None            # the network mode the job asked for (network.py)
     # a group id the batch system finds the job's processes by (Grid Engine's add_grp_id):
-    # QEMU and the share launchers get it too (batch/gridengine.py, docs/batch/gridengine.md)
+    # QEMU gets it too (batch/gridengine.py, docs/batch/gridengine.md)
     process_gid: Optional[int] = None
 
 

@@ -74,7 +74,6 @@ class ShareSpec:
     own: Optional[str] = None      # opened by root (the I/O folder vibatch made)
     readonly: bool = False         # refuse every change to the tree (site shares)
     label: str = "working directory"   # what the path is, in messages
-    job_gids: tuple[int, ...] = ()     # kept as groups: the batch system's job group (request.py)
 
 
 def shares_dir(state_dir: str) -> str:
@@ -328,8 +327,7 @@ def read_spec(path: str) -> ShareSpec:
     raw = json.loads(data)
     if (raw.get("path") is None) == (raw.get("own") is None):
         raise _Usage(f"{path}: a share spec names exactly one of path and own")
-    return ShareSpec(**{**raw, "groups": tuple(raw["groups"]), "cpus": tuple(raw["cpus"]),
-                        "job_gids": tuple(raw.get("job_gids", ()))})
+    return ShareSpec(**{**raw, "groups": tuple(raw["groups"]), "cpus": tuple(raw["cpus"])})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -377,10 +375,10 @@ def _serve(spec: ShareSpec, listen: int) -> None:
     else:
         os.fchdir(fd)
     os.set_inheritable(fd, True)            # virtiofsd serves the share through it
-    # 2. become the job user for good, with no supplementary group but the batch system's job
-    #    group (virtiofsd cannot change them in a namespace where setgroups is denied)
+    # 2. become the job user for good, without supplementary groups (virtiofsd drops them
+    #    itself, and could not in a namespace where setgroups is denied)
     os.seteuid(0)
-    os.setgroups(list(spec.job_gids))   # the batch system's job group, if any (request.py)
+    os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     libc = _libc()
