@@ -368,25 +368,38 @@ def test_a_job_with_a_vmem_limit_keeps_its_vm_out_of_the_collector(vm_env, sge):
     assert_queue_ok(sge)
 
 
-def test_qmod_suspend_pauses_the_domain_and_unsuspend_goes_on(vm_env, sge):
-    """qmod -sj stops the job (SIGSTOP, the queue's default suspend_method): the watcher the
-    prolog started suspends the domain, libvirt's CPU time stands still; qmod -usj resumes it,
-    the guest's clock is set, and the job ends with its own exit code."""
+@pytest.mark.parametrize("vmem", ["", "h_vmem=600M"], ids=["qemu-in-job", "vmem-limited"])
+def test_qmod_suspend_freezes_the_guest_and_unsuspend_goes_on(vm_env, sge, vmem):
+    """qmod -sj stops the job (SIGSTOP, the queue's default suspend_method). A QEMU that
+    carries the job's group is stopped by the shepherd itself (ENABLE_ADDGRP_KILL, as root); one
+    that does not (a vmem-limited job) is suspended by the watcher the prolog started. Either
+    way libvirt's CPU time stands still; after qmod -usj the guest runs again, its clock is set
+    (within 2 s), and the job ends with its own exit code."""
     import libvirt
+    from vibatch.core import adopt
     from vibatch.vm import hypervisor
     gate = os.path.join(sge.home, "gate-susp")
     job = qsub(sge, f"echo started\nwhile [ ! -e {gate} ]; do :; done\n"
                'echo "clock $(date +%s)"\nexit 3\n', "-v", "VIBATCH_IMAGE=testguest",
-               "-l", "h_rt=300")
+               "-l", ",".join(filter(None, ["h_rt=300", vmem])))
     try:
         wait_until("the job to start in its VM", lambda: "started" in output(sge, job), 180)
         conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
         try:
             dom = hypervisor.lookup(conn, "vibatch-" + job)
+            qemu = [p for p in adopt.vm_pids(dom)
+                    if open(f"/proc/{p}/comm").read().startswith("qemu")]
+
+            def qemu_state() -> str:
+                with open(f"/proc/{qemu[0]}/stat") as f:
+                    return f.read().rpartition(")")[2].split()[0]
             r = sge.cmd("qmod", "-sj", job)
             assert r.returncode == 0, r.stdout + r.stderr
-            wait_until("the domain to be paused",
-                       lambda: dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED, 30)
+            if vmem:      # the watcher's libvirt suspend
+                wait_until("the domain to be paused",
+                           lambda: dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED, 30)
+            else:         # the shepherd's own SIGSTOP to every process with the job's group
+                wait_until("QEMU to be stopped", lambda: qemu_state() == "T", 30)
             assert sge.job_state(job) == "s"
             t0 = hypervisor.cpu_time_s(dom)
             time.sleep(3)          # measuring: CPU time over 3 s of suspension
@@ -394,8 +407,8 @@ def test_qmod_suspend_pauses_the_domain_and_unsuspend_goes_on(vm_env, sge):
             assert grown < 0.1, f"the suspended guest used {grown:.2f} s of CPU in 3 s"
             r = sge.cmd("qmod", "-usj", job)
             assert r.returncode == 0, r.stdout + r.stderr
-            wait_until("the domain to run again",
-                       lambda: dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 30)
+            wait_until("the guest to run again", lambda: qemu_state() != "T"
+                       and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 30)
             burnt = hypervisor.cpu_time_s(dom) + 0.5        # and the guest burns on
             wait_until("the guest to burn again", lambda: hypervisor.cpu_time_s(dom) > burnt, 30)
         finally:

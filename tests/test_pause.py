@@ -79,6 +79,35 @@ def test_the_watcher_mirrors_the_jobs_stop_and_continue_and_ends_with_the_job():
     assert dom.calls == ["suspend", "resume"]
 
 
+def test_a_vm_the_batch_system_stopped_itself_is_left_alone_and_gets_its_clock_after():
+    """Grid Engine's addgrpid signal stops a QEMU that carries the job's group: the watcher then
+    makes no call to the domain (a monitor call to a stopped QEMU would hang) and only sets the
+    clock once QEMU runs again."""
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dom, resumed, result = FakeDomain(), [], {}
+    t = threading.Thread(target=lambda: result.update(why=pause.follow(
+        dom, lambda: job.pid, os.getuid(), 60, resumed.append, [qemu.pid])))
+    t.start()
+    try:
+        for p in (job, qemu):
+            os.kill(p.pid, signal.SIGSTOP)
+        wait_for(lambda: pause.process_state(job.pid, None) == "T")
+        time.sleep(3 * pause.POLL_S)     # measuring: the watcher had time to act, and did not
+        assert dom.calls == []
+        os.kill(job.pid, signal.SIGCONT)
+        time.sleep(3 * pause.POLL_S)
+        assert resumed == []             # QEMU still stopped: not yet
+        os.kill(qemu.pid, signal.SIGCONT)
+        wait_for(lambda: resumed == [dom])
+    finally:
+        for p in (job, qemu):
+            p.kill()
+            p.wait()
+        t.join(10)
+    assert dom.calls == [] and result["why"] == "the job's process ended"
+
+
 def test_the_watcher_leaves_a_domain_it_did_not_pause():
     """A domain paused by someone else (an admin) is not resumed by the job's process running."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.6)"])

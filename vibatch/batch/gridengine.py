@@ -245,8 +245,9 @@ def read_job_pid(spool: str) -> Optional[int]:
 def watcher(cfg: Config, job_id: str) -> Optional[Callable[[Sequence[int]], None]]:
     """The suspend route (core/pause.py): a detached root watcher that suspends the job's
     domain while the job's process (``job_pid``) is stopped, as Grid Engine's suspend_method
-    (SIGSTOP to the job) leaves it, and resumes it on SIGCONT. None when not run by a
-    shepherd."""
+    (SIGSTOP to the job) leaves it, and resumes it on SIGCONT; when QEMU carries the job's
+    group, the shepherd's addgrpid signal stops QEMU itself, and the watcher only sets the
+    clock after the resume. None when not run by a shepherd."""
     spool = shepherd_spool()
     if spool is None:
         return None
@@ -256,7 +257,7 @@ def watcher(cfg: Config, job_id: str) -> Optional[Callable[[Sequence[int]], None
     except KeyError:
         raise NodeError("the shepherd's config names no known job owner") from None
 
-    def watch() -> None:
+    def watch(pids: Sequence[int]) -> None:
         from ..core import pause   # noqa: PLC0415 - imports libvirt: after the hook's hygiene
         from ..core.jobdir import JobPaths   # noqa: PLC0415
         from ..vm import hypervisor   # noqa: PLC0415
@@ -264,11 +265,11 @@ def watcher(cfg: Config, job_id: str) -> Optional[Callable[[Sequence[int]], None
                                 JobPaths.of(cfg, job_id).domain)
         if dom is not None:
             pause.follow(dom, lambda: read_job_pid(spool), uid, WATCH_MAX_S - 60,
-                         pause.set_clock)
+                         pause.set_clock, pids)
 
-    def start(_pids: Sequence[int]) -> None:
+    def start(pids: Sequence[int]) -> None:
         from ..core.adopt import detach   # noqa: PLC0415
-        detach(watch, WATCH_MAX_S)
+        detach(lambda: watch(pids), WATCH_MAX_S)
     return start
 
 
@@ -317,7 +318,7 @@ class GridEngine(BatchSystem):
     def adopter(self, cfg: Config, job_id: str, env: dict
                 ) -> Optional[Callable[[Sequence[int]], None]]:
         """Nothing to hand over for accounting (QEMU carries the job's group from its start,
-        process_gid); the suspend watcher starts here."""
+        process_gid); the suspend watcher starts here, with the VM's processes."""
         return watcher(cfg, job_id)
 
     def job_gone(self, job_id: str, env: dict) -> Optional[bool]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from ..util import log_error
 
@@ -26,15 +26,15 @@ POLL_S = 0.2           # how soon a stop or a continue reaches the domain
 STAT_MAX = 4096
 
 
-def process_state(pid: int, uid: int) -> Optional[str]:
-    """The state letter of process ``pid`` (``/proc/PID/stat``) if it lives and is ``uid``'s;
-    None otherwise (gone, a zombie, or its pid reused by someone else)."""
+def process_state(pid: int, uid: Optional[int]) -> Optional[str]:
+    """The state letter of process ``pid`` (``/proc/PID/stat``) if it lives and is ``uid``'s
+    (any owner's if None); None otherwise (gone, a zombie, or its pid reused by someone else)."""
     try:
         fd = os.open(f"/proc/{int(pid)}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        if os.fstat(fd).st_uid != uid:
+        if uid is not None and os.fstat(fd).st_uid != uid:
             return None
         text = os.read(fd, STAT_MAX).decode(errors="replace")
     finally:
@@ -44,16 +44,23 @@ def process_state(pid: int, uid: int) -> Optional[str]:
 
 
 def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: float,
-           on_resume: Callable[[Any], None], start_s: float = 600) -> str:
+           on_resume: Callable[[Any], None], vm_pids: Sequence[int] = (),
+           start_s: float = 600) -> str:
     """Mirror the job's process into ``dom`` until one of them ends; returns why it stopped.
     ``job_pid()``: the job's process (None until the batch system has started it, at most
-    ``start_s``)."""
+    ``start_s``). ``vm_pids``: QEMU and its helpers; when the batch system stops them itself
+    (Grid Engine's addgrpid signal reaches a QEMU that carries the job's group), the guest is
+    frozen already, and a monitor call to a stopped QEMU would hang: then only the clock is set
+    once they run again."""
     import libvirt   # noqa: PLC0415 - only the detached watcher needs it
+
+    def vm_stopped() -> bool:
+        return any(process_state(p, None) == "T" for p in vm_pids)
 
     end = time.monotonic() + max_s
     started = time.monotonic() + start_s
     pid: Optional[int] = None
-    paused = False
+    paused = frozen = False
     while time.monotonic() < end:
         if pid is None:
             pid = job_pid()
@@ -64,11 +71,16 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
             if letter is None:
                 return "the job's process ended"
             try:
-                state = dom.state()[0]
-                if letter == "T" and state == libvirt.VIR_DOMAIN_RUNNING:
-                    dom.suspend()
-                    paused = True
-                elif letter != "T" and paused and state == libvirt.VIR_DOMAIN_PAUSED:
+                if letter == "T" and not (paused or frozen):
+                    if vm_stopped():
+                        frozen = True
+                    elif dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                        dom.suspend()
+                        paused = True
+                elif letter != "T" and frozen and not vm_stopped():
+                    frozen = False
+                    on_resume(dom)
+                elif letter != "T" and paused and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                     dom.resume()
                     paused = False
                     on_resume(dom)
