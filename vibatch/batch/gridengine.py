@@ -22,6 +22,9 @@ docs/batch/gridengine.md):
   text is handed into the VM and run by ``$SGE_STARTER_SHELL_PATH``, as SGE's posix_compliant
   mode would. ``qdel`` SIGKILLs the starter at once: the epilog is the backstop that destroys
   the VM.
+- The VM in the job's usage and suspend: QEMU runs with the job's ``add_grp_id`` (the prolog
+  registers the job before the VM starts), and a root watcher mirrors a stopped job into the
+  domain (``process_gid``, ``watcher`` below; docs/batch/gridengine.md).
 """
 from __future__ import annotations
 
@@ -220,7 +223,7 @@ def register_early(directory: str, gid: int) -> None:
 
 
 def process_gid(job_id: str, task: str, owner: str) -> Optional[int]:
-    """The group QEMU and the share launchers get (request.py's process_gid), with the job
+    """The group QEMU gets (request.py's process_gid; the share launchers cannot), with the job
     registered for it; None when not run by a shepherd or the job has a vmem limit. Best
     effort: a failure costs the record of the VM's usage, never the job (logged)."""
     spool = shepherd_spool()
