@@ -171,3 +171,22 @@ def test_the_job_pid_file_is_read_bounded(tmp_path):
     assert gridengine.read_job_pid(str(tmp_path)) == 4242
     (tmp_path / "job_pid").write_text("1\n")
     assert gridengine.read_job_pid(str(tmp_path)) is None
+
+
+def test_torques_job_starter_is_the_session_leader_with_the_jobs_id():
+    """pbs_mom starts $job_starter as the leader of the job's session, with PBS_JOBID (seen on
+    6.1.3.h5); the watcher follows that process, and no process without both."""
+    from vibatch.batch import torque
+    code = "import time; time.sleep(30)"
+    leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                              env={"PBS_JOBID": "41.srv"})
+    member = subprocess.Popen([sys.executable, "-c", code], env={"PBS_JOBID": "42.srv"})
+    try:
+        wait_for(lambda: torque.job_starter_pid("41.srv", os.getuid()) == leader.pid)
+        assert torque.job_starter_pid("42.srv", os.getuid()) is None      # not a session leader
+        assert torque.job_starter_pid("41.srv", os.getuid() + 1) is None  # not the job user's
+        assert torque.job_starter_pid("41", os.getuid()) is None
+    finally:
+        for p in (leader, member):
+            p.kill()
+            p.wait()

@@ -48,7 +48,6 @@ SHEPHERD = "sge_shepherd"
 ADDGRPID = "addgrpid"            # the shepherd's record of the job's group, in its spool dir
 SPOOL_FILE_MAX = 1 << 20
 VMEM_LIMITS = ("h_vmem", "s_vmem")
-WATCH_MAX_S = 30 * 86400         # the suspend watcher ends with the job; at the latest, then
 QSTAT_TIMEOUT_S = 60
 COMPLEX = "vm_image"
 SCRATCH_COMPLEX = "scratch"     # -l scratch=10G: a MEMORY complex the site defines (not consumable)
@@ -260,20 +259,8 @@ def watcher(cfg: Config, job_id: str) -> Optional[Callable[[Sequence[int]], None
     except KeyError:
         raise NodeError("the shepherd's config names no known job owner") from None
 
-    def watch(pids: Sequence[int]) -> None:
-        from ..core import pause   # noqa: PLC0415 - imports libvirt: after the hook's hygiene
-        from ..core.jobdir import JobPaths   # noqa: PLC0415
-        from ..vm import hypervisor   # noqa: PLC0415
-        dom = hypervisor.lookup(hypervisor.connect(cfg.libvirt_uri),
-                                JobPaths.of(cfg, job_id).domain)
-        if dom is not None:
-            pause.follow(dom, lambda: read_job_pid(spool), uid, WATCH_MAX_S - 60,
-                         pause.set_clock, pids)
-
-    def start(pids: Sequence[int]) -> None:
-        from ..core.adopt import detach   # noqa: PLC0415
-        detach(lambda: watch(pids), WATCH_MAX_S)
-    return start
+    from ..core import pause   # noqa: PLC0415 - no libvirt until the watcher runs
+    return pause.watcher(cfg, job_id, lambda: read_job_pid(spool), uid)
 
 
 def job_gone(vm_job: str) -> Optional[bool]:

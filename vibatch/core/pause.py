@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 from ..util import log_error
 
 POLL_S = 0.2           # how soon a stop or a continue reaches the domain
+WATCH_MAX_S = 30 * 86400   # the watcher ends with the job; at the latest, then
 STAT_MAX = 4096
 
 
@@ -92,6 +93,24 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
     return "the watcher's time ran out"
 
 
+def watcher(cfg: Any, job_id: str, job_pid: Callable[[], Optional[int]], uid: int,
+            max_s: float = WATCH_MAX_S) -> Callable[[Sequence[int]], None]:
+    """What an adapter's ``adopter`` returns (core/adopt.py): given the VM's pids, start the
+    detached root watcher of job ``job_id``'s domain, which follows ``job_pid()``."""
+    def watch(pids: Sequence[int]) -> None:
+        from ..vm import hypervisor   # noqa: PLC0415
+        from .jobdir import JobPaths   # noqa: PLC0415
+        dom = hypervisor.lookup(hypervisor.connect(cfg.libvirt_uri),
+                                JobPaths.of(cfg, job_id).domain)
+        if dom is not None:
+            follow(dom, job_pid, uid, max_s - 60, set_clock, pids)
+
+    def start(pids: Sequence[int]) -> None:
+        from .adopt import detach   # noqa: PLC0415
+        detach(lambda: watch(pids), int(max_s))
+    return start
+
+
 def _active(dom: Any) -> bool:
     import libvirt   # noqa: PLC0415
     try:
@@ -110,4 +129,4 @@ def set_clock(dom: Any) -> None:
         log_error(f"setting the clock of {dom.name()} after a resume", e)
 
 
-__all__ = ["follow", "process_state", "set_clock"]
+__all__ = ["WATCH_MAX_S", "follow", "process_state", "set_clock", "watcher"]
