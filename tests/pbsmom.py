@@ -19,7 +19,8 @@ to their results. See docs/batch/torque.md, "The contract, as observed".
   **run again at once on the same node** (unless the node went offline meanwhile). The
   epilogue runs after every prologue, a failed one too (argv 5 session id 0, argv 10 -2 or
   -14). The job's exit_status is the starter's exit code, or 256 + N after signal N. qdel is
-  SIGTERM to the job's session.
+  SIGTERM to the job's session. ``qsig -s suspend`` is SIGTSTP to the job starter, then
+  (5 s later) SIGSTOP to the job's session; ``-s resume`` SIGCONT (seen on 6.1.3.h5).
 """
 from __future__ import annotations
 
@@ -228,6 +229,20 @@ class PbsMom:
 
     def qdel(self, p: subprocess.Popen) -> None:
         os.killpg(p.pid, signal.SIGTERM)
+
+    SUSPEND_DELAY_S = 5    # pbs_mom's sleep(5) between the SIGTSTP and the SIGSTOPs
+
+    def qsig_suspend(self, p: subprocess.Popen) -> None:
+        """``qsig -s suspend``: SIGTSTP to the job's first task, then SIGSTOP to every task's
+        session (requests.c resume_suspend; seen on 6.1.3.h5: the job starter in state T within
+        a second, the job's state S, QEMU running on)."""
+        os.kill(p.pid, signal.SIGTSTP)
+        time.sleep(self.SUSPEND_DELAY_S)   # pbs_mom's own delay, not a synchronisation
+        os.killpg(p.pid, signal.SIGSTOP)
+
+    def qsig_resume(self, p: subprocess.Popen) -> None:
+        """``qsig -s resume``: SIGCONT to every task's session (seen: the job back in R)."""
+        os.killpg(p.pid, signal.SIGCONT)
 
     def _reset_spool(self, job: Job) -> None:
         for kind in ("OU", "ER"):

@@ -5,9 +5,11 @@ and check that nothing is left behind and that the queue never goes into error."
 import contextlib
 import json
 import os
+import pwd
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -279,6 +281,171 @@ def test_a_wd_below_another_users_0700_directory_is_refused_and_the_queue_stays_
         if sge.job_state(job) == "Eqw":
             assert sge.cmd("qdel", job, user=USER).returncode == 0
             wait_until("the job to leave", lambda: sge.job_state(job) is None, 60)
+
+
+def qacct_seconds(text: str) -> float:
+    return float(text.rstrip("s"))
+
+
+def qacct_bytes(text: str) -> float:
+    units = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return float(text[:-len(unit)]) * units[unit]
+    return float(text)
+
+
+def job_spool(c, job: str) -> str:
+    import glob
+    found = glob.glob(f"{c.SPOOL}/execd/*/active_jobs/{job}.1")
+    assert len(found) == 1, found
+    return found[0]
+
+
+def job_gid(c, job: str) -> int:
+    """The add_grp_id the shepherd gave the job (its ``addgrpid`` file)."""
+    with open(os.path.join(job_spool(c, job), "addgrpid")) as f:
+        return int(f.read())
+
+
+def proc_groups(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("Groups:"))
+    return {int(g) for g in line.split()[1:]}
+
+
+def test_the_vms_cpu_time_and_memory_are_in_qacct(vm_env, sge):
+    """QEMU runs with the job's add_grp_id (the DAC label; the share launchers cannot carry it),
+    and the prolog registers the job before the VM starts: Grid Engine's collector counts the
+    guest's ~10 s burn (qacct cpu >= 8 s and >= 80 % of libvirt's figure) and its memory
+    (maxvmem, the summed address space, >= 300 MiB filled and >= the guest's 512 MiB, which no
+    host process of the job but QEMU has). Pinning and the memory cap hold; QEMU keeps its uid."""
+    from vibatch.core import adopt
+    from vibatch.vm import hypervisor
+    gate = os.path.join(sge.home, "gate-acct")
+    job = qsub(sge, "awk 'BEGIN { s = sprintf(\"%314572800s\", \"\"); print \"filled\" }'\n"
+               "end=$(( $(date +%s) + 10 )); while [ $(date +%s) -lt $end ]; do :; done\n"
+               "echo burnt\n"
+               f"i=0; while [ ! -e {gate} ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done\n",
+               "-v", "VIBATCH_IMAGE=testguest")
+    try:
+        wait_until("the burn in the guest", lambda: "burnt" in output(sge, job), 180)
+        gid = job_gid(sge, job)
+        conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
+        try:
+            dom = hypervisor.lookup(conn, "vibatch-" + job)
+            libvirt_cpu = hypervisor.cpu_time_s(dom)
+            hard = dom.memoryParameters()["hard_limit"]
+            pids = adopt.vm_pids(dom)
+        finally:
+            conn.close()
+        comms = {pid: open(f"/proc/{pid}/comm").read().strip() for pid in pids}
+        print("E10 groups:", {pid: (comms[pid], sorted(proc_groups(pid))) for pid in pids})
+        assert any(c.startswith("qemu") for c in comms.values()), comms
+        assert any(c.startswith("virtiofsd") for c in comms.values()), comms
+        for pid in pids:          # QEMU carries the job's group, the share launchers cannot
+            assert (gid in proc_groups(pid)) == comms[pid].startswith("qemu"), (
+                pid, comms[pid], proc_groups(pid), gid)
+            if comms[pid].startswith("qemu"):
+                assert os.stat(f"/proc/{pid}").st_uid == pwd.getpwnam("libvirt-qemu").pw_uid
+        state = read_json(os.path.join(vm_env.cfg.state_dir, "jobs", job, "state.json"))
+        assert pinned_cpus(vm_env, [job])[job] == set(state["cpus"])
+        assert hard == (vm_env.cfg.jobs.default_memory_mb + vm_env.cfg.vm.memory_overhead_mb) * 1024
+    finally:
+        with open(gate, "w"):
+            pass
+    rec = sge.wait_accounted(job)
+    os.unlink(gate)
+    cpu, maxvmem = qacct_seconds(rec["cpu"]), qacct_bytes(rec["maxvmem"])
+    print(f"qacct cpu {cpu} s maxvmem {maxvmem / 2**20:.0f} MiB; libvirt {libvirt_cpu:.1f} s")
+    assert rec["exit_status"] == "0" and rec["failed"] == "0", rec
+    assert cpu >= 8 and cpu >= 0.8 * libvirt_cpu, (rec, libvirt_cpu)
+    assert maxvmem >= max(300 << 20, vm_env.cfg.jobs.default_memory_mb << 20), rec
+    assert leftovers(vm_env, job) == []
+    assert_queue_ok(sge)
+
+
+def test_a_job_with_a_vmem_limit_keeps_its_vm_out_of_the_collector(vm_env, sge):
+    """execd kills a job whose summed address space passes its h_vmem; QEMU's alone is larger
+    than the guest's memory (= h_vmem): so a job with h_vmem runs without the group on QEMU."""
+    from vibatch.core import adopt
+    from vibatch.vm import hypervisor
+    gate = os.path.join(sge.home, "gate-vmem")
+    job = qsub(sge, f"echo started\ni=0; while [ ! -e {gate} ] && [ $i -lt 900 ]; do sleep 0.1; "
+               "i=$((i+1)); done\n", "-v", "VIBATCH_IMAGE=testguest", "-l", "h_vmem=400M")
+    try:
+        wait_until("the job to start in its VM", lambda: "started" in output(sge, job), 180)
+        gid = job_gid(sge, job)
+        conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
+        try:
+            pids = adopt.vm_pids(hypervisor.lookup(conn, "vibatch-" + job))
+        finally:
+            conn.close()
+        assert pids and all(gid not in proc_groups(pid) for pid in pids)
+    finally:
+        with open(gate, "w"):
+            pass
+    assert sge.wait_accounted(job)["exit_status"] == "0"
+    os.unlink(gate)
+    assert_queue_ok(sge)
+
+
+@pytest.mark.parametrize("vmem", ["", "h_vmem=600M"], ids=["qemu-in-job", "vmem-limited"])
+def test_qmod_suspend_freezes_the_guest_and_unsuspend_goes_on(vm_env, sge, vmem):
+    """qmod -sj stops the job (SIGSTOP, the queue's default suspend_method). A QEMU that
+    carries the job's group is stopped by the shepherd itself (ENABLE_ADDGRP_KILL, as root); one
+    that does not (a vmem-limited job) is suspended by the watcher the prolog started. Either
+    way libvirt's CPU time stands still; after qmod -usj the guest runs again, its clock is set
+    (within 2 s), and the job ends with its own exit code."""
+    import libvirt
+    from vibatch.core import adopt
+    from vibatch.vm import hypervisor
+    gate = os.path.join(sge.home, "gate-susp")
+    job = qsub(sge, f"echo started\nwhile [ ! -e {gate} ]; do :; done\n"
+               'echo "clock $(date +%s)"\nexit 3\n', "-v", "VIBATCH_IMAGE=testguest",
+               "-l", ",".join(filter(None, ["h_rt=300", vmem])))
+    try:
+        wait_until("the job to start in its VM", lambda: "started" in output(sge, job), 180)
+        conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
+        try:
+            dom = hypervisor.lookup(conn, "vibatch-" + job)
+            qemu = [p for p in adopt.vm_pids(dom)
+                    if open(f"/proc/{p}/comm").read().startswith("qemu")]
+
+            def qemu_state() -> str:
+                with open(f"/proc/{qemu[0]}/stat") as f:
+                    return f.read().rpartition(")")[2].split()[0]
+            r = sge.cmd("qmod", "-sj", job)
+            assert r.returncode == 0, r.stdout + r.stderr
+            if vmem:      # the watcher's libvirt suspend
+                wait_until("the domain to be paused",
+                           lambda: dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED, 30)
+            else:         # the shepherd's own SIGSTOP to every process with the job's group
+                wait_until("QEMU to be stopped", lambda: qemu_state() == "T", 30)
+            assert sge.job_state(job) == "s"
+            t0 = hypervisor.cpu_time_s(dom)
+            time.sleep(3)          # measuring: CPU time over 3 s of suspension
+            grown = hypervisor.cpu_time_s(dom) - t0
+            assert grown < 0.1, f"the suspended guest used {grown:.2f} s of CPU in 3 s"
+            r = sge.cmd("qmod", "-usj", job)
+            assert r.returncode == 0, r.stdout + r.stderr
+            wait_until("the guest to run again", lambda: qemu_state() != "T"
+                       and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 30)
+            burnt = hypervisor.cpu_time_s(dom) + 0.5        # and the guest burns on
+            wait_until("the guest to burn again", lambda: hypervisor.cpu_time_s(dom) > burnt, 30)
+        finally:
+            conn.close()
+    finally:
+        with open(gate, "w"):
+            pass
+    released, rec = time.time(), sge.wait_accounted(job)
+    assert rec["exit_status"] == "3" and rec["failed"] == "0", rec
+    clock = [int(line.split()[1]) for line in output(sge, job).splitlines()
+             if line.startswith("clock ")]
+    assert clock and abs(clock[0] - released) < 2, (clock, released, output(sge, job))
+    assert leftovers(vm_env, job) == []
+    os.unlink(gate)
+    assert_queue_ok(sge)
 
 
 def test_hooks_only_ever_exit_with_codes_grid_engine_reads_as_job_or_reschedule():

@@ -89,6 +89,50 @@ def test_qdel_runs_the_jobs_trap_in_the_guest(vm_env, tracker, mom, torque_user)
 
 
 @pytest.mark.vm
+def test_qsig_suspend_pauses_the_domain_and_resume_goes_on(vm_env, tracker, mom, torque_user):
+    """qsig -s suspend stops the job starter (by contract: SIGTSTP, then SIGSTOP to the session,
+    as the real pbs_mom was seen doing); the watcher the prologue started suspends the domain
+    (libvirt's CPU time stands still); on resume the guest runs again, its clock is set, and
+    the job ends with its own exit code."""
+    import libvirt
+    from vibatch.vm import hypervisor
+    gate = os.path.join(torque_user, "gate-susp")
+    job = Job(tracker.job_id(".torque-srv"), USER, script=(
+        f"echo started\nwhile [ ! -e {gate} ]; do :; done\n"
+        'echo "clock $(date +%s)"\nexit 3\n'))
+    ou = os.path.join(mom.spool, f"{job.job_id}.OU")
+    seen = {}
+
+    def suspend(p):
+        try:
+            wait_until(lambda: "started" in open(ou).read() or p.poll() is not None, 120)
+            assert p.poll() is None, open(ou.replace(".OU", ".ER")).read()
+            conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
+            try:
+                dom = hypervisor.lookup(conn, "vibatch-" + job.job_id)
+                mom.qsig_suspend(p)
+                assert wait_until(lambda: dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED, 30)
+                t0 = hypervisor.cpu_time_s(dom)
+                time.sleep(3)          # measuring: CPU time over 3 s of suspension
+                seen["grown"] = hypervisor.cpu_time_s(dom) - t0
+                mom.qsig_resume(p)
+                assert wait_until(lambda: dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 30)
+            finally:
+                conn.close()
+        finally:
+            with open(gate, "w"):
+                pass
+            seen["released"] = time.time()
+    r = mom.run(job, during=suspend)
+    os.unlink(gate)
+    assert seen["grown"] < 0.1, f"the suspended guest used {seen['grown']:.2f} s of CPU in 3 s"
+    assert r.exit_status == 3, r.err
+    clock = [int(x.split()[1]) for x in r.out.splitlines() if x.startswith("clock ")]
+    assert clock and abs(clock[0] - seen["released"]) < 2, (clock, seen, r.out)
+    assert leftovers(vm_env, job.job_id) == []
+
+
+@pytest.mark.vm
 def test_each_task_of_a_job_array_runs_in_its_own_vm(vm_env, tracker, mom, torque_user):
     # qsub -t 1-2 on a real pbs_mom: the hooks get the ids N[1].srv and N[2].srv (brackets in
     # the id, the files named N-1.srv), PBS_ARRAYID in the job's environment. On the code of

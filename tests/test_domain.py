@@ -53,11 +53,23 @@ def test_every_spec_field_changes_the_xml():
                "kernel": None, "initrd": None, "cmdline": "quiet", "machine": "pc",
                "emulator": "/e", "virtiofsd": "/v", "tcg_tb_cache_mb": 32, "network": "user", "network_bridge": "br9",
                "mac": "52:54:00:00:00:01",
-               "metadata": (("job_id", "43"),), "template": True, "cpu_weight": 10}
+               "metadata": (("job_id", "43"),), "template": True, "cpu_weight": 10,
+               "process_ids": (64055, 65400)}
     assert set(changes) == {f.name for f in dataclasses.fields(DomainSpec)}
     for field, value in changes.items():
         spec = dataclasses.replace(CASES["tcg-kernel-site-scratch"], initrd="/lib/initrd")
         assert render(dataclasses.replace(spec, **{field: value})) != render(spec), field
+
+
+def test_a_job_group_runs_qemu_with_it_and_still_relabels_nothing():
+    """Grid Engine's add_grp_id (request.process_gid): QEMU runs as its own uid with that gid
+    (libvirt adds it to the uid's groups), and libvirt still chowns no file (relabel='no')."""
+    import dataclasses
+    root = build(dataclasses.replace(CASES["kvm-disk-2cpu-net"], process_ids=(64055, 65400)))
+    label = root.find("seclabel")
+    assert (label.get("type"), label.get("model"), label.get("relabel")) == ("static", "dac", "no")
+    assert label.findtext("label") == "+64055:+65400"
+    assert len(root.findall("seclabel")) == 1
 
 
 def test_pinning_and_safety_properties():

@@ -181,9 +181,11 @@ class BatchSystem:
         pass
 
     # -- the batch system's view of the VM (core/adopt.py) ----------------------------------
-    def adopter(self, job_id: str, env: dict) -> Optional[Callable[[Sequence[int]], None]]:
+    def adopter(self, cfg: Config, job_id: str, env: dict
+                ) -> Optional[Callable[[Sequence[int]], None]]:
         """How to hand the job's VM processes (QEMU and its helpers, by pid) to this system
         so that it accounts and suspends them as the job's; None if it needs nothing more.
+        Called in the prologue's own process (``cfg``: its configuration).
         The callable runs in a detached root child, after the prologue has returned, and
         raises on failure (logged)."""
         return None

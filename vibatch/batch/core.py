@@ -7,6 +7,7 @@ lifecycle): they get a Core as an argument.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 from ..core import jobstore, lifecycle
@@ -15,10 +16,10 @@ from ..core.jobdir import JobPaths
 from ..core.request import JobRequest
 
 
-def _adopter(system_name: str, job_id: str, env: dict) -> Any:
+def _adopter(cfg: Config, system_name: str, job_id: str, env: dict) -> Any:
     """adopt.py's port: how the job's batch system takes its VM's processes (or None)."""
     from . import SYSTEMS, system   # noqa: PLC0415
-    return system(system_name).adopter(job_id, env) if system_name in SYSTEMS else None
+    return system(system_name).adopter(cfg, job_id, env) if system_name in SYSTEMS else None
 
 
 class Core:
@@ -29,7 +30,7 @@ class Core:
     @property
     def node(self) -> lifecycle.Node:
         if self._node is None:
-            self._node = lifecycle.Node(self.cfg, adopter=_adopter)
+            self._node = lifecycle.Node(self.cfg, adopter=functools.partial(_adopter, self.cfg))
         return self._node
 
     def prologue(self, req: JobRequest, holder: Optional[int] = None,

@@ -22,15 +22,21 @@ docs/batch/gridengine.md):
   text is handed into the VM and run by ``$SGE_STARTER_SHELL_PATH``, as SGE's posix_compliant
   mode would. ``qdel`` SIGKILLs the starter at once: the epilog is the backstop that destroys
   the VM.
+- The VM in the job's usage and suspend: QEMU runs with the job's ``add_grp_id`` (the prolog
+  registers the job before the VM starts), and a root watcher mirrors a stopped job into the
+  domain (``process_gid``, ``watcher`` below; docs/batch/gridengine.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import pwd
 import sys
 import xml.etree.ElementTree as ET
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
-from .. import proc
+from .. import proc, safeio
+from ..util import log_error
 from ..config import Config
 from ..errors import CommandFailed, NodeError, ResourceRequestError
 from ..core.request import JobRequest, make_request, parse_memory_mb
@@ -38,6 +44,10 @@ from .base import AS_IS, BatchSystem, Call, exits, main
 from .kit import STARTER_FAILED, exec_job, home_of, read_request
 
 QSTAT = "/usr/bin/qstat"
+SHEPHERD = "sge_shepherd"
+ADDGRPID = "addgrpid"            # the shepherd's record of the job's group, in its spool dir
+SPOOL_FILE_MAX = 1 << 20
+VMEM_LIMITS = ("h_vmem", "s_vmem")
 QSTAT_TIMEOUT_S = 60
 COMPLEX = "vm_image"
 SCRATCH_COMPLEX = "scratch"     # -l scratch=10G: a MEMORY complex the site defines (not consumable)
@@ -137,16 +147,120 @@ def job_from_prolog(cfg: Config, argv: Sequence[str], job: ET.Element,
 def spool_config(env: Mapping[str, str]) -> dict[str, str]:
     """``$SGE_JOB_SPOOL_DIR/config`` (key=value): the starter reads script_file and
     handle_as_binary from it."""
+    return read_spool_config(env.get("SGE_JOB_SPOOL_DIR", ""))
+
+
+def read_spool_config(directory: str) -> dict[str, str]:
+    """The ``config`` file the shepherd runs the job by (execd's, sgeadmin 0644), as a dict;
+    empty if it cannot be read. Opened without following a link, at most SPOOL_FILE_MAX."""
+    data = safeio.read_bounded(os.path.join(directory, "config"), SPOOL_FILE_MAX) or b""
     out = {}
-    try:
-        with open(os.path.join(env.get("SGE_JOB_SPOOL_DIR", ""), "config")) as f:
-            for line in f:
-                k, sep, v = line.rstrip("\n").partition("=")
-                if sep:
-                    out[k] = v
-    except OSError:
-        pass
+    for line in data.decode(errors="replace").splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            out[k] = v
     return out
+
+
+# -- the VM in Grid Engine's usage collection and suspend (docs/batch/gridengine.md) --------
+# Grid Engine's collector (PDC, execd) counts every process whose groups hold the job's
+# add_grp_id (procfs.c: /proc/*/status "Groups:"), from the job's registration on. It caches
+# each process it sees: one seen before the job is registered is never counted, and execd
+# registers the job only when the shepherd writes ``addgrpid``, after the prolog, once the VM
+# already runs. So the prolog writes that file (the same line the shepherd writes later) before
+# the VM starts, and execd registers the job at its next collection, before it looks at QEMU.
+
+def shepherd_spool() -> Optional[str]:
+    """The job's ``active_jobs/<job>.<task>`` directory: the working directory of the
+    sge_shepherd running this root hook (the shims exec, so it is our parent). None when our
+    parent is not a shepherd (the hook was run some other way)."""
+    ppid = os.getppid()
+    try:
+        if os.path.basename(os.readlink(f"/proc/{ppid}/exe")) != SHEPHERD:
+            return None
+        return os.readlink(f"/proc/{ppid}/cwd")
+    except OSError:
+        return None
+
+
+def job_group(conf: Mapping[str, str], job_id: str, task: str, owner: str) -> Optional[int]:
+    """The job's add_grp_id from its spool config, if the config is this job's and the VM may
+    carry it: not when the job has a vmem limit, which execd enforces on the summed address
+    space of the job's processes (QEMU's alone is larger than the guest's memory)."""
+    mine = (conf.get("job_id"), conf.get("ja_task_id"), conf.get("job_owner"))
+    if mine != (job_id, task if task.isdigit() else "0", owner):
+        raise NodeError(f"the shepherd's config names job {mine}, not {(job_id, task, owner)}")
+    if any(conf.get(k, "INFINITY") != "INFINITY" for k in VMEM_LIMITS):
+        return None
+    gid = conf.get("add_grp_id", "")
+    if not gid.isdigit() or int(gid) <= 0:
+        raise NodeError(f"the shepherd's config has no valid add_grp_id ({gid!r})")
+    return int(gid)
+
+
+def register_early(directory: str, gid: int) -> None:
+    """Write the job's ``addgrpid`` file as the shepherd does (``GID\n``, owned by the spool's
+    owner, who writes it again at the job's start), so that execd registers the job with its
+    collector before the VM starts. The directory is execd's (not the user's): checked."""
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(dfd)
+        if st.st_mode & 0o022:
+            raise NodeError(f"{directory} is writable by others: not Grid Engine's spool")
+        tmp = ADDGRPID + ".vibatch"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=dfd)
+        try:
+            os.write(fd, f"{int(gid)}\n".encode())
+            os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, 0o644)
+        finally:
+            os.close(fd)
+        os.rename(tmp, ADDGRPID, src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def process_gid(job_id: str, task: str, owner: str) -> Optional[int]:
+    """The group QEMU gets (request.py's process_gid; the share launchers cannot), with the job
+    registered for it; None when not run by a shepherd or the job has a vmem limit. Best
+    effort: a failure costs the record of the VM's usage, never the job (logged)."""
+    spool = shepherd_spool()
+    if spool is None:
+        return None
+    try:
+        gid = job_group(read_spool_config(spool), job_id, task, owner)
+        if gid is not None:
+            register_early(spool, gid)
+        return gid
+    except (OSError, NodeError) as e:
+        log_error(f"gridengine prolog of job {job_id}: the VM stays out of its usage", e)
+        return None
+
+
+def read_job_pid(spool: str) -> Optional[int]:
+    """The job's pid the shepherd records (``job_pid``) once it has started the job."""
+    text = (safeio.read_bounded(os.path.join(spool, "job_pid"), 64) or b"").strip()
+    return int(text) if text.isdigit() and int(text) > 1 else None
+
+
+def watcher(cfg: Config, job_id: str) -> Optional[Callable[[Sequence[int]], None]]:
+    """The suspend route (core/pause.py): a detached root watcher that suspends the job's
+    domain while the job's process (``job_pid``) is stopped, as Grid Engine's suspend_method
+    (SIGSTOP to the job) leaves it, and resumes it on SIGCONT; when QEMU carries the job's
+    group, the shepherd's addgrpid signal stops QEMU itself, and the watcher only sets the
+    clock after the resume. None when not run by a shepherd."""
+    spool = shepherd_spool()
+    if spool is None:
+        return None
+    conf = read_spool_config(spool)
+    try:
+        uid = pwd.getpwnam(conf.get("job_owner", "")).pw_uid
+    except KeyError:
+        raise NodeError("the shepherd's config names no known job owner") from None
+
+    from ..core import pause   # noqa: PLC0415 - no libvirt until the watcher runs
+    return pause.watcher(cfg, job_id, lambda: read_job_pid(spool), uid)
 
 
 def job_gone(vm_job: str) -> Optional[bool]:
@@ -187,7 +301,15 @@ class GridEngine(BatchSystem):
 
     def job_from_hook(self, cfg: Config, argv: Sequence[str], env: dict) -> JobRequest:
         record = qstat_job(argv[0])   # the node's: its failure is the node's
-        return read_request(lambda: job_from_prolog(cfg, argv, record, env))
+        req = read_request(lambda: job_from_prolog(cfg, argv, record, env))
+        gid = process_gid(argv[0], argv[1], argv[2])
+        return dataclasses.replace(req, process_gid=gid) if gid else req
+
+    def adopter(self, cfg: Config, job_id: str, env: dict
+                ) -> Optional[Callable[[Sequence[int]], None]]:
+        """Nothing to hand over for accounting (QEMU carries the job's group from its start,
+        process_gid); the suspend watcher starts here, with the VM's processes."""
+        return watcher(cfg, job_id)
 
     def job_gone(self, job_id: str, env: dict) -> Optional[bool]:
         return job_gone(job_id)

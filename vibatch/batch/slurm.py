@@ -446,7 +446,8 @@ class Slurm(BatchSystem):
     def drain_time(self, env: dict) -> Optional[int]:
         return drain_time(env)
 
-    def adopter(self, job_id: str, env: dict) -> Optional[Callable[[Sequence[int]], None]]:
+    def adopter(self, cfg: Config, job_id: str, env: dict
+                ) -> Optional[Callable[[Sequence[int]], None]]:
         """The job's extern step takes the VM (``PrologFlags=Contain``; without it, nothing)."""
         return adopter(job_id, env)
 

@@ -37,9 +37,9 @@ import signal
 import socket
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from .. import proc
+from .. import proc, safeio
 from ..config import Config
 from ..errors import CommandFailed, JobError, NoFreeSlot, ResourceRequestError
 from ..hygiene import minimal_env
@@ -198,6 +198,42 @@ def after_node_fault(cfg, job_id: str, user: str, message: str, busy: bool,
     return 0
 
 
+ENVIRON_MAX = 1 << 20
+
+
+def job_starter_pid(job_id: str, uid: int) -> Optional[int]:
+    """The job's first task: the session leader pbs_mom starts as the job user, with the
+    job's ``PBS_JOBID`` (seen on 6.1.3.h5: ``$job_starter`` leads the job's session). The user
+    could start another such process: it would only pause the user's own VM."""
+    want = f"PBS_JOBID={job_id}".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{name}")
+            if st.st_uid != uid or os.getsid(int(name)) != int(name):
+                continue
+        except OSError:
+            continue
+        environ = safeio.read_bounded(f"/proc/{name}/environ", ENVIRON_MAX) or b""
+        if want in environ.split(b"\0"):
+            return int(name)
+    return None
+
+
+def watcher(cfg: Config, job_id: str) -> Optional[Callable[[Sequence[int]], None]]:
+    """The suspend route (core/pause.py): ``qsig -s suspend`` stops the job's first task (seen:
+    SIGTSTP, then SIGSTOP to every task), not the guest; the watcher suspends the domain
+    while that process is stopped and resumes it on SIGCONT."""
+    from ..core import pause   # noqa: PLC0415 - no libvirt until the watcher runs
+    from ..core.jobdir import JobPaths   # noqa: PLC0415
+    from ..util import read_json   # noqa: PLC0415
+    uid = (read_json(JobPaths.of(cfg, job_id).state_file, {}) or {}).get("uid")
+    if not isinstance(uid, int):
+        return None
+    return pause.watcher(cfg, job_id, lambda: job_starter_pid(job_id, uid), uid)
+
+
 class Torque(BatchSystem):
     name = "torque"
     EXIT = EXIT
@@ -240,6 +276,11 @@ class Torque(BatchSystem):
 
     def after_prologue(self, cfg: Config, req: JobRequest) -> None:
         faults.clear(cfg, req.job_id, back_in_service=True)
+
+    def adopter(self, cfg: Config, job_id: str, env: dict
+                ) -> Optional[Callable[[Sequence[int]], None]]:
+        """pbs_mom takes no process from root (pbs_track is refused): the suspend watcher."""
+        return watcher(cfg, job_id)
 
     def before_epilogue(self, cfg: Config, job_id: str, exit_code: Optional[int]) -> None:
         if exit_code is None or exit_code >= 0:   # the job ran: its prologue's faults are history

@@ -489,7 +489,8 @@ def domain_spec(cfg: Config, req: JobRequest, paths: JobPaths, image: Image, slo
         metadata=(("job_id", req.job_id), ("user", req.user.name), ("uid", str(req.user.uid)),
                   ("gid", str(req.user.gid)), ("image", image.name), ("image_digest", image.digest),
                   ("cpus", ",".join(map(str, slot.cpus))), ("memory_mb", str(slot.memory_mb)),
-                  ("state_dir", cfg.state_dir)))
+                  ("state_dir", cfg.state_dir)),
+        process_ids=(qemu_ids(cfg)[0], req.process_gid) if req.process_gid else None)
 
 
 def template_spec(node: Node, image: Image, cores: int, memory_mb: int,

@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..errors import (BadJobId, JobError, MissingWorkdir, ResourceRequestError, UnknownImage,
-                      UnknownUser)
+from ..errors import (BadJobId, JobError, MissingWorkdir, NodeError, ResourceRequestError,
+                      UnknownImage, UnknownUser)
 from ..names import valid_name
 
 # Slurm 123 / 123_4, Grid Engine 123.4, PBS 123.server / 123[4].server, HTCondor 12.0
@@ -155,6 +155,9 @@ class JobRequest:
     account: Optional[str] = None            # for the account's allow-list
     scratch_mb: Optional[int] = None         # scratch disk the batch system granted (MiB)
     network: Optional[str] = None            # the network mode the job asked for (network.py)
+    # a group id the batch system finds the job's processes by (Grid Engine's add_grp_id):
+    # QEMU gets it too (batch/gridengine.py, docs/batch/gridengine.md)
+    process_gid: Optional[int] = None
 
 
 def make_request(job_id: str, user: str, cores: int, memory_mb: int, image: Optional[str],
@@ -162,7 +165,8 @@ def make_request(job_id: str, user: str, cores: int, memory_mb: int, image: Opti
                  cpus: Optional[Sequence[int]] = None, queue: Optional[str] = None,
                  account: Optional[str] = None,
                  scratch_mb: Optional[int] = None,
-                 network: Optional[str] = None) -> JobRequest:
+                 network: Optional[str] = None,
+                 process_gid: Optional[int] = None) -> JobRequest:
     """Every value here may come from the job's user: each is checked before anything is made,
     and a bad one is the job's fault (JobError), never an exception of another kind."""
     check_job_id(job_id)
@@ -180,6 +184,8 @@ def make_request(job_id: str, user: str, cores: int, memory_mb: int, image: Opti
         raise ResourceRequestError(f"invalid scratch size {scratch_mb!r} MiB: must be 0 or more")
     if walltime_s is not None and (not _is_int(walltime_s) or walltime_s <= 0):
         raise ResourceRequestError(f"invalid walltime {walltime_s!r}: must be positive")
+    if process_gid is not None and (not _is_int(process_gid) or process_gid <= 0):
+        raise NodeError(f"the batch system gave an invalid process group id {process_gid!r}")
     if image is not None and image != "" and not valid_name(image):
         raise UnknownImage(f"invalid image or OS name {image!r}: use letters, digits and . _ + - "
                            "(at most 64, starting with a letter or digit)")
@@ -189,4 +195,5 @@ def make_request(job_id: str, user: str, cores: int, memory_mb: int, image: Opti
     return JobRequest(job_id, juser, cores, memory_mb, image or None, workdir, walltime_s,
                       tuple(sorted(set(cpus))) if cpus is not None else None,
                       queue or None, account or None, scratch_mb or None,
-                      check_text("network mode", network, 16) if network else None)
+                      check_text("network mode", network, 16) if network else None,
+                      process_gid)

@@ -53,6 +53,7 @@ class DomainSpec:
     # a VM generation id libvirt renews at every restore, and free PCIe ports to plug into
     template: bool = False
     cpu_weight: int = 0                         # <cputune><shares> (0: libvirt's default)
+    process_ids: Optional[tuple[int, int]] = None   # QEMU's uid and a gid it runs as (batch/gridengine.py)
 
     def hotplugged(self) -> list[ET.Element]:
         """The devices a restored template gets after the restore: shares, scratch, NIC."""
@@ -121,7 +122,7 @@ def build(spec: DomainSpec) -> ET.Element:
     # No DAC relabelling at all: libvirt would otherwise chown the library's kernel, initrd and
     # base image to the QEMU user at every start (and the base never back). The lifecycle hands
     # the overlay to the QEMU user itself; everything else QEMU opens is world-readable.
-    _sub(dom, "seclabel", type="none", model="dac")
+    dom.append(process_label(spec.process_ids))
 
     dev = _sub(dom, "devices")
     _sub(dev, "emulator", spec.emulator)
@@ -155,6 +156,16 @@ def build(spec: DomainSpec) -> ET.Element:
     rng = _sub(dev, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
     return dom
+
+
+def process_label(ids: Optional[tuple[int, int]]) -> ET.Element:
+    """No relabelling (above); with ``ids``, QEMU runs as that uid and gid (libvirt adds the gid
+    to the uid's own groups): the batch system's job group (Grid Engine's add_grp_id)."""
+    if ids is None:
+        return ET.Element("seclabel", type="none", model="dac")
+    label = ET.Element("seclabel", type="static", model="dac", relabel="no")
+    _sub(label, "label", f"+{int(ids[0])}:+{int(ids[1])}")
+    return label
 
 
 def scratch_disk(spec: DomainSpec) -> ET.Element:

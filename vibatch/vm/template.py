@@ -195,11 +195,11 @@ def job_xml(saved_xml: str, spec: DomainSpec, template: Template) -> str:
     dom = ET.fromstring(saved_xml)
     dom.find("name").text = spec.name
     had_genid = dom.find("genid") is not None
-    for tag in ("uuid", "genid", "metadata", "cputune"):
+    for tag in ("uuid", "genid", "metadata", "cputune", "seclabel"):
         for el in dom.findall(tag):
             dom.remove(el)
     fresh = ET.fromstring(render(spec))
-    for tag in ("metadata", "cputune"):
+    for tag in ("metadata", "cputune", "seclabel"):
         el = fresh.find(tag)
         if el is not None:
             dom.insert(1, el)

@@ -1,0 +1,192 @@
+"""The suspend watcher (core/pause.py) and Grid Engine's spool readers (batch/gridengine.py),
+without daemons: real processes stopped and continued, a recording stand-in for the domain, and
+spool directories made here. The real route is tested on real Grid Engine
+(test_batch_gridengine.py: qmod -sj/-usj, qacct)."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import libvirt
+import pytest
+
+from vibatch.batch import gridengine
+from vibatch.core import pause
+from vibatch.errors import NodeError
+
+
+class FakeDomain:
+    """What pause.follow uses of a libvirt domain; records suspend and resume."""
+
+    def __init__(self):
+        self.running, self.calls = True, []
+
+    def state(self):
+        return [libvirt.VIR_DOMAIN_RUNNING if self.running else libvirt.VIR_DOMAIN_PAUSED, 0]
+
+    def suspend(self):
+        self.running = False
+        self.calls.append("suspend")
+
+    def resume(self):
+        self.running = True
+        self.calls.append("resume")
+
+    def isActive(self):
+        return 1
+
+
+def wait_for(check, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def test_process_state_reads_the_letter_and_refuses_another_users_process():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert pause.process_state(child.pid, os.getuid()) in ("S", "R")
+        os.kill(child.pid, signal.SIGSTOP)
+        wait_for(lambda: pause.process_state(child.pid, os.getuid()) == "T")
+        # the same pid seen as another user's (a reused pid): not the job's, never followed
+        assert pause.process_state(child.pid, os.getuid() + 1) is None
+    finally:
+        child.kill()
+        child.wait()
+    assert pause.process_state(child.pid, os.getuid()) is None
+
+
+def test_the_watcher_mirrors_the_jobs_stop_and_continue_and_ends_with_the_job():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dom, resumed, result = FakeDomain(), [], {}
+    t = threading.Thread(target=lambda: result.update(why=pause.follow(
+        dom, lambda: child.pid, os.getuid(), 60, resumed.append)))
+    t.start()
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        wait_for(lambda: dom.calls == ["suspend"])
+        os.kill(child.pid, signal.SIGCONT)
+        wait_for(lambda: dom.calls == ["suspend", "resume"])
+        assert resumed == [dom]          # the clock is set after each resume
+    finally:
+        child.kill()
+        child.wait()
+        t.join(10)
+    assert result["why"] == "the job's process ended"
+    assert dom.calls == ["suspend", "resume"]
+
+
+def test_a_vm_the_batch_system_stopped_itself_is_left_alone_and_gets_its_clock_after():
+    """Grid Engine's addgrpid signal stops a QEMU that carries the job's group: the watcher then
+    makes no call to the domain (a monitor call to a stopped QEMU would hang) and only sets the
+    clock once QEMU runs again."""
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dom, resumed, result = FakeDomain(), [], {}
+    t = threading.Thread(target=lambda: result.update(why=pause.follow(
+        dom, lambda: job.pid, os.getuid(), 60, resumed.append, [qemu.pid])))
+    t.start()
+    try:
+        for p in (job, qemu):
+            os.kill(p.pid, signal.SIGSTOP)
+        wait_for(lambda: pause.process_state(job.pid, None) == "T")
+        time.sleep(3 * pause.POLL_S)     # measuring: the watcher had time to act, and did not
+        assert dom.calls == []
+        os.kill(job.pid, signal.SIGCONT)
+        time.sleep(3 * pause.POLL_S)
+        assert resumed == []             # QEMU still stopped: not yet
+        os.kill(qemu.pid, signal.SIGCONT)
+        wait_for(lambda: resumed == [dom])
+    finally:
+        for p in (job, qemu):
+            p.kill()
+            p.wait()
+        t.join(10)
+    assert dom.calls == [] and result["why"] == "the job's process ended"
+
+
+def test_the_watcher_leaves_a_domain_it_did_not_pause():
+    """A domain paused by someone else (an admin) is not resumed by the job's process running."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.6)"])
+    dom = FakeDomain()
+    dom.running = False
+    why = pause.follow(dom, lambda: child.pid, os.getuid(), 30, lambda d: None)
+    child.wait()
+    assert why == "the job's process ended" and dom.calls == []
+
+
+CONFIG = ("add_grp_id=65400\nh_vmem=INFINITY\ns_vmem=INFINITY\njob_owner=alice\njob_id=17\n"
+          "ja_task_id=0\nqueue=all.q\n")
+
+
+def test_the_job_group_comes_from_this_jobs_config_only(tmp_path):
+    (tmp_path / "config").write_text(CONFIG)
+    conf = gridengine.read_spool_config(str(tmp_path))
+    assert gridengine.job_group(conf, "17", "0", "alice") == 65400
+    assert gridengine.job_group(conf, "17", "undefined", "alice") == 65400
+    for job, task, owner in (("18", "0", "alice"), ("17", "2", "alice"), ("17", "0", "bob")):
+        with pytest.raises(NodeError):
+            gridengine.job_group(conf, job, task, owner)
+    limited = gridengine.read_spool_config(str(tmp_path))
+    limited["h_vmem"] = "400M"     # execd would kill the job for QEMU's address space
+    assert gridengine.job_group(limited, "17", "0", "alice") is None
+    with pytest.raises(NodeError):
+        gridengine.job_group({**conf, "add_grp_id": "0"}, "17", "0", "alice")
+
+
+def test_a_config_that_is_a_link_is_not_read(tmp_path):
+    (tmp_path / "real").write_text(CONFIG)
+    (tmp_path / "config").symlink_to(tmp_path / "real")
+    assert gridengine.read_spool_config(str(tmp_path)) == {}
+
+
+def test_early_registration_writes_the_shepherds_file_owned_as_the_spool(tmp_path):
+    spool = tmp_path / "17.1"
+    spool.mkdir(mode=0o755)
+    gridengine.register_early(str(spool), 65400)
+    st = os.stat(spool / "addgrpid")
+    assert (spool / "addgrpid").read_text() == "65400\n"
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (os.stat(spool).st_uid,
+                                                          os.stat(spool).st_gid, 0o644)
+    assert sorted(os.listdir(spool)) == ["addgrpid"]
+    os.chmod(spool, 0o777)             # not execd's: refused, nothing written
+    os.unlink(spool / "addgrpid")
+    with pytest.raises(NodeError):
+        gridengine.register_early(str(spool), 65400)
+    assert os.listdir(spool) == []
+
+
+def test_outside_a_shepherd_there_is_no_job_group_and_no_watcher(tmp_path):
+    assert gridengine.shepherd_spool() is None        # pytest's parent is no sge_shepherd
+    assert gridengine.process_gid("17", "0", "alice") is None
+    assert gridengine.watcher(None, "17") is None
+
+
+def test_the_job_pid_file_is_read_bounded(tmp_path):
+    assert gridengine.read_job_pid(str(tmp_path)) is None
+    (tmp_path / "job_pid").write_text("4242\n")
+    assert gridengine.read_job_pid(str(tmp_path)) == 4242
+    (tmp_path / "job_pid").write_text("1\n")
+    assert gridengine.read_job_pid(str(tmp_path)) is None
+
+
+def test_torques_job_starter_is_the_session_leader_with_the_jobs_id():
+    """pbs_mom starts $job_starter as the leader of the job's session, with PBS_JOBID (seen on
+    6.1.3.h5); the watcher follows that process, and no process without both."""
+    from vibatch.batch import torque
+    code = "import time; time.sleep(30)"
+    leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                              env={"PBS_JOBID": "41.srv"})
+    member = subprocess.Popen([sys.executable, "-c", code], env={"PBS_JOBID": "42.srv"})
+    try:
+        wait_for(lambda: torque.job_starter_pid("41.srv", os.getuid()) == leader.pid)
+        assert torque.job_starter_pid("42.srv", os.getuid()) is None      # not a session leader
+        assert torque.job_starter_pid("41.srv", os.getuid() + 1) is None  # not the job user's
+        assert torque.job_starter_pid("41", os.getuid()) is None
+    finally:
+        for p in (leader, member):
+            p.kill()
+            p.wait()

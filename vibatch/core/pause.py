@@ -1,0 +1,132 @@
+"""Suspend and resume reach the guest: a root watcher, started detached by the prologue (through
+a batch system's adopter, core/adopt.py), mirrors the stopped state of the job's own process
+into its domain (docs/batch/*.md, "Suspend").
+
+A batch system suspends a job by stopping its processes (Grid Engine's default suspend_method
+sends SIGSTOP to the job's process group; HTCondor and Torque stop the job's processes too).
+The job's process on the host is vibatch's forwarder, which then stops; QEMU is libvirt's and
+would carry on. The watcher looks at one process only, the one the batch system itself names as
+the job (Grid Engine: ``job_pid`` in the job's spool directory), and only while it belongs to
+the job's user:
+- stopped (state ``T``): the domain is suspended (``virDomainSuspend``: no vCPU runs);
+- running again: the domain is resumed and the guest's clock set (``guest-set-time``).
+It acts on its own job's domain alone, chosen by root when it starts: the job's user can pause
+and resume that domain by stopping their own process, and nothing else. It ends when the job's
+process or the domain is gone, or at ``max_s``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from ..util import log_error
+
+POLL_S = 0.2           # how soon a stop or a continue reaches the domain
+WATCH_MAX_S = 30 * 86400   # the watcher ends with the job; at the latest, then
+STAT_MAX = 4096
+
+
+def process_state(pid: int, uid: Optional[int]) -> Optional[str]:
+    """The state letter of process ``pid`` (``/proc/PID/stat``) if it lives and is ``uid``'s
+    (any owner's if None); None otherwise (gone, a zombie, or its pid reused by someone else)."""
+    try:
+        fd = os.open(f"/proc/{int(pid)}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if uid is not None and os.fstat(fd).st_uid != uid:
+            return None
+        text = os.read(fd, STAT_MAX).decode(errors="replace")
+    finally:
+        os.close(fd)
+    rest = text.rpartition(")")[2].split()    # the name before ")" may hold anything
+    return rest[0] if rest and rest[0] not in ("Z", "X") else None    # a zombie has ended
+
+
+def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: float,
+           on_resume: Callable[[Any], None], vm_pids: Sequence[int] = (),
+           start_s: float = 600) -> str:
+    """Mirror the job's process into ``dom`` until one of them ends; returns why it stopped.
+    ``job_pid()``: the job's process (None until the batch system has started it, at most
+    ``start_s``). ``vm_pids``: QEMU and its helpers; when the batch system stops them itself
+    (Grid Engine's addgrpid signal reaches a QEMU that carries the job's group), the guest is
+    frozen already, and a monitor call to a stopped QEMU would hang: then only the clock is set
+    once they run again."""
+    import libvirt   # noqa: PLC0415 - only the detached watcher needs it
+
+    def vm_stopped() -> bool:
+        return any(process_state(p, None) == "T" for p in vm_pids)
+
+    end = time.monotonic() + max_s
+    started = time.monotonic() + start_s
+    pid: Optional[int] = None
+    paused = frozen = False
+    while time.monotonic() < end:
+        if pid is None:
+            pid = job_pid()
+            if pid is None and time.monotonic() > started:
+                return "the job's process never started"
+        if pid is not None:
+            letter = process_state(pid, uid)
+            if letter is None:
+                return "the job's process ended"
+            try:
+                if letter == "T" and not (paused or frozen):
+                    if vm_stopped():
+                        frozen = True
+                    elif dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                        dom.suspend()
+                        paused = True
+                elif letter != "T" and frozen and not vm_stopped():
+                    frozen = False
+                    on_resume(dom)
+                elif letter != "T" and paused and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                    dom.resume()
+                    paused = False
+                    on_resume(dom)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN or not _active(dom):
+                    return "the domain ended"
+                raise
+        time.sleep(POLL_S)
+    return "the watcher's time ran out"
+
+
+def watcher(cfg: Any, job_id: str, job_pid: Callable[[], Optional[int]], uid: int,
+            max_s: float = WATCH_MAX_S) -> Callable[[Sequence[int]], None]:
+    """What an adapter's ``adopter`` returns (core/adopt.py): given the VM's pids, start the
+    detached root watcher of job ``job_id``'s domain, which follows ``job_pid()``."""
+    def watch(pids: Sequence[int]) -> None:
+        from ..vm import hypervisor   # noqa: PLC0415
+        from .jobdir import JobPaths   # noqa: PLC0415
+        dom = hypervisor.lookup(hypervisor.connect(cfg.libvirt_uri),
+                                JobPaths.of(cfg, job_id).domain)
+        if dom is not None:
+            follow(dom, job_pid, uid, max_s - 60, set_clock, pids)
+
+    def start(pids: Sequence[int]) -> None:
+        from .adopt import detach   # noqa: PLC0415
+        detach(lambda: watch(pids), int(max_s))
+    return start
+
+
+def _active(dom: Any) -> bool:
+    import libvirt   # noqa: PLC0415
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
+
+
+def set_clock(dom: Any) -> None:
+    """After a resume: the guest's clock to the host's (the guest stood still meanwhile)."""
+    from ..vm.agent import LibvirtAgent   # noqa: PLC0415
+    from .lifecycle import _set_clock     # noqa: PLC0415 - the one place that knows qemu-ga's quirk
+    try:
+        _set_clock(LibvirtAgent(dom))
+    except Exception as e:  # noqa: BLE001 - the job goes on with a late clock
+        log_error(f"setting the clock of {dom.name()} after a resume", e)
+
+
+__all__ = ["WATCH_MAX_S", "follow", "process_state", "set_clock", "watcher"]
