@@ -33,12 +33,14 @@ BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 MAX_SERIES = 200          # phase and failure series kept in the counters file, at most
 COUNTERS_LOCK_S = 2.0     # a hook waits this long for the counters, then skips them
 PHASE_LOG_MAX = 64 << 20
+_ATTR = "vibatch_phases"  # set on a prologue's exception: the phases it went through
+
+
 def start_kind(result: Any) -> str:
     """``warm`` (restored from a template) or ``cold`` (booted from its image): the prologue's
     JobState or the epilogue's record say which; a failed run counts as cold."""
     start = result.get("start") if isinstance(result, dict) else getattr(result, "start", None)
     return "warm" if start == "warm" else "cold"
-_ATTR = "vibatch_phases"  # set on a prologue's exception: the phases it went through
 
 
 # --- the hooks' side -----------------------------------------------------------------------
@@ -71,11 +73,13 @@ def _observe(cfg: Config, hook: str, job_id: str, result: Any, exc: Optional[Bas
              seconds: float) -> None:
     try:
         phases, failure = _outcome(hook, result, exc)
+        start = start_kind(result)
     except Exception as e:  # noqa: BLE001 - metrics never fail a job
         log_error(f"metrics after the {hook} of job {job_id}", e)
         return
-    for step in (lambda: log_phases(cfg, hook, str(job_id), phases, seconds, failure, result),
-                 lambda: count(cfg, hook, phases, seconds, failure, start_kind(result)),
+    for step in (lambda: log_phases(cfg, hook, str(job_id), phases, seconds, failure, result,
+                                    start),
+                 lambda: count(cfg, hook, phases, seconds, failure, start),
                  lambda: write(cfg)):
         try:   # each on its own: a log that cannot be written still leaves the counters
             step()
@@ -95,12 +99,12 @@ def _outcome(hook: str, result: Any, exc: Optional[BaseException]
 
 
 def log_phases(cfg: Config, hook: str, job_id: str, phases: dict, seconds: float,
-               failure: Optional[tuple[str, str, str]], result: Any = None) -> None:
-    """One line per phase and one for the outcome, each with ``job=``."""
+               failure: Optional[tuple[str, str, str]], result: Any = None,
+               start: str = "cold") -> None:
+    """One line per phase and one for the outcome, each with ``job=`` and ``start=``."""
     where = cfg.logs.phases
     if not where:
         return
-    start = start_kind(result)
     lines = [kv(job=job_id, hook=hook, phase=name, seconds=f"{secs:.3f}", start=start)
              for name, secs in phases.items()]
     end: dict[str, Any] = {"job": job_id, "hook": hook, "result": "ok", "seconds": f"{seconds:.3f}"}
