@@ -205,14 +205,19 @@ class FakeUserAgent:
     def session(self, _timeout: float) -> Iterator[None]:
         yield
 
-    def run(self, path: str, args, deadline, env=None, what: str = "command") -> ExecStatus:
+    setuid = None    # a test's broken image: the agent runs as this uid instead
+
+    def read_file(self, path: str, max_bytes: int, timeout: float = 10.0) -> bytes:
+        assert path == "/proc/self/status"
         job = os.path.basename(os.path.dirname(self.path))
         dom = FakeDomain(FakeConn(self.hv), "vibatch-" + job)
         try:
             meta = read_metadata(dom.XMLDesc())
         except libvirt.libvirtError:
             raise AgentError("lost the job's VM") from None
-        return ExecStatus(exited=True, exitcode=0, out=f"{meta['uid']}\n{meta['gid']}\n".encode())
+        uid = meta["uid"] if self.setuid is None else self.setuid
+        return (f"Name:\tqemu-ga\nUid:\t{meta['uid']}\t{uid}\t{meta['uid']}\t{meta['uid']}\n"
+                f"Gid:\t{meta['gid']}\t{meta['gid']}\t{meta['gid']}\t{meta['gid']}\n").encode()
 
 
 def fake_check_workdir(path, uid, gid, groups, label="working directory") -> None:

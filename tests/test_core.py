@@ -10,7 +10,7 @@ import stat
 import pytest
 import yaml
 
-from fakes import FakeHypervisor, FakeRootAgent, fake_node
+from fakes import FakeHypervisor, FakeRootAgent, FakeUserAgent, fake_node
 from imagehelp import make_disk
 from vibatch import config
 from vibatch.core import faultpoints, jobstore, lifecycle
@@ -172,6 +172,28 @@ def test_failed_prologue_undoes_and_accounts(site):
     assert remains(cfg, hv) == []
     [rec] = records(cfg)
     assert rec["vm_end"] == "destroyed" and rec["ended_by"] == "prologue"
+
+
+def test_user_agent_with_another_uid_is_refused(site):
+    """A guest whose user agent runs with root's effective uid (its real uid the job user's)
+    is not handed to the job: the prologue fails as the node's fault and undoes everything."""
+    cfg, hv, work = site
+    FakeUserAgent.setuid = 0
+    try:
+        with pytest.raises(BootFailed, match=r"uids \(\d+, 0, \d+, \d+\).*refusing"):
+            lifecycle.prologue(fake_node(cfg, hv), request(cfg, work))
+    finally:
+        FakeUserAgent.setuid = None
+    assert remains(cfg, hv) == []
+    [rec] = records(cfg)
+    assert rec["vm_end"] == "destroyed" and rec["ended_by"] == "prologue"
+
+
+def test_proc_ids_reads_all_four_ids():
+    assert lifecycle.proc_ids(b"Name:\tx\nUid:\t5\t6\t7\t8\nGid:\t1\t1\t1\t2\n") == \
+        ((5, 6, 7, 8), (1, 1, 1, 2))
+    with pytest.raises(ValueError):
+        lifecycle.proc_ids(b"Name:\tx\nUid:\t5\n")
 
 
 def test_vm_that_never_started_says_so(site):

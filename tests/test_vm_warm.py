@@ -7,8 +7,8 @@ the module made is removed at its end, so no other module's job starts warm.
 - warm and cold give the same results for what `vibatch image test` checks (its own checks,
   run on a warm and on a cold job: user, cores, memory, shares, exit codes, signals, network
   none and nat), and the record says which start each was;
-- every warm VM is a new machine: machine id, host name, RNG output (also before vibatch's seed is
-  written: the VM generation id alone), boot id, and a file one job wrote anywhere in its
+- every warm VM is a new machine: machine id, host name, clock, RNG output (also before
+  vibatch's seed is written: the VM generation id alone), boot id, and a file one job wrote anywhere in its
   guest is not in the next one's; the template's files are never written;
 - old state is not used: a replaced image's template, a truncated or corrupt state file;
 - a restore that fails (QEMU dies in it; the prologue is killed in it) falls back to a boot,
@@ -21,6 +21,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -201,25 +202,34 @@ def with_machine_id(vm_env, warm):
 def test_every_warm_vm_is_a_new_machine(vm_env, tracker, with_machine_id, harness):
     """Two warm jobs of one template, the second started while the first runs. Each is stopped
     before its guest setup (the harness's SIGSTOP at the `booted` point) to read its RNG before
-    vibatch writes its own seed: what separates them then is the VM generation id's reseed."""
+    vibatch writes its own seed: what separates them then is the VM generation id's reseed.
+    There its clock is also set an hour back; once set up, it is the host's."""
     from vibatch.vm.guestsetup import host_name
     t = with_machine_id
     a, b = tracker.job_id("a"), tracker.job_id("b")
-    seen = {}
+    seen, behind = {}, {}
     for job in (a, b):
         p = harness.popen("prologue", "--job", job, "--user", harness.user, *SHAPE,
                           "--workdir", harness.workdir, "--image", "warmmid", armed="booted",
                           action="SIGSTOP")
         wait_for(lambda: harness.stopped(p) or p.poll() is not None, 60, "prologue at booted")
-        st, early, err = guest_root(vm_env, job, "head -c 16 /dev/urandom | od -An -tx1")
+        # and its clock an hour late, as a template's is under KVM (kvmclock resumes where it
+        # was saved; under TCG the guest's TSC has moved on, and its clock with it)
+        st, early, err = guest_root(vm_env, job, 'head -c 16 /dev/urandom | od -An -tx1; '
+                                    'date -u -s "@$1" >/dev/null; date +%s', str(int(time.time()) - 3600))
         assert st == 0, err
+        early, late_clock = early.rsplit("\n", 2)[:2]
+        behind[job] = time.time() - int(late_clock)
         os.kill(p.pid, signal.SIGCONT)
         rc, _, err = harness.run(p)
         assert rc == 0, err
         assert harness.state(job)["template"] == t.id
-        st, out, err = guest_root(vm_env, job, PROBE)
+        st, out, err = guest_root(vm_env, job, PROBE + '; echo "clock=$(date +%s)"')
+        now = time.time()
         assert st == 0, err
         seen[job] = dict(line.split("=", 1) for line in out.splitlines())
+        # the guest setup set the clock: within a second (busybox's date sets whole seconds)
+        assert -1.5 < now - int(seen[job].pop("clock")) < 1.5, (job, now, out)
         seen[job]["early_rng"] = early.split()
         assert seen[job]["hostname"] == host_name(socket.gethostname(), job)
         assert seen[job]["machine_id"] not in ("", BAKED_ID)
@@ -232,6 +242,7 @@ def test_every_warm_vm_is_a_new_machine(vm_env, tracker, with_machine_id, harnes
     assert st == 0 and out == "", (out, err)
     for key in ("early_rng", "machine_id", "boot_id", "hostname", "rng"):
         assert seen[a][key] != seen[b][key], key
+    assert all(3590 < late < 3610 for late in behind.values()), behind
     for job in (a, b):
         assert down(vm_env, job)["start"] == "warm"
     assert snapshot(t) == AS_BUILT[t.id]        # no job wrote to the template

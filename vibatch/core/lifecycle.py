@@ -27,7 +27,7 @@ from ..vm.domain import DomainSpec, Share, IO_TAG, WORKDIR_TAG, read_metadata, r
 from ..errors import (BootFailed, ConfigError, HypervisorError, JobAlreadyRunning, LockTimeout,
                       MissingWorkdir, NodeError, ResourceRequestError, VibatchError)
 from ..vm.guestsetup import (GUEST_IO_DIR, JOB_FEATURES, MACHINE_FEATURES, SetupArgs,
-                             fresh_machine)
+                             clock_base, fresh_machine)
 from .jobdir import DOMAIN_PREFIX, JobPaths, console_tail
 from ..images.library import IN_USE_UNKNOWN, Image, Library
 from .node import capacity
@@ -292,7 +292,8 @@ def _bring_up(node: Node, req: JobRequest, rec: jobstore.Record, image: Image, s
         _setup_guest(node, root_agent, node.user_agent(paths.socket), req, slot, paths,
                      Deadline(cfg.vm.setup_timeout_s), int(rec.state.started_at or time.time()),
                      rec.state.scratch_bytes, site,
-                     network.guest_net(cfg, rec.state.network or "none", slot.cpus))
+                     network.guest_net(cfg, rec.state.network or "none", slot.cpus),
+                     restored=rec.state.start == "warm")
     faultpoints.point("set_up")
 
 
@@ -354,7 +355,8 @@ def _restore(node: Node, rec: jobstore.Record, spec: DomainSpec, tpl: template.T
              slot: Slot, timer: PhaseTimer) -> Any:
     """Restore the template as the job's own domain (its name, a new UUID and VM generation
     id, its CPUs, memory cap and overlay), plug in the job's shares, scratch disk and NIC, and
-    set the guest's clock. Any failure here is the node's: the caller boots instead."""
+    leave the guest's clock to the setup (its template's save time until then). Any failure
+    here is the node's: the caller boots instead."""
     cfg, paths = node.cfg, rec.paths
     with timer.phase("restore"):
         rec.set(jobstore.DOMAIN, accel=spec.accel, start="warm", template=tpl.id)
@@ -372,7 +374,6 @@ def _restore(node: Node, rec: jobstore.Record, spec: DomainSpec, tpl: template.T
     with timer.phase("agent"):
         root_agent = node.root_agent(dom)
         _wait_for_agent(root_agent, Deadline(cfg.vm.boot_timeout_s), cfg.vm.boot_timeout_s)
-        _set_clock(root_agent)
     with timer.phase("hotplug"):
         for device in spec.hotplugged():
             try:
@@ -389,17 +390,6 @@ def _raise_if_share_refused(spec: DomainSpec) -> None:
     why = share.refusal([s.source for s in spec.shares])
     if why:
         raise MissingWorkdir(why) from None
-
-
-def _set_clock(agent: Any) -> None:
-    """The restored guest's clock still shows the template's save time. qemu-ga sets the
-    system time first and then runs hwclock, which a stock image may lack (Debian 12 has no
-    /sbin/hwclock without util-linux-extra): that error alone is not a failure."""
-    try:
-        agent.command("guest-set-time", {"time": time.time_ns()}, 10.0)
-    except AgentError as e:
-        if "hwclock" not in str(e):
-            raise
 
 
 def site_shares(cfg: Config, image: Image) -> list[tuple[str, str]]:
@@ -536,12 +526,13 @@ def _wait_for_agent(agent: Any, deadline: Deadline, timeout: float) -> None:
         if deadline.expired():
             raise BootFailed(f"the guest agent did not answer within {timeout:g} s of boot "
                              "(see the console below)")
-        time.sleep(min(0.1, deadline.remaining()))
+        time.sleep(min(0.02, deadline.remaining()))
 
 
 def _setup_guest(node: Node, root_agent: Any, user_agent: Any, req: JobRequest, slot: Slot,
                  paths: JobPaths, deadline: Deadline, started: int, scratch_bytes: int,
-                 site: list[tuple[str, str]], net: Optional[network.GuestNet]) -> None:
+                 site: list[tuple[str, str]], net: Optional[network.GuestNet],
+                 restored: bool = False) -> None:
     u, cfg = req.user, node.cfg
     tmpdir = cfg.scratch.mount if scratch_bytes else ""
     setup = SetupArgs(u.name, u.uid, u.gid, u.home, req.workdir,
@@ -554,18 +545,20 @@ def _setup_guest(node: Node, root_agent: Any, user_agent: Any, req: JobRequest, 
                       fresh=fresh_machine(socket.gethostname(), req.job_id),
                       deadline_s=walltime.guest_deadline_s(cfg, req.walltime_s))
     try:
+        if restored:
+            setup = dataclasses.replace(setup, clock_cs=clock_base(root_agent))
         res = root_agent.run("/bin/sh", setup.argv(), deadline, what="guest setup")
-    except AgentError as e:
+    except (AgentError, ValueError, IndexError) as e:
         raise BootFailed(f"guest setup failed: {e}") from None
     if res.wait_status != 0:
         msg = res.err.decode(errors="replace").strip() or f"exit status {res.wait_status}"
         raise BootFailed(f"guest setup failed: {msg.splitlines()[-1]}",
                          detail=res.err.decode(errors="replace"))
     # The job user owns the io folder (_start_shares) and, once proven, the agent endpoint.
-    ids = _wait_for_user_agent(user_agent, deadline)
-    if ids != (u.uid, u.gid):
-        raise BootFailed(f"the guest's user agent runs as uid/gid {ids}, expected "
-                         f"{u.uid}/{u.gid}; refusing to hand it to the job")
+    uids, gids = _wait_for_user_agent(user_agent, deadline)
+    if set(uids) != {u.uid} or set(gids) != {u.gid}:
+        raise BootFailed(f"the guest's user agent runs as uids {uids} and gids {gids}, "
+                         f"expected {u.uid}/{u.gid}; refusing to hand it to the job")
     give_to(paths.socket, u.uid, u.gid, 0o600)
     os.chmod(paths.run, 0o711)   # only now can anyone but root reach the socket at all
     jobstore.JobInfo(job_id=req.job_id, uid=u.uid, gid=u.gid, user=u.name, home=u.home,
@@ -582,17 +575,30 @@ def job_features(node: Node, job_id: str, cores: int, memory_mb: int,
                            scratch_bytes)
 
 
-def _wait_for_user_agent(agent: Any, deadline: Deadline) -> tuple[int, int]:
+def _wait_for_user_agent(agent: Any, deadline: Deadline) -> tuple[tuple[int, ...], ...]:
+    """The user agent's real, effective, saved and file-system uids and gids, from its own
+    ``/proc/self/status`` (read by the agent: no process started in the guest)."""
     while True:
         try:
             with agent.session(max(1.0, deadline.remaining())):
-                res = agent.run("/bin/sh", ["-c", "id -u; id -g"], deadline, what="id")
-            out = res.out.decode().split()
-            return int(out[0]), int(out[1])
-        except (AgentError, ValueError, IndexError):
+                status = agent.read_file("/proc/self/status", 16384, max(1.0, deadline.remaining()))
+            return proc_ids(status)
+        except (AgentError, ValueError):
             if deadline.expired():
                 raise BootFailed("the job user's agent did not answer in time") from None
-            time.sleep(min(0.05, deadline.remaining()))
+            time.sleep(min(0.02, deadline.remaining()))
+
+
+def proc_ids(status: bytes) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(uids, gids) of a ``/proc/PID/status`` text; ValueError unless it has both lines."""
+    found = {}
+    for line in status.decode(errors="replace").splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Uid", "Gid"):
+            found[key] = tuple(int(v) for v in rest.split())
+    if len(found.get("Uid", ())) != 4 or len(found.get("Gid", ())) != 4:
+        raise ValueError("no Uid/Gid lines")
+    return found["Uid"], found["Gid"]
 
 
 def _undo(node: Node, rec: jobstore.Record, exc: BaseException) -> None:

@@ -120,11 +120,17 @@ def _active(dom: Any) -> bool:
 
 
 def set_clock(dom: Any) -> None:
-    """After a resume: the guest's clock to the host's (the guest stood still meanwhile)."""
-    from ..vm.agent import LibvirtAgent   # noqa: PLC0415
-    from .lifecycle import _set_clock     # noqa: PLC0415 - the one place that knows qemu-ga's quirk
+    """After a resume: the guest's clock to the host's (the guest stood still meanwhile), by
+    the agent's guest-set-time. qemu-ga sets the system time first and then runs hwclock -w
+    (which busy-waits up to a second, off the job's start here); an image without
+    /sbin/hwclock makes that fail, which alone is not a failure."""
+    from ..vm.agent import AgentError, LibvirtAgent   # noqa: PLC0415
     try:
-        _set_clock(LibvirtAgent(dom))
+        try:
+            LibvirtAgent(dom).command("guest-set-time", {"time": time.time_ns()}, 10.0)
+        except AgentError as e:
+            if "hwclock" not in str(e):
+                raise
     except Exception as e:  # noqa: BLE001 - the job goes on with a late clock
         log_error(f"setting the clock of {dom.name()} after a resume", e)
 

@@ -65,6 +65,16 @@ class Agent:
                           out=base64.b64decode(r.get("out-data", "")),
                           err=base64.b64decode(r.get("err-data", "")))
 
+    def read_file(self, path: str, max_bytes: int, timeout: float = 10.0) -> bytes:
+        """At most ``max_bytes`` of the guest file ``path``, read by the agent itself (no
+        process started in the guest: ``/proc/self`` is the agent's own)."""
+        handle = self.command("guest-file-open", {"path": path, "mode": "r"}, timeout)
+        try:
+            r = self.command("guest-file-read", {"handle": handle, "count": max_bytes}, timeout)
+        finally:
+            self.command("guest-file-close", {"handle": handle}, timeout)
+        return base64.b64decode(r.get("buf-b64", ""))[:max_bytes]
+
     def run(self, path: str, args: Sequence[str], deadline: Deadline,
             env: Optional[Sequence[str]] = None, what: str = "command") -> ExecStatus:
         """Run to completion with captured output, polling until ``deadline``."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from .domain import IO_TAG, USER_AGENT_PORT, WORKDIR_TAG
 
@@ -21,8 +22,8 @@ GUEST_AGENT_STATE = "/run/vibatch/agent"
 WALLTIME_PID = "/run/vibatch/walltime.pid"           # the guest's walltime timer (t:SECONDS)
 
 # $1 name  $2 uid  $3 gid  $4 home  $5 workdir  $6 io dir  $7 agent state dir
-# $8 machine features dir  $9 job features dir  then r:SEED i:MACHINE-ID h:HOSTNAME (a fresh
-# machine), m:KEY=VALUE / j:KEY=VALUE, one per feature, s:TAG=PATH per site share,
+# $8 machine features dir  $9 job features dir  then c:CENTISECONDS (a restored guest's clock:
+# the host's time when the guest's uptime was 0), r:SEED i:MACHINE-ID h:HOSTNAME (a fresh machine), m:KEY=VALUE / j:KEY=VALUE, one per feature, s:TAG=PATH per site share,
 # x:SERIAL=PATH for the scratch disk, n:MAC=ADDR,GW,DNS for the NIC,
 # t:SECONDS (last): power the guest off that long from now (the job's walltime plus grace)
 SETUP_SCRIPT = r"""
@@ -44,9 +45,16 @@ nic_by_mac() { for i in /sys/class/net/*; do line a "$i/address" && [ "$a" = "$1
 
 # a fresh machine first (r: RNG seed, i: machine id, h: host name): a restored template's
 # guest would otherwise share them with every other job restored from it. The host name is the
-# kernel's (and resolves, through /etc/hosts); /etc/hostname stays the image's own
+# kernel's (and resolves, through /etc/hosts); /etc/hostname stays the image's own. Before them,
+# a restored guest's clock (c:): the host's time at the guest's uptime 0, plus the uptime now.
+# By date, not by the agent's guest-set-time, whose hwclock -w busy-waits up to a second for the
+# RTC's next half second (busybox's date sets whole seconds only: then rounded)
 while [ $# -gt 0 ]; do
   case $1 in
+    c:*) read -r u _ < /proc/uptime; f=${u#*.}
+         t=$(( ${1#c:} + ${u%.*} * 100 + ${f#0} )); f=$((t % 100)); [ $f -gt 9 ] || f=0$f
+         date -u -s "@$((t / 100)).$f" >/dev/null 2>&1 || date -u -s "@$(((t + 50) / 100))" >/dev/null ||
+           fail "cannot set the clock" ;;
     r:*) printf '%s' "${1#r:}" > /dev/urandom || fail "cannot seed the RNG" ;;
     i:*) [ ! -f /etc/machine-id ] || printf '%s\n' "${1#i:}" > /etc/machine-id || fail "cannot write /etc/machine-id" ;;
     h:*) printf '%s' "${1#h:}" > /proc/sys/kernel/hostname || fail "cannot set the host name"
@@ -80,15 +88,26 @@ if [ -z "$known" ]; then
   elif have adduser; then adduser -D -H -u "$uid" -G "$group" -h "$home" -s /bin/sh "$name" || fail "adduser $name failed"
   else echo "$name:x:$uid:$gid:vibatch job user:$home:/bin/sh" >> /etc/passwd || fail "cannot write /etc/passwd"; fi
 fi
-if [ ! -d "$home" ]; then mkdir -p "$home" && chown "$uid:$gid" "$home" && chmod 700 "$home"; fi
 
-# the job's working directory at the same path, the per-job I/O folder, and the HEPiX
-# Machine/Job Features directories (root's files, 0644 in 0755 directories)
+# One process per kind of work (each exec costs 50-70 ms on a stock image under emulation):
+# every directory in one mkdir (0755 by the umask: the HEPiX Machine/Job Features directories
+# and their files are root's, 0644 in 0755), the job user's home (if new), agent state and
+# virtio-serial port in one chown and one chmod, before any share hides a path. Then the job's
+# working directory at the same path and the per-job I/O folder.
+umask 022
+newhome=
+[ -d "$home" ] || newhome=$home
+mkdir -p ${newhome:+"$home"} "$wd" "$io" "$mf" "$jf" "$st" || fail "cannot create $wd, $io, $mf, $jf or $st"
+port=
+for p in /sys/class/virtio-ports/*; do
+  line n "$p/name" && [ "$n" = "$PORT" ] && port=/dev/${p##*/}
+done
+[ -n "$port" ] || fail "no virtio-serial port named $PORT"
+chown "$uid:$gid" "$port" "$st" ${newhome:+"$home"} && chmod u=rwX,go= "$port" "$st" ${newhome:+"$home"} ||
+  fail "cannot hand $port and $st to the job user"
 [ -d /sys/module/virtiofs ] || { have modprobe && modprobe virtiofs 2>/dev/null; }
-mkdir -p "$wd" "$io" "$mf" "$jf" "$st" || fail "cannot create $wd, $io, $mf, $jf or $st"
 settle vfs "$TAG_WD" "$wd" || fail "cannot mount the working directory on $wd"
 settle vfs "$TAG_IO" "$io" || fail "cannot mount the I/O folder on $io"
-chmod 755 "${mf%/*}" "$mf" "$jf" || fail "cannot open $mf or $jf to the job"
 # site shares (s:TAG=PATH), read-only at their host path, and the scratch disk (x:SERIAL=PATH),
 # the job user's
 for kv in "$@"; do
@@ -130,21 +149,16 @@ for kv in "$@"; do
   kv=${kv#?:}
   printf '%s\n' "${kv#*=}" > "$d/${kv%%=*}" || fail "cannot write $d/${kv%%=*}"
 done
-chmod 644 "$mf"/* "$jf"/* 2>/dev/null
 
-# a second qemu-guest-agent, as the job user, on the job's own virtio-serial port
-port=
-for p in /sys/class/virtio-ports/*; do
-  line n "$p/name" && [ "$n" = "$PORT" ] && port=/dev/${p##*/}
-done
-[ -n "$port" ] || fail "no virtio-serial port named $PORT"
-ga=$(command -v qemu-ga) || for g in /usr/bin/qemu-ga /usr/sbin/qemu-ga /usr/libexec/qemu-ga; do [ -x "$g" ] && ga=$g && break; done
+# a second qemu-guest-agent, as the job user, on the job's own virtio-serial port. util-linux's
+# setpriv first (no PAM session to open: a third of a second less than runuser on Debian under
+# emulation); busybox's setpriv has no --reuid and refuses at once, so then runuser, or su
+ga=
+for d in /usr/local/sbin /usr/local/bin /usr/sbin /usr/bin /sbin /bin /usr/libexec; do [ -x "$d/qemu-ga" ] && ga=$d/qemu-ga && break; done
 [ -n "$ga" ] || fail "qemu-ga not found"
-chown "$uid:$gid" "$port" "$st" && chmod 600 "$port" && chmod 700 "$st" || fail "cannot hand $port and $st to the job user"
 set -- "$ga" -d -m virtio-serial -p "$port" -t "$st" -f "$st/qemu-ga.pid"
-if have runuser; then runuser -u "$name" -- "$@" || fail "cannot start the user agent"
-elif have setpriv && setpriv --help 2>&1 | grep -q reuid; then
-  setpriv --reuid="$uid" --regid="$gid" --clear-groups -- "$@" || fail "cannot start the user agent"
+if have setpriv && setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@" 2>/dev/null; then :
+elif have runuser; then runuser -u "$name" -- "$@" || fail "cannot start the user agent"
 else  # POSIXLY_CORRECT: stop option parsing at the user name, so qemu-ga's options pass through
   POSIXLY_CORRECT=1 su -s /bin/sh -c 'exec "$0" "$@"' "$name" "$@" || fail "cannot start the user agent"
 fi
@@ -164,6 +178,7 @@ class SetupArgs:
     scratch: Optional[tuple[str, str]] = None  # (disk serial, guest path)
     net: Optional[str] = None          # n:MAC=ADDRESS/PREFIX,GATEWAY,DNS (network.GuestNet.arg)
     fresh: tuple[str, ...] = ()        # r:SEED i:MACHINE-ID h:HOSTNAME (fresh_machine)
+    clock_cs: Optional[int] = None     # c:CENTISECONDS, a restored guest's clock (clock_base)
     deadline_s: Optional[int] = None   # t:SECONDS, the guest powers off then (walltime + grace)
 
     def argv(self) -> list[str]:
@@ -171,10 +186,20 @@ class SetupArgs:
                   f"WALLTIME_PID={WALLTIME_PID}\n" + SETUP_SCRIPT)
         return ["-c", script, "vibatch-setup", self.name, str(self.uid), str(self.gid), self.home,
                 self.workdir, GUEST_IO_DIR, GUEST_AGENT_STATE, MACHINE_FEATURES, JOB_FEATURES,
+                *([f"c:{self.clock_cs}"] if self.clock_cs is not None else []),
                 *self.fresh, *self.features, *(f"s:{tag}={path}" for tag, path in self.shares),
                 *([f"x:{self.scratch[0]}={self.scratch[1]}"] if self.scratch else []),
                 *([self.net] if self.net else []),
                 *([f"t:{self.deadline_s}"] if self.deadline_s else [])]   # last (issue 11)
+
+
+def clock_base(agent: Any) -> int:
+    """The host's time, in centiseconds since the epoch, at which the guest's uptime was 0:
+    the guest's ``/proc/uptime``, read by its root agent (no process), against the host's
+    clock at the middle of the read. The setup adds the uptime then current (c:)."""
+    t0 = time.time()
+    uptime = float(agent.read_file("/proc/uptime", 64).split()[0])
+    return round(((t0 + time.time()) / 2 - uptime) * 100)
 
 
 def fresh_machine(node: str, job_id: str) -> tuple[str, ...]:
