@@ -381,3 +381,23 @@ def test_a_vm_session_with_a_live_leader_is_not_adopted(monkeypatch):
     got = torque.vm_sessions([10, 20])
     assert list(got) == [9] and got[9]["pid"] == 10 and got[9]["ppid"] == 1
     assert "session 20" in logged[0] and "live leader" in logged[0]
+
+
+def test_a_job_with_a_vmem_limit_keeps_its_vm_out_of_pbs_mom(monkeypatch):
+    """pbs_mom kills a job whose summed address space passes its vmem/pvmem (mom_over_limit);
+    QEMU's alone is larger than the guest's memory: such a job's VM is not adopted (the suspend
+    watcher still starts); any other job's is."""
+    argv = ["7.srv", "u", "u", "job.sh", "nodes=1:ppn=1,walltime=00:10:00,vmem=2gb,neednodes=1",
+            "batch", "", "/x"]
+    assert torque.SYSTEM.asking_env({}, argv) == {"vmem_limited": "1"}
+    argv[4] = "nodes=1:ppn=1,walltime=00:10:00,mem=2gb,neednodes=1"
+    assert torque.SYSTEM.asking_env({}, argv) == {}
+    watched, adopted = [], []
+    monkeypatch.setattr(torque, "job_uid", lambda cfg, job: 1000)
+    monkeypatch.setattr(torque, "watcher", lambda cfg, job: watched.append)
+    monkeypatch.setattr(torque, "adopt_vm", lambda cfg, job, uid, pids: adopted.append(pids) or {})
+    cfg = config.Config()
+    assert torque.adopter(cfg, "7.srv", {"vmem_limited": "1"})([5, 6]) == {}
+    assert watched == [[5, 6]] and adopted == []
+    torque.adopter(cfg, "8.srv", {})([5, 6])
+    assert adopted == [[5, 6]]

@@ -295,9 +295,16 @@ def adopt_vm(cfg: Config, job_id: str, uid: int, pids: Sequence[int],
     return sessions
 
 
-def adopter(cfg: Config, job_id: str) -> Optional[Callable[[Sequence[int]], dict]]:
-    """The suspend watcher, then the VM's sessions handed to pbs_mom (adopt_vm; not with
-    ``torque.mom_manager_port: 0``)."""
+VMEM_LIMITS = ("vmem", "pvmem")    # pbs_mom enforces these on the summed address space
+VMEM_KEY = "vmem_limited"         # in the record's batch_env: the job has one of them
+
+
+def adopter(cfg: Config, job_id: str, env: dict
+            ) -> Optional[Callable[[Sequence[int]], dict]]:
+    """The suspend watcher, then the VM's sessions handed to pbs_mom (adopt_vm). Not with
+    ``torque.mom_manager_port: 0``, and not for a job with a vmem or pvmem limit: pbs_mom kills
+    a job whose processes' address space passes it, and QEMU's alone (3.4 GiB seen for an
+    800 MiB guest) is larger than the guest's memory."""
     uid = job_uid(cfg, job_id)
     if uid is None:
         return None
@@ -306,7 +313,7 @@ def adopter(cfg: Config, job_id: str) -> Optional[Callable[[Sequence[int]], dict
     def adopt(pids: Sequence[int]) -> dict:
         if watch is not None:
             watch(pids)          # detaches the watcher and returns at once
-        if not cfg.torque.mom_manager_port:
+        if not cfg.torque.mom_manager_port or env.get(VMEM_KEY):
             return {}
         return {str(sid): info for sid, info in adopt_vm(cfg, job_id, uid, pids).items()}
     return adopt
@@ -358,7 +365,11 @@ class Torque(BatchSystem):
     def adopter(self, cfg: Config, job_id: str, env: dict
                 ) -> Optional[Callable[[Sequence[int]], None]]:
         """The suspend watcher, and the VM's sessions adopted into the job (adopt_vm)."""
-        return adopter(cfg, job_id)
+        return adopter(cfg, job_id, env)
+
+    def asking_env(self, env: dict, argv: Sequence[str] = ()) -> dict:
+        limits = parse_limits(argv[4]) if len(argv) > 4 else {}
+        return {VMEM_KEY: "1"} if any(limits.get(k) for k in VMEM_LIMITS) else {}
 
     def before_epilogue(self, cfg: Config, job_id: str, exit_code: Optional[int]) -> None:
         if exit_code is None or exit_code >= 0:   # the job ran: its prologue's faults are history
