@@ -254,7 +254,7 @@ class FakeBatchSystem(BatchSystem):
                      "epilogue": exits(ok=0, job=0, node=21),
                      "starter": exits(ok=AS_IS, job=STARTER_FAILED, node=STARTER_FAILED)}
 
-    def asking_env(self, env) -> dict:
+    def asking_env(self, env, argv=()) -> dict:
         return {"FAKE_CONF": env["FAKE_CONF"]} if "FAKE_CONF" in env else {}
 
     def check_args(self, hook: str, argv) -> Optional[str]:

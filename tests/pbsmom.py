@@ -21,6 +21,17 @@ to their results. See docs/batch/torque.md, "The contract, as observed".
   -14). The job's exit_status is the starter's exit code, or 256 + N after signal N. qdel is
   SIGTERM to the job's session. ``qsig -s suspend`` is SIGTSTP to the job starter, then
   (5 s later) SIGSTOP to the job's session; ``-s resume`` SIGCONT (seen on 6.1.3.h5).
+- its TM port (``TmPort``, the manager port pbs_mom serves TM requests on): ``TM_ADOPT_JOBID``
+  from a local address is taken for a running job whatever the caller's uid (0, or 999 for a
+  job it does not run; the real one also takes a job still in its prologue, and marks it
+  running: the harness refuses that, as vibatch must not do it); an adopted session whose leader (pid = sid) is gone is marked exited at
+  once and never signalled (not by qdel, qsig or the job's end), but its processes are still
+  counted; a session with a live leader is a running task, signalled with the job's own
+  (kill_job signals every running task; from the source). ``resources_used`` counts the
+  processes of the job's sessions whose parent is not PID 1 (``mom_get_sample``: seen, a
+  stand-in re-parented to PID 1 was never counted, its twin under a subreaper was: 9 s, 331
+  MiB), sampled at each adoption and at the job's end: cput = utime+stime+cutime+cstime,
+  mem = RSS, vmem = the address space, each the largest sum seen.
 """
 from __future__ import annotations
 
@@ -29,7 +40,9 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -81,13 +94,160 @@ class Result:
     err: Optional[str]
     spool_err: str                     # what the .ER spool file held at the end of the last run
     prologue_starts: list = field(default_factory=list)   # monotonic times
+    resources_used: dict = field(default_factory=dict)    # cput_s, mem_kb, vmem_kb
+    adopted: list = field(default_factory=list)           # Adopted, in the order they came
+
+
+# -- the TM port: adoption and the collector ------------------------------------------------
+TM_PROTOCOL, TM_PROTOCOL_VER, TM_ADOPT_JOBID, TM_OKAY, TM_ERROR = 5, 2, 114, 0, 999
+
+
+@dataclass
+class Adopted:
+    job_id: str
+    sid: int
+    pid: int
+    comm: str
+    ppid: int
+    running: bool          # the session had a live leader: pbs_mom signals it with the job
+
+
+def _stat(pid: int) -> Optional[list[str]]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _dis_read_int(f) -> int:
+    count = 1
+    while True:
+        c = f.read(1)
+        if c in (b"+", b"-"):
+            v = int(f.read(count))
+            return -v if c == b"-" else v
+        if not c or not c.isdigit():
+            raise ValueError(f"not a DIS integer: {c!r}")
+        count = int(c + f.read(count - 1))
+
+
+def _dis_read_str(f) -> bytes:
+    return f.read(_dis_read_int(f))
+
+
+def _dis_int(v: int) -> bytes:
+    digits = str(abs(v))
+    out, n = ("-" if v < 0 else "+") + digits, len(digits)
+    while n > 1:
+        out, n = str(n) + out, len(str(n))
+    return out.encode()
+
+
+class TmPort:
+    """pbs_mom's TM port, for TM_ADOPT_JOBID only (what vibatch sends), as the real one took it
+    (mom_comm.c tm_request/adoptSession; seen on 6.1.3.h5)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.running_job: Optional[str] = None
+        self.adopted: list[Adopted] = []
+        self.refused: list[tuple[str, int]] = []
+        self.used = {"cput_s": 0.0, "mem_kb": 0, "vmem_kb": 0}
+        self.job_sids: set[int] = set()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                try:
+                    self._request(conn)
+                except (OSError, ValueError):
+                    continue
+
+    def _request(self, conn: socket.socket) -> None:
+        f = conn.makefile("rb")
+        proto, ver = _dis_read_int(f), _dis_read_int(f)
+        job, cookie = _dis_read_str(f).decode(), _dis_read_str(f)
+        command, _event, _task = _dis_read_int(f), _dis_read_int(f), _dis_read_int(f)
+        if (proto, ver, command) != (TM_PROTOCOL, TM_PROTOCOL_VER, TM_ADOPT_JOBID):
+            raise ValueError(f"not a TM adoption: {(proto, ver, command)}")
+        sid, pid, target = _dis_read_int(f), _dis_read_int(f), _dis_read_str(f).decode()
+        with self.lock:
+            ok = target == self.running_job and cookie == b"ADOPT COOKIE"
+            if ok:
+                fields = _stat(pid) or ["?", "0"]
+                try:
+                    with open(f"/proc/{pid}/comm") as c:
+                        comm = c.read().strip()
+                except OSError:
+                    comm = ""
+                self.adopted.append(Adopted(target, sid, pid, comm, int(fields[1]),
+                                            _stat(sid) is not None))
+                self.job_sids.add(sid)
+                self._sample()
+            else:
+                self.refused.append((target, sid))
+        conn.sendall(_dis_int(TM_OKAY if ok else TM_ERROR))
+
+    def _sample(self) -> None:
+        """mom_get_sample + mom_set_use: the job's sessions, parents other than PID 1."""
+        tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+        cput = mem = vmem = 0
+        for name in os.listdir("/proc"):
+            fields = _stat(int(name)) if name.isdigit() else None
+            if not fields or int(fields[3]) not in self.job_sids:
+                continue
+            if int(name) < 2 or int(fields[1]) < 2 or int(fields[3]) < 2:
+                continue
+            cput += sum(int(x) for x in fields[11:15])    # utime stime cutime cstime
+            vmem += int(fields[20])
+            mem += int(fields[21]) * page
+        self.used = {"cput_s": max(self.used["cput_s"], cput / tick),
+                     "mem_kb": max(self.used["mem_kb"], mem >> 10),
+                     "vmem_kb": max(self.used["vmem_kb"], vmem >> 10)}
+
+    def start(self, job_id: str) -> None:
+        """pbs_mom starts the job (state RUNNING), then its first task."""
+        with self.lock:
+            self.running_job, self.job_sids = job_id, set()
+            self.adopted, self.used = [], {"cput_s": 0.0, "mem_kb": 0, "vmem_kb": 0}
+
+    def add_session(self, sid: int) -> None:
+        with self.lock:
+            self.job_sids.add(sid)
+
+    def end(self) -> tuple[dict, list]:
+        """The job's last sample, when its first task ended (before the epilogue)."""
+        with self.lock:
+            self._sample()
+            self.running_job = None
+            return dict(self.used), list(self.adopted)
+
+    def running_sessions(self) -> list[int]:
+        """The adopted sessions pbs_mom still signals with the job (a live leader)."""
+        with self.lock:
+            return [a.sid for a in self.adopted if a.running]
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class PbsMom:
     def __init__(self, home: str, hooks: str, alarm: int = 300,
-                 offline_flag: Optional[str] = None):
+                 offline_flag: Optional[str] = None, tm: Optional[TmPort] = None):
         self.home, self.hooks, self.alarm = home, hooks, alarm
         self.offline_flag = offline_flag   # the fake pbsnodes creates it on `pbsnodes -o`
+        self.tm = tm or TmPort()           # torque.mom_manager_port must name tm.port
         self.mom_priv = os.path.join(home, "mom_priv")
         self.spool = os.path.join(home, "spool")
         for d, mode in ((home, 0o755), (self.mom_priv, 0o751),
@@ -212,13 +372,17 @@ class PbsMom:
                 if rc == 1 or len(starts) >= max_runs or self.offline():
                     return Result(status, len(starts), None, None, self._read_spool(job, "ER"),
                                   starts)
+            self.tm.start(job.job_id)
             p = self.start_starter(job)
+            self.tm.add_session(p.pid)
             if during is not None:
                 during(p)
             status = self.exit_status(p.wait(timeout=timeout))
+            used, adopted = self.tm.end()
+            self._signal_adopted(signal.SIGKILL)     # kill_job at the first task's end
             self.epilogue(job, status)
             out, err = self._read_spool(job, "OU"), self._read_spool(job, "ER")
-            return Result(status, len(starts), out, err, err, starts)
+            return Result(status, len(starts), out, err, err, starts, used, adopted)
         finally:
             for path in (script, self._spool_file(job, "OU"), self._spool_file(job, "ER")):
                 if os.path.exists(path):
@@ -227,8 +391,20 @@ class PbsMom:
     def offline(self) -> bool:
         return self.offline_flag is not None and os.path.exists(self.offline_flag)
 
+    def _signal_adopted(self, sig: int) -> None:
+        """kill_task for each adopted task still running: every process of its session."""
+        for sid in self.tm.running_sessions():
+            for name in os.listdir("/proc"):
+                fields = _stat(int(name)) if name.isdigit() else None
+                if fields and int(fields[3]) == sid:
+                    try:
+                        os.kill(int(name), sig)
+                    except OSError:
+                        pass
+
     def qdel(self, p: subprocess.Popen) -> None:
         os.killpg(p.pid, signal.SIGTERM)
+        self._signal_adopted(signal.SIGTERM)
 
     SUSPEND_DELAY_S = 5    # pbs_mom's sleep(5) between the SIGTSTP and the SIGSTOPs
 
@@ -239,10 +415,12 @@ class PbsMom:
         os.kill(p.pid, signal.SIGTSTP)
         time.sleep(self.SUSPEND_DELAY_S)   # pbs_mom's own delay, not a synchronisation
         os.killpg(p.pid, signal.SIGSTOP)
+        self._signal_adopted(signal.SIGSTOP)
 
     def qsig_resume(self, p: subprocess.Popen) -> None:
         """``qsig -s resume``: SIGCONT to every task's session (seen: the job back in R)."""
         os.killpg(p.pid, signal.SIGCONT)
+        self._signal_adopted(signal.SIGCONT)
 
     def _reset_spool(self, job: Job) -> None:
         for kind in ("OU", "ER"):

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from pbsmom import Job, PbsMom, fake_pbsnodes
+import yaml
+
+from pbsmom import Job, PbsMom, TmPort, fake_pbsnodes
 from vmhelp import batch_user, guest_kernel, install_shims, leftovers, variant, wait_until
 from vibatch import config
 from vibatch.batch import torque
@@ -31,10 +33,20 @@ def install_hooks(dest: str, config_path: str, alarm: int = 0) -> str:
 
 
 def mom_for(vm_env, name: str, config_path: str, alarm: int = 300) -> PbsMom:
+    """A harness pbs_mom; the hooks' config names its TM port (torque.mom_manager_port)."""
     base = os.path.join(vm_env.base, f"torque-{name}")
+    os.makedirs(base, exist_ok=True)
+    tm = TmPort()
+    with open(config_path) as f:
+        data = yaml.safe_load(f)
+    data.setdefault("torque", {})["mom_manager_port"] = tm.port
+    config_path = os.path.join(base, "vibatch-tm.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump(data, f)
+    os.chmod(config_path, 0o644)
     hooks = install_hooks(os.path.join(base, "hooks"), config_path, alarm if alarm != 300 else 0)
     return PbsMom(os.path.join(base, "pbs_home"), hooks, alarm,
-                  offline_flag=os.path.join(base, "offline"))
+                  offline_flag=os.path.join(base, "offline"), tm=tm)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +141,45 @@ def test_qsig_suspend_pauses_the_domain_and_resume_goes_on(vm_env, tracker, mom,
     assert r.exit_status == 3, r.err
     clock = [int(x.split()[1]) for x in r.out.splitlines() if x.startswith("clock ")]
     assert clock and abs(clock[0] - seen["released"]) < 2, (clock, seen, r.out)
+    assert leftovers(vm_env, job.job_id) == []
+
+
+@pytest.mark.vm
+def test_the_vm_is_adopted_into_the_job_and_counted_where_pbs_mom_counts_it(
+        vm_env, tracker, mom, torque_user):
+    """Once the job starter runs, the prologue's helper hands QEMU's session and each share
+    launcher's to pbs_mom (TM_ADOPT_JOBID on its TM port) under the job's id. None of them has
+    a session leader, so pbs_mom marks them exited at once and never signals them (the job's
+    exit code holds; the qdel test shows the TERM trap too). resources_used counts the guest's
+    ~10 s burn and 300 MiB (>= 8 s, >= 300 MiB) where QEMU's parent is not PID 1 (libvirtd
+    under a subreaper); where it is PID 1, pbs_mom leaves QEMU out, as the real 6.1.3 does."""
+    from vibatch.core.jobdir import JobPaths
+    from vibatch.util import read_json
+    job = Job(tracker.job_id(".torque-srv"), USER, mem="800mb", script=(
+        "dd if=/dev/zero of=/dev/shm/fill bs=1M count=300 2>/dev/null\n"
+        "end=$(( $(date +%s) + 10 )); while [ $(date +%s) -lt $end ]; do :; done\n"
+        "echo burnt\nexit 4\n"))
+    seen = {}
+
+    def note(p):       # the prologue's record of what pbs_mom took (the state dir goes at the end)
+        path = os.path.join(JobPaths.of(vm_env.cfg, job.job_id).state, "adopted.json")
+        wait_until(lambda: os.path.exists(path) or p.poll() is not None, 120)
+        seen.update(read_json(path, {}) or {})
+    r = mom.run(job, during=note)
+    print("adopted:", r.adopted, "resources_used:", r.resources_used, "refused:", mom.tm.refused)
+    assert (r.exit_status, r.out) == (4, "burnt\n"), r.err
+    comms = [a.comm for a in r.adopted]
+    assert {a.job_id for a in r.adopted} == {job.job_id} and not mom.tm.refused
+    assert sum(c.startswith("qemu") for c in comms) == 1, comms
+    assert sum(c.startswith("virtiofsd") for c in comms) >= 1, comms    # the share launchers
+    assert not any(a.running for a in r.adopted), r.adopted   # leaderless: never signalled
+    assert sorted(int(sid) for sid in seen.get("taken", {})) == sorted(a.sid for a in r.adopted)
+    qemu = next(a for a in r.adopted if a.comm.startswith("qemu"))
+    if qemu.ppid != 1:
+        assert r.resources_used["cput_s"] >= 8, r.resources_used
+        assert r.resources_used["mem_kb"] >= 300 << 10, r.resources_used
+    else:
+        assert r.resources_used["cput_s"] < 8, r.resources_used   # only the forwarder counted
     assert leftovers(vm_env, job.job_id) == []
 
 
@@ -279,3 +330,74 @@ def test_node_fault_backoff_stays_within_the_alarm():
     from vibatch.batch.faults import backoff_s
     assert [backoff_s(n, 10, 1000) for n in (1, 2, 3)] == [10, 20, 40]
     assert backoff_s(3, 10, 25) == 25 and backoff_s(1, 10, -3) == 0
+
+
+# the request the real pbs_mom 6.1.3.h5 took (Task adopted, job 23.vm, session 7696)
+SEEN_ADOPT = b"+5+2+523.vm2+12ADOPT COOKIE3+114+0+04+76964+7697+523.vm"
+
+
+def test_the_tm_adoption_is_what_pbs_mom_took_and_a_refusal_is_an_error():
+    import socket
+    import threading
+    from vibatch.batch import pbstm
+    assert pbstm.adopt_request("23.vm", 7696, 7697) == SEEN_ADOPT
+    for v in (0, 9, 10, 999, 1234567890, -3):
+        import io
+        assert pbstm.read_dis_int(io.BytesIO(pbstm.dis_int(v))) == v
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(2)
+    got = []
+
+    def answer(replies):
+        for reply in replies:
+            c, _ = srv.accept()
+            with c:
+                got.append(c.recv(4096))
+                c.sendall(reply)
+    t = threading.Thread(target=answer, args=([b"+0", b"3+999", b"x"],), daemon=True)
+    t.start()
+    port = srv.getsockname()[1]
+    pbstm.adopt(port, "23.vm", 7696, 7697)
+    with pytest.raises(pbstm.TmError, match="no such job"):
+        pbstm.adopt(port, "24.vm", 7696, 7697)
+    with pytest.raises(pbstm.TmError, match="malformed"):
+        pbstm.adopt(port, "25.vm", 7696, 7697)
+    t.join(10)
+    srv.close()
+    assert got[0] == SEEN_ADOPT
+
+
+def test_a_vm_session_with_a_live_leader_is_not_adopted(monkeypatch):
+    """pbs_mom would keep such a task running and SIGTERM it at qdel (the guest killed before
+    its TERM trap): only leaderless sessions are handed over."""
+    from vibatch.core import pause
+    procs = {10: ["S", "1", "10", "9"],      # QEMU: session 9, leader gone
+             20: ["S", "1", "20", "20"],     # a session leader itself
+             9: None, }
+    monkeypatch.setattr(pause, "proc_stat", lambda pid, uid=None: procs.get(pid))
+    logged = []
+    monkeypatch.setattr(torque, "log_error", lambda what, e: logged.append(str(e)))
+    got = torque.vm_sessions([10, 20])
+    assert list(got) == [9] and got[9]["pid"] == 10 and got[9]["ppid"] == 1
+    assert "session 20" in logged[0] and "live leader" in logged[0]
+
+
+def test_a_job_with_a_vmem_limit_keeps_its_vm_out_of_pbs_mom(monkeypatch):
+    """pbs_mom kills a job whose summed address space passes its vmem/pvmem (mom_over_limit);
+    QEMU's alone is larger than the guest's memory: such a job's VM is not adopted (the suspend
+    watcher still starts); any other job's is."""
+    argv = ["7.srv", "u", "u", "job.sh", "nodes=1:ppn=1,walltime=00:10:00,vmem=2gb,neednodes=1",
+            "batch", "", "/x"]
+    assert torque.SYSTEM.asking_env({}, argv) == {"vmem_limited": "1"}
+    argv[4] = "nodes=1:ppn=1,walltime=00:10:00,mem=2gb,neednodes=1"
+    assert torque.SYSTEM.asking_env({}, argv) == {}
+    watched, adopted = [], []
+    monkeypatch.setattr(torque, "job_uid", lambda cfg, job: 1000)
+    monkeypatch.setattr(torque, "watcher", lambda cfg, job: watched.append)
+    monkeypatch.setattr(torque, "adopt_vm", lambda cfg, job, uid, pids: adopted.append(pids) or {})
+    cfg = config.Config()
+    assert torque.adopter(cfg, "7.srv", {"vmem_limited": "1"})([5, 6]) == {}
+    assert watched == [[5, 6]] and adopted == []
+    torque.adopter(cfg, "8.srv", {})([5, 6])
+    assert adopted == [[5, 6]]

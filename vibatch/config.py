@@ -116,6 +116,7 @@ class TorqueConfig:
     node_name: str = ""                # this node in pbs_server's nodes file ("": the host name)
     max_node_faults: int = 3           # node faults of one job here before the node is taken out
     fault_backoff_s: float = 10.0      # wait before the first requeue, doubled for each next one
+    mom_manager_port: int = 15003      # pbs_mom's TM port: the VM is adopted there (0: never)
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,9 @@ _CHECKS.update({
                          "must be a node name as pbs_server knows it (\"\": the host name)"),
     "torque.max_node_faults": (int,) + _POSITIVE,
     "torque.fault_backoff_s": (float, lambda v: 0 <= v <= 120, "must be between 0 and 120"),
+    "torque.mom_manager_port": (int, lambda v: 0 <= v <= 65535,
+                                "must be pbs_mom's manager port (pbsnodes: mom_manager_port), "
+                                "or 0 to keep the VM out of the job's resources_used"),
 })
 _CHECKS["htcondor.condor_config"] = (str, os.path.isabs, "must be an absolute path")
 _CHECKS["htcondor.bin_dir"] = (str, os.path.isabs, "must be an absolute path")

@@ -163,8 +163,9 @@ class BatchSystem:
         pass
 
     # -- reap's question: does the job still exist? ------------------------------------------
-    def asking_env(self, env: dict) -> dict:
-        """What of the prologue's environment ``job_gone`` will need (kept in the record)."""
+    def asking_env(self, env: dict, argv: Sequence[str] = ()) -> dict:
+        """What of the prologue's environment (and argv) ``job_gone`` and ``adopter`` will
+        need (kept in the record)."""
         return {}
 
     def job_gone(self, job_id: str, env: dict) -> Optional[bool]:
@@ -265,7 +266,7 @@ def _prologue(system: BatchSystem, call: Call, core: Any) -> None:
     req = system.job_from_hook(cfg, call.args, call.env)
     if system.keeps_refusals:
         clear_refusal(cfg, req.job_id)
-    core.prologue(req, batch=system.name, batch_env=system.asking_env(call.env))
+    core.prologue(req, batch=system.name, batch_env=system.asking_env(call.env, call.args))
     system.after_prologue(cfg, req)
 
 

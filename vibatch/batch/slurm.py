@@ -425,7 +425,7 @@ class Slurm(BatchSystem):
             show = scontrol_show(task, env)
         return read_request(lambda: job_from_prolog(cfg, env, show))
 
-    def asking_env(self, env: dict) -> dict:
+    def asking_env(self, env: dict, argv: Sequence[str] = ()) -> dict:
         return {k: env[k] for k in ("SLURM_CONF", "SLURMD_NODENAME") if env.get(k)}
 
     @staticmethod

@@ -41,8 +41,9 @@ from typing import Callable, Optional, Sequence
 
 from .. import proc, safeio
 from ..config import Config
-from ..errors import CommandFailed, JobError, NoFreeSlot, ResourceRequestError
+from ..errors import CommandFailed, JobError, NodeError, NoFreeSlot, ResourceRequestError
 from ..hygiene import minimal_env
+from ..util import log_error
 from ..core.request import JobRequest, make_request
 from . import faults
 from .base import AS_IS, BatchSystem, Call, exits, main
@@ -221,17 +222,101 @@ def job_starter_pid(job_id: str, uid: int) -> Optional[int]:
     return None
 
 
+ADOPT_WAIT_S = 90     # from the domain's start to pbs_mom's start of the job starter
+ADOPT_POLL_S = 0.2
+TM_TIMEOUT_S = 10
+
+
+def job_uid(cfg: Config, job_id: str) -> Optional[int]:
+    from ..core.jobdir import JobPaths   # noqa: PLC0415
+    from ..util import read_json   # noqa: PLC0415
+    uid = (read_json(JobPaths.of(cfg, job_id).state_file, {}) or {}).get("uid")
+    return uid if isinstance(uid, int) else None
+
+
 def watcher(cfg: Config, job_id: str) -> Optional[Callable[[Sequence[int]], None]]:
     """The suspend route (core/pause.py): ``qsig -s suspend`` stops the job's first task (seen:
     SIGTSTP, then SIGSTOP to every task), not the guest; the watcher suspends the domain
     while that process is stopped and resumes it on SIGCONT."""
     from ..core import pause   # noqa: PLC0415 - no libvirt until the watcher runs
-    from ..core.jobdir import JobPaths   # noqa: PLC0415
-    from ..util import read_json   # noqa: PLC0415
-    uid = (read_json(JobPaths.of(cfg, job_id).state_file, {}) or {}).get("uid")
-    if not isinstance(uid, int):
+    uid = job_uid(cfg, job_id)
+    if uid is None:
         return None
     return pause.watcher(cfg, job_id, lambda: job_starter_pid(job_id, uid), uid)
+
+
+def vm_sessions(pids: Sequence[int]) -> dict[int, dict]:
+    """The sessions of the VM's processes, each {"pid": one of them, "comm", "ppid"}: the ones
+    pbs_mom can be given. A session whose leader lives is left out: pbs_mom would keep that
+    task running and signal it with the job (qdel's SIGTERM would kill QEMU at once, before the
+    guest's TERM trap). libvirt's double fork leaves none (seen: QEMU and each share launcher
+    lead no session; pbs_mom marks such an adopted task exited at once and never signals it,
+    but keeps counting its processes). Logged, never raised."""
+    from ..core.pause import proc_stat   # noqa: PLC0415
+    out: dict[int, dict] = {}
+    for pid in pids:
+        fields = proc_stat(pid)
+        if not fields or len(fields) < 4 or not fields[3].isdigit():
+            continue
+        sid = int(fields[3])
+        if sid < 2 or sid in out:
+            continue
+        if proc_stat(sid) is not None:
+            log_error("torque: a VM session not adopted", NodeError(
+                f"session {sid} of the VM's process {pid} has a live leader: pbs_mom would "
+                "signal it with the job"))
+            continue
+        comm = (safeio.read_bounded(f"/proc/{pid}/comm", 64) or b"").decode(errors="replace")
+        out[sid] = {"pid": pid, "comm": comm.strip(), "ppid": int(fields[1])}
+    return out
+
+
+def adopt_vm(cfg: Config, job_id: str, uid: int, pids: Sequence[int],
+             timeout_s: float = ADOPT_WAIT_S) -> dict[int, dict]:
+    """Hand the VM's sessions to job ``job_id`` on the local pbs_mom (TM_ADOPT_JOBID, pbstm.py),
+    once pbs_mom has started the job (its starter runs): adopting earlier would mark a job
+    still in its prologue as running (``adoptSession``). pbs_mom counts an adopted process
+    only if its parent is not PID 1 (``mom_get_sample``): libvirtd must run under a subreaper
+    for QEMU to count (docs/batch/torque.md)."""
+    from . import pbstm   # noqa: PLC0415
+    deadline = time.monotonic() + timeout_s
+    while job_starter_pid(job_id, uid) is None:
+        if time.monotonic() > deadline:
+            raise NodeError(f"pbs_mom did not start job {job_id} within {timeout_s:g} s")
+        time.sleep(ADOPT_POLL_S)
+    sessions = vm_sessions(pids)
+    for sid, info in sessions.items():
+        pbstm.adopt(cfg.torque.mom_manager_port, job_id, sid, info["pid"], TM_TIMEOUT_S)
+    orphans = sorted(info["comm"] for info in sessions.values() if info["ppid"] == 1)
+    if orphans:
+        log_error(f"torque job {job_id}: its VM is adopted, but pbs_mom will not count it",
+                  NodeError(f"the parent of {', '.join(orphans)} is PID 1, and pbs_mom skips "
+                            "such processes: run libvirtd under a subreaper"))
+    return sessions
+
+
+VMEM_LIMITS = ("vmem", "pvmem")    # pbs_mom enforces these on the summed address space
+VMEM_KEY = "vmem_limited"         # in the record's batch_env: the job has one of them
+
+
+def adopter(cfg: Config, job_id: str, env: dict
+            ) -> Optional[Callable[[Sequence[int]], dict]]:
+    """The suspend watcher, then the VM's sessions handed to pbs_mom (adopt_vm). Not with
+    ``torque.mom_manager_port: 0``, and not for a job with a vmem or pvmem limit: pbs_mom kills
+    a job whose processes' address space passes it, and QEMU's alone (3.4 GiB seen for an
+    800 MiB guest) is larger than the guest's memory."""
+    uid = job_uid(cfg, job_id)
+    if uid is None:
+        return None
+    watch = watcher(cfg, job_id)
+
+    def adopt(pids: Sequence[int]) -> dict:
+        if watch is not None:
+            watch(pids)          # detaches the watcher and returns at once
+        if not cfg.torque.mom_manager_port or env.get(VMEM_KEY):
+            return {}
+        return {str(sid): info for sid, info in adopt_vm(cfg, job_id, uid, pids).items()}
+    return adopt
 
 
 class Torque(BatchSystem):
@@ -279,8 +364,12 @@ class Torque(BatchSystem):
 
     def adopter(self, cfg: Config, job_id: str, env: dict
                 ) -> Optional[Callable[[Sequence[int]], None]]:
-        """pbs_mom takes no process from root (pbs_track is refused): the suspend watcher."""
-        return watcher(cfg, job_id)
+        """The suspend watcher, and the VM's sessions adopted into the job (adopt_vm)."""
+        return adopter(cfg, job_id, env)
+
+    def asking_env(self, env: dict, argv: Sequence[str] = ()) -> dict:
+        limits = parse_limits(argv[4]) if len(argv) > 4 else {}
+        return {VMEM_KEY: "1"} if any(limits.get(k) for k in VMEM_LIMITS) else {}
 
     def before_epilogue(self, cfg: Config, job_id: str, exit_code: Optional[int]) -> None:
         if exit_code is None or exit_code >= 0:   # the job ran: its prologue's faults are history

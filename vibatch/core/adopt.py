@@ -9,7 +9,9 @@ those processes and asks the job's batch system adapter (``BatchSystem.adopter``
   accounting (``REQUEST_ADD_EXTERN_PID``, what ``pam_slurm_adopt`` uses). The extern step exists
   only once the Prolog has returned, so a detached helper waits for it (bounded) and adds them;
 - Grid Engine needs nothing here: QEMU was started with the job's additional group id
-  (``JobRequest.process_gid``, domain.py's DAC label), which is how its collector finds a job.
+  (``JobRequest.process_gid``, domain.py's DAC label), which is how its collector finds a job;
+- Torque: pbs_mom adopts their sessions into the job (TM_ADOPT_JOBID, batch/pbstm.py) once it
+  has started the job.
 
 A failure here costs the batch system's record of the VM's usage, never the job: it is logged.
 """
@@ -53,8 +55,9 @@ def domain_running(node: Any, state: Any) -> None:
         note = os.path.join(paths.state, ADOPTED_FILE)
 
         def work() -> None:
-            adopter(pids)
-            atomic_write_json(note, {"system": state.batch, "pids": pids, "at": time.time()})
+            taken = adopter(pids)     # what the system took, if the adapter says
+            atomic_write_json(note, {"system": state.batch, "pids": pids, "at": time.time(),
+                                     **({"taken": taken} if taken else {})})
         detach(work, ADOPT_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001 - accounting is lost, the job goes on
         log_error(f"job {state.job_id}: handing its VM to {state.batch}", e)

@@ -27,9 +27,9 @@ WATCH_MAX_S = 30 * 86400   # the watcher ends with the job; at the latest, then
 STAT_MAX = 4096
 
 
-def process_state(pid: int, uid: Optional[int]) -> Optional[str]:
-    """The state letter of process ``pid`` (``/proc/PID/stat``) if it lives and is ``uid``'s
-    (any owner's if None); None otherwise (gone, a zombie, or its pid reused by someone else)."""
+def proc_stat(pid: int, uid: Optional[int] = None) -> Optional[list[str]]:
+    """The fields of ``/proc/PID/stat`` after the name (state, ppid, pgrp, session, ...) if the
+    process lives and is ``uid``'s (any owner's if None); None otherwise."""
     try:
         fd = os.open(f"/proc/{int(pid)}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -38,10 +38,18 @@ def process_state(pid: int, uid: Optional[int]) -> Optional[str]:
         if uid is not None and os.fstat(fd).st_uid != uid:
             return None
         text = os.read(fd, STAT_MAX).decode(errors="replace")
+    except OSError:
+        return None
     finally:
         os.close(fd)
-    rest = text.rpartition(")")[2].split()    # the name before ")" may hold anything
-    return rest[0] if rest and rest[0] not in ("Z", "X") else None    # a zombie has ended
+    return text.rpartition(")")[2].split() or None   # the name before ")" may hold anything
+
+
+def process_state(pid: int, uid: Optional[int]) -> Optional[str]:
+    """The state letter of process ``pid`` if it lives and is ``uid``'s (any owner's if None);
+    None otherwise (gone, a zombie, or its pid reused by someone else)."""
+    fields = proc_stat(pid, uid)
+    return fields[0] if fields and fields[0] not in ("Z", "X") else None    # a zombie has ended
 
 
 def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: float,
@@ -135,4 +143,4 @@ def set_clock(dom: Any) -> None:
         log_error(f"setting the clock of {dom.name()} after a resume", e)
 
 
-__all__ = ["WATCH_MAX_S", "follow", "process_state", "set_clock", "watcher"]
+__all__ = ["WATCH_MAX_S", "follow", "proc_stat", "process_state", "set_clock", "watcher"]
