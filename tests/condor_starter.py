@@ -23,6 +23,20 @@ from source; see docs/batch/htcondor.md), in order:
 6. after the job it looks for ``$_CONDOR_WRAPPER_ERROR_FILE`` *as its own account*, which cannot
    enter the user's 0700 directory, so the file is never seen (23.0, which wrote the directory
    as its account, saw it and requeued the job: ``legacy_23`` in the spec);
+   It tracks the job (``tracking`` in the spec) in one of two ways, both seen on this host:
+   ``procd`` (condor_procd, by process tree and environment: the stock starter here, whose cgroup
+   v1 code needs ``cpu,cpuacct`` mounted together) or ``cgroup`` (ProcFamilyDirectCgroupV1, on
+   the usual layout: here with ``/sys/fs/cgroup/cpu,cpuacct`` a link to ``cpuacct``). With
+   cgroups it makes ``htcondor/<EXECUTE, / as _>_<slot>@<host>`` in the memory, cpu,cpuacct,
+   freezer and devices hierarchies (removing a stale one first), hands the leaf directories to
+   the user and moves the wrapper in before it execs; the job's RemoteUserCpu/RemoteSysCpu are
+   that cgroup's ``cpuacct.stat`` (USER_HZ, whole seconds), its ResidentSetSize the ``rss`` line
+   of its ``memory.stat``;
+   condor_suspend (``suspend`` in the spec): ``FROZEN`` into the job's ``freezer.state`` (the
+   wrapper then shows state D), condor_continue ``THAWED``; under the procd SIGSTOP to every
+   process of the job's family (the wrapper's process tree), then SIGCONT;
+   once the wrapper has exited, with cgroups: the cgroup frozen, SIGKILL to every process in its
+   memory ``cgroup.procs``, thawed, the usage read, the directories removed;
 7. it runs the JOB_EXIT hook as the user with ``exit`` (also after the wrapper was SIGKILLed) or
    ``evict`` (after condor_rm), the job ad on stdin, the starter's environment plus the job's,
    root's PATH, CONDOR_CONFIG, CONDOR_PRIVATE_INHERIT and _CONDOR_MAINJOB_EXIT_CODE; it kills
@@ -99,10 +113,14 @@ def mount_under_scratch(spec, scratch, uid, gid):
     return pairs
 
 
-def job_namespace(pairs, uid, gid):
-    """The wrapper's start (DaemonCore's Create_Process with a FilesystemRemap): a mount
-    namespace of its own, then the user. Runs in the child, before exec."""
+def job_namespace(pairs, uid, gid, cgroups=()):
+    """The wrapper's start (DaemonCore's Create_Process with a FilesystemRemap): into the job's
+    cgroups (cgroupify_myself), a mount namespace of its own, then the user. Runs in the child,
+    before exec."""
     def enter():
+        for d in cgroups:
+            with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
         libc = ctypes.CDLL(None, use_errno=True)
         steps = [(libc.unshare, (CLONE_NEWNS | CLONE_FS,)),
                  (libc.mount, (b"", b"/", b"dontcare", MS_REC | MS_SLAVE, b""))]
@@ -117,6 +135,111 @@ def job_namespace(pairs, uid, gid):
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     return enter
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+USER_HZ = 100
+
+
+def job_cgroups(spec, slot):
+    """ProcFamilyDirectCgroupV1's directories of the job, by controller (made afresh)."""
+    name = f"htcondor/{spec['execute'].replace('/', '_')}_{slot}@node"
+    cpu = "cpu,cpuacct" if os.path.isdir(os.path.join(CGROUP_ROOT, "cpu,cpuacct")) else "cpuacct"
+    dirs = {c: os.path.join(CGROUP_ROOT, h, name) for c, h in
+            (("memory", "memory"), ("cpuacct", cpu), ("freezer", "freezer"),
+             ("devices", "devices"))}
+    for d in dirs.values():
+        remove_cgroup(d)
+        os.makedirs(d, 0o755)
+        os.chown(d, spec["uid"], spec["gid"])
+    return dirs
+
+
+def remove_cgroup(d):
+    if os.path.isdir(d):
+        for sub in [e.path for e in os.scandir(d) if e.is_dir()]:
+            remove_cgroup(sub)
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass       # the real starter logs it and goes on
+
+
+def freezer(dirs, state):
+    with open(os.path.join(dirs["freezer"], "freezer.state"), "w") as f:
+        f.write(state)
+
+
+def cgroup_pids(d):
+    with open(os.path.join(d, "cgroup.procs")) as f:
+        return [int(x) for x in f.read().split()]
+
+
+def family(root):
+    """The procd's family of the job: its first process and every descendant."""
+    children = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def signal_all(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def suspend_and_continue(spec, iwd, dirs, job_pid):
+    """condor_suspend once the job has written ``when``; condor_continue once the test wrote
+    ``resume_when`` (a bounded wait)."""
+    susp = spec["suspend"]
+    if not wait_for(os.path.join(iwd, susp["when"]), susp.get("within", 180)):
+        return None
+    if dirs:
+        freezer(dirs, "FROZEN")
+    else:
+        stopped = family(job_pid)
+        signal_all(stopped, signal.SIGSTOP)
+    with open(susp["marker"], "w") as f:
+        f.write("suspended\n")
+    waited = wait_for(susp["resume_when"], susp.get("for_at_most", 120))
+    if dirs:
+        freezer(dirs, "THAWED")
+    else:
+        signal_all(stopped, signal.SIGCONT)
+    return {"resumed_by_test": waited}
+
+
+def cgroup_usage(dirs):
+    """What ProcFamilyDirectCgroupV1::get_usage reports: cpuacct.stat's user and system in
+    whole seconds, and the memory.stat ``rss`` line (KiB)."""
+    with open(os.path.join(dirs["cpuacct"], "cpuacct.stat")) as f:
+        hz = dict(line.split() for line in f)
+    with open(os.path.join(dirs["memory"], "memory.stat")) as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("rss "))
+    return {"RemoteUserCpu": int(hz["user"]) // USER_HZ,
+            "RemoteSysCpu": int(hz["system"]) // USER_HZ, "ResidentSetSize": rss // 1024}
+
+
+def kill_family(dirs):
+    """After the wrapper exited: freeze, SIGKILL whatever the memory cgroup still holds, thaw."""
+    freezer(dirs, "FROZEN")
+    left = cgroup_pids(dirs["memory"])
+    signal_all(left, signal.SIGKILL)
+    freezer(dirs, "THAWED")
+    return left
 
 
 def wait_for(path, timeout):
@@ -243,11 +366,15 @@ def main():
     write_as(err_path, b"", uid, gid, 0o644)
     executable = os.path.join(files_dir, spec["executable"])
     pairs = mount_under_scratch(spec, scratch, uid, gid)
+    dirs = job_cgroups(spec, slot) if spec.get("tracking") == "cgroup" else None
     with open(out_path, "ab") as out, open(err_path, "ab") as err:
         job = subprocess.Popen([spec["wrapper"], executable, *spec["args"]], env=env, cwd=iwd,
                                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                               preexec_fn=job_namespace(pairs, uid, gid),
+                               preexec_fn=job_namespace(pairs, uid, gid,
+                                                        dirs.values() if dirs else ()),
                                start_new_session=True)
+    if spec.get("suspend"):
+        result["suspend"] = suspend_and_continue(spec, iwd, dirs, job.pid)
     reason, removed_at = "exit", None
     remove = spec.get("remove")
     if remove:     # condor_rm once the job is running: KillSig, then SIGKILL after the timeout
@@ -272,6 +399,11 @@ def main():
     finally:
         privs.root()
     ended = time.monotonic()
+    if dirs:   # JobReaper: killFamilyIfWarranted, recordFinalUsage, then the cgroups go
+        result["killed_at_end"] = kill_family(dirs)
+        result["usage"] = cgroup_usage(dirs)
+        for d in dirs.values():
+            remove_cgroup(d)
     # the starter stats the error file as its own account
     error_file = read(os.path.join(scratch, ERROR_FILE))
     seen = read_as(os.path.join(scratch, ERROR_FILE), duid, dgid)

@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from clusters import apt_install
 from conftest import SESSION, vibatch_cmd
-from vmhelp import batch_user, guest_kernel, install_shims, leftovers, variant
+from vmhelp import batch_user, guest_kernel, install_shims, leftovers, variant, wait_until
 from condor_starter import PRIVATE_INHERIT, submit_requirement
 from vibatch import config
 from vibatch.batch import htcondor
@@ -443,3 +445,135 @@ def test_removal_while_the_vm_boots_never_starts_the_job(vm_env, tracker, condor
     assert r["job_exit"]["rc"] == 0
     assert leftovers(vm_env, job) == []
     assert [rec["vm_end"] for rec in accounted(vm_env, job)] == ["destroyed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounting and suspend (issue 11): the harness tracks the job as the real starter was seen to
+def alongside(run, side):
+    """``run()`` (the starter, which blocks until the job ends) with ``side()`` acting on the
+    running job meanwhile; both results. ``side`` must release the job whatever happens."""
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(result=run()))
+    t.start()
+    try:
+        seen = side()
+    finally:
+        t.join(timeout=600)
+    assert not t.is_alive(), "the starter did not finish"
+    return out["result"], seen
+
+
+def proc_cgroups(pid: int) -> dict:
+    with open(f"/proc/{pid}/cgroup") as f:
+        return {line.split(":")[1]: line.strip().split(":", 2)[2] for line in f}
+
+
+def touch(path: str) -> None:
+    with open(path, "w"):
+        pass
+
+
+def test_the_vms_cpu_time_lands_in_the_jobs_cgroup_and_libvirts_cap_and_pinning_hold(
+        vm_env, tracker, condor):
+    """A starter that tracks its job by cgroup (v1, as 25.0.13 was seen doing it) counts the
+    job's CPU from the job's cpuacct cgroup: once the wrapper runs, QEMU and the share
+    launchers are in it (and in its freezer cgroup), so a ~10 s burn in the guest is >= 8 s of
+    RemoteUserCpu + RemoteSysCpu. They stay in libvirt's memory and cpuset cgroups: the live
+    memory cap and the pinning hold, and the starter's kill after the job, which reads the
+    memory cgroup, finds none of them (the wrapper ended the VM)."""
+    from vibatch.core import adopt
+    from vibatch.vm import hypervisor
+    starter, home, _cfg = condor
+    n = 120
+    job = f"{n}.0@{SESSION}-ap.example.org"
+    script = ("#!/bin/sh\ntimeout 10 sh -c 'while :; do :; done'\ntouch burnt.$1\n"
+              "i=0; while [ ! -e gate.$1 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done\n")
+
+    def look():
+        try:
+            assert wait_until(lambda: os.path.exists(os.path.join(home, f"burnt.{n}")), 240)
+            conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
+            try:
+                dom = hypervisor.lookup(conn, "vibatch-" + job)
+                return {"pids": {p: proc_cgroups(p) for p in adopt.vm_pids(dom)},
+                        "hard": dom.memoryParameters()["hard_limit"],
+                        "pinned": {c for v in dom.vcpuPinInfo() for c, on in enumerate(v) if on},
+                        "cpu": hypervisor.cpu_time_s(dom), "allocated": allocated_cpus(vm_env, job)}
+            finally:
+                conn.close()
+        finally:
+            touch(os.path.join(home, f"gate.{n}"))
+    r, seen = alongside(lambda: starter.run(tracker, job_ad(n, '"testguest"', iwd=home), script,
+                                            args=[str(n)], iwd=home, tracking="cgroup"), look)
+    print("E11 usage:", r.get("usage"), "libvirt cpu at the gate:", seen["cpu"])
+    assert r["status"] == 0, r
+    assert r["usage"]["RemoteUserCpu"] + r["usage"]["RemoteSysCpu"] >= 8, r["usage"]
+    assert r["killed_at_end"] == [], r           # the VM was gone, not killed by the starter
+    for pid, g in seen["pids"].items():
+        assert g["cpuacct"].startswith("/htcondor/") and g["freezer"] == g["cpuacct"], g
+        assert g["cpuset"].startswith("/machine/qemu-"), g
+    assert any(g["memory"].startswith("/machine/qemu-") for g in seen["pids"].values())
+    assert seen["hard"] == (640 + vm_env.cfg.vm.memory_overhead_mb) * 1024
+    assert seen["pinned"] == seen["allocated"]
+    assert leftovers(vm_env, job) == []
+
+
+def allocated_cpus(env, job: str) -> set[int]:
+    """The CPUs vibatch's own allocator gave the job (its state record)."""
+    from vibatch.core.jobdir import JobPaths
+    from vibatch.util import read_json
+    return set((read_json(JobPaths.of(env.cfg, job).state_file, {}) or {}).get("cpus") or ())
+
+
+@pytest.mark.parametrize("tracking", ["cgroup", "procd"])
+def test_condor_suspend_stops_the_guest_and_continue_goes_on(vm_env, tracker, condor, tracking):
+    """condor_suspend, as the real starter does it: with cgroups it freezes the job's freezer
+    cgroup, where QEMU now is; under the procd it SIGSTOPs the wrapper's family, and the root
+    watcher suspends the domain. Either way libvirt's CPU time stands still for 3 s; after
+    condor_continue the guest burns again, its clock is right (within 2 s) and the job ends with
+    its own exit code."""
+    import libvirt
+    from vibatch.vm import hypervisor
+    starter, home, _cfg = condor
+    n = 121 if tracking == "cgroup" else 122
+    job = f"{n}.0@{SESSION}-ap.example.org"
+    marker, resume = (os.path.join(vm_env.base, f"{w}.{n}") for w in ("suspended", "resume"))
+    gate = os.path.join(home, f"gate.{n}")
+    script = ('#!/bin/sh\ntouch started.$1\nwhile [ ! -e gate.$1 ]; do :; done\n'
+              'echo "clock $(date +%s)"\nexit 3\n')
+
+    def side():
+        try:
+            assert wait_until(lambda: os.path.exists(marker), 240), "never suspended"
+            conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
+            try:
+                dom = hypervisor.lookup(conn, "vibatch-" + job)
+                if tracking == "procd":   # the watcher's libvirt suspend
+                    assert wait_until(lambda: dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED, 30)
+                t0 = hypervisor.cpu_time_s(dom)
+                time.sleep(3)          # measuring: CPU time over 3 s of suspension
+                grown = hypervisor.cpu_time_s(dom) - t0
+                touch(resume)
+                t1 = hypervisor.cpu_time_s(dom)
+                again = wait_until(lambda: dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+                                   and hypervisor.cpu_time_s(dom) > t1 + 0.5, 30)
+            finally:
+                conn.close()
+            return grown, again
+        finally:
+            touch(resume)
+            touch(gate)
+            released.append(time.time())
+    released: list = []
+    r, (grown, again) = alongside(lambda: starter.run(
+        tracker, job_ad(n, '"testguest"', iwd=home), script, args=[str(n)], iwd=home,
+        tracking=tracking, suspend={"when": f"started.{n}", "marker": marker,
+                                    "resume_when": resume}), side)
+    print(f"E11 {tracking}: {grown:.3f} s of CPU in 3 s suspended; {r['stdout']!r}")
+    assert grown < 0.1, f"the suspended guest used {grown:.2f} s of CPU in 3 s"
+    assert again, "the guest did not run again after condor_continue"
+    assert r["status"] == 3 and r["suspend"] == {"resumed_by_test": True}, r
+    clock = [int(line.split()[1]) for line in r["stdout"].splitlines()
+             if line.startswith("clock ")]
+    assert clock and abs(clock[0] - released[0]) < 2, (clock, released, r["stdout"])
+    assert leftovers(vm_env, job) == []

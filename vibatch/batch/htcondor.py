@@ -209,6 +209,7 @@ SUBMIT_CLAUSE = (f'TARGET.{IMAGE_ATTR} is undefined || (isString(TARGET.{IMAGE_A
 class Caller:
     uid: int
     starter_pid: int
+    job_pid: int = 0     # the starter's child we descend from: the wrapper, or a hook
 
 
 def find_caller(environ: dict) -> Caller:
@@ -219,17 +220,17 @@ def find_caller(environ: dict) -> Caller:
         raise NodeError("the VM helper runs only through sudo, called by a job's user "
                         "(SUDO_UID is missing or root)")
     uid = int(sudo_uid)
-    below: list[int] = []    # real uids from our parent upwards
+    below: list[tuple[int, int]] = []    # (pid, real uid) from our parent upwards
     try:
         p: Optional[psutil.Process] = psutil.Process(os.getppid())
         for _ in range(MAX_ANCESTRY):
             if p is None:
                 break
             if p.name() == STARTER_NAME and p.uids().real == 0:
-                if not below or below[-1] != uid:
+                if not below or below[-1][1] != uid:
                     raise NodeError(f"condor_starter {p.pid} does not run this job as uid {uid}")
-                return Caller(uid, p.pid)
-            below.append(p.uids().real)
+                return Caller(uid, p.pid, below[-1][0])
+            below.append((p.pid, p.uids().real))
             p = p.parent()
     except psutil.Error:
         pass
@@ -449,25 +450,30 @@ def slot_ad(caller: Caller, trusted: set[int], condor: Condor, address_file: str
     return pick_slot(ads, caller.starter_pid, slot_name_of(caller.starter_pid))
 
 
-def helper_prepare(core: Any, config_path: str, scratch: str, cwd: str, environ: dict) -> None:
+def helper_prepare(core: Any, config_path: str, scratch: str, cwd: str, environ: dict,
+                   wrapper: bool = False) -> None:
     """Boot the VM of the caller's job (once: a second call, from the wrapper after the
-    PREPARE_JOB hook, finds it) and print its job id."""
+    PREPARE_JOB hook, finds it) and print its job id. Called by the wrapper (``--wrapper``):
+    the VM then joins the job's cgroups and gets its suspend watcher (htcondor_usage.py)."""
     caller = find_caller(environ)
     job_ns = enter_mount_namespace(caller)
     try:
-        _prepare(core, config_path, scratch, cwd, caller, job_ns)
+        job_id = _prepare(core, config_path, scratch, cwd, caller, job_ns)
+        if wrapper:
+            from .htcondor_usage import take   # noqa: PLC0415
+            take(core.cfg, job_id, caller.job_pid, caller.starter_pid, caller.uid)
+        print(job_id)
     finally:
         if job_ns is not None:
             os.close(job_ns)
 
 
 def _prepare(core: Any, config_path: str, scratch: str, cwd: str, caller: Caller,
-             job_ns: Optional[int]) -> None:
+             job_ns: Optional[int]) -> str:
     cfg = core.cfg
     held = core.jobs_held_by(caller.starter_pid)
     if held:
-        print(held[0])
-        return
+        return held[0]
     trusted = trusted_uids(cfg)
     dfd, where = open_scratch(scratch, caller, trusted, cfg.htcondor.daemon_user)
     os.close(dfd)
@@ -495,7 +501,7 @@ def _prepare(core: Any, config_path: str, scratch: str, cwd: str, caller: Caller
         except NodeError:
             core.epilogue(req.job_id, None)   # the wrapper ends no VM it was not told of
             raise
-    print(req.job_id)
+    return req.job_id
 
 
 def helper_finish(core: Any, environ: dict) -> list[str]:
@@ -638,7 +644,8 @@ def wrapper(call: Call) -> int:
                           "cannot start the VM helper")
     pending = _Pending()
     try:
-        res = _helper(helper, "prepare", ["--scratch", scratch], PREPARE_ALARM_S + SUDO_MARGIN_S)
+        res = _helper(helper, "prepare", ["--scratch", scratch, "--wrapper"],
+                      PREPARE_ALARM_S + SUDO_MARGIN_S)
     except VibatchError as e:
         return node_fault(f"the VM helper: {e.message}")
     finally:
@@ -690,7 +697,7 @@ class HTCondor(BatchSystem):
     offer_formats = {"htcondor-startd": lambda names: config_fragment(names, "startd"),
                      "htcondor-schedd": lambda names: config_fragment(names, "schedd")}
     usage = ("[--config PATH] [--helper PATH] wrapper EXECUTABLE [ARGS...] | prepare_job | "
-             "job_exit REASON | helper prepare --scratch DIR | helper finish")
+             "job_exit REASON | helper prepare --scratch DIR [--wrapper] | helper finish")
 
     def other_hook(self, call: Call) -> Optional[int]:
         if call.hook == "wrapper":       # as the job user, with the job's environment
@@ -709,7 +716,8 @@ class HTCondor(BatchSystem):
 
         def body(core: Any) -> None:
             if verb == "prepare":
-                helper_prepare(core, call.config_path, scratch, call.cwd, call.env)
+                helper_prepare(core, call.config_path, scratch, call.cwd, call.env,
+                               wrapper="--wrapper" in args[3:])
             else:
                 helper_finish(core, call.env)
 

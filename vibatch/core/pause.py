@@ -54,17 +54,19 @@ def process_state(pid: int, uid: Optional[int]) -> Optional[str]:
 
 def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: float,
            on_resume: Callable[[Any], None], vm_pids: Sequence[int] = (),
-           start_s: float = 600) -> str:
+           start_s: float = 600, cgroup_frozen: Optional[Callable[[], bool]] = None) -> str:
     """Mirror the job's process into ``dom`` until one of them ends; returns why it stopped.
     ``job_pid()``: the job's process (None until the batch system has started it, at most
     ``start_s``). ``vm_pids``: QEMU and its helpers; when the batch system stops them itself
     (Grid Engine's addgrpid signal reaches a QEMU that carries the job's group), the guest is
     frozen already, and a monitor call to a stopped QEMU would hang: then only the clock is set
-    once they run again."""
+    once they run again. ``cgroup_frozen()``: the batch system froze the job's cgroup, QEMU in
+    it (HTCondor's condor_suspend): the same, the job's process counting as stopped."""
     import libvirt   # noqa: PLC0415 - only the detached watcher needs it
 
     def vm_stopped() -> bool:
-        return any(process_state(p, None) == "T" for p in vm_pids)
+        return bool(cgroup_frozen and cgroup_frozen()) or \
+            any(process_state(p, None) == "T" for p in vm_pids)
 
     end = time.monotonic() + max_s
     started = time.monotonic() + start_s
@@ -79,6 +81,8 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
             letter = process_state(pid, uid)
             if letter is None:
                 return "the job's process ended"
+            if cgroup_frozen and cgroup_frozen():
+                letter = "T"     # a frozen task shows "D": stopped all the same
             try:
                 if letter == "T" and not (paused or frozen):
                     if vm_stopped():

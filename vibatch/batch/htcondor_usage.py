@@ -1,0 +1,192 @@
+"""HTCondor's view of the VM (issue 11; docs/batch/htcondor.md, "Accounting and suspend"): the
+root helper, called by the wrapper once the job's domain runs, hands QEMU and the share
+launchers to the job's cgroup where the starter tracks the job by cgroup, and starts a root
+watcher that carries HTCondor's suspend to the domain.
+
+What a real condor_starter 25.0.13 was seen doing (tests/condor_starter.py plays it):
+- On a cgroup v1 host with the usual layout (``cpu,cpuacct`` mounted together), it makes
+  ``<BASE_CGROUP>/<name>`` in the ``memory``, ``cpu,cpuacct``, ``freezer`` and ``devices``
+  hierarchies and puts the wrapper there (ProcFamilyDirectCgroupV1). The job ad's
+  RemoteUserCpu/RemoteSysCpu come from that cgroup's ``cpuacct.stat``, its ResidentSetSize from
+  the ``rss`` line of its ``memory.stat``; condor_suspend writes ``FROZEN`` to its
+  ``freezer.state``, condor_continue ``THAWED``; once the wrapper has exited, the starter freezes
+  the cgroup and SIGKILLs every process listed in its memory ``cgroup.procs``.
+- Otherwise (here: a host that mounts ``cpu`` and ``cpuacct`` apart, or ``BASE_CGROUP`` empty)
+  ``condor_procd`` tracks the job by process tree and by environment markers; suspend is a
+  SIGSTOP to every process of that family, continue a SIGCONT.
+
+So, after the move, QEMU and the share launchers are in the job's ``cpuacct`` and ``freezer``
+cgroups: the job ad counts their CPU and condor_suspend freezes them. They stay in libvirt's
+``memory``, ``cpuset``, ``cpu`` and ``devices`` cgroups: the live memory cap, the vCPU pinning
+and QEMU's device list hold, and HTCondor's kill, which reads the memory cgroup, never reaches
+QEMU (the wrapper ends the VM, so condor_rm's grace in the guest is kept). The guest's memory
+is a shared memfd (for virtiofs), which the v1 ``rss`` line does not count: moving the memory
+cgroup would give up the cap and still report nothing. Under condor_procd the VM cannot join
+the job's family (QEMU's environment and groups are fixed when it starts, before the
+family exists); the watcher then pauses the domain while the wrapper is stopped.
+A failure here costs HTCondor's record of the VM or its suspend, never the job: it is logged.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from ..util import atomic_write_json, log_error
+
+CGROUP_FILE_MAX = 1 << 16
+# the v1 hierarchies the VM joins: what the starter counts CPU in, and freezes
+MOVED = ("cpuacct", "freezer")
+ADOPTED_FILE = "adopted.json"   # in the job's state directory (as core/adopt.py's)
+
+
+@dataclass(frozen=True)
+class JobCgroups:
+    """The job's cgroup directories by v1 controller, where they differ from its starter's
+    (none: the starter does not track by cgroup), and the starter's own."""
+    job: dict
+    starter: dict
+
+    def frozen(self) -> bool:
+        """The starter froze the job (condor_suspend; FREEZING counts: it is on its way)."""
+        d = self.job.get("freezer")
+        if d is None:
+            return False
+        return _read(os.path.join(d, "freezer.state")).strip() in ("FROZEN", "FREEZING")
+
+
+def _read(path: str) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return os.read(fd, CGROUP_FILE_MAX).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def cgroup_lines(pid: int) -> dict:
+    """``/proc/PID/cgroup`` as {hierarchy id: (controllers, path)}; a line the kernel did not
+    write (a cgroup name holding a newline makes one) makes an id repeat: refused."""
+    out: dict = {}
+    for line in _read(f"/proc/{int(pid)}/cgroup").splitlines():
+        hid, sep, rest = line.partition(":")
+        ctrls, sep2, path = rest.partition(":")
+        if not (sep and sep2 and hid.isdigit()) or hid in out:
+            raise ValueError(f"/proc/{pid}/cgroup: not the kernel's format")
+        out[hid] = (ctrls, path)
+    return out
+
+
+def mount_points(mountinfo: str = "/proc/self/mountinfo") -> dict:
+    """Each cgroup v1 controller's mount point ({'cpuacct': '/sys/fs/cgroup/cpuacct', ...})."""
+    out: dict = {}
+    for line in _read(mountinfo).splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        i = fields.index("-")
+        if len(fields) < i + 4 or fields[i + 1] != "cgroup":
+            continue
+        for opt in fields[i + 3].split(","):
+            if opt not in ("rw", "ro"):
+                out.setdefault(opt, fields[4])
+    return out
+
+
+def job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
+    """Where the starter put its job (the wrapper, ``job_pid``): the v1 hierarchies in which the
+    wrapper's cgroup is not the starter's. The layout is checked against the starter's own file,
+    which the job's user cannot touch."""
+    mine, theirs = cgroup_lines(job_pid), cgroup_lines(starter_pid)
+    if set(mine) != set(theirs) or any(mine[h][0] != theirs[h][0] for h in mine):
+        raise ValueError(f"the cgroups of process {job_pid} do not match its starter's")
+    mounts = mount_points()
+    job, starter = {}, {}
+    for hid, (ctrls, path) in mine.items():
+        if path == theirs[hid][1] or not ctrls:   # "" is cgroup v2: see the docs
+            continue
+        for ctrl in ctrls.split(","):
+            top = mounts.get(ctrl)
+            if top and ".." not in path.split("/"):
+                job[ctrl] = top + path
+                starter[ctrl] = top + theirs[hid][1]
+    return JobCgroups(job, starter)
+
+
+def move(pids: Sequence[int], directory: str) -> None:
+    """Put the processes into the cgroup ``directory`` (each with all its threads)."""
+    fd = os.open(os.path.join(directory, "cgroup.procs"),
+                 os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        for pid in pids:
+            try:
+                os.write(fd, str(int(pid)).encode())
+            except ProcessLookupError:
+                continue      # a share launcher that has just ended
+    finally:
+        os.close(fd)
+
+
+def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int) -> None:
+    """The helper's step once the job's wrapper runs and the domain is up: the VM into the
+    job's cgroups (if the starter made any), then the suspend watcher. Never raises."""
+    from ..core import adopt   # noqa: PLC0415 - after the helper's hygiene (libvirt)
+    from ..core.jobdir import JobPaths   # noqa: PLC0415
+    from ..vm import hypervisor   # noqa: PLC0415
+    try:
+        cgroups = job_cgroups(job_pid, starter_pid)
+        paths = JobPaths.of(cfg, job_id)
+        conn = hypervisor.connect(cfg.libvirt_uri)
+        try:
+            dom = hypervisor.lookup(conn, paths.domain)
+            pids = adopt.vm_pids(dom) if dom is not None else []
+        finally:
+            conn.close()
+        if not pids:
+            raise RuntimeError(f"no processes found in libvirt's cgroup of {paths.domain}")
+        moved = {c: cgroups.job[c] for c in MOVED if c in cgroups.job}
+        for directory in moved.values():
+            move(pids, directory)
+        atomic_write_json(os.path.join(paths.state, ADOPTED_FILE),
+                          {"system": "htcondor", "pids": pids, "cgroups": moved,
+                           "job_pid": job_pid, "at": time.time()})
+    except Exception as e:  # noqa: BLE001 - the record of the VM is lost, the job goes on
+        log_error(f"job {job_id}: handing its VM to HTCondor's job cgroup", e)
+        cgroups = None
+    try:
+        start_watcher(cfg, job_id, job_pid, uid, cgroups)
+    except Exception as e:  # noqa: BLE001
+        log_error(f"job {job_id}: starting its suspend watcher", e)
+
+
+def start_watcher(cfg, job_id: str, job_pid: int, uid: int,
+                  cgroups: Optional[JobCgroups]) -> None:
+    """The detached root watcher (core/pause.py): under condor_procd, the domain is suspended
+    while the wrapper is stopped (SIGSTOP) and resumed on SIGCONT; under a cgroup freeze, QEMU is
+    frozen with the job, and the watcher sets the guest's clock once it is thawed. It first
+    leaves the job's cgroups (it is started from inside them), so that it is neither frozen
+    nor killed with the job."""
+    from ..core import pause   # noqa: PLC0415
+    from ..core.adopt import detach   # noqa: PLC0415
+    from ..core.jobdir import JobPaths   # noqa: PLC0415
+    from ..vm import hypervisor   # noqa: PLC0415
+
+    def watch() -> None:
+        for ctrl, directory in (cgroups.starter.items() if cgroups else ()):
+            try:
+                move([os.getpid()], directory)
+            except OSError as e:
+                log_error(f"job {job_id}'s watcher leaving its {ctrl} cgroup", e)
+        dom = hypervisor.lookup(hypervisor.connect(cfg.libvirt_uri),
+                                JobPaths.of(cfg, job_id).domain)
+        if dom is not None:
+            pause.follow(dom, lambda: job_pid, uid, pause.WATCH_MAX_S - 60, pause.set_clock,
+                         cgroup_frozen=cgroups.frozen if cgroups else None)
+    detach(watch, pause.WATCH_MAX_S)
+
+
+__all__ = ["ADOPTED_FILE", "JobCgroups", "MOVED", "cgroup_lines", "job_cgroups", "mount_points",
+           "move", "start_watcher", "take"]
