@@ -8,7 +8,7 @@
 #    /opt/vibatch/lib/vibatch_spank.so (plugstack.conf: docs/batch/slurm.md).
 # 3. /etc/vibatch/vibatch.yaml from etc/vibatch.yaml, unless one exists.
 # 4. /dev/kvm as root:kvm 0660 (else libvirt re-probes QEMU for ~60 s at every start), and
-#    virtlogd + libvirtd started when no service manager runs them.
+#    virtlogd + libvirtd started when no service manager runs them (libvirtd under a subreaper).
 # 5. The test image built from Debian packages and added to the library as "testguest".
 # 6. The demo: `vibatch run` prints, from inside the VM, the kernel, id, CPUs and memory.
 set -euo pipefail
@@ -75,7 +75,10 @@ if [ -e /dev/kvm ]; then chown root:kvm /dev/kvm; chmod 0660 /dev/kvm; fi
 daemon() { /usr/bin/python3 -I -c 'import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))' "$@"; }
 if [ ! -d /run/systemd/system ]; then
   pgrep -x virtlogd >/dev/null || { log "starting virtlogd"; daemon virtlogd -d; }
-  pgrep -x libvirtd >/dev/null || { log "starting libvirtd"; daemon libvirtd -d; }
+  # under a child subreaper that reaps QEMU at once, as systemd would (vibatch/subreaper.py)
+  pgrep -x libvirtd >/dev/null || { log "starting libvirtd under a subreaper"
+    install -d -m 0755 /var/log/vibatch
+    "$VENV/bin/python" -I -m vibatch.subreaper --detach --log /var/log/vibatch/libvirtd.log libvirtd; }
 fi
 for _ in $(seq 1 100); do   # bounded: up to 10 s for libvirtd to accept connections
   "$VENV/bin/python" -c 'import libvirt, sys; libvirt.registerErrorHandler(lambda *a: None, None); libvirt.open("qemu:///system").close()' 2>/dev/null && break

@@ -255,7 +255,10 @@ def _libvirtd_pids() -> list[int]:
 
 def start_libvirtd() -> None:
     if not _libvirtd_pids():
-        subprocess.run(["libvirtd", "-d"], check=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        # as etc/setup-node.sh starts it: under vibatch's subreaper
+        subprocess.run([sys.executable, "-I", "-m", "vibatch.subreaper", "--detach", "--log",
+                        "/var/log/vibatch/libvirtd.log", "libvirtd"], check=True,
+                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     import libvirt
 
     def answers() -> bool:
