@@ -78,6 +78,8 @@ if [ ! -d /run/systemd/system ]; then
   # under a child subreaper that reaps QEMU at once, as systemd would (vibatch/subreaper.py)
   pgrep -x libvirtd >/dev/null || { log "starting libvirtd under a subreaper"
     install -d -m 0755 /var/log/vibatch
+    L=/var/log/vibatch/libvirtd.log   # kept below 10 MiB, one old copy
+    [ ! -f "$L" ] || [ "$(stat -c %s "$L")" -lt 10485760 ] || mv -f "$L" "$L.1"
     "$VENV/bin/python" -I -m vibatch.subreaper --detach --log /var/log/vibatch/libvirtd.log libvirtd; }
 fi
 for _ in $(seq 1 100); do   # bounded: up to 10 s for libvirtd to accept connections

@@ -256,6 +256,7 @@ def _libvirtd_pids() -> list[int]:
 def start_libvirtd() -> None:
     if not _libvirtd_pids():
         # as etc/setup-node.sh starts it: under vibatch's subreaper
+        os.makedirs("/var/log/vibatch", 0o755, exist_ok=True)
         subprocess.run([sys.executable, "-I", "-m", "vibatch.subreaper", "--detach", "--log",
                         "/var/log/vibatch/libvirtd.log", "libvirtd"], check=True,
                        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})

@@ -401,3 +401,30 @@ def test_a_job_with_a_vmem_limit_keeps_its_vm_out_of_pbs_mom(monkeypatch):
     assert watched == [[5, 6]] and adopted == []
     torque.adopter(cfg, "8.srv", {})([5, 6])
     assert adopted == [[5, 6]]
+
+
+def test_a_pcput_limit_or_a_cgroup_mom_keeps_the_vm_out(monkeypatch, tmp_path):
+    """pcput is per process (QEMU is one for all vCPUs); a pbs_mom with cgroups or cpusets would
+    move QEMU out of libvirt's cap and pinning: neither gets the VM."""
+    argv = ["7.srv", "u", "u", "job.sh", "nodes=1:ppn=2,pcput=01:00:00,neednodes=1", "batch", "", "/x"]
+    assert torque.SYSTEM.asking_env({}, argv) == {"vmem_limited": "1"}
+    adopted, logged = [], []
+    monkeypatch.setattr(torque, "job_uid", lambda cfg, job: 1000)
+    monkeypatch.setattr(torque, "watcher", lambda cfg, job: None)
+    monkeypatch.setattr(torque, "adopt_vm", lambda cfg, job, uid, pids: adopted.append(pids) or {})
+    monkeypatch.setattr(torque, "log_error", lambda what, e: logged.append(str(e)))
+    monkeypatch.setattr(torque, "TORQUE_CGROUPS", (str(tmp_path / "torque"),))
+    cfg = config.Config()
+    torque.adopter(cfg, "8.srv", {})([5, 6])
+    assert adopted == [[5, 6]]          # no cgroup directory: handed over
+    (tmp_path / "torque").mkdir()
+    assert torque.adopter(cfg, "9.srv", {})([5, 6]) == {}
+    assert adopted == [[5, 6]] and "cgroups or cpusets" in logged[0]
+
+
+def test_a_malformed_or_endless_dis_integer_is_refused():
+    import io
+    from vibatch.batch import pbstm
+    for data in (b"1" * 10_000, b"2+5", b"0+1", b"x", b"", b"99" + b"+1"):
+        with pytest.raises(pbstm.TmError):
+            pbstm.read_dis_int(io.BytesIO(data))

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from test_pause import FakeDomain, wait_for
+from vibatch import config
 from vibatch.batch import htcondor_usage as usage
 from vibatch.core import pause
 
@@ -19,8 +20,11 @@ FREEZER = "/sys/fs/cgroup/freezer"
 
 
 def test_mount_points_name_each_v1_controller(tmp_path):
+    """The whole hierarchy's mount of each controller (a bind mount of a subtree, listed
+    first, is not it)."""
     info = tmp_path / "mountinfo"
     info.write_text(
+        "29 25 0:26 /htcondor/x /tmp/bound rw,nosuid - cgroup cgroup rw,cpu,cpuacct\n"
         "30 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid - cgroup cgroup rw,cpu,cpuacct\n"
         "31 25 0:27 / /sys/fs/cgroup/freezer rw,nosuid - cgroup cgroup rw,freezer\n"
         "32 25 0:28 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
@@ -103,3 +107,22 @@ def test_a_cgroup_freeze_leaves_the_domain_alone_and_sets_the_clock_after_the_th
         job.wait()
     t.join(10)
     assert dom.calls == [] and result["why"] == "the job's process ended"
+
+
+def test_take_runs_once_per_job(monkeypatch, tmp_path):
+    """The helper may be called again by the job's user (prepare --wrapper): only the first
+    call hands the VM over and starts a watcher."""
+    from vibatch.core import jobdir
+    state = tmp_path / "state"
+    state.mkdir()
+    monkeypatch.setattr(jobdir.JobPaths, "of", staticmethod(
+        lambda cfg, job: type("P", (), {"state": str(state), "domain": "vibatch-" + job})()))
+    started = []
+    monkeypatch.setattr(usage, "job_cgroups", lambda job_pid, starter: usage.JobCgroups({}, {}))
+    monkeypatch.setattr(usage, "start_watcher", lambda *a: started.append(a))
+    from vibatch.vm import hypervisor
+    monkeypatch.setattr(hypervisor, "connect", lambda uri: type("C", (), {"close": lambda s: None})())
+    monkeypatch.setattr(hypervisor, "lookup", lambda conn, name: None)
+    for _ in range(3):
+        usage.take(config.Config(), "j1", 10, 11, 1000)
+    assert len(started) == 1 and (state / usage.TAKEN_FILE).exists()

@@ -3,6 +3,7 @@ subreaper, not to PID 1, and the command's status is the subreaper's."""
 import os
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,3 +54,41 @@ def test_bad_arguments_are_refused():
     p = subprocess.run([sys.executable, "-m", "vibatch.subreaper", "--log", "/tmp/x", "true"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--log goes with --detach" in p.stderr
+
+
+def test_orphans_are_reaped_after_the_command_ended(tmp_path):
+    """The command exits at once, leaving a daemonized grandchild (as libvirtd leaves QEMU at a
+    restart): the subreaper stays until that one has ended too, and keeps the command's status."""
+    marker = tmp_path / "orphan-parent"
+    script = (f"import os, time\nif os.fork() == 0:\n    first = os.getpid()\n"
+              f"    if os.fork() == 0:\n"
+              f"        deadline = time.monotonic() + 10\n"
+              f"        while (os.getppid() == first or not os.path.exists({str(marker)!r} + '.go'))"
+              f" and time.monotonic() < deadline:\n"
+              f"            time.sleep(0.01)\n"
+              f"        open({str(marker)!r}, 'w').write(str(os.getppid())); os._exit(0)\n"
+              f"    os._exit(0)\nos._exit(5)\n")
+    p = subprocess.Popen([sys.executable, "-m", "vibatch.subreaper", sys.executable, "-c", script],
+                         cwd=REPO, stderr=subprocess.PIPE, text=True)
+    open(str(marker) + ".go", "w").close()
+    assert p.wait(timeout=60) == 5, p.stderr.read()
+    assert int(marker.read_text()) == p.pid    # given to the subreaper, which waited for it
+
+
+def test_detach_returns_once_the_command_runs_and_reports_what_cannot(tmp_path):
+    log = tmp_path / "log"
+    p = subprocess.run([sys.executable, "-m", "vibatch.subreaper", "--detach", "--log", str(log),
+                        "sh", "-c", "echo started in $(pwd) with fds $(ls /proc/$$/fd | tr '\\n' ' ')"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60, pass_fds=())
+    assert p.returncode == 0, p.stderr
+    from vibatch.util import Deadline
+    d = Deadline(10)
+    while "started" not in (log.read_text() if log.exists() else "") and not d.expired():
+        time.sleep(0.01)
+    text = log.read_text()
+    assert "started in / " in text, text
+    assert set(text.split("fds ")[1].split()) <= {"0", "1", "2", "3"}, text   # 3: ls's own dir fd
+    p = subprocess.run([sys.executable, "-m", "vibatch.subreaper", "--detach", "--log", str(log),
+                        "/nonexistent/libvirtd"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1 and "cannot run /nonexistent/libvirtd" in p.stderr, p.stderr

@@ -10,9 +10,11 @@ QEMU's parent is a subreaper (docs/batch/torque.md). ``etc/setup-node.sh`` start
 
     python -I -m vibatch.subreaper --detach --log /var/log/vibatch/libvirtd.log libvirtd
 
-``--detach``: in a new session, stdin from /dev/null, stdout and stderr to ``--log`` (or
-/dev/null), every other descriptor closed, and the caller returns at once. The subreaper ends
-when the command ends, with its status; TERM, INT and HUP are passed on to the command.
+``--detach``: in a new session, in /, stdin from /dev/null, stdout and stderr to ``--log`` (or
+/dev/null), every other descriptor closed; the caller returns once the command has been
+exec'd (status 0) or could not be (1, with the reason). TERM, INT and HUP are passed on to the
+command. The subreaper reaps on after the command has ended (QEMU outlives a libvirtd restart)
+and ends, with the command's status, when no child is left.
 """
 from __future__ import annotations
 
@@ -25,47 +27,81 @@ from typing import Optional, Sequence
 
 PR_SET_CHILD_SUBREAPER = 36
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _detach(log: Optional[str]) -> None:
-    """Fork; the parent leaves (the caller's wait ends), the child goes on in a session of its
-    own with no descriptor of the caller's."""
+def _detach(log: Optional[str]) -> int:
+    """Fork; the caller's process waits only until the command has been exec'd (or could not
+    be) and exits with 0 or 1; the child goes on in a session of its own, in /, with no
+    descriptor of the caller's but the returned pipe end, which it reports failures on."""
+    out = os.open(os.devnull, os.O_WRONLY) if log is None else os.open(
+        log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+    r, w = os.pipe2(os.O_CLOEXEC)
     if os.fork():
-        os._exit(0)
+        os.close(w)
+        msg = b""
+        while chunk := os.read(r, 4096):
+            msg += chunk
+        if msg:
+            print(msg.decode(errors="replace"), file=sys.stderr)
+        os._exit(1 if msg else 0)
+    os.close(r)
     os.setsid()
-    null = os.open(os.devnull, os.O_RDWR)
-    out = null if log is None else os.open(
-        log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(out, 1)
     os.dup2(out, 2)
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    w = os.dup2(w, 3, inheritable=False)
+    os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+    return w
+
+
+def _report(fd: Optional[int], msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+    if fd is not None:
+        os.write(fd, msg.encode())
 
 
 def run(argv: Sequence[str], detach: bool = False, log: Optional[str] = None) -> int:
-    if detach:
-        _detach(log)
+    """Run ``argv`` as our child and reap every orphan given to us, also after ``argv`` has
+    ended (QEMU outlives a libvirtd restart: it must not fall to PID 1 then); our status is
+    ``argv``'s, once no child is left."""
+    report = _detach(log) if detach else None
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        print(f"vibatch subreaper: prctl: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+        _report(report, f"vibatch subreaper: prctl: {os.strerror(ctypes.get_errno())}")
         return 1
+    child: Optional[int] = None
+
+    def forward(signum: int, _frame: object) -> None:
+        if child is not None:
+            os.kill(child, signum)
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
     child = os.fork()
     if child == 0:
         try:
+            for signum in (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(signum, signal.SIG_DFL)   # Python's own dispositions: not libvirtd's
             os.execvpe(argv[0], list(argv), ENV)
+        except OSError as e:
+            _report(report, f"vibatch subreaper: cannot run {argv[0]}: {e.strerror}")
         finally:
             os._exit(127)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda n, _f: os.kill(child, n))
+    if report is not None:
+        os.close(report)        # the caller's wait ends at the exec (close-on-exec)
+    status = 0
     while True:
         try:
-            pid, status = os.wait()     # the command, or an orphan given to us
+            pid, wstatus = os.wait()     # the command, or an orphan given to us
         except ChildProcessError:
-            return 0
+            return status
         except InterruptedError:
             continue
         if pid == child:
-            return os.waitstatus_to_exitcode(status)
+            status = os.waitstatus_to_exitcode(wstatus)
+            child = None
 
 
 def main(args: Optional[Sequence[str]] = None) -> int:

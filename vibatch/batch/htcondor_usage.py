@@ -39,6 +39,7 @@ CGROUP_FILE_MAX = 1 << 16
 # the v1 hierarchies the VM joins: what the starter counts CPU in, and freezes
 MOVED = ("cpuacct", "freezer")
 ADOPTED_FILE = "adopted.json"   # in the job's state directory (as core/adopt.py's)
+TAKEN_FILE = "htcondor.taken"   # there too: take() ran for the job (once)
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,8 @@ def mount_points(mountinfo: str = "/proc/self/mountinfo") -> dict:
         if "-" not in fields:
             continue
         i = fields.index("-")
-        if len(fields) < i + 4 or fields[i + 1] != "cgroup":
-            continue
+        if len(fields) < i + 4 or fields[i + 1] != "cgroup" or fields[3] != "/":
+            continue          # not the whole hierarchy (a bind mount of a subtree)
         for opt in fields[i + 3].split(","):
             if opt not in ("rw", "ro"):
                 out.setdefault(opt, fields[4])
@@ -136,9 +137,17 @@ def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int) -> None:
     from ..core import adopt   # noqa: PLC0415 - after the helper's hygiene (libvirt)
     from ..core.jobdir import JobPaths   # noqa: PLC0415
     from ..vm import hypervisor   # noqa: PLC0415
+    paths = JobPaths.of(cfg, job_id)
+    try:   # once per job: the helper can be called again by the job's user (one watcher only)
+        os.close(os.open(os.path.join(paths.state, TAKEN_FILE),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        return
+    except OSError as e:
+        log_error(f"job {job_id}: handing its VM to HTCondor", e)
+        return
     try:
         cgroups = job_cgroups(job_pid, starter_pid)
-        paths = JobPaths.of(cfg, job_id)
         conn = hypervisor.connect(cfg.libvirt_uri)
         try:
             dom = hypervisor.lookup(conn, paths.domain)

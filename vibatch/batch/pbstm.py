@@ -29,6 +29,7 @@ TM_ERROR = 999
 ADOPT_COOKIE = b"ADOPT COOKIE"   # pbs_mom skips the cookie check for this one
 MOM_HOST = "127.0.0.1"           # pbs_mom takes TM requests from a local address only
 DIS_MAX_DIGITS = 32
+DIS_MAX_LEVELS = 8          # Torque's own decoder stops at 30 (DIS_RECURSIVE_LIMIT)
 
 
 class TmError(Exception):
@@ -52,7 +53,7 @@ def dis_str(data: bytes) -> bytes:
 def read_dis_int(f: BinaryIO) -> int:
     """One DIS integer from ``f`` (bounded: at most DIS_MAX_DIGITS digits at any level)."""
     count = 1
-    while True:
+    for _level in range(DIS_MAX_LEVELS):
         c = f.read(1)
         if c in (b"+", b"-"):
             digits = f.read(count)
@@ -65,6 +66,9 @@ def read_dis_int(f: BinaryIO) -> int:
         if len(rest) != count - 1 or not (c + rest).isdigit() or int(c + rest) > DIS_MAX_DIGITS:
             raise TmError(f"pbs_mom sent a malformed integer (prefix {c + rest!r})")
         count = int(c + rest)
+        if count < 2:     # a count of one digit is never prefixed: not DIS
+            raise TmError(f"pbs_mom sent a malformed integer (prefix {c + rest!r})")
+    raise TmError(f"pbs_mom sent an integer nested more than {DIS_MAX_LEVELS} levels deep")
 
 
 def adopt_request(job_id: str, sid: int, pid: int) -> bytes:

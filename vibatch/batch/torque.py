@@ -295,16 +295,23 @@ def adopt_vm(cfg: Config, job_id: str, uid: int, pids: Sequence[int],
     return sessions
 
 
-VMEM_LIMITS = ("vmem", "pvmem")    # pbs_mom enforces these on the summed address space
+# pbs_mom enforces vmem/pvmem on the summed address space, and pcput per process: QEMU is one
+# process for all the job's vCPUs, so a k-core job would meet its pcput k times too early
+VMEM_LIMITS = ("vmem", "pvmem", "pcput")
+# a pbs_mom built with cgroups or cpusets moves an adopted process into the job's cgroups or
+# cpuset (adoptSession): QEMU would leave libvirt's memory cap and pinning (not tested: left out)
+TORQUE_CGROUPS = ("/sys/fs/cgroup/cpuset/torque", "/sys/fs/cgroup/memory/torque",
+                  "/sys/fs/cgroup/torque", "/dev/cpuset/torque")
 VMEM_KEY = "vmem_limited"         # in the record's batch_env: the job has one of them
 
 
 def adopter(cfg: Config, job_id: str, env: dict
             ) -> Optional[Callable[[Sequence[int]], dict]]:
     """The suspend watcher, then the VM's sessions handed to pbs_mom (adopt_vm). Not with
-    ``torque.mom_manager_port: 0``, and not for a job with a vmem or pvmem limit: pbs_mom kills
-    a job whose processes' address space passes it, and QEMU's alone (3.4 GiB seen for an
-    800 MiB guest) is larger than the guest's memory."""
+    ``torque.mom_manager_port: 0``, not for a job with a vmem, pvmem or pcput limit (pbs_mom
+    kills a job whose processes' address space passes it, and QEMU's alone, 3.4 GiB seen for an
+    800 MiB guest, is larger than the guest's memory; pcput is per process), and not where
+    pbs_mom uses cgroups or cpusets (TORQUE_CGROUPS)."""
     uid = job_uid(cfg, job_id)
     if uid is None:
         return None
@@ -314,6 +321,12 @@ def adopter(cfg: Config, job_id: str, env: dict
         if watch is not None:
             watch(pids)          # detaches the watcher and returns at once
         if not cfg.torque.mom_manager_port or env.get(VMEM_KEY):
+            return {}
+        cgroups = [d for d in TORQUE_CGROUPS if os.path.isdir(d)]
+        if cgroups:
+            log_error(f"torque job {job_id}: its VM is not handed to pbs_mom", NodeError(
+                f"pbs_mom uses cgroups or cpusets here ({cgroups[0]}): it would move QEMU out "
+                "of libvirt's memory cap and pinning"))
             return {}
         return {str(sid): info for sid, info in adopt_vm(cfg, job_id, uid, pids).items()}
     return adopt

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from ..vm import accel, hypervisor, network, share, template
-from . import accounting, adopt, disk, faultpoints, features, jobstore, metrics, walltime
+from . import (accounting, adopt, disk, faultpoints, features, jobstore, metrics, pause,
+               walltime)
 from ..images import qemuimg
 from ..vm.agent import AgentError, LibvirtAgent, SocketAgent
 from ..config import Config, paths_overlap
@@ -526,7 +527,19 @@ def _wait_for_agent(agent: Any, deadline: Deadline, timeout: float) -> None:
         if deadline.expired():
             raise BootFailed(f"the guest agent did not answer within {timeout:g} s of boot "
                              "(see the console below)")
-        time.sleep(min(0.02, deadline.remaining()))
+        # quick while a restored guest's agent is due, then slower: each failed ping is an
+        # error line in libvirtd's log
+        waited = deadline.seconds - deadline.remaining()
+        time.sleep(min(0.02 if waited < 0.5 else 0.1, deadline.remaining()))
+
+
+def _clock_base(root_agent: Any, job_id: str) -> Optional[int]:
+    """guestsetup.clock_base, or None (logged) if the guest's agent would not give it."""
+    try:
+        return clock_base(root_agent)
+    except (AgentError, ValueError, IndexError, ArithmeticError) as e:
+        log_error(f"job {job_id}: the restored guest's uptime", e)
+        return None
 
 
 def _setup_guest(node: Node, root_agent: Any, user_agent: Any, req: JobRequest, slot: Slot,
@@ -544,12 +557,14 @@ def _setup_guest(node: Node, root_agent: Any, user_agent: Any, req: JobRequest, 
                       net=net.arg() if net else None,
                       fresh=fresh_machine(socket.gethostname(), req.job_id),
                       deadline_s=walltime.guest_deadline_s(cfg, req.walltime_s))
+    clock_cs = _clock_base(root_agent, req.job_id) if restored else None
     try:
-        if restored:
-            setup = dataclasses.replace(setup, clock_cs=clock_base(root_agent))
-        res = root_agent.run("/bin/sh", setup.argv(), deadline, what="guest setup")
-    except (AgentError, ValueError, IndexError) as e:
+        res = root_agent.run("/bin/sh", dataclasses.replace(setup, clock_cs=clock_cs).argv(),
+                             deadline, what="guest setup")
+    except AgentError as e:
         raise BootFailed(f"guest setup failed: {e}") from None
+    if restored and clock_cs is None:     # no base: the agent's way, slower (pause.set_clock)
+        pause.set_clock(root_agent.domain)
     if res.wait_status != 0:
         msg = res.err.decode(errors="replace").strip() or f"exit status {res.wait_status}"
         raise BootFailed(f"guest setup failed: {msg.splitlines()[-1]}",

@@ -202,6 +202,9 @@ def _encode(name: str, arguments: Optional[dict]) -> bytes:
     return json.dumps(msg).encode() + b"\n"
 
 
+MAX_LINE = 32 << 20   # one reply: qemu-ga caps a command's captured output at 16 MiB (base64)
+
+
 class _LineReader:
     def __init__(self, sock: socket.socket, deadline: Deadline):
         self.sock, self.deadline, self.buf = sock, deadline, b""
@@ -210,6 +213,8 @@ class _LineReader:
         while b"\n" not in self.buf:
             if self.deadline.expired():
                 raise socket.timeout()
+            if len(self.buf) > MAX_LINE:
+                raise OSError(0, f"the agent sent a line of more than {MAX_LINE} bytes")
             self.sock.settimeout(max(0.01, self.deadline.remaining()))
             chunk = self.sock.recv(65536)
             if not chunk:

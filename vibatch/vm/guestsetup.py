@@ -51,7 +51,9 @@ nic_by_mac() { for i in /sys/class/net/*; do line a "$i/address" && [ "$a" = "$1
 # RTC's next half second (busybox's date sets whole seconds only: then rounded)
 while [ $# -gt 0 ]; do
   case $1 in
-    c:*) read -r u _ < /proc/uptime; f=${u#*.}
+    c:*) read -r u _ < /proc/uptime
+         case $u in *[0-9].[0-9][0-9]) ;; *) fail "cannot set the clock: /proc/uptime says '$u'" ;; esac
+         f=${u#*.}
          t=$(( ${1#c:} + ${u%.*} * 100 + ${f#0} )); f=$((t % 100)); [ $f -gt 9 ] || f=0$f
          date -u -s "@$((t / 100)).$f" >/dev/null 2>&1 || date -u -s "@$(((t + 50) / 100))" >/dev/null ||
            fail "cannot set the clock" ;;
@@ -97,7 +99,10 @@ fi
 umask 022
 newhome=
 [ -d "$home" ] || newhome=$home
-mkdir -p ${newhome:+"$home"} "$wd" "$io" "$mf" "$jf" "$st" || fail "cannot create $wd, $io, $mf, $jf or $st"
+# (a home the guest cannot make is not fatal: the job runs without one, as before)
+mkdir -p ${newhome:+"$home"} "$wd" "$io" "$mf" "$jf" "$st" 2>/dev/null || {
+  [ -z "$newhome" ] || [ -d "$home" ] || { echo "vibatch guest setup: cannot create the home $home" >&2; newhome=; }
+  mkdir -p "$wd" "$io" "$mf" "$jf" "$st" || fail "cannot create $wd, $io, $mf, $jf or $st"; }
 port=
 for p in /sys/class/virtio-ports/*; do
   line n "$p/name" && [ "$n" = "$PORT" ] && port=/dev/${p##*/}
