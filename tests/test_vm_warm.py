@@ -258,8 +258,20 @@ def _converted(vm_env, name, cluster):
     return out
 
 
+ADDED = set()     # images this module added to the session's library: removed at its end
+
+
+@pytest.fixture(scope="module", autouse=True)
+def added_images_removed(vm_env):
+    yield
+    for name in sorted(ADDED):
+        r = vm_env.run("image", "remove", name, "--force")
+        assert r.returncode == 0, r.stderr
+
+
 def _add(vm_env, disk, name, replace=False):
     from vibatch.images.library import Library
+    ADDED.add(name)
     with open(os.path.join(IMAGE_BUILD, "cmdline")) as f:
         cmdline = f.read().strip()
     return Library(vm_env.cfg.library_dir, vm_env.cfg.state_dir).add(
