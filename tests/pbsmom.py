@@ -177,7 +177,7 @@ class TmPort:
     def _request(self, conn: socket.socket) -> None:
         f = conn.makefile("rb")
         proto, ver = _dis_read_int(f), _dis_read_int(f)
-        job, cookie = _dis_read_str(f).decode(), _dis_read_str(f)
+        _job, cookie = _dis_read_str(f).decode(), _dis_read_str(f)
         command, _event, _task = _dis_read_int(f), _dis_read_int(f), _dis_read_int(f)
         if (proto, ver, command) != (TM_PROTOCOL, TM_PROTOCOL_VER, TM_ADOPT_JOBID):
             raise ValueError(f"not a TM adoption: {(proto, ver, command)}")

@@ -509,7 +509,7 @@ def test_the_vms_cpu_time_lands_in_the_jobs_cgroup_and_libvirts_cap_and_pinning_
     assert r["status"] == 0, r
     assert r["usage"]["RemoteUserCpu"] + r["usage"]["RemoteSysCpu"] >= 8, r["usage"]
     assert r["killed_at_end"] == [], r           # the VM was gone, not killed by the starter
-    for pid, g in seen["pids"].items():
+    for g in seen["pids"].values():
         assert g["cpuacct"].startswith("/htcondor/") and g["freezer"] == g["cpuacct"], g
         assert g["cpuset"].startswith("/machine/qemu-"), g
     assert any(g["memory"].startswith("/machine/qemu-") for g in seen["pids"].values())
