@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .. import safeio
 from ..util import atomic_write_json, log_error
 
 CGROUP_FILE_MAX = 1 << 16
@@ -58,14 +59,7 @@ class JobCgroups:
 
 
 def _read(path: str) -> str:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    try:
-        return os.read(fd, CGROUP_FILE_MAX).decode(errors="replace")
-    finally:
-        os.close(fd)
+    return (safeio.read_bounded(path, CGROUP_FILE_MAX) or b"").decode(errors="replace")
 
 
 def cgroup_lines(pid: int) -> dict:

@@ -556,14 +556,13 @@ def _setup_guest(node: Node, root_agent: Any, user_agent: Any, req: JobRequest, 
                       scratch=(disk.SCRATCH_LABEL, tmpdir) if tmpdir else None,
                       net=net.arg() if net else None,
                       fresh=fresh_machine(socket.gethostname(), req.job_id),
-                      deadline_s=walltime.guest_deadline_s(cfg, req.walltime_s))
-    clock_cs = _clock_base(root_agent, req.job_id) if restored else None
+                      deadline_s=walltime.guest_deadline_s(cfg, req.walltime_s),
+                      clock_cs=_clock_base(root_agent, req.job_id) if restored else None)
     try:
-        res = root_agent.run("/bin/sh", dataclasses.replace(setup, clock_cs=clock_cs).argv(),
-                             deadline, what="guest setup")
+        res = root_agent.run("/bin/sh", setup.argv(), deadline, what="guest setup")
     except AgentError as e:
         raise BootFailed(f"guest setup failed: {e}") from None
-    if restored and clock_cs is None:     # no base: the agent's way, slower (pause.set_clock)
+    if restored and setup.clock_cs is None:   # no base: the agent's way, slower (pause.set_clock)
         pause.set_clock(root_agent.domain)
     if res.wait_status != 0:
         msg = res.err.decode(errors="replace").strip() or f"exit status {res.wait_status}"

@@ -23,7 +23,8 @@ WALLTIME_PID = "/run/vibatch/walltime.pid"           # the guest's walltime time
 
 # $1 name  $2 uid  $3 gid  $4 home  $5 workdir  $6 io dir  $7 agent state dir
 # $8 machine features dir  $9 job features dir  then c:CENTISECONDS (a restored guest's clock:
-# the host's time when the guest's uptime was 0), r:SEED i:MACHINE-ID h:HOSTNAME (a fresh machine), m:KEY=VALUE / j:KEY=VALUE, one per feature, s:TAG=PATH per site share,
+# the host's time when the guest's uptime was 0), r:SEED i:MACHINE-ID h:HOSTNAME (a fresh
+# machine), m:KEY=VALUE / j:KEY=VALUE, one per feature, s:TAG=PATH per site share,
 # x:SERIAL=PATH for the scratch disk, n:MAC=ADDR,GW,DNS for the NIC,
 # t:SECONDS (last): power the guest off that long from now (the job's walltime plus grace)
 SETUP_SCRIPT = r"""
