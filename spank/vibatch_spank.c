@@ -25,14 +25,47 @@
  *
  * There is nothing for a user to switch off: the plugin has no options, and the task's own
  * environment is read only as data.
+ *
+ * The extern step (PrologFlags=Contain) holds the VM's processes, for Slurm's accounting and
+ * suspend (vibatch/core/adopt.py). slurmstepd keeps it while its one task, a `sleep`, lives, and
+ * SIGKILLs everything in the step's cgroup once that task is gone (mgr.c,
+ * _spawn_job_container). At scancel or the time limit slurmd sends SIGTERM to every step at
+ * once: the sleep would end at once, and the VM with it, before the job's own trap in the guest
+ * had run. So, in the extern step's slurmstepd (root), slurm_spank_task_post_fork starts a
+ * keeper thread that gives the guest the grace a job on the host gets (KillWait):
+ *
+ * - it forks a canary, a child of slurmstepd in the step's freezer cgroup, which Slurm signals as
+ *   a task of the step (proctrack/cgroup signals the stepd's children with every signal, the
+ *   other processes of the cgroup only with SIGKILL). The canary ignores every signal but
+ *   SIGTERM and SIGKILL;
+ * - it moves the sleep into the job's freezer cgroup (one level up), so Slurm's SIGTERM no longer
+ *   reaches it;
+ * - when the canary dies (the job's termination), it waits until no other step of the job has a
+ *   process left (the batch step ends when the job's trap in the guest has run; slurmd SIGKILLs
+ *   every step after KillWait), then SIGKILLs the sleep: slurmstepd goes on as before, takes
+ *   its last accounting sample and SIGKILLs the VM.
+ *
+ * If any of this cannot be set up (no cgroup v1 freezer, an unexpected layout), the sleep is left
+ * where Slurm put it, so Slurm behaves as without the keeper (the VM ends at SIGTERM). After
+ * KEEP_MAX_S the sleep is given back to the step's cgroup, for Slurm's own handling.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <slurm/slurm.h>
@@ -180,4 +213,308 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 	execve(python, nargv, nenv);
 	fail(python);
 	return -1;
+}
+
+/* ---- the extern step's keeper (see the head of this file) ---- */
+
+#define KEEP_MAX_S (7 * 24 * 3600)      /* then the sleep goes back to Slurm's handling */
+#define LINE_MAX_LEN 4096
+
+static pthread_t keeper;
+static int keeper_started;
+static volatile pid_t canary_pid;
+
+struct keep {
+	pid_t sleep_pid;
+	char rel[PATH_MAX];             /* the freezer cgroup of the extern step */
+	char step_dir[PATH_MAX];        /* ... its directory */
+	char job_dir[PATH_MAX];         /* ... and of the job, one level up */
+};
+
+/* Up to size-1 bytes of a small kernel file (procfs, cgroupfs), NUL-terminated; -1 if unreadable. */
+static ssize_t read_small(const char *path, char *buf, size_t size)
+{
+	int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+	ssize_t done = 0;
+
+	if (fd < 0)
+		return -1;
+	while ((size_t) done < size - 1) {
+		ssize_t n = read(fd, buf + done, size - 1 - (size_t) done);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		done += n;
+	}
+	close(fd);
+	buf[done] = '\0';
+	return done;
+}
+
+static int write_pid(const char *dir, pid_t pid)
+{
+	char path[PATH_MAX + 16], line[32];
+	int fd, len, rc;
+
+	if (snprintf(path, sizeof(path), "%s/cgroup.procs", dir) >= (int) sizeof(path))
+		return -1;
+	fd = open(path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	len = snprintf(line, sizeof(line), "%d\n", (int) pid);
+	rc = write(fd, line, (size_t) len) == len ? 0 : -1;
+	close(fd);
+	return rc;
+}
+
+/* Where the cgroup v1 freezer hierarchy is mounted (its root, not a subtree), into mnt. */
+static int freezer_mount(char *mnt, size_t size)
+{
+	FILE *f = fopen("/proc/self/mountinfo", "re");
+	char *line = NULL;
+	size_t cap = 0;
+	int found = -1;
+
+	if (f == NULL)
+		return -1;
+	while (found < 0 && getline(&line, &cap, f) > 0) {
+		char root[LINE_MAX_LEN], point[LINE_MAX_LEN], fstype[64], opts[LINE_MAX_LEN];
+		char *sep = strstr(line, " - "), *tok, *save = NULL;
+
+		if (sep == NULL || strlen(line) >= LINE_MAX_LEN ||
+		    sscanf(line, "%*s %*s %*s %4095s %4095s", root, point) != 2 ||
+		    sscanf(sep + 3, "%63s %*s %4095s", fstype, opts) != 2)
+			continue;
+		if (strcmp(fstype, "cgroup") != 0 || strcmp(root, "/") != 0 || strchr(point, '\\'))
+			continue;
+		for (tok = strtok_r(opts, ",", &save); tok; tok = strtok_r(NULL, ",", &save))
+			if (strcmp(tok, "freezer") == 0 && strlen(point) < size) {
+				strcpy(mnt, point);
+				found = 0;
+			}
+	}
+	free(line);
+	fclose(f);
+	return found;
+}
+
+/* pid's freezer cgroup, as a path below the mount, into path. */
+static int freezer_of(pid_t pid, char *path, size_t size)
+{
+	char file[64], buf[LINE_MAX_LEN], *line, *save = NULL;
+
+	snprintf(file, sizeof(file), "/proc/%d/cgroup", (int) pid);
+	if (read_small(file, buf, sizeof(buf)) <= 0)
+		return -1;
+	for (line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+		char *c1 = strchr(line, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+
+		if (c2 && c2 - c1 - 1 == 7 && strncmp(c1 + 1, "freezer", 7) == 0 &&
+		    strlen(c2 + 1) < size) {
+			strcpy(path, c2 + 1);
+			return 0;
+		}
+	}
+	return -1;
+}
+
+static pid_t parent_of(pid_t pid)
+{
+	char file[64], buf[1024], *end;
+	int ppid = -1;
+
+	snprintf(file, sizeof(file), "/proc/%d/stat", (int) pid);
+	if (read_small(file, buf, sizeof(buf)) <= 0 || (end = strrchr(buf, ')')) == NULL ||
+	    sscanf(end + 1, " %*c %d", &ppid) != 1)
+		return -1;
+	return ppid;
+}
+
+/* Does a cgroup below dir (itself excluded), down to depth levels, hold a process? */
+static int busy_below(const char *dir, int depth, const char *skip)
+{
+	DIR *d = opendir(dir);
+	struct dirent *e;
+	int busy = 0;
+
+	if (d == NULL)
+		return 0;
+	while (!busy && (e = readdir(d)) != NULL) {
+		char sub[PATH_MAX], procs[PATH_MAX + 16], buf[32];
+
+		if (e->d_type != DT_DIR || e->d_name[0] == '.' ||
+		    (skip && strcmp(e->d_name, skip) == 0) ||
+		    snprintf(sub, sizeof(sub), "%s/%s", dir, e->d_name) >= (int) sizeof(sub))
+			continue;
+		snprintf(procs, sizeof(procs), "%s/cgroup.procs", sub);
+		busy = read_small(procs, buf, sizeof(buf)) > 0 || (depth > 1 && busy_below(sub, depth - 1, NULL));
+	}
+	closedir(d);
+	return busy;
+}
+
+/* A child of slurmstepd in the extern step's freezer cgroup: Slurm signals it as the step's
+ * task. It ignores every signal but SIGTERM (and SIGKILL, SIGSTOP). Only async-signal-safe calls
+ * after the fork: slurmstepd has threads. */
+static pid_t start_canary(void)
+{
+	pid_t parent = getpid(), pid = fork();
+	struct sigaction sa;
+	sigset_t none;
+
+	if (pid != 0)
+		return pid;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = SIG_IGN;
+	for (int sig = 1; sig < NSIG; sig++)
+		if (sig != SIGKILL && sig != SIGSTOP && sig != SIGTERM)
+			sigaction(sig, &sa, NULL);
+	sa.sa_handler = SIG_DFL;
+	sigaction(SIGTERM, &sa, NULL);
+	prctl(PR_SET_PDEATHSIG, SIGKILL);
+	if (getppid() != parent)
+		_exit(0);
+	syscall(SYS_close_range, 0U, ~0U, 0);   /* slurmd waits for EOF on some of them */
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	for (;;)
+		pause();
+}
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double) ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void *keep_extern(void *arg)
+{
+	struct keep *k = arg;
+	char path[PATH_MAX];
+	int pidfd = (int) syscall(SYS_pidfd_open, k->sleep_pid, 0), status;
+	pid_t canary;
+	double start;
+
+	if (pidfd < 0 || parent_of(k->sleep_pid) != getpid()) {
+		slurm_error("vibatch: the extern step's task %d is not ours: SIGTERM ends the VM",
+			    (int) k->sleep_pid);
+		goto out;
+	}
+	canary = start_canary();
+	if (canary < 0) {
+		slurm_error("vibatch: no canary for the extern step (%m): SIGTERM ends the VM");
+		goto out;
+	}
+	canary_pid = canary;
+	/* into the step's cgroup, as Slurm adds its task (the stepd itself may be elsewhere) */
+	path[0] = '\0';
+	if (write_pid(k->step_dir, canary) < 0 || freezer_of(canary, path, sizeof(path)) < 0 ||
+	    strcmp(path, k->rel) != 0 || write_pid(k->job_dir, k->sleep_pid) < 0) {
+		slurm_error("vibatch: cannot keep the extern step past SIGTERM (%m; canary in '%s', "
+			    "task in '%s'): SIGTERM ends the VM", path, k->rel);
+		write_pid(k->step_dir, k->sleep_pid);
+		kill(canary, SIGKILL);
+		while (waitpid(canary, &status, 0) < 0 && errno == EINTR)
+			;
+		canary_pid = 0;
+		goto out;
+	}
+	slurm_debug("vibatch: extern task %d kept out of Slurm's SIGTERM, canary %d",
+		    (int) k->sleep_pid, (int) canary);
+	while (waitpid(canary, &status, 0) < 0 && errno == EINTR)
+		;
+	canary_pid = 0;
+	/* the job is ending: the VM stays while another step of the job has a process */
+	start = now();
+	for (;;) {
+		struct pollfd p = { .fd = pidfd, .events = POLLIN };
+		double waited = now() - start;
+
+		if (!busy_below(k->job_dir, 2, "step_extern")) {
+			syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
+			slurm_info("vibatch: the job's other steps have ended after %.1f s: "
+				   "extern step ends", waited);
+			break;
+		}
+		if (waited > KEEP_MAX_S) {
+			slurm_error("vibatch: the job's steps still run after %d s: the extern task "
+				    "goes back to Slurm", KEEP_MAX_S);
+			write_pid(k->step_dir, k->sleep_pid);
+			break;
+		}
+		if (poll(&p, 1, waited < 10 ? 100 : 1000) > 0)
+			break;          /* the task is gone: slurmstepd goes on by itself */
+	}
+out:
+	if (pidfd >= 0)
+		close(pidfd);
+	free(k);
+	return NULL;
+}
+
+/* In the extern step's slurmstepd, just after it forked its task (the caller's thread is the
+ * one that forked it: its only child is the task). */
+int slurm_spank_task_post_fork(spank_t sp, int ac, char **av)
+{
+	uint32_t step_id = 0;
+	char file[64], buf[64], mnt[PATH_MAX], rel[PATH_MAX], *end;
+	struct keep *k;
+	long pid;
+
+	(void) ac;
+	(void) av;
+	if (!spank_remote(sp) || getuid() != 0 ||
+	    spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS ||
+	    step_id != SLURM_EXTERN_CONT || keeper_started)
+		return 0;
+	snprintf(file, sizeof(file), "/proc/self/task/%ld/children", (long) syscall(SYS_gettid));
+	if (read_small(file, buf, sizeof(buf)) <= 0 || (pid = strtol(buf, &end, 10)) <= 0 ||
+	    strspn(end, " \n") != strlen(end)) {
+		slurm_info("vibatch: the extern step's task is not the stepd's only child: "
+			   "SIGTERM ends the VM");
+		return 0;
+	}
+	if (freezer_mount(mnt, sizeof(mnt)) < 0 || freezer_of((pid_t) pid, rel, sizeof(rel)) < 0 ||
+	    (end = strrchr(rel, '/')) == NULL || strcmp(end, "/step_extern") != 0 || end == rel) {
+		slurm_info("vibatch: no cgroup v1 freezer step_extern for the extern step: "
+			   "SIGTERM ends the VM");
+		return 0;
+	}
+	k = calloc(1, sizeof(*k));
+	if (k == NULL)
+		return 0;
+	k->sleep_pid = (pid_t) pid;
+	strcpy(k->rel, rel);
+	if (snprintf(k->step_dir, sizeof(k->step_dir), "%s%s", mnt, rel) >= (int) sizeof(k->step_dir)) {
+		free(k);
+		return 0;
+	}
+	strcpy(k->job_dir, k->step_dir);
+	*strrchr(k->job_dir, '/') = '\0';
+	if (pthread_create(&keeper, NULL, keep_extern, k) != 0) {
+		slurm_error("vibatch: no keeper thread for the extern step: SIGTERM ends the VM");
+		free(k);
+		return 0;
+	}
+	keeper_started = 1;
+	return 0;
+}
+
+/* Before slurmstepd unloads the plugin: the keeper's code must not be running then. By now the
+ * extern task has ended and Slurm has SIGKILLed the step's cgroup (the canary with it). */
+int slurm_spank_exit(spank_t sp, int ac, char **av)
+{
+	(void) sp;
+	(void) ac;
+	(void) av;
+	if (keeper_started) {
+		if (canary_pid > 0)
+			kill(canary_pid, SIGKILL);
+		pthread_join(keeper, NULL);
+		keeper_started = 0;
+	}
+	return 0;
 }
