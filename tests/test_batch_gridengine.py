@@ -64,6 +64,12 @@ def assert_queue_ok(c):
     assert c.queue_state() == "", c.cmd("qstat", "-f", "-explain", "E").stdout
 
 
+def fitted(vm_env, h_vmem_mb: int) -> int:
+    """The guest's memory for a 1-slot job of that h_vmem (gridengine.fit_vmem)."""
+    from vibatch.batch.gridengine import VMEM_HOST_RESERVE_MB
+    return h_vmem_mb - VMEM_HOST_RESERVE_MB - vm_env.cfg.vm.memory_overhead_mb
+
+
 def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, sge):
     job = qsub(sge, 'echo "kernel $(uname -r) on $(cat /etc/hostname) as $(id -un) in $PWD"\n'
                'echo "features $(cat $JOBFEATURES/wall_limit_secs) $(cat $JOBFEATURES/allocated_cpu)'
@@ -77,8 +83,9 @@ def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, sge
     assert rec["exit_status"] == "7" and rec["failed"] == "0", rec
     out = output(sge, job)
     assert f"kernel {guest_kernel()} on vbguest as {USER} in {sge.home}\n" in out, out
-    # HEPiX Job Features in the guest, with what Grid Engine gave: h_rt, 1 slot, h_vmem
-    assert f"features 420 1 600 {job} {os.cpu_count()}\n" in out, out
+    # HEPiX Job Features in the guest, with what Grid Engine gave: h_rt, 1 slot, and the guest's
+    # memory, which h_vmem holds with QEMU
+    assert f"features 420 1 {fitted(vm_env, 600)} {job} {os.cpu_count()}\n" in out, out
     # -l scratch=300M: a 300 MiB scratch disk, the user's, at $TMPDIR
     scratch = [line.split() for line in out.splitlines() if line.startswith("scratch ")]
     assert scratch and scratch[0][1:4] == ["/scratch", str(300 << 20), USER], out
@@ -87,14 +94,16 @@ def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, sge
     assert not os.path.exists(os.path.join(sge.home, "core")), subprocess.run(
         ["file", os.path.join(sge.home, "core")], capture_output=True, text=True).stdout
     acct = [line for line in open(vm_env.cfg.accounting_file) if f'"job_id": "{job}"' in line]
-    assert len(acct) == 1 and '"exit_code": 7' in acct[0] and '"memory_mb": 600' in acct[0]
+    assert len(acct) == 1 and '"exit_code": 7' in acct[0], acct
+    assert f'"memory_mb": {fitted(vm_env, 600)}' in acct[0], acct
     assert_queue_ok(sge)
 
 
 def test_a_job_of_a_templates_shape_starts_warm_with_its_shares_and_scratch(vm_env, sge):
     """Warm start under Grid Engine: restored from the template of the job's shape (1 slot,
-    h_vmem 600M), with its working directory, scratch, exit code and a host name of its own."""
-    with warm_template(vm_env, "testguest", 1, 600) as tid:
+    h_vmem 600M: a guest that fits in it), with its working directory, scratch, exit code and a
+    host name of its own."""
+    with warm_template(vm_env, "testguest", 1, fitted(vm_env, 600)) as tid:
         job = qsub(sge, 'echo "$(id -un) in $PWD on $(hostname) $(cat /etc/hostname), '
                    '$(nproc) cpu, scratch $(stat -c %U $TMPDIR)"\n'
                    "echo from-the-guest > warm-$JOB_ID\nexit 3\n",
@@ -365,36 +374,58 @@ def test_the_vms_cpu_time_and_memory_are_in_qacct(vm_env, sge):
     assert_queue_ok(sge)
 
 
-def test_a_job_with_a_vmem_limit_keeps_its_vm_out_of_the_collector(vm_env, sge):
-    """execd kills a job whose summed address space passes its h_vmem; QEMU's alone is larger
-    than the guest's memory (= h_vmem): so a job with h_vmem runs without the group on QEMU."""
+def test_a_job_with_a_vmem_limit_is_counted_and_its_vm_fits_in_the_limit(vm_env, sge):
+    """execd SIGKILLs a job whose processes hold more than its h_vmem (VmRSS + VmSwap summed over
+    the processes with the job's group, procfs.c). The VM is made to fit: hard cap = limit -
+    the host reserve, guest = cap - QEMU's overhead; so QEMU carries the group, qacct counts the
+    guest's burn and its 300 MiB, and the job, which fills them, is not killed."""
     from vibatch.core import adopt
     from vibatch.vm import hypervisor
+    limit = 900
     gate = os.path.join(sge.home, "gate-vmem")
-    job = qsub(sge, f"echo started\ni=0; while [ ! -e {gate} ] && [ $i -lt 900 ]; do sleep 0.1; "
-               "i=$((i+1)); done\n", "-v", "VIBATCH_IMAGE=testguest", "-l", "h_vmem=400M")
+    job = qsub(sge, "awk 'BEGIN { s = sprintf(\"%314572800s\", \"\"); print \"filled\" }'\n"
+               "end=$(( $(date +%s) + 10 )); while [ $(date +%s) -lt $end ]; do :; done\n"
+               "echo burnt\n"
+               f"i=0; while [ ! -e {gate} ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done\n",
+               "-v", "VIBATCH_IMAGE=testguest", "-l", f"h_vmem={limit}M")
     try:
-        wait_until("the job to start in its VM", lambda: "started" in output(sge, job), 180)
+        wait_until("the burn in the guest", lambda: "burnt" in output(sge, job), 180)
         gid = job_gid(sge, job)
         conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
         try:
-            pids = adopt.vm_pids(hypervisor.lookup(conn, "vibatch-" + job))
+            dom = hypervisor.lookup(conn, "vibatch-" + job)
+            libvirt_cpu = hypervisor.cpu_time_s(dom)
+            hard = dom.memoryParameters()["hard_limit"]
+            guest_kib = dom.maxMemory()
+            pids = adopt.vm_pids(dom)
         finally:
             conn.close()
-        assert pids and all(gid not in proc_groups(pid) for pid in pids)
+        qemu = [p for p in pids if open(f"/proc/{p}/comm").read().startswith("qemu")]
+        assert qemu and gid in proc_groups(qemu[0]), (pids, gid)
+        with open(f"/proc/{qemu[0]}/status") as f:
+            print("QEMU", [line.strip() for line in f if line.startswith(("VmRSS", "VmSwap"))])
+        assert guest_kib == fitted(vm_env, limit) * 1024, guest_kib
+        assert hard == (fitted(vm_env, limit) + vm_env.cfg.vm.memory_overhead_mb) * 1024, hard
     finally:
         with open(gate, "w"):
             pass
-    assert sge.wait_accounted(job)["exit_status"] == "0"
+    rec = sge.wait_accounted(job)
     os.unlink(gate)
+    cpu, maxvmem = qacct_seconds(rec["cpu"]), qacct_bytes(rec["maxvmem"])
+    print(f"qacct cpu {cpu} s maxvmem {maxvmem / 2**20:.0f} MiB; libvirt {libvirt_cpu:.1f} s")
+    assert rec["exit_status"] == "0" and rec["failed"] == "0", rec
+    assert cpu >= 8 and cpu >= 0.8 * libvirt_cpu, (rec, libvirt_cpu)
+    assert 300 << 20 <= maxvmem <= limit << 20, rec
+    assert leftovers(vm_env, job) == []
     assert_queue_ok(sge)
 
 
-@pytest.mark.parametrize("vmem", ["", "h_vmem=600M"], ids=["qemu-in-job", "vmem-limited"])
+@pytest.mark.parametrize("vmem", ["", "h_vmem=200M"], ids=["qemu-in-job", "vmem-too-small"])
 def test_qmod_suspend_freezes_the_guest_and_unsuspend_goes_on(vm_env, sge, vmem):
     """qmod -sj stops the job (SIGSTOP, the queue's default suspend_method). A QEMU that
     carries the job's group is stopped by the shepherd itself (ENABLE_ADDGRP_KILL, as root); one
-    that does not (a vmem-limited job) is suspended by the watcher the prolog started. Either
+    that does not (a vmem limit too small to hold the VM) is suspended by the watcher the prolog
+    started. Either
     way libvirt's CPU time stands still; after qmod -usj the guest runs again, its clock is set
     (within 2 s), and the job ends with its own exit code."""
     import libvirt

@@ -2,6 +2,7 @@
 without daemons: real processes stopped and continued, a recording stand-in for the domain, and
 spool directories made here. The real route is tested on real Grid Engine
 (test_batch_gridengine.py: qmod -sj/-usj, qacct)."""
+import dataclasses
 import os
 import signal
 import subprocess
@@ -130,9 +131,6 @@ def test_the_job_group_comes_from_this_jobs_config_only(tmp_path):
     for job, task, owner in (("18", "0", "alice"), ("17", "2", "alice"), ("17", "0", "bob")):
         with pytest.raises(NodeError):
             gridengine.job_group(conf, job, task, owner)
-    limited = gridengine.read_spool_config(str(tmp_path))
-    limited["h_vmem"] = "400M"     # execd would kill the job for QEMU's address space
-    assert gridengine.job_group(limited, "17", "0", "alice") is None
     with pytest.raises(NodeError):
         gridengine.job_group({**conf, "add_grp_id": "0"}, "17", "0", "alice")
 
@@ -159,10 +157,41 @@ def test_early_registration_writes_the_shepherds_file_owned_as_the_spool(tmp_pat
     assert os.listdir(spool) == []
 
 
-def test_outside_a_shepherd_there_is_no_job_group_and_no_watcher(tmp_path):
+def test_outside_a_shepherd_there_is_no_watcher(tmp_path):
     assert gridengine.shepherd_spool() is None        # pytest's parent is no sge_shepherd
-    assert gridengine.process_gid("17", "0", "alice") is None
     assert gridengine.watcher(None, "17") is None
+
+
+def test_grid_engine_memory_values_and_the_jobs_vmem_limit():
+    assert [gridengine.ge_memory_mb(v) for v in ("400M", "2G", "1.5G", "419430400", "1000m",
+                                                 "INFINITY", "", "4X", "-1M")] == \
+        [400, 2048, 1536, 400, 953, None, None, None, None]
+    conf = {"h_vmem": "1G", "s_vmem": "INFINITY"}
+    assert gridengine.vmem_limit_mb(conf, 2) == 2048
+    assert gridengine.vmem_limit_mb({**conf, "s_vmem": "800M"}, 1) == 800
+    assert gridengine.vmem_limit_mb({"h_vmem": "INFINITY"}, 4) is None
+    assert gridengine.vmem_limit_mb({}, 1) is None
+
+
+def test_a_vm_is_made_to_fit_in_the_jobs_vmem_limit(tmp_path):
+    """execd SIGKILLs a job whose processes hold more than its vmem limit, QEMU among them once
+    it carries the job's group: the guest gets what is left of the limit after QEMU's overhead
+    and the host reserve; a limit too small for any VM leaves the guest its request and QEMU
+    without the group."""
+    from vibatch import config
+    from vibatch.core.request import JobRequest, JobUser
+    cfg = config.parse({"state_dir": str(tmp_path / "state"), "library_dir": str(tmp_path / "lib"),
+                        "run_dir": str(tmp_path / "run")}, "fit.yaml")
+    over = cfg.vm.memory_overhead_mb + gridengine.VMEM_HOST_RESERVE_MB
+    req = JobRequest("17", JobUser("alice", 1000, 1000, "/"), 2, 2048, None, "/")
+    assert gridengine.fit_vmem(cfg, req, {"h_vmem": "INFINITY"}) == (req, True)
+    fitted, counted = gridengine.fit_vmem(cfg, req, {"h_vmem": "1G"})
+    assert counted and fitted.memory_mb == 2048 - over and fitted.cores == 2
+    assert fitted.memory_mb + cfg.vm.memory_overhead_mb <= 2048 - gridengine.VMEM_HOST_RESERVE_MB
+    roomy = dataclasses.replace(req, memory_mb=512)
+    assert gridengine.fit_vmem(cfg, roomy, {"h_vmem": "4G"}) == (roomy, True)
+    tiny = {"h_vmem": f"{(cfg.jobs.min_memory_mb + over) // 2 - 1}M"}
+    assert gridengine.fit_vmem(cfg, req, tiny) == (req, False)
 
 
 def test_the_job_pid_file_is_read_bounded(tmp_path):

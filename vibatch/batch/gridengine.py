@@ -15,7 +15,8 @@ docs/batch/gridengine.md):
   a node fault 99, and nothing else ever leaves the prolog. The epilog always exits 0: every
   other code re-runs a job that already finished.
 - The OS: ``-l vm_image=NAME`` (a RESTRING complex the site defines) or ``-v VIBATCH_IMAGE=NAME``.
-- The cores are the job's PE slots; the memory ``h_vmem`` per slot times the slots; the
+- The cores are the job's PE slots; the memory ``h_vmem`` per slot times the slots, the VM
+  made to fit in it (``fit_vmem``); the
   walltime ``h_rt``; the scratch disk ``-l scratch=SIZE`` (a MEMORY complex the site defines). The CPU ids are vibatch's own choice (SGE binds only with ``-binding``).
 - ``starter_method <shim>``: the shepherd starts it as the job user with the job's environment
   and ``[job script copy | binary, args...]``; the script copy lives in execd's spool, so its
@@ -31,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pwd
+import re
 import sys
 import xml.etree.ElementTree as ET
 from typing import Callable, Mapping, Optional, Sequence
@@ -48,6 +50,10 @@ SHEPHERD = "sge_shepherd"
 ADDGRPID = "addgrpid"            # the shepherd's record of the job's group, in its spool dir
 SPOOL_FILE_MAX = 1 << 20
 VMEM_LIMITS = ("h_vmem", "s_vmem")
+VMEM_HOST_RESERVE_MB = 128   # in execd's vmem sum beside the VM's cap (fit_vmem)
+GE_MEMORY = re.compile(r"([0-9]+(?:\.[0-9]+)?)([kKmMgG]?)")
+GE_UNITS = {"": 1, "k": 1000, "K": 1024, "m": 1000 ** 2, "M": 1024 ** 2, "g": 1000 ** 3,
+            "G": 1024 ** 3}
 QSTAT_TIMEOUT_S = 60
 COMPLEX = "vm_image"
 SCRATCH_COMPLEX = "scratch"     # -l scratch=10G: a MEMORY complex the site defines (not consumable)
@@ -183,15 +189,11 @@ def shepherd_spool() -> Optional[str]:
         return None
 
 
-def job_group(conf: Mapping[str, str], job_id: str, task: str, owner: str) -> Optional[int]:
-    """The job's add_grp_id from its spool config, if the config is this job's and the VM may
-    carry it: not when the job has a vmem limit, which execd enforces on the summed address
-    space of the job's processes (QEMU's alone is larger than the guest's memory)."""
+def job_group(conf: Mapping[str, str], job_id: str, task: str, owner: str) -> int:
+    """The job's add_grp_id from its spool config, if the config is this job's."""
     mine = (conf.get("job_id"), conf.get("ja_task_id"), conf.get("job_owner"))
     if mine != (job_id, task if task.isdigit() else "0", owner):
         raise NodeError(f"the shepherd's config names job {mine}, not {(job_id, task, owner)}")
-    if any(conf.get(k, "INFINITY") != "INFINITY" for k in VMEM_LIMITS):
-        return None
     gid = conf.get("add_grp_id", "")
     if not gid.isdigit() or int(gid) <= 0:
         raise NodeError(f"the shepherd's config has no valid add_grp_id ({gid!r})")
@@ -221,17 +223,56 @@ def register_early(directory: str, gid: int) -> None:
         os.close(dfd)
 
 
-def process_gid(job_id: str, task: str, owner: str) -> Optional[int]:
-    """The group QEMU gets (request.py's process_gid; the share launchers cannot), with the job
-    registered for it; None when not run by a shepherd or the job has a vmem limit. Best
-    effort: a failure costs the record of the VM's usage, never the job (logged)."""
-    spool = shepherd_spool()
-    if spool is None:
+def ge_memory_mb(text: str) -> Optional[int]:
+    """A Grid Engine memory value (sge_types(1): bytes, or with K/M/G of 1024 or k/m/g of 1000)
+    in MiB; None for INFINITY or anything else."""
+    m = GE_MEMORY.fullmatch(text.strip())
+    if not m:
         return None
+    return int(float(m.group(1)) * GE_UNITS[m.group(2)]) >> 20
+
+
+def vmem_limit_mb(conf: Mapping[str, str], slots: int) -> Optional[int]:
+    """What execd holds the job's processes on this host to, in MiB (force_job_rlimit in
+    execd_ck_to_do.c: the smaller of the queue instance's h_vmem and s_vmem, times the slots),
+    from the shepherd's config; None without a limit. The sum it compares is of each process's
+    VmRSS + VmSwap (procfs.c), not its address space."""
+    limits = [mb for mb in (ge_memory_mb(conf.get(k, "INFINITY")) for k in VMEM_LIMITS)
+              if mb is not None]
+    return min(limits) * slots if limits else None
+
+
+def fit_vmem(cfg: Config, req: JobRequest, conf: Mapping[str, str]) -> tuple[JobRequest, bool]:
+    """(the request, whether QEMU may carry the job's group). execd SIGKILLs a job whose
+    processes, QEMU among them once it has the group, hold more than the job's vmem limit. So
+    the VM is made to fit in it: its hard cap (the guest's memory plus QEMU's overhead) is the
+    limit less VMEM_HOST_RESERVE_MB, for the job's host processes and QEMU's shared libraries,
+    which the cap does not hold. A limit too small for the smallest VM leaves the guest its
+    requested memory and QEMU out of the job's usage, as before (logged)."""
+    limit = vmem_limit_mb(conf, req.cores)
+    if limit is None:
+        return req, True
+    fit = limit - cfg.vm.memory_overhead_mb - VMEM_HOST_RESERVE_MB
+    if fit >= req.memory_mb:
+        return req, True
+    if fit < cfg.jobs.min_memory_mb:
+        log_error(f"gridengine prolog of job {req.job_id}: the VM stays out of its usage",
+                  ResourceRequestError(
+                      f"its vmem limit of {limit} MiB cannot hold a VM of "
+                      f"{cfg.jobs.min_memory_mb} MiB and "
+                      f"{cfg.vm.memory_overhead_mb + VMEM_HOST_RESERVE_MB} MiB besides"))
+        return req, False
+    return dataclasses.replace(req, memory_mb=fit), True
+
+
+def process_gid(spool: str, conf: Mapping[str, str], job_id: str, task: str,
+                owner: str) -> Optional[int]:
+    """The group QEMU gets (request.py's process_gid; the share launchers cannot), with the job
+    registered for it. Best effort: a failure costs the record of the VM's usage, never the
+    job (logged)."""
     try:
-        gid = job_group(read_spool_config(spool), job_id, task, owner)
-        if gid is not None:
-            register_early(spool, gid)
+        gid = job_group(conf, job_id, task, owner)
+        register_early(spool, gid)
         return gid
     except (OSError, NodeError) as e:
         log_error(f"gridengine prolog of job {job_id}: the VM stays out of its usage", e)
@@ -302,7 +343,12 @@ class GridEngine(BatchSystem):
     def job_from_hook(self, cfg: Config, argv: Sequence[str], env: dict) -> JobRequest:
         record = qstat_job(argv[0])   # the node's: its failure is the node's
         req = read_request(lambda: job_from_prolog(cfg, argv, record, env))
-        gid = process_gid(argv[0], argv[1], argv[2])
+        spool = shepherd_spool()
+        if spool is None:
+            return req
+        conf = read_spool_config(spool)
+        req, counted = fit_vmem(cfg, req, conf)
+        gid = process_gid(spool, conf, argv[0], argv[1], argv[2]) if counted else None
         return dataclasses.replace(req, process_gid=gid) if gid else req
 
     def adopter(self, cfg: Config, job_id: str, env: dict
