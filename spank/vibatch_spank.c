@@ -63,6 +63,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -72,6 +73,23 @@
 #include <slurm/spank.h>
 
 SPANK_PLUGIN(vibatch, 1);
+
+/* Kernel headers older than 5.3 / 5.9 (RHEL 8, Ubuntu 20.04) lack these. Since Linux 5.1 a new
+ * system call has the same number on every architecture but alpha. On a kernel without them
+ * the calls fail with ENOSYS: close_range is then done by a loop, and without pidfd_open the
+ * keeper is not started (the VM ends at SIGTERM, as without the plugin's keeper). */
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+#if defined(__alpha__)
+#error "the pidfd and close_range numbers above are not alpha's"
+#endif
 
 #define PATH_MAX_LEN 1024
 #define FIXED_PATH "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
@@ -375,7 +393,15 @@ static pid_t start_canary(void)
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
 	if (getppid() != parent)
 		_exit(0);
-	syscall(SYS_close_range, 0U, ~0U, 0);   /* slurmd waits for EOF on some of them */
+	/* slurmd waits for EOF on some of them */
+	if (syscall(SYS_close_range, 0U, ~0U, 0) < 0) {
+		struct rlimit rl;
+		long max = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (1UL << 20) ?
+			   (long) rl.rlim_cur : 1L << 20;
+
+		for (long fd = 0; fd < max; fd++)
+			close((int) fd);
+	}
 	sigemptyset(&none);
 	sigprocmask(SIG_SETMASK, &none, NULL);
 	for (;;)
@@ -442,7 +468,12 @@ static void *keep_extern(void *arg)
 		if (waited > KEEP_MAX_S) {
 			slurm_error("vibatch: the job's steps still run after %d s: the extern task "
 				    "goes back to Slurm", KEEP_MAX_S);
-			write_pid(k->step_dir, k->sleep_pid);
+			if (write_pid(k->step_dir, k->sleep_pid) < 0) {
+				/* where Slurm cannot end it, the job would stay COMPLETING */
+				slurm_error("vibatch: cannot give the extern task back (%m): "
+					    "SIGKILLed");
+				syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
+			}
 			break;
 		}
 		if (poll(&p, 1, waited < 10 ? 100 : 1000) > 0)

@@ -429,6 +429,43 @@ def test_slurm_parsers():
 
 # -- every step in the job's VM (the SPANK plugin, spank/vibatch_spank.c) -----------------------
 
+SPANK_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "spank", "vibatch_spank.c")
+
+
+def test_the_plugin_builds_with_kernel_headers_that_lack_pidfd_and_close_range(tmp_path):
+    """RHEL 8's and Ubuntu 20.04's headers have no SYS_pidfd_open, SYS_pidfd_send_signal or
+    SYS_close_range: the plugin is built with a <sys/syscall.h> that has only SYS_gettid (found
+    before the system's, as -I is), with setup-node's -Werror. 2b93cd0 failed here
+    ('SYS_close_range' undeclared). The fallback numbers are this machine's headers' own."""
+    fake = tmp_path / "old" / "sys"
+    fake.mkdir(parents=True)
+    probe = tmp_path / "probe.c"
+    probe.write_text("#include <stdio.h>\n#include <sys/syscall.h>\nint main(void) { printf("
+                     "\"%d %d %d %d\", SYS_gettid, SYS_pidfd_send_signal, SYS_pidfd_open, "
+                     "SYS_close_range); return 0; }\n")
+    subprocess.run(["gcc", "-o", str(tmp_path / "probe"), str(probe)], check=True)
+    gettid, *numbers = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True,
+                                      check=True).stdout.split()
+    with open(SPANK_SRC) as f:
+        src = f.read()
+    for name, number in zip(("pidfd_send_signal", "pidfd_open", "close_range"), numbers):
+        assert f"#define SYS_{name} {number}\n" in src, name
+    (fake / "syscall.h").write_text(f"#define SYS_gettid {gettid}\n")
+    build = ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror",
+             "-o", str(tmp_path / "p.so"), SPANK_SRC]
+    r = subprocess.run(build[:1] + ["-I", str(tmp_path / "old")] + build[1:],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    without = src
+    for name, number in zip(("pidfd_send_signal", "pidfd_open", "close_range"), numbers):
+        without = without.replace(f"#define SYS_{name} {number}\n", "")
+    (tmp_path / "nofallback.c").write_text(without)
+    r = subprocess.run(build[:1] + ["-I", str(tmp_path / "old")] + build[1:-1]
+                       + [str(tmp_path / "nofallback.c")], capture_output=True, text=True)
+    assert r.returncode != 0 and "SYS_close_range" in r.stderr   # what the old headers did
+
+
 BOOT_ID = "/proc/sys/kernel/random/boot_id"   # one per boot: the same in every step of one VM
 
 
