@@ -163,14 +163,28 @@ def test_outside_a_shepherd_there_is_no_watcher(tmp_path):
 
 
 def test_grid_engine_memory_values_and_the_jobs_vmem_limit():
-    assert [gridengine.ge_memory_mb(v) for v in ("400M", "2G", "1.5G", "419430400", "1000m",
-                                                 "INFINITY", "", "4X", "-1M")] == \
-        [400, 2048, 1536, 400, 953, None, None, None, None]
+    """Values as sge_parse_num_val reads them; INFINITY and values past any memory are no
+    limit; anything else is an error, never no limit."""
+    values = ("400M", "2G", "1.5G", "419430400", "1000m", "1e9", "0x40000000", "010G", "2T",
+              ".5G", "TRUE", "INFINITY", "infinity", "9" * 400, "0x" + "f" * 400)
+    assert [gridengine.ge_memory_mb(v) for v in values] == \
+        [400, 2048, 1536, 400, 953, 953, 1024, 8192, 2 << 20, 512, 0, None, None, None, None]
+    for bad in ("", "4X", "-1M", "1:00:00", "09", "0x", "1_000", "inf", "nan", "1 G"):
+        with pytest.raises(ValueError):
+            gridengine.ge_memory_mb(bad)
     conf = {"h_vmem": "1G", "s_vmem": "INFINITY"}
     assert gridengine.vmem_limit_mb(conf, 2) == 2048
     assert gridengine.vmem_limit_mb({**conf, "s_vmem": "800M"}, 1) == 800
     assert gridengine.vmem_limit_mb({"h_vmem": "INFINITY"}, 4) is None
     assert gridengine.vmem_limit_mb({}, 1) is None
+    with pytest.raises(ValueError, match="s_vmem '1:0:0'"):
+        gridengine.vmem_limit_mb({**conf, "s_vmem": "1:0:0"}, 1)
+
+
+def fit_config(tmp_path):
+    from vibatch import config
+    return config.parse({"state_dir": str(tmp_path / "state"), "library_dir": str(tmp_path / "lib"),
+                         "run_dir": str(tmp_path / "run")}, "fit.yaml")
 
 
 def test_a_vm_is_made_to_fit_in_the_jobs_vmem_limit(tmp_path):
@@ -178,20 +192,49 @@ def test_a_vm_is_made_to_fit_in_the_jobs_vmem_limit(tmp_path):
     it carries the job's group: the guest gets what is left of the limit after QEMU's overhead
     and the host reserve; a limit too small for any VM leaves the guest its request and QEMU
     without the group."""
-    from vibatch import config
     from vibatch.core.request import JobRequest, JobUser
-    cfg = config.parse({"state_dir": str(tmp_path / "state"), "library_dir": str(tmp_path / "lib"),
-                        "run_dir": str(tmp_path / "run")}, "fit.yaml")
+    cfg = fit_config(tmp_path)
     over = cfg.vm.memory_overhead_mb + gridengine.VMEM_HOST_RESERVE_MB
     req = JobRequest("17", JobUser("alice", 1000, 1000, "/"), 2, 2048, None, "/")
-    assert gridengine.fit_vmem(cfg, req, {"h_vmem": "INFINITY"}) == (req, True)
-    fitted, counted = gridengine.fit_vmem(cfg, req, {"h_vmem": "1G"})
+    here = {"host_slots": "2"}
+    assert gridengine.fit_vmem(cfg, req, {**here, "h_vmem": "INFINITY"}) == (req, True)
+    fitted, counted = gridengine.fit_vmem(cfg, req, {**here, "h_vmem": "1G"})
     assert counted and fitted.memory_mb == 2048 - over and fitted.cores == 2
     assert fitted.memory_mb + cfg.vm.memory_overhead_mb <= 2048 - gridengine.VMEM_HOST_RESERVE_MB
     roomy = dataclasses.replace(req, memory_mb=512)
-    assert gridengine.fit_vmem(cfg, roomy, {"h_vmem": "4G"}) == (roomy, True)
-    tiny = {"h_vmem": f"{(cfg.jobs.min_memory_mb + over) // 2 - 1}M"}
+    assert gridengine.fit_vmem(cfg, roomy, {**here, "h_vmem": "4G"}) == (roomy, True)
+    tiny = {**here, "h_vmem": f"{(cfg.jobs.min_memory_mb + over) // 2 - 1}M"}
     assert gridengine.fit_vmem(cfg, req, tiny) == (req, False)
+
+
+def test_a_parallel_job_is_fitted_to_the_slots_of_this_host(tmp_path):
+    """execd sums h_vmem times the slots granted on THIS host (force_job_rlimit, over the
+    job's granted queues of its own host; the config's host_slots), not times the job's total.
+    A PE job of 8 slots, 4 of them here, h_vmem=1G, may hold 4096 MiB here: a guest fitted to 8
+    slots (and to 2b93cd0's reading) would be SIGKILLed once it filled 4 GiB. Found in review."""
+    from vibatch.core.request import JobRequest, JobUser
+    cfg = fit_config(tmp_path)
+    req = JobRequest("17", JobUser("alice", 1000, 1000, "/"), 8, 8192, None, "/")
+    conf = {"h_vmem": "1G", "s_vmem": "INFINITY", "pe_slots": "8", "host_slots": "4"}
+    fitted, counted = gridengine.fit_vmem(cfg, req, conf)
+    assert counted
+    assert fitted.memory_mb + cfg.vm.memory_overhead_mb == 4096 - gridengine.VMEM_HOST_RESERVE_MB
+
+
+def test_a_vmem_limit_that_cannot_be_read_keeps_qemu_out_of_the_job(tmp_path):
+    """A limit vibatch cannot read, or a config without host_slots, must not be taken for no
+    limit (QEMU would carry the group in an unfitted VM, and execd would kill the job): the
+    VM keeps its request and QEMU stays out of the job's usage, logged with the value at
+    fault. 2b93cd0 read 1e9, hex and 1T as no limit, and raised on a 400-digit value."""
+    from vibatch.core.request import JobRequest, JobUser
+    cfg = fit_config(tmp_path)
+    req = JobRequest("17", JobUser("alice", 1000, 1000, "/"), 1, 2048, None, "/")
+    assert gridengine.fit_vmem(cfg, req, {"host_slots": "1", "h_vmem": "1e9"})[1]
+    assert gridengine.fit_vmem(cfg, req, {"host_slots": "1", "h_vmem": "0x40000000"})[1]
+    assert gridengine.fit_vmem(cfg, req, {"host_slots": "1", "h_vmem": "9" * 400}) == (req, True)
+    for conf in ({"host_slots": "1", "h_vmem": "1:0:0"}, {"h_vmem": "1G"},
+                 {"host_slots": "x", "h_vmem": "1G"}):
+        assert gridengine.fit_vmem(cfg, req, conf) == (req, False), conf
 
 
 def test_the_job_pid_file_is_read_bounded(tmp_path):

@@ -51,9 +51,14 @@ ADDGRPID = "addgrpid"            # the shepherd's record of the job's group, in 
 SPOOL_FILE_MAX = 1 << 20
 VMEM_LIMITS = ("h_vmem", "s_vmem")
 VMEM_HOST_RESERVE_MB = 128   # in execd's vmem sum beside the VM's cap (fit_vmem)
-GE_MEMORY = re.compile(r"([0-9]+(?:\.[0-9]+)?)([kKmMgG]?)")
+# sge_parse_num_val (sge_parse_num_par.c): a decimal or fixed float (strtod) unless it starts
+# with 0 and has no '.', then hex or octal (strtol base 0); a k/K/m/M/g/G multiplier (t/T in
+# later releases)
+GE_DECIMAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+GE_HEX_OCTAL = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*")
 GE_UNITS = {"": 1, "k": 1000, "K": 1024, "m": 1000 ** 2, "M": 1024 ** 2, "g": 1000 ** 3,
-            "G": 1024 ** 3}
+            "G": 1024 ** 3, "t": 1000 ** 4, "T": 1024 ** 4}
+GE_NO_LIMIT_MB = 1 << 43    # past any node's memory (and past sge_rlim_t): no limit
 QSTAT_TIMEOUT_S = 60
 COMPLEX = "vm_image"
 SCRATCH_COMPLEX = "scratch"     # -l scratch=10G: a MEMORY complex the site defines (not consumable)
@@ -189,11 +194,18 @@ def shepherd_spool() -> Optional[str]:
         return None
 
 
-def job_group(conf: Mapping[str, str], job_id: str, task: str, owner: str) -> int:
-    """The job's add_grp_id from its spool config, if the config is this job's."""
+def own_config(conf: Mapping[str, str], job_id: str, task: str, owner: str
+               ) -> Mapping[str, str]:
+    """The shepherd's config, if it is this job's (its limits and group are read from it)."""
     mine = (conf.get("job_id"), conf.get("ja_task_id"), conf.get("job_owner"))
     if mine != (job_id, task if task.isdigit() else "0", owner):
         raise NodeError(f"the shepherd's config names job {mine}, not {(job_id, task, owner)}")
+    return conf
+
+
+def job_group(conf: Mapping[str, str], job_id: str, task: str, owner: str) -> int:
+    """The job's add_grp_id from its spool config, if the config is this job's."""
+    own_config(conf, job_id, task, owner)
     gid = conf.get("add_grp_id", "")
     if not gid.isdigit() or int(gid) <= 0:
         raise NodeError(f"the shepherd's config has no valid add_grp_id ({gid!r})")
@@ -224,44 +236,78 @@ def register_early(directory: str, gid: int) -> None:
 
 
 def ge_memory_mb(text: str) -> Optional[int]:
-    """A Grid Engine memory value (sge_types(1): bytes, or with K/M/G of 1024 or k/m/g of 1000)
-    in MiB; None for INFINITY or anything else."""
-    m = GE_MEMORY.fullmatch(text.strip())
-    if not m:
-        return None
-    return int(float(m.group(1)) * GE_UNITS[m.group(2)]) >> 20
+    """A Grid Engine memory value in MiB, read as sge_parse_num_val does (sge_types(1): bytes,
+    K/M/G of 1024 or k/m/g of 1000; hex and octal; TRUE and FALSE are 1 and 0); None for
+    INFINITY or a value past any memory. ValueError for anything else (a time value
+    ``h:m:s`` among them, which Grid Engine reads as seconds): never taken for no limit."""
+    s = text.strip()
+    if s.lower() in ("infinity", "true", "false"):
+        return {"infinity": None, "true": 0, "false": 0}[s.lower()]
+    number, unit = (s[:-1], s[-1]) if s[-1:] in GE_UNITS and s[-1:] else (s, "")
+    if "." in number or not number.startswith("0"):
+        if not GE_DECIMAL.fullmatch(number):
+            raise ValueError(f"{text!r} is not a memory value")
+        mb = float(number) * GE_UNITS[unit] / (1 << 20)
+        return None if not mb < GE_NO_LIMIT_MB else int(mb)
+    if not GE_HEX_OCTAL.fullmatch(number):
+        raise ValueError(f"{text!r} is not a memory value")
+    value = int(number[2:], 16) if number[1:2] in ("x", "X") else int(number, 8)
+    mb = value * GE_UNITS[unit] >> 20
+    return None if mb >= GE_NO_LIMIT_MB else mb
+
+
+def host_slots(conf: Mapping[str, str]) -> int:
+    """The slots the job was granted on this host (``host_slots``, which execd writes into
+    every job's config): a parallel job's limit here is per slot of this host, not of the
+    job's total. ValueError if the config has no such number."""
+    text = conf.get("host_slots", "")
+    if not text.isdigit() or not 0 < int(text) < 1 << 20:
+        raise ValueError(f"the shepherd's config has no valid host_slots ({text!r})")
+    return int(text)
 
 
 def vmem_limit_mb(conf: Mapping[str, str], slots: int) -> Optional[int]:
     """What execd holds the job's processes on this host to, in MiB (force_job_rlimit in
-    execd_ck_to_do.c: the smaller of the queue instance's h_vmem and s_vmem, times the slots),
-    from the shepherd's config; None without a limit. The sum it compares is of each process's
-    VmRSS + VmSwap (procfs.c), not its address space."""
-    limits = [mb for mb in (ge_memory_mb(conf.get(k, "INFINITY")) for k in VMEM_LIMITS)
-              if mb is not None]
+    execd_ck_to_do.c: the smaller of the queue instance's h_vmem and s_vmem, times the slots
+    granted on this host), from the shepherd's config; None without a limit. The sum it
+    compares is of each process's VmRSS + VmSwap (procfs.c), not its address space.
+    ValueError, naming the limit, for a value it cannot read."""
+    limits = []
+    for key in VMEM_LIMITS:
+        try:
+            mb = ge_memory_mb(conf.get(key, "INFINITY"))
+        except ValueError as e:
+            raise ValueError(f"its {key} {e}") from None
+        if mb is not None:
+            limits.append(mb)
     return min(limits) * slots if limits else None
 
 
 def fit_vmem(cfg: Config, req: JobRequest, conf: Mapping[str, str]) -> tuple[JobRequest, bool]:
     """(the request, whether QEMU may carry the job's group). execd SIGKILLs a job whose
-    processes, QEMU among them once it has the group, hold more than the job's vmem limit. So
-    the VM is made to fit in it: its hard cap (the guest's memory plus QEMU's overhead) is the
-    limit less VMEM_HOST_RESERVE_MB, for the job's host processes and QEMU's shared libraries,
-    which the cap does not hold. A limit too small for the smallest VM leaves the guest its
-    requested memory and QEMU out of the job's usage, as before (logged)."""
-    limit = vmem_limit_mb(conf, req.cores)
+    processes, QEMU among them once it has the group, hold more than the job's vmem limit on
+    this host. So the VM is made to fit in it: its hard cap (the guest's memory plus QEMU's
+    overhead) is the limit less VMEM_HOST_RESERVE_MB, for the job's host processes and QEMU's
+    shared libraries, which the cap does not hold. A limit too small for the smallest VM, or
+    one that cannot be read, leaves the guest its requested memory and QEMU out of the job's
+    usage, as before (logged): never a VM that execd would kill."""
+    def uncounted(why: str) -> tuple[JobRequest, bool]:
+        log_error(f"gridengine prolog of job {req.job_id}: the VM stays out of its usage",
+                  ResourceRequestError(why))
+        return req, False
+    try:
+        limit = vmem_limit_mb(conf, host_slots(conf))
+    except ValueError as e:
+        return uncounted(str(e))
     if limit is None:
         return req, True
     fit = limit - cfg.vm.memory_overhead_mb - VMEM_HOST_RESERVE_MB
     if fit >= req.memory_mb:
         return req, True
     if fit < cfg.jobs.min_memory_mb:
-        log_error(f"gridengine prolog of job {req.job_id}: the VM stays out of its usage",
-                  ResourceRequestError(
-                      f"its vmem limit of {limit} MiB cannot hold a VM of "
-                      f"{cfg.jobs.min_memory_mb} MiB and "
-                      f"{cfg.vm.memory_overhead_mb + VMEM_HOST_RESERVE_MB} MiB besides"))
-        return req, False
+        return uncounted(f"its vmem limit of {limit} MiB on this host cannot hold a VM of "
+                         f"{cfg.jobs.min_memory_mb} MiB and "
+                         f"{cfg.vm.memory_overhead_mb + VMEM_HOST_RESERVE_MB} MiB besides")
     return dataclasses.replace(req, memory_mb=fit), True
 
 
@@ -346,7 +392,11 @@ class GridEngine(BatchSystem):
         spool = shepherd_spool()
         if spool is None:
             return req
-        conf = read_spool_config(spool)
+        try:
+            conf = own_config(read_spool_config(spool), argv[0], argv[1], argv[2])
+        except (OSError, NodeError) as e:
+            log_error(f"gridengine prolog of job {argv[0]}: the VM stays out of its usage", e)
+            return req
         req, counted = fit_vmem(cfg, req, conf)
         gid = process_gid(spool, conf, argv[0], argv[1], argv[2]) if counted else None
         return dataclasses.replace(req, process_gid=gid) if gid else req
