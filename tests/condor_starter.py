@@ -37,6 +37,14 @@ from source; see docs/batch/htcondor.md), in order:
    process of the job's family (the wrapper's process tree), then SIGCONT;
    once the wrapper has exited, with cgroups: the cgroup frozen, SIGKILL to every process in its
    memory ``cgroup.procs``, thawed, the usage read, the directories removed;
+   ``cgroup2`` is not seen (this host has no v2 controllers) but played from the 25.0.13 source
+   (ProcFamilyDirectCgroupV2, vanilla_proc.cpp) on this host's unified hierarchy, whose core
+   files (cgroup.freeze, cgroup.events, cgroup.kill, cpu.stat) need no controller: the leaf
+   ``htcondor/<EXECUTE, / as _>_<slot>@<host>``, the wrapper in its ``<basename>.scope``
+   child (cgroup.procs handed to the user); condor_suspend writes ``1`` to the leaf's
+   ``cgroup.freeze``, continue ``0``; at the end the leaf is frozen, ``1`` written to its
+   ``cgroup.kill``, thawed, the usage read (cpu.stat's user_usec and system_usec; memory.stat
+   needs the memory controller, which v2 does not have here) and the tree removed;
 7. it runs the JOB_EXIT hook as the user with ``exit`` (also after the wrapper was SIGKILLed) or
    ``evict`` (after condor_rm), the job ad on stdin, the starter's environment plus the job's,
    root's PATH, CONDOR_CONFIG, CONDOR_PRIVATE_INHERIT and _CONDOR_MAINJOB_EXIT_CODE; it kills
@@ -155,6 +163,43 @@ def job_cgroups(spec, slot):
     return dirs
 
 
+def job_cgroup_v2(spec, slot):
+    """ProcFamilyDirectCgroupV2's leaf of the job and the .scope the wrapper goes to (made
+    afresh), in the unified hierarchy."""
+    with open("/proc/self/mountinfo") as f:
+        top = next(line.split()[4] for line in f
+                   if line.split(" - ")[1].startswith("cgroup2 ") and line.split()[3] == "/")
+    uniq = f"{spec['execute'].replace('/', '_')}_{slot}@node"
+    leaf = os.path.join(top, "htcondor", uniq)
+    scope = os.path.join(leaf, uniq + ".scope")
+    remove_cgroup(leaf)
+    os.makedirs(scope, 0o755)
+    os.chown(os.path.join(scope, "cgroup.procs"), spec["uid"], spec["gid"])
+    return {"leaf": leaf, "scope": scope}
+
+
+def freeze_v2(v2, on):
+    with open(os.path.join(v2["leaf"], "cgroup.freeze"), "w") as f:
+        f.write("1" if on else "0")
+
+
+def kill_family_v2(v2):
+    """kill_family: suspend, cgroup.kill (SIGKILL to the whole tree), continue; what was there."""
+    left = cgroup_pids(v2["scope"])
+    freeze_v2(v2, True)
+    with open(os.path.join(v2["leaf"], "cgroup.kill"), "w") as f:
+        f.write("1")
+    freeze_v2(v2, False)
+    return left
+
+
+def cgroup_usage_v2(v2):
+    with open(os.path.join(v2["leaf"], "cpu.stat")) as f:
+        us = dict(line.split() for line in f)
+    return {"RemoteUserCpu": int(us["user_usec"]) / 1e6,
+            "RemoteSysCpu": int(us["system_usec"]) / 1e6}
+
+
 def remove_cgroup(d):
     if os.path.isdir(d):
         for sub in [e.path for e in os.scandir(d) if e.is_dir()]:
@@ -201,13 +246,17 @@ def signal_all(pids, sig):
             pass
 
 
-def suspend_and_continue(spec, iwd, dirs, job_pid):
+def suspend_and_continue(spec, iwd, dirs, v2, job_pid):
     """condor_suspend once the job has written ``when``; condor_continue once the test wrote
     ``resume_when`` (a bounded wait)."""
     susp = spec["suspend"]
     if not wait_for(os.path.join(iwd, susp["when"]), susp.get("within", 180)):
         return None
-    if dirs:
+    seen = {}
+    if v2:
+        freeze_v2(v2, True)
+        seen["root_in_job_cgroup"] = [p for p in cgroup_pids(v2["scope"]) if owner(p) == 0]
+    elif dirs:
         freezer(dirs, "FROZEN")
     else:
         stopped = family(job_pid)
@@ -215,11 +264,20 @@ def suspend_and_continue(spec, iwd, dirs, job_pid):
     with open(susp["marker"], "w") as f:
         f.write("suspended\n")
     waited = wait_for(susp["resume_when"], susp.get("for_at_most", 120))
-    if dirs:
+    if v2:
+        freeze_v2(v2, False)
+    elif dirs:
         freezer(dirs, "THAWED")
     else:
         signal_all(stopped, signal.SIGCONT)
-    return {"resumed_by_test": waited}
+    return dict(seen, resumed_by_test=waited)
+
+
+def owner(pid):
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        return None
 
 
 def cgroup_usage(dirs):
@@ -367,14 +425,15 @@ def main():
     executable = os.path.join(files_dir, spec["executable"])
     pairs = mount_under_scratch(spec, scratch, uid, gid)
     dirs = job_cgroups(spec, slot) if spec.get("tracking") == "cgroup" else None
+    v2 = job_cgroup_v2(spec, slot) if spec.get("tracking") == "cgroup2" else None
+    enter = list(dirs.values()) if dirs else [v2["scope"]] if v2 else []
     with open(out_path, "ab") as out, open(err_path, "ab") as err:
         job = subprocess.Popen([spec["wrapper"], executable, *spec["args"]], env=env, cwd=iwd,
                                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                               preexec_fn=job_namespace(pairs, uid, gid,
-                                                        dirs.values() if dirs else ()),
+                               preexec_fn=job_namespace(pairs, uid, gid, enter),
                                start_new_session=True)
     if spec.get("suspend"):
-        result["suspend"] = suspend_and_continue(spec, iwd, dirs, job.pid)
+        result["suspend"] = suspend_and_continue(spec, iwd, dirs, v2, job.pid)
     reason, removed_at = "exit", None
     remove = spec.get("remove")
     if remove:     # condor_rm once the job is running: KillSig, then SIGKILL after the timeout
@@ -404,6 +463,10 @@ def main():
         result["usage"] = cgroup_usage(dirs)
         for d in dirs.values():
             remove_cgroup(d)
+    if v2:
+        result["killed_at_end"] = kill_family_v2(v2)
+        result["usage"] = cgroup_usage_v2(v2)
+        remove_cgroup(v2["leaf"])
     # the starter stats the error file as its own account
     error_file = read(os.path.join(scratch, ERROR_FILE))
     seen = read_as(os.path.join(scratch, ERROR_FILE), duid, dgid)

@@ -525,17 +525,19 @@ def allocated_cpus(env, job: str) -> set[int]:
     return set((read_json(JobPaths.of(env.cfg, job).state_file, {}) or {}).get("cpus") or ())
 
 
-@pytest.mark.parametrize("tracking", ["cgroup", "procd"])
+@pytest.mark.parametrize("tracking", ["cgroup", "procd", "cgroup2"])
 def test_condor_suspend_stops_the_guest_and_continue_goes_on(vm_env, tracker, condor, tracking):
-    """condor_suspend, as the real starter does it: with cgroups it freezes the job's freezer
-    cgroup, where QEMU now is; under the procd it SIGSTOPs the wrapper's family, and the root
-    watcher suspends the domain. Either way libvirt's CPU time stands still for 3 s; after
-    condor_continue the guest burns again, its clock is right (within 2 s) and the job ends with
-    its own exit code."""
+    """condor_suspend, as the real starter does it: with cgroups (v1) it freezes the job's
+    freezer cgroup, where QEMU now is; under the procd it SIGSTOPs the wrapper's family, and the
+    root watcher suspends the domain; on cgroup v2 (played from the 25.0.13 source) it freezes
+    the job's v2 cgroup, which QEMU is not in, and the watcher, which left that cgroup, suspends
+    the domain. Each way libvirt's CPU time stands still for 3 s; after condor_continue the
+    guest burns again, its clock is right (within 2 s) and the job ends with its own exit code.
+    Before the v2 watcher, the v2 guest burnt on while suspended (about 3 s in 3 s)."""
     import libvirt
     from vibatch.vm import hypervisor
     starter, home, _cfg = condor
-    n = 121 if tracking == "cgroup" else 122
+    n = {"cgroup": 121, "procd": 122, "cgroup2": 123}[tracking]
     job = f"{n}.0@{SESSION}-ap.example.org"
     marker, resume = (os.path.join(vm_env.base, f"{w}.{n}") for w in ("suspended", "resume"))
     gate = os.path.join(home, f"gate.{n}")
@@ -548,7 +550,7 @@ def test_condor_suspend_stops_the_guest_and_continue_goes_on(vm_env, tracker, co
             conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
             try:
                 dom = hypervisor.lookup(conn, "vibatch-" + job)
-                if tracking == "procd":   # the watcher's libvirt suspend
+                if tracking != "cgroup":   # the watcher's libvirt suspend
                     assert wait_until(lambda: dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED, 30)
                 t0 = hypervisor.cpu_time_s(dom)
                 time.sleep(3)          # measuring: CPU time over 3 s of suspension
@@ -572,6 +574,8 @@ def test_condor_suspend_stops_the_guest_and_continue_goes_on(vm_env, tracker, co
     print(f"E11 {tracking}: {grown:.3f} s of CPU in 3 s suspended; {r['stdout']!r}")
     assert grown < 0.1, f"the suspended guest used {grown:.2f} s of CPU in 3 s"
     assert again, "the guest did not run again after condor_continue"
+    # on v2, root's watcher left the job's cgroup (frozen there, it could not act)
+    assert r["suspend"].pop("root_in_job_cgroup", []) == [], r["suspend"]
     assert r["status"] == 3 and r["suspend"] == {"resumed_by_test": True}, r
     clock = [int(line.split()[1]) for line in r["stdout"].splitlines()
              if line.startswith("clock ")]

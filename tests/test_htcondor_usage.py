@@ -31,7 +31,8 @@ def test_mount_points_name_each_v1_controller(tmp_path):
         "33 25 0:29 / /proc rw - proc proc rw\n")
     assert usage.mount_points(str(info)) == {"cpu": "/sys/fs/cgroup/cpu,cpuacct",
                                              "cpuacct": "/sys/fs/cgroup/cpu,cpuacct",
-                                             "freezer": "/sys/fs/cgroup/freezer"}
+                                             "freezer": "/sys/fs/cgroup/freezer",
+                                             usage.V2: "/sys/fs/cgroup/unified"}
 
 
 def test_a_cgroup_name_with_a_newline_cannot_forge_a_line(monkeypatch):
@@ -56,8 +57,96 @@ def test_the_job_cgroups_are_where_the_wrapper_differs_from_its_starter(monkeypa
     cg = usage.job_cgroups(1, 2)
     assert cg.job == {"memory": "/m/htcondor/j", "cpuacct": "/c/htcondor/j"}
     assert cg.starter == {"memory": "/m/", "cpuacct": "/c/"}
+    assert cg.v2 is None and cg.v2_starter is None       # v2 the same: not the job's
     files[1] = files[2]      # under the procd: no cgroup of the job's
     assert usage.job_cgroups(1, 2).job == {}
+
+
+def test_on_cgroup_v2_the_job_cgroup_is_named_and_nothing_is_moved_there(monkeypatch):
+    """A v2 starter (25.0.13's source) puts the wrapper in ``<leaf>/<name>.scope``, a sibling
+    of its own cgroup: the watcher gets both directories; no v1 hierarchy is the job's, so
+    take() moves QEMU nowhere (the one v2 hierarchy holds libvirt's cap and pinning)."""
+    files = {1: "0::/system.slice/condor.service/htcondor/j/j.scope\n",
+             2: "0::/system.slice/condor.service/starter\n"}
+    monkeypatch.setattr(usage, "_read", lambda path: files[int(path.split("/")[2])])
+    monkeypatch.setattr(usage, "mount_points", lambda: {usage.V2: "/sys/fs/cgroup"})
+    cg = usage.job_cgroups(1, 2)
+    assert cg.job == {} and cg.starter == {}
+    assert cg.v2 == "/sys/fs/cgroup/system.slice/condor.service/htcondor/j/j.scope"
+    assert cg.v2_starter == "/sys/fs/cgroup/system.slice/condor.service/starter"
+    files[1] = "0::/system.slice/../../evil\n"      # never a path out of the hierarchy
+    assert usage.job_cgroups(1, 2).v2 is None
+
+
+@pytest.fixture
+def v2_cgroup():
+    """A leaf and its .scope in this host's unified hierarchy, as a v2 starter makes them
+    (cgroup.freeze and cgroup.events are v2's core files: no controller is needed)."""
+    top = usage.mount_points().get(usage.V2)
+    if os.geteuid() != 0 or not top or not os.path.exists(os.path.join(top, "cgroup.procs")):
+        pytest.skip("needs root and a cgroup v2 hierarchy")
+    leaf = os.path.join(top, f"vbt-usage2-{os.getpid()}")
+    scope = os.path.join(leaf, "j.scope")
+    os.makedirs(scope)
+    try:
+        yield leaf, scope
+    finally:
+        for d in (scope, leaf):
+            for _ in range(50):
+                try:
+                    os.rmdir(d)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def test_a_cgroup_v2_freeze_suspends_the_domain_and_the_thaw_resumes_it(v2_cgroup):
+    """condor_suspend on v2 writes 1 to the leaf's cgroup.freeze: the job's task shows "S",
+    not "T", and QEMU is not in the cgroup. Before, the watcher saw nothing and the guest ran
+    on (shown first); now it suspends the domain, and resumes it and sets the clock at the
+    thaw."""
+    leaf, scope = v2_cgroup
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    cg = usage.JobCgroups({}, {}, scope, None)
+    freeze = os.path.join(leaf, "cgroup.freeze")
+
+    def follow(**kw):
+        dom, resumed, result = FakeDomain(), [], {}
+        t = threading.Thread(target=lambda: result.update(why=pause.follow(
+            dom, lambda: job.pid, os.getuid(), 60, resumed.append, **kw)))
+        t.start()
+        return dom, resumed, result, t
+    try:
+        usage.move([job.pid], scope)
+        assert not cg.job_frozen()
+        # the old watcher (no v2 check): the frozen job is "S", the domain is left running
+        dom, resumed, result, t = follow()
+        with open(freeze, "w") as f:
+            f.write("1")
+        wait_for(cg.job_frozen)
+        assert pause.process_state(job.pid, os.getuid()) != "T"
+        time.sleep(3 * pause.POLL_S)     # measuring: the watcher had time to act, and did not
+        assert dom.calls == []
+        with open(freeze, "w") as f:
+            f.write("0")
+        wait_for(lambda: not cg.job_frozen())
+        # now with it
+        dom2, resumed2, result2, t2 = follow(job_frozen=cg.job_frozen)
+        with open(freeze, "w") as f:
+            f.write("1")
+        wait_for(lambda: dom2.calls == ["suspend"])
+        with open(freeze, "w") as f:
+            f.write("0")
+        wait_for(lambda: dom2.calls == ["suspend", "resume"] and resumed2 == [dom2])
+    finally:
+        with open(freeze, "w") as f:
+            f.write("0")
+        job.kill()
+        job.wait()
+    t.join(10)
+    t2.join(10)
+    assert result["why"] == result2["why"] == "the job's process ended"
+    assert dom.calls == [] and resumed == []
 
 
 @pytest.fixture

@@ -14,6 +14,10 @@ What a real condor_starter 25.0.13 was seen doing (tests/condor_starter.py plays
 - Otherwise (here: a host that mounts ``cpu`` and ``cpuacct`` apart, or ``BASE_CGROUP`` empty)
   ``condor_procd`` tracks the job by process tree and by environment markers; suspend is a
   SIGSTOP to every process of that family, continue a SIGCONT.
+- On cgroup v2 (from the 25.0.13 source, ProcFamilyDirectCgroupV2; not seen: this host has no
+  v2 controllers) the job is in ``<leaf>/<name>.scope`` of the unified hierarchy, a sibling of
+  its starter's cgroup; condor_suspend writes ``1`` to the leaf's ``cgroup.freeze``, continue
+  ``0``, and the end-of-job kill freezes the leaf and writes its ``cgroup.kill``.
 
 So, after the move, QEMU and the share launchers are in the job's ``cpuacct`` and ``freezer``
 cgroups: the job ad counts their CPU and condor_suspend freezes them. They stay in libvirt's
@@ -23,7 +27,10 @@ QEMU (the wrapper ends the VM, so condor_rm's grace in the guest is kept). The g
 is a shared memfd (for virtiofs), which the v1 ``rss`` line does not count: moving the memory
 cgroup would give up the cap and still report nothing. Under condor_procd the VM cannot join
 the job's family (QEMU's environment and groups are fixed when it starts, before the
-family exists); the watcher then pauses the domain while the wrapper is stopped.
+family exists); the watcher then pauses the domain while the wrapper is stopped. On cgroup v2
+the VM stays where libvirt put it (the one hierarchy holds libvirt's memory cap and pinning):
+the watcher leaves the job's v2 cgroup for its starter's, and pauses the domain while the job's
+cgroup is frozen (``cgroup.events``). Its CPU and memory are not in the job ad there.
 A failure here costs HTCondor's record of the VM or its suspend, never the job: it is logged.
 """
 from __future__ import annotations
@@ -37,6 +44,7 @@ from .. import safeio
 from ..util import atomic_write_json, log_error
 
 CGROUP_FILE_MAX = 1 << 16
+V2 = ""         # mount_points()' key of the unified hierarchy (its /proc/PID/cgroup line: 0::PATH)
 # the v1 hierarchies the VM joins: what the starter counts CPU in, and freezes
 MOVED = ("cpuacct", "freezer")
 ADOPTED_FILE = "adopted.json"   # in the job's state directory (as core/adopt.py's)
@@ -49,6 +57,16 @@ class JobCgroups:
     (none: the starter does not track by cgroup), and the starter's own."""
     job: dict
     starter: dict
+    v2: Optional[str] = None            # the job's cgroup v2 directory, if not its starter's
+    v2_starter: Optional[str] = None    # its starter's
+
+    def job_frozen(self) -> bool:
+        """The starter froze the job's cgroup v2 (``frozen 1`` in its ``cgroup.events``, which
+        an ancestor's freeze sets too); QEMU is not in it."""
+        if self.v2 is None:
+            return False
+        events = _read(os.path.join(self.v2, "cgroup.events")).splitlines()
+        return "frozen 1" in events
 
     def frozen(self) -> bool:
         """The starter froze the job (condor_suspend; FREEZING counts: it is on its way)."""
@@ -76,15 +94,21 @@ def cgroup_lines(pid: int) -> dict:
 
 
 def mount_points(mountinfo: str = "/proc/self/mountinfo") -> dict:
-    """Each cgroup v1 controller's mount point ({'cpuacct': '/sys/fs/cgroup/cpuacct', ...})."""
+    """Each cgroup v1 controller's mount point ({'cpuacct': '/sys/fs/cgroup/cpuacct', ...}),
+    and the unified (v2) hierarchy's as ``V2``."""
     out: dict = {}
     for line in _read(mountinfo).splitlines():
         fields = line.split()
         if "-" not in fields:
             continue
         i = fields.index("-")
-        if len(fields) < i + 4 or fields[i + 1] != "cgroup" or fields[3] != "/":
+        if len(fields) < i + 4 or fields[3] != "/":
             continue          # not the whole hierarchy (a bind mount of a subtree)
+        if fields[i + 1] == "cgroup2":
+            out.setdefault(V2, fields[4])
+            continue
+        if fields[i + 1] != "cgroup":
+            continue
         for opt in fields[i + 3].split(","):
             if opt not in ("rw", "ro"):
                 out.setdefault(opt, fields[4])
@@ -100,15 +124,21 @@ def job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
         raise ValueError(f"the cgroups of process {job_pid} do not match its starter's")
     mounts = mount_points()
     job, starter = {}, {}
+    v2 = v2_starter = None
     for hid, (ctrls, path) in mine.items():
-        if path == theirs[hid][1] or not ctrls:   # "" is cgroup v2: see the docs
+        if path == theirs[hid][1]:
+            continue
+        if not ctrls:         # the unified hierarchy: the VM stays out (see the module's doc)
+            top = mounts.get(V2)
+            if top and ".." not in path.split("/") and ".." not in theirs[hid][1].split("/"):
+                v2, v2_starter = top + path, top + theirs[hid][1]
             continue
         for ctrl in ctrls.split(","):
             top = mounts.get(ctrl)
             if top and ".." not in path.split("/"):
                 job[ctrl] = top + path
                 starter[ctrl] = top + theirs[hid][1]
-    return JobCgroups(job, starter)
+    return JobCgroups(job, starter, v2, v2_starter)
 
 
 def move(pids: Sequence[int], directory: str) -> None:
@@ -168,8 +198,9 @@ def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int) -> None:
 def start_watcher(cfg, job_id: str, job_pid: int, uid: int,
                   cgroups: Optional[JobCgroups]) -> None:
     """The detached root watcher (core/pause.py): under condor_procd, the domain is suspended
-    while the wrapper is stopped (SIGSTOP) and resumed on SIGCONT; under a cgroup freeze, QEMU is
-    frozen with the job, and the watcher sets the guest's clock once it is thawed. It first
+    while the wrapper is stopped (SIGSTOP) and resumed on SIGCONT; under a cgroup v1 freeze,
+    QEMU is frozen with the job, and the watcher sets the guest's clock once it is thawed; under
+    a cgroup v2 freeze, the domain is suspended while the job's cgroup is frozen. It first
     leaves the job's cgroups (it is started from inside them), so that it is neither frozen
     nor killed with the job."""
     from ..core import pause   # noqa: PLC0415
@@ -178,7 +209,10 @@ def start_watcher(cfg, job_id: str, job_pid: int, uid: int,
     from ..vm import hypervisor   # noqa: PLC0415
 
     def watch() -> None:
-        for ctrl, directory in (cgroups.starter.items() if cgroups else ()):
+        leave = dict(cgroups.starter) if cgroups else {}
+        if cgroups and cgroups.v2_starter:
+            leave["v2"] = cgroups.v2_starter
+        for ctrl, directory in leave.items():
             try:
                 move([os.getpid()], directory)
             except OSError as e:
@@ -187,9 +221,10 @@ def start_watcher(cfg, job_id: str, job_pid: int, uid: int,
                                 JobPaths.of(cfg, job_id).domain)
         if dom is not None:
             pause.follow(dom, lambda: job_pid, uid, pause.WATCH_MAX_S - 60, pause.set_clock,
-                         cgroup_frozen=cgroups.frozen if cgroups else None)
+                         cgroup_frozen=cgroups.frozen if cgroups else None,
+                         job_frozen=cgroups.job_frozen if cgroups and cgroups.v2 else None)
     detach(watch, pause.WATCH_MAX_S)
 
 
-__all__ = ["ADOPTED_FILE", "JobCgroups", "MOVED", "cgroup_lines", "job_cgroups", "mount_points",
+__all__ = ["ADOPTED_FILE", "JobCgroups", "MOVED", "V2", "cgroup_lines", "job_cgroups", "mount_points",
            "move", "start_watcher", "take"]

@@ -54,14 +54,17 @@ def process_state(pid: int, uid: Optional[int]) -> Optional[str]:
 
 def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: float,
            on_resume: Callable[[Any], None], vm_pids: Sequence[int] = (),
-           start_s: float = 600, cgroup_frozen: Optional[Callable[[], bool]] = None) -> str:
+           start_s: float = 600, cgroup_frozen: Optional[Callable[[], bool]] = None,
+           job_frozen: Optional[Callable[[], bool]] = None) -> str:
     """Mirror the job's process into ``dom`` until one of them ends; returns why it stopped.
     ``job_pid()``: the job's process (None until the batch system has started it, at most
     ``start_s``). ``vm_pids``: QEMU and its helpers; when the batch system stops them itself
     (Grid Engine's addgrpid signal reaches a QEMU that carries the job's group), the guest is
     frozen already, and a monitor call to a stopped QEMU would hang: then only the clock is set
     once they run again. ``cgroup_frozen()``: the batch system froze the job's cgroup, QEMU in
-    it (HTCondor's condor_suspend): the same, the job's process counting as stopped."""
+    it (HTCondor's condor_suspend on cgroup v1): the same, the job's process counting as
+    stopped. ``job_frozen()``: the batch system froze the job's cgroup, QEMU outside it
+    (HTCondor on cgroup v2): the job counts as stopped, and the domain is suspended."""
     import libvirt   # noqa: PLC0415 - only the detached watcher needs it
 
     def vm_stopped() -> bool:
@@ -81,8 +84,8 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
             letter = process_state(pid, uid)
             if letter is None:
                 return "the job's process ended"
-            if cgroup_frozen and cgroup_frozen():
-                letter = "T"     # a frozen task shows "D": stopped all the same
+            if (cgroup_frozen and cgroup_frozen()) or (job_frozen and job_frozen()):
+                letter = "T"     # a frozen task shows "D" (v1) or "S" (v2): stopped all the same
             try:
                 if letter == "T" and not (paused or frozen):
                     if vm_stopped():
