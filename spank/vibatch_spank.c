@@ -240,7 +240,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 
 static pthread_t keeper;
 static int keeper_started;
-static volatile pid_t canary_pid;
+static volatile int canary_fd = -1;    /* the canary's pidfd: slurmstepd may reap it too */
 
 struct keep {
 	pid_t sleep_pid;
@@ -416,6 +416,16 @@ static double now(void)
 	return (double) ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* Until the process of the pidfd has ended; then reaped, unless slurmstepd reaped it. */
+static void wait_gone(int pidfd, pid_t pid)
+{
+	struct pollfd p = { .fd = pidfd, .events = POLLIN };
+
+	while (poll(&p, 1, -1) < 0 && errno == EINTR)
+		;
+	waitpid(pid, NULL, WNOHANG);
+}
+
 static void *keep_extern(void *arg)
 {
 	struct keep *k = arg;
@@ -434,7 +444,15 @@ static void *keep_extern(void *arg)
 		slurm_error("vibatch: no canary for the extern step (%m): SIGTERM ends the VM");
 		goto out;
 	}
-	canary_pid = canary;
+	/* slurmstepd's own wait for its tasks (wait3 of any child) may reap the canary: it is
+	 * signalled and waited for through its pidfd, never by a pid that could be reused */
+	canary_fd = (int) syscall(SYS_pidfd_open, canary, 0);
+	if (canary_fd < 0) {
+		slurm_error("vibatch: no pidfd for the canary (%m): SIGTERM ends the VM");
+		kill(canary, SIGKILL);  /* our child, alive: it ignores all but TERM and KILL */
+		waitpid(canary, &status, 0);
+		goto out;
+	}
 	/* into the step's cgroup, as Slurm adds its task (the stepd itself may be elsewhere) */
 	path[0] = '\0';
 	if (write_pid(k->step_dir, canary) < 0 || freezer_of(canary, path, sizeof(path)) < 0 ||
@@ -442,17 +460,13 @@ static void *keep_extern(void *arg)
 		slurm_error("vibatch: cannot keep the extern step past SIGTERM (%m; canary in '%s', "
 			    "task in '%s'): SIGTERM ends the VM", path, k->rel);
 		write_pid(k->step_dir, k->sleep_pid);
-		kill(canary, SIGKILL);
-		while (waitpid(canary, &status, 0) < 0 && errno == EINTR)
-			;
-		canary_pid = 0;
+		syscall(SYS_pidfd_send_signal, canary_fd, SIGKILL, NULL, 0);
+		wait_gone(canary_fd, canary);
 		goto out;
 	}
 	slurm_debug("vibatch: extern task %d kept out of Slurm's SIGTERM, canary %d",
 		    (int) k->sleep_pid, (int) canary);
-	while (waitpid(canary, &status, 0) < 0 && errno == EINTR)
-		;
-	canary_pid = 0;
+	wait_gone(canary_fd, canary);
 	/* the job is ending: the VM stays while another step of the job has a process */
 	start = now();
 	for (;;) {
@@ -542,10 +556,13 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 	(void) ac;
 	(void) av;
 	if (keeper_started) {
-		if (canary_pid > 0)
-			kill(canary_pid, SIGKILL);
+		if (canary_fd >= 0)
+			syscall(SYS_pidfd_send_signal, canary_fd, SIGKILL, NULL, 0);
 		pthread_join(keeper, NULL);
 		keeper_started = 0;
+		if (canary_fd >= 0)
+			close(canary_fd);
+		canary_fd = -1;
 	}
 	return 0;
 }
