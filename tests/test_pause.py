@@ -219,6 +219,10 @@ def test_a_parallel_job_is_fitted_to_the_slots_of_this_host(tmp_path):
     fitted, counted = gridengine.fit_vmem(cfg, req, conf)
     assert counted
     assert fitted.memory_mb + cfg.vm.memory_overhead_mb == 4096 - gridengine.VMEM_HOST_RESERVE_MB
+    # and its VM has this host's 4 cores, not the job's 8
+    assert gridengine.this_host(req, conf).cores == 4
+    assert gridengine.this_host(req, {"host_slots": "8"}) == req
+    assert gridengine.this_host(req, {}) == req
 
 
 def test_a_vmem_limit_that_cannot_be_read_keeps_qemu_out_of_the_job(tmp_path):

@@ -266,6 +266,17 @@ def host_slots(conf: Mapping[str, str]) -> int:
     return int(text)
 
 
+def this_host(req: JobRequest, conf: Mapping[str, str]) -> JobRequest:
+    """A parallel job spread over hosts gets a VM of the slots granted here (``host_slots``):
+    the prolog runs on the master host only, and the other hosts' slots are the other hosts'
+    cores (qstat's range is the job's total)."""
+    try:
+        here = host_slots(conf)
+    except ValueError:
+        return req
+    return dataclasses.replace(req, cores=here) if here < req.cores else req
+
+
 def vmem_limit_mb(conf: Mapping[str, str], slots: int) -> Optional[int]:
     """What execd holds the job's processes on this host to, in MiB (force_job_rlimit in
     execd_ck_to_do.c: the smaller of the queue instance's h_vmem and s_vmem, times the slots
@@ -397,7 +408,7 @@ class GridEngine(BatchSystem):
         except (OSError, NodeError) as e:
             log_error(f"gridengine prolog of job {argv[0]}: the VM stays out of its usage", e)
             return req
-        req, counted = fit_vmem(cfg, req, conf)
+        req, counted = fit_vmem(cfg, this_host(req, conf), conf)
         gid = process_gid(spool, conf, argv[0], argv[1], argv[2]) if counted else None
         return dataclasses.replace(req, process_gid=gid) if gid else req
 
