@@ -215,3 +215,26 @@ def test_take_runs_once_per_job(monkeypatch, tmp_path):
     for _ in range(3):
         usage.take(config.Config(), "j1", 10, 11, 1000)
     assert len(started) == 1 and (state / usage.TAKEN_FILE).exists()
+
+
+def test_the_wrapper_and_its_starter_are_read_only_while_they_are_our_ancestors():
+    """find_caller saw the wrapper and its starter among the helper's ancestors; by take() the
+    wrapper may have ended and its pid been reused by another slot's process, whose cgroups
+    QEMU would then join. They are read only while held by pidfds and still our ancestors: a
+    process that is not (a sibling), or has ended, is refused."""
+    code = ("import os, sys; from vibatch.batch import htcondor_usage as u; "
+            "print(u.held_job_cgroups(int(sys.argv[1]), int(sys.argv[2])).job)")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": repo}
+    r = subprocess.run([sys.executable, "-c", code, str(os.getpid()), str(os.getppid())],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout == "{}\n", r.stderr     # its parent and grandparent
+    sibling = subprocess.Popen(["sleep", "60"])
+    try:
+        with pytest.raises(ValueError, match="no longer our ancestors"):
+            usage.held_job_cgroups(sibling.pid, os.getppid())
+    finally:
+        sibling.kill()
+        sibling.wait()
+    with pytest.raises(ValueError, match="has ended"):
+        usage.held_job_cgroups(sibling.pid, os.getppid())

@@ -36,6 +36,7 @@ A failure here costs HTCondor's record of the VM or its suspend, never the job: 
 from __future__ import annotations
 
 import os
+import select
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -141,6 +142,39 @@ def job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
     return JobCgroups(job, starter, v2, v2_starter)
 
 
+MAX_ANCESTRY = 64
+
+
+def held_job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
+    """job_cgroups() of the wrapper and the starter that find_caller() saw among our
+    ancestors, read so that a process that has since reused either pid cannot be taken for
+    them: each is held by a pidfd while it is still our ancestor, and must still be alive once
+    its /proc files have been read. ValueError otherwise."""
+    fds = []
+    try:
+        for pid in (job_pid, starter_pid):
+            try:
+                fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                raise ValueError(f"process {pid} has ended") from None
+        ours, pid = set(), os.getppid()
+        for _ in range(MAX_ANCESTRY):
+            if pid <= 1:
+                break
+            ours.add(pid)
+            stat = _read(f"/proc/{pid}/stat")
+            pid = int(stat[stat.rindex(")") + 1:].split()[1]) if ")" in stat else 0
+        if not {job_pid, starter_pid} <= ours:
+            raise ValueError(f"processes {job_pid} and {starter_pid} are no longer our ancestors")
+        cgroups = job_cgroups(job_pid, starter_pid)
+        if select.select(fds, [], [], 0)[0]:      # a pidfd is readable once its process ended
+            raise ValueError(f"process {job_pid} or {starter_pid} ended while it was read")
+        return cgroups
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def move(pids: Sequence[int], directory: str) -> None:
     """Put the processes into the cgroup ``directory`` (each with all its threads)."""
     fd = os.open(os.path.join(directory, "cgroup.procs"),
@@ -171,7 +205,7 @@ def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int) -> None:
         log_error(f"job {job_id}: handing its VM to HTCondor", e)
         return
     try:
-        cgroups = job_cgroups(job_pid, starter_pid)
+        cgroups = held_job_cgroups(job_pid, starter_pid)
         conn = hypervisor.connect(cfg.libvirt_uri)
         try:
             dom = hypervisor.lookup(conn, paths.domain)
