@@ -8,7 +8,8 @@
 #    /opt/vibatch/lib/vibatch_spank.so (plugstack.conf: docs/batch/slurm.md).
 # 3. /etc/vibatch/vibatch.yaml from etc/vibatch.yaml, unless one exists.
 # 4. /dev/kvm as root:kvm 0660 (else libvirt re-probes QEMU for ~60 s at every start), and
-#    virtlogd + libvirtd started when no service manager runs them (libvirtd under a subreaper).
+#    libvirtd under vibatch's child subreaper: where systemd is PID 1, through a drop-in for
+#    libvirtd.service (etc/install-systemd-dropin.sh); elsewhere virtlogd + libvirtd started here.
 # 5. The test image built from Debian packages and added to the library as "testguest".
 # 6. The demo: `vibatch run` prints, from inside the VM, the kernel, id, CPUs and memory.
 set -euo pipefail
@@ -25,6 +26,7 @@ PKGS=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-d
       gcc python3-dev python3-venv cpio e2fsprogs xz-utils lz4 zstd passwd
       syslinux syslinux-common mtools dosfstools fdisk iptables iproute2
       mmdebstrap debian-archive-keyring   # images/debian (the tests build it; this does not)
+      systemd                             # systemd-socket-activate, systemd-analyze (tests)
       libslurm-dev)                       # spank.h, for the Slurm plugin
 missing=()
 for p in "${PKGS[@]}"; do
@@ -73,7 +75,11 @@ if [ -e /dev/kvm ]; then chown root:kvm /dev/kvm; chmod 0660 /dev/kvm; fi
 # a CI runner waiting for EOF, an inherited flock(1) lock would be held for the daemon's life.
 # Python's subprocess closes every descriptor above 2 (close_fds).
 daemon() { /usr/bin/python3 -I -c 'import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))' "$@"; }
-if [ ! -d /run/systemd/system ]; then
+if [ -d /run/systemd/system ]; then
+  # systemd runs virtlogd and libvirtd (socket-activated); a drop-in puts libvirtd under the
+  # subreaper, so that QEMU's parent is not PID 1 (etc/install-systemd-dropin.sh)
+  "$REPO/etc/install-systemd-dropin.sh" / "$PREFIX"
+else
   pgrep -x virtlogd >/dev/null || { log "starting virtlogd"; daemon virtlogd -d; }
   # under a child subreaper that reaps QEMU at once, as systemd would (vibatch/subreaper.py)
   pgrep -x libvirtd >/dev/null || { log "starting libvirtd under a subreaper"
