@@ -351,3 +351,35 @@ def test_service_goes_with_neither_detach_nor_log():
                            timeout=60)
         assert p.returncode == 2, extra
         assert "--service cannot go with --detach or --log" in p.stderr, p.stderr
+
+
+def test_service_takes_the_command_with_it_when_it_is_sigkilled():
+    """A stop that times out makes systemd SIGKILL the main pid only (KillMode=process): the
+    command (libvirtd) must not run on outside the unit. Without PR_SET_PDEATHSIG it did."""
+    import signal
+
+    from vibatch.util import Deadline
+    script = "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)\n"
+    p = subprocess.Popen([*SERVICE, sys.executable, "-c", script], cwd=REPO, env=SUB_ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        child = int(read_line(p.stdout.fileno(), Deadline(60)))
+        p.kill()
+        p.wait(timeout=60)
+        deadline = Deadline(30)
+        while not deadline.expired():
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break        # dead, not yet reaped by whoever inherited it
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)         # polling the kernel's state, with a deadline
+        else:
+            os.kill(child, signal.SIGKILL)
+            raise AssertionError("the command ran on after the subreaper was SIGKILLed")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=60)
+        p.stdout.close()

@@ -39,6 +39,7 @@ import sys
 from typing import Mapping, Optional, Sequence
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SERVICE_FORWARDED = (*FORWARDED, signal.SIGQUIT)
@@ -138,12 +139,19 @@ def run(argv: Sequence[str], detach: bool = False, log: Optional[str] = None,
         signal.signal(signum, forward)
     # blocked until ``child`` is set: a TERM that comes during the fork is passed on, not lost
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
+    parent = os.getpid()
     child = os.fork()
     if child == 0:
         try:
             for signum in (*forwarded, signal.SIGPIPE, signal.SIGXFSZ):
                 signal.signal(signum, signal.SIG_DFL)   # Python's own dispositions: not libvirtd's
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            if service:
+                # a stop that times out SIGKILLs the main pid only (KillMode=process): libvirtd,
+                # then neither the unit's nor anyone's child, must not run on
+                if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 \
+                        or os.getppid() != parent:
+                    os._exit(127)
             if nfds:
                 env = {**env, "LISTEN_PID": str(os.getpid())}   # sd_listen_fds: our own pid
                 for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + nfds):
