@@ -383,3 +383,10 @@ def test_service_takes_the_command_with_it_when_it_is_sigkilled():
             p.kill()
             p.wait(timeout=60)
         p.stdout.close()
+
+
+def test_a_command_killed_by_a_signal_ends_with_128_plus_it():
+    """As a shell says it (and systemd, a CI runner): 143 for SIGTERM, not Python's 241."""
+    pid, rc, out, err = run([sys.executable, "-m", "vibatch.subreaper", "sh", "-c",
+                             "kill -TERM $$"], cwd=REPO)
+    assert rc == 143, (rc, err)

@@ -176,6 +176,7 @@ def run(argv: Sequence[str], detach: bool = False, log: Optional[str] = None,
             continue
         if pid == child:
             status = os.waitstatus_to_exitcode(wstatus)
+            status = 128 - status if status < 0 else status    # as a shell says a signal
             child = None
             if service:
                 return _end_service(argv[0], status)
@@ -195,7 +196,7 @@ def _end_service(command: str, status: int) -> int:
             print(f"vibatch subreaper: {command} ended; the processes it left running now go "
                   "to PID 1", file=sys.stderr, flush=True)
             break
-    return 128 - status if status < 0 else status
+    return status
 
 
 def main(args: Optional[Sequence[str]] = None) -> int:
