@@ -75,20 +75,26 @@
 SPANK_PLUGIN(vibatch, 1);
 
 /* Kernel headers older than 5.3 / 5.9 (RHEL 8, Ubuntu 20.04) lack these. Since Linux 5.1 a new
- * system call has the same number on every architecture but alpha. On a kernel without them
- * the calls fail with ENOSYS: close_range is then done by a loop, and without pidfd_open the
- * keeper is not started (the VM ends at SIGTERM, as without the plugin's keeper). */
+ * system call has one number in the common table (424, 434, 436 here), which x86_64, aarch64,
+ * ppc64le and s390x use as it is; alpha, MIPS and ia64 offset it and x32 sets a bit, so there
+ * the fallback is refused at build time. On a kernel without them the calls fail with ENOSYS:
+ * close_range is then done by a loop, and without pidfd_open the keeper is not started (the VM
+ * ends at SIGTERM, as without the plugin's keeper). */
 #ifndef SYS_pidfd_send_signal
 #define SYS_pidfd_send_signal 424
+#define VIBATCH_SYSCALL_FALLBACK
 #endif
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
+#define VIBATCH_SYSCALL_FALLBACK
 #endif
 #ifndef SYS_close_range
 #define SYS_close_range 436
+#define VIBATCH_SYSCALL_FALLBACK
 #endif
-#if defined(__alpha__)
-#error "the pidfd and close_range numbers above are not alpha's"
+#if defined(VIBATCH_SYSCALL_FALLBACK) && (defined(__alpha__) || defined(__mips__) || \
+	defined(__ia64__) || (defined(__x86_64__) && defined(__ILP32__)))
+#error "these kernel headers lack pidfd_open or close_range, and this ABI numbers them otherwise"
 #endif
 
 #define PATH_MAX_LEN 1024

@@ -64,17 +64,22 @@ def domain_running(node: Any, state: Any) -> None:
 
 
 def machine_dirs(domain_id: int, root: str = CGROUP_ROOT) -> list[str]:
-    """libvirt's cgroup directories of the running domain with this id (``qemu-ID-NAME``),
-    one per hierarchy tried."""
+    """libvirt's cgroup directories of the running domain with this id, one per hierarchy
+    tried: ``machine/qemu-ID-NAME.libvirt-qemu`` where libvirt makes its cgroups itself, and
+    ``machine.slice/machine-qemu\\x2dID\\x2dNAME.scope`` where systemd (machined) makes them
+    (libvirt's virSystemdMakeScopeName: the machine name escaped as a unit name)."""
     out = []
-    prefix = re.compile(rf"^qemu-{int(domain_id)}-.*\.libvirt-qemu$")
+    named = (("machine", re.compile(rf"^qemu-{int(domain_id)}-.*\.libvirt-qemu$")),
+             ("machine.slice",
+              re.compile(rf"^machine-qemu\\x2d{int(domain_id)}\\x2d.*\.scope$")))
     for h in _HIERARCHIES:
-        base = os.path.join(root, h, "machine")
-        try:
-            names = os.listdir(base)
-        except OSError:
-            continue
-        out += [os.path.join(base, n) for n in names if prefix.match(n)]
+        for sub, pattern in named:
+            base = os.path.join(root, h, sub)
+            try:
+                names = os.listdir(base)
+            except OSError:
+                continue
+            out += [os.path.join(base, n) for n in names if pattern.match(n)]
     return out
 
 
