@@ -168,8 +168,8 @@ def test_grid_engine_memory_values_and_the_jobs_vmem_limit():
     values = ("400M", "2G", "1.5G", "419430400", "1000m", "1e9", "0x40000000", "010G", "2T",
               ".5G", "TRUE", "INFINITY", "infinity", "9" * 400, "0x" + "f" * 400)
     assert [gridengine.ge_memory_mb(v) for v in values] == \
-        [400, 2048, 1536, 400, 953, 953, 1024, 8192, 2 << 20, 512, 0, None, None, None, None]
-    for bad in ("", "4X", "-1M", "1:00:00", "09", "0x", "1_000", "inf", "nan", "1 G"):
+        [400, 2048, 1536, 400, 953, 953, 1024, 8192, 2 << 20, 512, 0, None, None, None, 4095]
+    for bad in ("", "4X", "-1M", "1:00:00", "09", "0x", "1_000", "1 G", "-inf"):
         with pytest.raises(ValueError):
             gridengine.ge_memory_mb(bad)
     conf = {"h_vmem": "1G", "s_vmem": "INFINITY"}
@@ -219,6 +219,10 @@ def test_a_parallel_job_is_fitted_to_the_slots_of_this_host(tmp_path):
     fitted, counted = gridengine.fit_vmem(cfg, req, conf)
     assert counted
     assert fitted.memory_mb + cfg.vm.memory_overhead_mb == 4096 - gridengine.VMEM_HOST_RESERVE_MB
+    hostfile = tmp_path / "pe_hostfile"      # one queue here: host_slots holds
+    hostfile.write_text("node1 4 all.q@node1 UNDEFINED\nnode2 4 all.q@node2 UNDEFINED\n")
+    assert gridengine.limit_slots({**conf, "host": "node1", "queue": "all.q",
+                                   "pe_hostfile": str(hostfile)}) == 4
     # and its VM has this host's 4 cores, not the job's 8
     assert gridengine.this_host(req, conf).cores == 4
     assert gridengine.this_host(req, {"host_slots": "8"}) == req
@@ -239,6 +243,82 @@ def test_a_vmem_limit_that_cannot_be_read_keeps_qemu_out_of_the_job(tmp_path):
     for conf in ({"host_slots": "1", "h_vmem": "1:0:0"}, {"h_vmem": "1G"},
                  {"host_slots": "x", "h_vmem": "1G"}):
         assert gridengine.fit_vmem(cfg, req, conf) == (req, False), conf
+
+
+# Review 13 (839145a): sge_parse_num_val (SoGE 8.1.9 source/libs/uti/sge_parse_num_par.c),
+# compiled from that source and run on this machine, reads these values as below; qconf and
+# qsub validate with the same function, so each can be a queue's h_vmem or a default in the
+# shepherd's config, which force_job_rlimit (execd_ck_to_do.c) parses with it again.
+GE_READS_32BIT = [
+    # hex/octal: 'u_long32 t = strtol(str, &dptr, 0)' keeps 32 bits before the multiplier
+    ("0x100000000", 0),             # 4 GiB in hex: execd reads 0
+    ("040000000000", 0),            # the same in octal
+    ("077777777777", 4095),         # 8 GiB - 1: execd reads 4 GiB - 1
+    ("0xFFFFFFFFFFFFFFFF", 4095),   # strtol saturates, then 32 bits: a limit, not none
+    ("0x100000000G", 0),
+]
+GE_READS_STRTOD = [
+    # not starting with '0' (or holding a '.'): strtod, which takes a sign, hex floats, inf, nan
+    ("+4G", 4096),
+    ("0x1.8p31", 3072),             # has a '.': strtod reads the hex float, 3 GiB
+    ("inf", None),                  # strtod: HUGE_VAL; h_vmem += inf: never exceeded
+    ("nan", None),                  # every comparison with NaN is false: never exceeded
+]
+
+
+def test_hex_and_octal_limits_are_read_with_grid_engines_32_bits():
+    """Review 13: ge_memory_mb reads a hex or octal value exactly; Grid Engine keeps 32 bits of
+    it (u_long32 is unsigned int on LP64, basis_types.h). So 0xFFFFFFFFFFFFFFFF, which execd
+    enforces as 4 GiB - 1 per slot, is read as no limit (QEMU then carries the job's group in an
+    unfitted VM), and 077777777777 as 8 GiB - 1 (a VM fitted to twice execd's limit)."""
+    assert [gridengine.ge_memory_mb(v) for v, _ in GE_READS_32BIT] == \
+        [mb for _, mb in GE_READS_32BIT]
+
+
+def test_a_vm_fitted_to_an_octal_limit_fits_in_what_execd_enforces(tmp_path):
+    """Review 13: -l h_vmem=077777777777 passes qsub (and vibatch's parse_memory_mb, as a
+    decimal): execd holds the job to 4095 MiB on one slot, the VM is fitted to 8191."""
+    from vibatch.core.request import JobRequest, JobUser
+    cfg = fit_config(tmp_path)
+    req = JobRequest("17", JobUser("alice", 1000, 1000, "/"), 1, 16384, None, "/")
+    fitted, counted = gridengine.fit_vmem(cfg, req, {"host_slots": "1", "h_vmem": "077777777777"})
+    assert not counted or \
+        fitted.memory_mb + cfg.vm.memory_overhead_mb + gridengine.VMEM_HOST_RESERVE_MB <= 4095
+
+
+def test_every_spelling_grid_engine_accepts_is_read_as_it_reads_it():
+    """Review 13: 839145a says values are read as sge_parse_num_val does; its strtod branch
+    also takes a sign, a hex float, inf and nan (qconf accepts them as a queue's h_vmem). Each
+    raises ValueError here (the VM then stays out of the job's usage, though execd enforces
+    3 GiB for 0x1.8p31)."""
+    got = []
+    for value, _ in GE_READS_STRTOD:
+        try:
+            got.append(gridengine.ge_memory_mb(value))
+        except ValueError:
+            got.append("ValueError")
+    assert got == [mb for _, mb in GE_READS_STRTOD]
+
+
+def test_a_job_over_two_queues_of_this_host_is_not_fitted_to_the_master_queue_alone(tmp_path):
+    """Review 13: force_job_rlimit sums, over the job's granted queue instances on this host,
+    each instance's h_vmem times its slots; the shepherd's config holds the master queue's
+    h_vmem only (exec_job.c, WRITE_COMPLEX_AND_CONSUMABLE_ATTR(h_vmem) of master_q), and
+    host_slots counts the slots of every queue here. Without an h_vmem request (which
+    reduce_queue_limit writes into every granted queue alike) the queues keep their own
+    limits: all.q h_vmem=4G with 1 slot and small.q h_vmem=1G with 3 slots give execd's limit
+    4 + 3 = 7 GiB, and vibatch's 4G * 4 = 16 GiB: a VM of 8 GiB is counted and SIGKILLed.
+    The pe_hostfile (its path is in the config) shows the second queue."""
+    from vibatch.core.request import JobRequest, JobUser
+    cfg = fit_config(tmp_path)
+    hostfile = tmp_path / "pe_hostfile"
+    hostfile.write_text("node1 1 all.q@node1 UNDEFINED\nnode1 3 small.q@node1 UNDEFINED\n")
+    conf = {"h_vmem": "4G", "s_vmem": "INFINITY", "pe_slots": "4", "host_slots": "4",
+            "queue": "all.q", "host": "node1", "pe_hostfile": str(hostfile)}
+    req = JobRequest("17", JobUser("alice", 1000, 1000, "/"), 4, 8192, None, "/")
+    fitted, counted = gridengine.fit_vmem(cfg, req, conf)
+    assert not counted or \
+        fitted.memory_mb + cfg.vm.memory_overhead_mb + gridengine.VMEM_HOST_RESERVE_MB <= 7168
 
 
 def test_the_job_pid_file_is_read_bounded(tmp_path):

@@ -51,11 +51,14 @@ ADDGRPID = "addgrpid"            # the shepherd's record of the job's group, in 
 SPOOL_FILE_MAX = 1 << 20
 VMEM_LIMITS = ("h_vmem", "s_vmem")
 VMEM_HOST_RESERVE_MB = 128   # in execd's vmem sum beside the VM's cap (fit_vmem)
-# sge_parse_num_val (sge_parse_num_par.c): a decimal or fixed float (strtod) unless it starts
-# with 0 and has no '.', then hex or octal (strtol base 0); a k/K/m/M/g/G multiplier (t/T in
-# later releases)
-GE_DECIMAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# sge_parse_num_val (sge_parse_num_par.c): strtod unless the value starts with 0 and has no
+# '.' (then a sign, a decimal or fixed float, a hex float, inf or nan), else strtol base 0 (hex
+# or octal) kept to 32 bits (u_long32); a k/K/m/M/g/G multiplier (t/T in later releases)
+GE_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+GE_HEX_FLOAT = re.compile(r"[+-]?0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)"
+                          r"(?:[pP][+-]?[0-9]+)?")
 GE_HEX_OCTAL = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*")
+STRTOL_MAX = (1 << 63) - 1       # strtol saturates there; then u_long32 keeps 32 bits
 GE_UNITS = {"": 1, "k": 1000, "K": 1024, "m": 1000 ** 2, "M": 1024 ** 2, "g": 1000 ** 3,
             "G": 1024 ** 3, "t": 1000 ** 4, "T": 1024 ** 4}
 GE_NO_LIMIT_MB = 1 << 43    # past any node's memory (and past sge_rlim_t): no limit
@@ -236,24 +239,34 @@ def register_early(directory: str, gid: int) -> None:
 
 
 def ge_memory_mb(text: str) -> Optional[int]:
-    """A Grid Engine memory value in MiB, read as sge_parse_num_val does (sge_types(1): bytes,
-    K/M/G of 1024 or k/m/g of 1000; hex and octal; TRUE and FALSE are 1 and 0); None for
-    INFINITY or a value past any memory. ValueError for anything else (a time value
-    ``h:m:s`` among them, which Grid Engine reads as seconds): never taken for no limit."""
+    """A Grid Engine memory value in MiB, read as sge_parse_num_val reads it for execd's limit
+    (sge_types(1): bytes, K/M/G of 1024 or k/m/g of 1000; TRUE and FALSE are 1 and 0): through
+    strtod (a sign, decimals, exponents, hex floats, inf and nan) unless it starts with 0 and
+    has no '.', else as hex or octal kept to 32 bits, as Grid Engine's u_long32 keeps it. None
+    for INFINITY, inf, nan (a limit no usage exceeds) or a value past any memory. ValueError
+    for anything else (a negative value, a time value ``h:m:s``): never taken for no limit."""
     s = text.strip()
     if s.lower() in ("infinity", "true", "false"):
         return {"infinity": None, "true": 0, "false": 0}[s.lower()]
     number, unit = (s[:-1], s[-1]) if s[-1:] in GE_UNITS and s[-1:] else (s, "")
     if "." in number or not number.startswith("0"):
-        if not GE_DECIMAL.fullmatch(number):
+        if number.lstrip("+").lower() in ("inf", "nan"):
+            return None
+        if GE_DECIMAL.fullmatch(number):
+            value = float(number)
+        elif GE_HEX_FLOAT.fullmatch(number):
+            sign = -1.0 if number.startswith("-") else 1.0
+            value = sign * float.fromhex(number.lstrip("+-"))
+        else:
             raise ValueError(f"{text!r} is not a memory value")
-        mb = float(number) * GE_UNITS[unit] / (1 << 20)
+        if value < 0:
+            raise ValueError(f"{text!r} is negative")
+        mb = value * GE_UNITS[unit] / (1 << 20)
         return None if not mb < GE_NO_LIMIT_MB else int(mb)
     if not GE_HEX_OCTAL.fullmatch(number):
         raise ValueError(f"{text!r} is not a memory value")
     value = int(number[2:], 16) if number[1:2] in ("x", "X") else int(number, 8)
-    mb = value * GE_UNITS[unit] >> 20
-    return None if mb >= GE_NO_LIMIT_MB else mb
+    return (min(value, STRTOL_MAX) & 0xFFFFFFFF) * GE_UNITS[unit] >> 20
 
 
 def host_slots(conf: Mapping[str, str]) -> int:
@@ -275,6 +288,32 @@ def this_host(req: JobRequest, conf: Mapping[str, str]) -> JobRequest:
     except ValueError:
         return req
     return dataclasses.replace(req, cores=here) if here < req.cores else req
+
+
+def limit_slots(conf: Mapping[str, str]) -> int:
+    """The slots by which the shepherd config's (the master queue's) h_vmem and s_vmem hold the
+    job on this host. execd sums each granted queue instance's limit times its slots here; the
+    config has the master queue's limits and ``host_slots`` counts every queue's slots. Where
+    the job has slots in several queues of this host (``pe_hostfile``), those queues may keep
+    limits of their own (a job's h_vmem request is written into all of them, else each keeps
+    its own), so only the master queue's slots are taken: its limit times them is never more
+    than execd's sum. ValueError if that cannot be read."""
+    slots = host_slots(conf)
+    hostfile = conf.get("pe_hostfile", "")
+    if not hostfile:
+        return slots
+    data = safeio.read_bounded(hostfile, SPOOL_FILE_MAX)
+    if data is None:
+        raise ValueError(f"the job's pe_hostfile {hostfile} cannot be read")
+    host, queue = conf.get("host", "").lower(), conf.get("queue", "")
+    here = [f for f in (line.split() for line in data.decode(errors="replace").splitlines())
+            if len(f) >= 3 and f[0].lower() == host and f[1].isdigit()]
+    if len({f[2] for f in here}) <= 1:
+        return slots
+    master = sum(int(f[1]) for f in here if f[2].partition("@")[0] == queue)
+    if not 0 < master <= slots:
+        raise ValueError(f"the pe_hostfile {hostfile} has no slots of queue {queue!r} here")
+    return master
 
 
 def vmem_limit_mb(conf: Mapping[str, str], slots: int) -> Optional[int]:
@@ -307,7 +346,7 @@ def fit_vmem(cfg: Config, req: JobRequest, conf: Mapping[str, str]) -> tuple[Job
                   ResourceRequestError(why))
         return req, False
     try:
-        limit = vmem_limit_mb(conf, host_slots(conf))
+        limit = vmem_limit_mb(conf, limit_slots(conf))
     except ValueError as e:
         return uncounted(str(e))
     if limit is None:
