@@ -165,7 +165,9 @@ def job_cgroups(spec, slot):
 
 def job_cgroup_v2(spec, slot):
     """ProcFamilyDirectCgroupV2's leaf of the job and the .scope the wrapper goes to (made
-    afresh), in the unified hierarchy."""
+    afresh), in the unified hierarchy; as cgroupify_myself does it, the leaf directory, its
+    cgroup.procs and its cgroup.subtree_control are handed to the job's user, the scope stays
+    root's."""
     with open("/proc/self/mountinfo") as f:
         top = next(line.split()[4] for line in f
                    if line.split(" - ")[1].startswith("cgroup2 ") and line.split()[3] == "/")
@@ -174,7 +176,9 @@ def job_cgroup_v2(spec, slot):
     scope = os.path.join(leaf, uniq + ".scope")
     remove_cgroup(leaf)
     os.makedirs(scope, 0o755)
-    os.chown(os.path.join(scope, "cgroup.procs"), spec["uid"], spec["gid"])
+    for path in (leaf, os.path.join(leaf, "cgroup.procs"),
+                 os.path.join(leaf, "cgroup.subtree_control")):
+        os.chown(path, spec["uid"], spec["gid"])
     return {"leaf": leaf, "scope": scope}
 
 

@@ -238,3 +238,153 @@ def test_the_wrapper_and_its_starter_are_read_only_while_they_are_our_ancestors(
         sibling.wait()
     with pytest.raises(ValueError, match="has ended"):
         usage.held_job_cgroups(sibling.pid, os.getppid())
+
+
+# -- Review 13 (1ba9d27): the job's user owns its v2 leaf -------------------------------------
+NOBODY = 65534
+
+
+@pytest.fixture
+def v2_delegated():
+    """A leaf and its .scope as 25.0.13's ProcFamilyDirectCgroupV2 leaves them: both made by
+    root, then the leaf directory, its cgroup.procs and its cgroup.subtree_control chowned to
+    the job's user (cgroupify_myself, "Enable delegation"); the scope stays root's. (The
+    harness, tests/condor_starter.py, chowns the scope's cgroup.procs instead.)"""
+    top = usage.mount_points().get(usage.V2)
+    if os.geteuid() != 0 or not top or not os.path.exists(os.path.join(top, "cgroup.procs")):
+        pytest.skip("needs root and a cgroup v2 hierarchy")
+    leaf = os.path.join(top, f"vbt-rev13-{os.getpid()}.slice")
+    scope = os.path.join(leaf, f"vbt-rev13-{os.getpid()}.scope")
+    os.makedirs(scope)
+    for p in (leaf, os.path.join(leaf, "cgroup.procs"),
+              os.path.join(leaf, "cgroup.subtree_control")):
+        os.chown(p, NOBODY, NOBODY)
+    try:
+        yield leaf, scope
+    finally:
+        with open(os.path.join(leaf, "cgroup.freeze"), "w") as f:
+            f.write("0")
+        for d in sorted((e.path for e in os.scandir(leaf) if e.is_dir()), reverse=True) + [leaf]:
+            for _ in range(50):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def as_user(uid, work):
+    """Run ``work`` in a child with only ``uid``'s credentials; its exit code (0: it ran)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_the_jobs_user_cannot_hide_a_v2_suspend_by_removing_the_scope(v2_delegated):
+    """Review 13. The watcher reads ``<scope>/cgroup.events``, a path in a directory the job's
+    user owns (the leaf). The user moves the job's processes (any process there, root's too:
+    v2 checks the common ancestor's cgroup.procs, not the target's owner) into a cgroup of
+    their own under the leaf and removes the root-made scope (rmdir needs write access to the
+    leaf only). condor_suspend then freezes the leaf and every task of the job, but the
+    watcher reads nothing and the guest runs on; a native job stays frozen. The leaf's own
+    cgroup.freeze (root's, the starter's intent) would have said '1'."""
+    leaf, scope = v2_delegated
+    job = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: (
+        usage.move([os.getpid()], scope), os.setgid(NOBODY), os.setuid(NOBODY)))
+    cg = usage.JobCgroups({}, {}, scope, None)
+    dom, resumed, result = FakeDomain(), [], {}
+    t = None
+    try:
+        wait_for(lambda: str(job.pid) in usage._read(os.path.join(scope, "cgroup.procs")).split())
+
+        def hide():
+            mine = os.path.join(leaf, "mine")
+            os.mkdir(mine)
+            with open(os.path.join(mine, "cgroup.procs"), "w") as f:
+                f.write(str(job.pid))
+            os.rmdir(scope)
+        assert as_user(NOBODY, hide) == 0          # the kernel lets the user do all of it
+        t = threading.Thread(target=lambda: result.update(why=pause.follow(
+            dom, lambda: job.pid, NOBODY, 60, resumed.append, job_frozen=cg.job_frozen)))
+        t.start()
+        with open(os.path.join(leaf, "cgroup.freeze"), "w") as f:    # condor_suspend
+            f.write("1")
+        wait_for(lambda: "frozen 1" in usage._read(os.path.join(leaf, "cgroup.events")))
+        wait_for(lambda: dom.calls == ["suspend"], timeout=5)
+    finally:
+        with open(os.path.join(leaf, "cgroup.freeze"), "w") as f:
+            f.write("0")
+        job.kill()
+        job.wait()
+        if t is not None:
+            t.join(10)
+
+
+def test_a_watcher_that_cannot_leave_the_jobs_v2_cgroup_does_not_watch_from_inside_it(
+        monkeypatch):
+    """Review 13. If the move to the starter's v2 cgroup fails, 1ba9d27 logs it and follows
+    from inside the job's cgroup: a task there is frozen with the job before 'frozen 1' can
+    show (the kernel sets it once every task in the subtree is frozen, the watcher's too), so
+    the domain is never suspended; and the job's user, who owns the leaf, can move that root
+    process into a cgroup of their own and freeze it or write its cgroup.kill (seen on this
+    host's kernel). Such a watcher must not run."""
+    from vibatch.core import adopt, jobdir
+    from vibatch.vm import hypervisor
+    followed = []
+
+    def refuse(pids, directory):
+        raise PermissionError(13, "Permission denied", directory)
+    monkeypatch.setattr(usage, "move", refuse)
+    monkeypatch.setattr(adopt, "detach", lambda work, timeout_s: work())
+    monkeypatch.setattr(jobdir.JobPaths, "of", staticmethod(
+        lambda cfg, job: type("P", (), {"domain": "vibatch-" + job})()))
+    monkeypatch.setattr(hypervisor, "connect", lambda uri: object())
+    monkeypatch.setattr(hypervisor, "lookup", lambda conn, name: FakeDomain())
+    monkeypatch.setattr(pause, "follow", lambda *a, **kw: followed.append(kw))
+    monkeypatch.setattr(usage, "log_error", lambda *a: None)
+    cg = usage.JobCgroups({}, {}, "/sys/fs/cgroup/htcondor/j.slice/j.scope",
+                          "/sys/fs/cgroup/system.slice/condor.service")
+    usage.start_watcher(config.Config(), "j1", 10, NOBODY, cg)
+    assert followed == []
+
+
+def test_on_v2_the_suspend_watcher_does_not_need_qemu_under_libvirts_v1_style_cgroup(
+        monkeypatch, tmp_path):
+    """Review 13. On v2 nothing is moved, so QEMU's pids are not needed; but take() still
+    raises when adopt.vm_pids finds none, and then starts the watcher with no cgroups at all:
+    no v2 suspend, and the watcher never leaves the job's cgroup. vm_pids looks for
+    ``machine/qemu-ID-NAME.libvirt-qemu``; libvirt with systemd (machined) names a v2 domain's
+    cgroup ``machine.slice/machine-qemu\\x2dID\\x2dNAME.scope`` (virSystemdMakeScopeName), where
+    it finds nothing."""
+    from vibatch.core import adopt, jobdir
+    from vibatch.vm import hypervisor
+    systemd = tmp_path / "cg" / "machine.slice" / "machine-qemu\\x2d1\\x2dvibatch\\x2dj1.scope"
+    (systemd / "libvirt" / "emulator").mkdir(parents=True)
+    (systemd / "cgroup.procs").write_text("4242\n")
+    assert adopt.machine_dirs(1, str(tmp_path / "cg")) == [str(systemd)]   # found now
+    state = tmp_path / "state"
+    state.mkdir()
+    monkeypatch.setattr(jobdir.JobPaths, "of", staticmethod(
+        lambda cfg, job: type("P", (), {"state": str(state), "domain": "vibatch-" + job})()))
+    v2 = usage.JobCgroups({}, {}, "/sys/fs/cgroup/htcondor/j.slice/j.scope",
+                          "/sys/fs/cgroup/system.slice/condor.service")
+    monkeypatch.setattr(usage, "held_job_cgroups", lambda job_pid, starter: v2)
+    monkeypatch.setattr(hypervisor, "connect", lambda uri: type("C", (), {"close": lambda s: None})())
+    monkeypatch.setattr(hypervisor, "lookup", lambda conn, name: FakeDomain())
+    monkeypatch.setattr(adopt, "vm_pids", lambda dom: [])
+    monkeypatch.setattr(usage, "log_error", lambda *a: None)
+    started = []
+    monkeypatch.setattr(usage, "start_watcher", lambda *a: started.append(a))
+    usage.take(config.Config(), "j1", 10, 11, NOBODY)
+    assert len(started) == 1 and started[0][4] is not None and started[0][4].v2 == v2.v2

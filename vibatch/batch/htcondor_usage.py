@@ -45,6 +45,7 @@ from .. import safeio
 from ..util import atomic_write_json, log_error
 
 CGROUP_FILE_MAX = 1 << 16
+MAX_CGROUP_DEPTH = 32
 V2 = ""         # mount_points()' key of the unified hierarchy (its /proc/PID/cgroup line: 0::PATH)
 # the v1 hierarchies the VM joins: what the starter counts CPU in, and freezes
 MOVED = ("cpuacct", "freezer")
@@ -62,12 +63,26 @@ class JobCgroups:
     v2_starter: Optional[str] = None    # its starter's
 
     def job_frozen(self) -> bool:
-        """The starter froze the job's cgroup v2 (``frozen 1`` in its ``cgroup.events``, which
-        an ancestor's freeze sets too); QEMU is not in it."""
+        """The starter froze the job's cgroup v2 (QEMU is not in it): ``frozen 1`` in the job
+        cgroup's ``cgroup.events``, or ``1`` in the ``cgroup.freeze`` of that cgroup or of any
+        above it, up to the one it shares with its starter. condor_suspend writes the leaf's
+        (``<name>.slice``, above the job's ``.scope``), which stays root's though the job's
+        user owns the leaf: the user can move the job's processes into a cgroup of their own
+        below it and remove the scope, but cannot undo the leaf's freeze. It counts as soon as
+        it is asked for, as FREEZING does on v1."""
         if self.v2 is None:
             return False
-        events = _read(os.path.join(self.v2, "cgroup.events")).splitlines()
-        return "frozen 1" in events
+        if "frozen 1" in _read(os.path.join(self.v2, "cgroup.events")).splitlines():
+            return True
+        top = os.path.commonpath([self.v2, self.v2_starter]) if self.v2_starter else "/"
+        d = self.v2
+        for _ in range(MAX_CGROUP_DEPTH):
+            if d == top or os.path.dirname(d) == d:
+                break
+            if _read(os.path.join(d, "cgroup.freeze")).strip() == "1":
+                return True
+            d = os.path.dirname(d)
+        return False
 
     def frozen(self) -> bool:
         """The starter froze the job (condor_suspend; FREEZING counts: it is on its way)."""
@@ -205,38 +220,45 @@ def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int) -> None:
         log_error(f"job {job_id}: handing its VM to HTCondor", e)
         return
     try:
-        cgroups = held_job_cgroups(job_pid, starter_pid)
-        conn = hypervisor.connect(cfg.libvirt_uri)
-        try:
-            dom = hypervisor.lookup(conn, paths.domain)
-            pids = adopt.vm_pids(dom) if dom is not None else []
-        finally:
-            conn.close()
-        if not pids:
-            raise RuntimeError(f"no processes found in libvirt's cgroup of {paths.domain}")
-        moved = {c: cgroups.job[c] for c in MOVED if c in cgroups.job}
-        for directory in moved.values():
-            move(pids, directory)
-        atomic_write_json(os.path.join(paths.state, ADOPTED_FILE),
-                          {"system": "htcondor", "pids": pids, "cgroups": moved,
-                           "job_pid": job_pid, "at": time.time()})
+        cgroups: Optional[JobCgroups] = held_job_cgroups(job_pid, starter_pid)
+    except Exception as e:  # noqa: BLE001 - the record of the VM is lost, the job goes on
+        log_error(f"job {job_id}: finding HTCondor's job cgroup", e)
+        cgroups = None
+    moved = {c: cgroups.job[c] for c in MOVED if c in cgroups.job} if cgroups else {}
+    vm_moved = False
+    try:
+        if moved:       # v1 only: on v2 nothing is moved, and QEMU's pids are not needed
+            conn = hypervisor.connect(cfg.libvirt_uri)
+            try:
+                dom = hypervisor.lookup(conn, paths.domain)
+                pids = adopt.vm_pids(dom) if dom is not None else []
+            finally:
+                conn.close()
+            if not pids:
+                raise RuntimeError(f"no processes found in libvirt's cgroup of {paths.domain}")
+            for directory in moved.values():
+                move(pids, directory)
+            atomic_write_json(os.path.join(paths.state, ADOPTED_FILE),
+                              {"system": "htcondor", "pids": pids, "cgroups": moved,
+                               "job_pid": job_pid, "at": time.time()})
+            vm_moved = True
     except Exception as e:  # noqa: BLE001 - the record of the VM is lost, the job goes on
         log_error(f"job {job_id}: handing its VM to HTCondor's job cgroup", e)
-        cgroups = None
     try:
-        start_watcher(cfg, job_id, job_pid, uid, cgroups)
+        start_watcher(cfg, job_id, job_pid, uid, cgroups, vm_moved)
     except Exception as e:  # noqa: BLE001
         log_error(f"job {job_id}: starting its suspend watcher", e)
 
 
 def start_watcher(cfg, job_id: str, job_pid: int, uid: int,
-                  cgroups: Optional[JobCgroups]) -> None:
+                  cgroups: Optional[JobCgroups], vm_moved: bool = False) -> None:
     """The detached root watcher (core/pause.py): under condor_procd, the domain is suspended
-    while the wrapper is stopped (SIGSTOP) and resumed on SIGCONT; under a cgroup v1 freeze,
-    QEMU is frozen with the job, and the watcher sets the guest's clock once it is thawed; under
-    a cgroup v2 freeze, the domain is suspended while the job's cgroup is frozen. It first
-    leaves the job's cgroups (it is started from inside them), so that it is neither frozen
-    nor killed with the job."""
+    while the wrapper is stopped (SIGSTOP) and resumed on SIGCONT; under a cgroup v1 freeze with
+    QEMU moved into the job's freezer (``vm_moved``), QEMU is frozen with the job, and the
+    watcher sets the guest's clock once it is thawed; under a freeze QEMU is not in (cgroup v2,
+    or a v1 move that failed), the domain is suspended while the job's cgroup is frozen. It
+    first leaves the job's cgroups (it is started from inside them), so that it is neither
+    frozen nor killed with the job; if it cannot leave the v2 one, it does not watch."""
     from ..core import pause   # noqa: PLC0415
     from ..core.adopt import detach   # noqa: PLC0415
     from ..core.jobdir import JobPaths   # noqa: PLC0415
@@ -251,12 +273,22 @@ def start_watcher(cfg, job_id: str, job_pid: int, uid: int,
                 move([os.getpid()], directory)
             except OSError as e:
                 log_error(f"job {job_id}'s watcher leaving its {ctrl} cgroup", e)
+                if ctrl == "v2":
+                    # frozen with the job, it could never see the freeze; and on v2 the job's
+                    # user, who owns the leaf, could move this root process anywhere below it
+                    return
         dom = hypervisor.lookup(hypervisor.connect(cfg.libvirt_uri),
                                 JobPaths.of(cfg, job_id).domain)
-        if dom is not None:
+        if dom is None:
+            return
+        if cgroups is not None and vm_moved:    # QEMU is in the job's v1 freezer
             pause.follow(dom, lambda: job_pid, uid, pause.WATCH_MAX_S - 60, pause.set_clock,
-                         cgroup_frozen=cgroups.frozen if cgroups else None,
-                         job_frozen=cgroups.job_frozen if cgroups and cgroups.v2 else None)
+                         cgroup_frozen=cgroups.frozen)
+        else:                                   # a freeze QEMU is not in suspends the domain
+            def frozen() -> bool:
+                return cgroups is not None and (cgroups.frozen() or cgroups.job_frozen())
+            pause.follow(dom, lambda: job_pid, uid, pause.WATCH_MAX_S - 60, pause.set_clock,
+                         job_frozen=frozen if cgroups else None)
     detach(watch, pause.WATCH_MAX_S)
 
 
