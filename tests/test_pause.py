@@ -109,6 +109,57 @@ def test_a_vm_the_batch_system_stopped_itself_is_left_alone_and_gets_its_clock_a
     assert dom.calls == [] and result["why"] == "the job's process ended"
 
 
+NOBODY = 65534
+BECOME_NOBODY = ("import os, sys, time; time.sleep({delay}); os.setgroups([]); os.setgid(65534); "
+                 "os.setuid(65534); os.execv(sys.executable, [sys.executable, '-c', "
+                 "'import time; time.sleep(30)'])")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to start a process that becomes another user")
+def test_a_job_named_while_it_is_still_root_is_followed_once_it_is_the_users():
+    """Grid Engine's shepherd writes job_pid right after fork(), before the child has become
+    the job's user and exec'd the job: for that while the pid's /proc is root's. dd0c110's
+    watcher took that for the job's process having ended and left; CI's real qmod -sj of a
+    job whose QEMU is outside its group (vmem too small) then never paused the domain."""
+    child = subprocess.Popen([sys.executable, "-c", BECOME_NOBODY.format(delay=1)])
+    dom, resumed, result = FakeDomain(), [], {}
+    t = threading.Thread(target=lambda: result.update(why=pause.follow(
+        dom, lambda: child.pid, NOBODY, 60, resumed.append)))
+    t.start()
+    try:
+        wait_for(lambda: pause.process_state(child.pid, NOBODY) is not None)
+        assert t.is_alive(), result
+        os.kill(child.pid, signal.SIGSTOP)
+        wait_for(lambda: dom.calls == ["suspend"])
+        os.kill(child.pid, signal.SIGCONT)
+        wait_for(lambda: dom.calls == ["suspend", "resume"])
+    finally:
+        child.kill()
+        child.wait()
+        t.join(10)
+    assert result["why"] == "the job's process ended" and resumed == [dom]
+
+
+def test_a_job_that_never_becomes_the_users_is_not_followed():
+    """A pid that stays another user's (root's here: a pid reused before the watcher saw the
+    job) is never followed: its stop does not pause the domain, and the watcher gives up at
+    its start limit; one that ends first ends the watcher."""
+    other = os.getuid() + 1
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dom = FakeDomain()
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        why = pause.follow(dom, lambda: child.pid, other, 30, lambda d: None, start_s=1)
+    finally:
+        child.kill()
+        child.wait()
+    assert why == "the job's process never became the job user's" and dom.calls == []
+    brief = subprocess.Popen([sys.executable, "-c", "pass"])
+    pid = brief.pid
+    threading.Timer(0.5, brief.wait).start()
+    assert pause.follow(dom, lambda: pid, other, 30, lambda d: None) == "the job's process ended"
+
+
 def test_the_watcher_leaves_a_domain_it_did_not_pause():
     """A domain paused by someone else (an admin) is not resumed by the job's process running."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.6)"])

@@ -17,6 +17,7 @@ process or the domain is gone, or at ``max_s``.
 from __future__ import annotations
 
 import os
+import select
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -74,37 +75,57 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
     end = time.monotonic() + max_s
     started = time.monotonic() + start_s
     pid: Optional[int] = None
-    paused = frozen = False
-    while time.monotonic() < end:
-        if pid is None:
-            pid = job_pid()
-            if pid is None and time.monotonic() > started:
-                return "the job's process never started"
-        if pid is not None:
-            letter = process_state(pid, uid)
-            if letter is None:
-                return "the job's process ended"
-            if (cgroup_frozen and cgroup_frozen()) or (job_frozen and job_frozen()):
-                letter = "T"     # a frozen task shows "D" (v1) or "S" (v2): stopped all the same
-            try:
-                if letter == "T" and not (paused or frozen):
-                    if vm_stopped():
-                        frozen = True
-                    elif dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
-                        dom.suspend()
-                        paused = True
-                elif letter != "T" and frozen and not vm_stopped():
-                    frozen = False
-                    on_resume(dom)
-                elif letter != "T" and paused and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                    dom.resume()
-                    paused = False
-                    on_resume(dom)
-            except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN or not _active(dom):
-                    return "the domain ended"
-                raise
-        time.sleep(POLL_S)
+    held: Optional[int] = None     # a pidfd: the job's process, whatever its pid becomes later
+    owned = paused = frozen = False
+    try:
+        while time.monotonic() < end:
+            if pid is None:
+                pid = job_pid()
+                if pid is None and time.monotonic() > started:
+                    return "the job's process never started"
+                if pid is not None:
+                    try:
+                        held = os.pidfd_open(pid)
+                    except ProcessLookupError:
+                        return "the job's process ended"
+            if pid is not None and held is not None:
+                if not owned:
+                    # Grid Engine names the job's pid as soon as it has forked it: until the
+                    # child has become the job's user (and exec'd) its /proc is root's
+                    if process_state(pid, uid) is not None and not _ended(held):
+                        owned = True
+                    elif _ended(held):
+                        return "the job's process ended"
+                    elif time.monotonic() > started:
+                        return "the job's process never became the job user's"
+            if owned:
+                letter = process_state(pid, None)   # the pidfd, not the owner, says it is the job
+                if letter is None or _ended(held):
+                    return "the job's process ended"
+                if (cgroup_frozen and cgroup_frozen()) or (job_frozen and job_frozen()):
+                    letter = "T"  # a frozen task shows "D" (v1) or "S" (v2): stopped all the same
+                try:
+                    if letter == "T" and not (paused or frozen):
+                        if vm_stopped():
+                            frozen = True
+                        elif dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                            dom.suspend()
+                            paused = True
+                    elif letter != "T" and frozen and not vm_stopped():
+                        frozen = False
+                        on_resume(dom)
+                    elif letter != "T" and paused and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                        dom.resume()
+                        paused = False
+                        on_resume(dom)
+                except libvirt.libvirtError as e:
+                    if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN or not _active(dom):
+                        return "the domain ended"
+                    raise
+            time.sleep(POLL_S)
+    finally:
+        if held is not None:
+            os.close(held)
     return "the watcher's time ran out"
 
 
@@ -124,6 +145,11 @@ def watcher(cfg: Any, job_id: str, job_pid: Callable[[], Optional[int]], uid: in
         from .adopt import detach   # noqa: PLC0415
         detach(lambda: watch(pids), int(max_s))
     return start
+
+
+def _ended(pidfd: int) -> bool:
+    """Whether the process a pidfd holds has ended (its pidfd turns readable)."""
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _active(dom: Any) -> bool:
