@@ -3,6 +3,7 @@ this host's own files and forged ones, the move of a real process into a real cg
 freezer made here, and the watcher under a cgroup freeze (a recording stand-in for the domain).
 The real route is tested by contract (test_batch_htcondor.py, real VMs) and was seen on a real
 HTCondor 25.0.13 (docs/batch/htcondor.md)."""
+import errno
 import os
 import subprocess
 import sys
@@ -217,12 +218,21 @@ def test_take_runs_once_per_job(monkeypatch, tmp_path):
     assert len(started) == 1 and (state / usage.TAKEN_FILE).exists()
 
 
-def test_the_wrapper_and_its_starter_are_read_only_while_they_are_our_ancestors():
+@pytest.mark.parametrize("kernel", ["pidfd", "no-pidfd"])
+def test_the_wrapper_and_its_starter_are_read_only_while_they_are_our_ancestors(kernel, monkeypatch):
     """find_caller saw the wrapper and its starter among the helper's ancestors; by take() the
     wrapper may have ended and its pid been reused by another slot's process, whose cgroups
     QEMU would then join. They are read only while held by pidfds and still our ancestors: a
-    process that is not (a sibling), or has ended, is refused."""
-    code = ("import os, sys; from vibatch.batch import htcondor_usage as u; "
+    process that is not (a sibling), or has ended, is refused. Also on a kernel without
+    pidfd_open (held by start time: pause.HeldProcess)."""
+    pre = ""
+    if kernel == "no-pidfd":
+        def enosys(pid, flags=0):
+            raise OSError(errno.ENOSYS, "Function not implemented")
+        monkeypatch.setattr(os, "pidfd_open", enosys)
+        pre = ("import errno; os.pidfd_open = lambda pid, flags=0: "
+               "(_ for _ in ()).throw(OSError(errno.ENOSYS, 'no')); ")
+    code = ("import os, sys; " + pre + "from vibatch.batch import htcondor_usage as u; "
             "print(u.held_job_cgroups(int(sys.argv[1]), int(sys.argv[2])).job)")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": repo}

@@ -3,6 +3,7 @@ without daemons: real processes stopped and continued, a recording stand-in for 
 spool directories made here. The real route is tested on real Grid Engine
 (test_batch_gridengine.py: qmod -sj/-usj, qacct)."""
 import dataclasses
+import errno
 import os
 import signal
 import subprocess
@@ -115,12 +116,51 @@ BECOME_NOBODY = ("import os, sys, time; time.sleep({delay}); os.setgroups([]); o
                  "'import time; time.sleep(30)'])")
 
 
+def no_pidfd(monkeypatch):
+    """A kernel without pidfd_open (before 5.3, as RHEL 8's 4.18): ENOSYS."""
+    def enosys(pid, flags=0):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    monkeypatch.setattr(os, "pidfd_open", enosys)
+
+
+@pytest.mark.parametrize("kernel", ["pidfd", "no-pidfd"])
+def test_a_held_process_is_alive_until_it_ends_and_is_not_its_pids_next_owner(kernel, monkeypatch):
+    """HeldProcess holds by a pidfd, or without pidfd_open by the start time: alive while it
+    runs and while stopped, not once it has ended (a zombie, then reaped), and a process that
+    has the pid with another start time (a reused pid) is not it."""
+    if kernel == "no-pidfd":
+        no_pidfd(monkeypatch)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    with pause.HeldProcess(child.pid) as held:
+        assert (held.fd is None) == (kernel == "no-pidfd")
+        assert held.alive()
+        os.kill(child.pid, signal.SIGSTOP)
+        wait_for(lambda: pause.process_state(child.pid, None) == "T")
+        assert held.alive()
+        if kernel == "no-pidfd":
+            true_start = held.start
+            held.start = str(int(true_start) - 1)   # the pid's owner started at another tick
+            assert not held.alive()
+            held.start = true_start
+        os.kill(child.pid, signal.SIGKILL)
+        wait_for(lambda: not held.alive())           # a zombie has ended
+        child.wait()
+        assert not held.alive()
+    assert held.fd is None
+    with pytest.raises(ProcessLookupError):
+        pause.HeldProcess(child.pid)
+
+
+@pytest.mark.parametrize("kernel", ["pidfd", "no-pidfd"])
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to start a process that becomes another user")
-def test_a_job_named_while_it_is_still_root_is_followed_once_it_is_the_users():
+def test_a_job_named_while_it_is_still_root_is_followed_once_it_is_the_users(kernel, monkeypatch):
     """Grid Engine's shepherd writes job_pid right after fork(), before the child has become
     the job's user and exec'd the job: for that while the pid's /proc is root's. dd0c110's
     watcher took that for the job's process having ended and left; CI's real qmod -sj of a
-    job whose QEMU is outside its group (vmem too small) then never paused the domain."""
+    job whose QEMU is outside its group (vmem too small) then never paused the domain. The
+    same without pidfd_open (e08f09d needed it: the watcher raised ENOSYS on RHEL 8)."""
+    if kernel == "no-pidfd":
+        no_pidfd(monkeypatch)
     child = subprocess.Popen([sys.executable, "-c", BECOME_NOBODY.format(delay=1)])
     dom, resumed, result = FakeDomain(), [], {}
     t = threading.Thread(target=lambda: result.update(why=pause.follow(

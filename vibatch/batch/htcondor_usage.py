@@ -36,12 +36,12 @@ A failure here costs HTCondor's record of the VM or its suspend, never the job: 
 from __future__ import annotations
 
 import os
-import select
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .. import safeio
+from ..core import pause
 from ..util import atomic_write_json, log_error
 
 CGROUP_FILE_MAX = 1 << 16
@@ -163,13 +163,13 @@ MAX_ANCESTRY = 64
 def held_job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
     """job_cgroups() of the wrapper and the starter that find_caller() saw among our
     ancestors, read so that a process that has since reused either pid cannot be taken for
-    them: each is held by a pidfd while it is still our ancestor, and must still be alive once
+    them: each is held (pause.HeldProcess) while it is still our ancestor, and must still be alive once
     its /proc files have been read. ValueError otherwise."""
-    fds = []
+    held = []
     try:
         for pid in (job_pid, starter_pid):
             try:
-                fds.append(os.pidfd_open(pid))
+                held.append(pause.HeldProcess(pid))
             except ProcessLookupError:
                 raise ValueError(f"process {pid} has ended") from None
         ours, pid = set(), os.getppid()
@@ -182,12 +182,12 @@ def held_job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
         if not {job_pid, starter_pid} <= ours:
             raise ValueError(f"processes {job_pid} and {starter_pid} are no longer our ancestors")
         cgroups = job_cgroups(job_pid, starter_pid)
-        if select.select(fds, [], [], 0)[0]:      # a pidfd is readable once its process ended
+        if not all(p.alive() for p in held):
             raise ValueError(f"process {job_pid} or {starter_pid} ended while it was read")
         return cgroups
     finally:
-        for fd in fds:
-            os.close(fd)
+        for p in held:
+            p.close()
 
 
 def move(pids: Sequence[int], directory: str) -> None:
@@ -259,7 +259,6 @@ def start_watcher(cfg, job_id: str, job_pid: int, uid: int,
     or a v1 move that failed), the domain is suspended while the job's cgroup is frozen. It
     first leaves the job's cgroups (it is started from inside them), so that it is neither
     frozen nor killed with the job; if it cannot leave the v2 one, it does not watch."""
-    from ..core import pause   # noqa: PLC0415
     from ..core.adopt import detach   # noqa: PLC0415
     from ..core.jobdir import JobPaths   # noqa: PLC0415
     from ..vm import hypervisor   # noqa: PLC0415

@@ -16,6 +16,7 @@ process or the domain is gone, or at ``max_s``.
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import time
@@ -53,6 +54,50 @@ def process_state(pid: int, uid: Optional[int]) -> Optional[str]:
     return fields[0] if fields and fields[0] not in ("Z", "X") else None    # a zombie has ended
 
 
+START_FIELD = 19      # starttime, field 22 of /proc/PID/stat, in proc_stat's fields (from 3)
+
+
+class HeldProcess:
+    """A process held so that another one given its pid later is never taken for it: by a
+    pidfd, or where the kernel has no pidfd_open (before 5.3; ENOSYS) by its start time in
+    /proc (a reused pid would have to start in the same clock tick). ProcessLookupError if
+    ``pid`` is no process now."""
+
+    def __init__(self, pid: int):
+        self.pid, self.fd = int(pid), None
+        try:
+            self.fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            raise
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EPERM):   # EPERM: a seccomp filter's answer
+                raise
+        fields = proc_stat(self.pid)
+        if fields is None or len(fields) <= START_FIELD:
+            self.close()
+            raise ProcessLookupError(self.pid)
+        self.start = fields[START_FIELD]
+
+    def alive(self) -> bool:
+        """Whether the held process has not ended (a zombie has ended)."""
+        if self.fd is not None:
+            return not select.select([self.fd], [], [], 0)[0]   # readable once it has ended
+        fields = proc_stat(self.pid)
+        return bool(fields) and len(fields) > START_FIELD and \
+            fields[START_FIELD] == self.start and fields[0] not in ("Z", "X")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "HeldProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: float,
            on_resume: Callable[[Any], None], vm_pids: Sequence[int] = (),
            start_s: float = 600, cgroup_frozen: Optional[Callable[[], bool]] = None,
@@ -75,7 +120,7 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
     end = time.monotonic() + max_s
     started = time.monotonic() + start_s
     pid: Optional[int] = None
-    held: Optional[int] = None     # a pidfd: the job's process, whatever its pid becomes later
+    held: Optional[HeldProcess] = None   # the job's process, whoever gets its pid later
     owned = paused = frozen = False
     try:
         while time.monotonic() < end:
@@ -85,22 +130,22 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
                     return "the job's process never started"
                 if pid is not None:
                     try:
-                        held = os.pidfd_open(pid)
+                        held = HeldProcess(pid)
                     except ProcessLookupError:
                         return "the job's process ended"
             if pid is not None and held is not None:
                 if not owned:
                     # Grid Engine names the job's pid as soon as it has forked it: until the
                     # child has become the job's user (and exec'd) its /proc is root's
-                    if process_state(pid, uid) is not None and not _ended(held):
+                    if process_state(pid, uid) is not None and held.alive():
                         owned = True
-                    elif _ended(held):
+                    elif not held.alive():
                         return "the job's process ended"
                     elif time.monotonic() > started:
                         return "the job's process never became the job user's"
             if owned:
-                letter = process_state(pid, None)   # the pidfd, not the owner, says it is the job
-                if letter is None or _ended(held):
+                letter = process_state(pid, None)   # held, not the owner, says it is the job
+                if letter is None or not held.alive():
                     return "the job's process ended"
                 if (cgroup_frozen and cgroup_frozen()) or (job_frozen and job_frozen()):
                     letter = "T"  # a frozen task shows "D" (v1) or "S" (v2): stopped all the same
@@ -125,7 +170,7 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
             time.sleep(POLL_S)
     finally:
         if held is not None:
-            os.close(held)
+            held.close()
     return "the watcher's time ran out"
 
 
@@ -145,11 +190,6 @@ def watcher(cfg: Any, job_id: str, job_pid: Callable[[], Optional[int]], uid: in
         from .adopt import detach   # noqa: PLC0415
         detach(lambda: watch(pids), int(max_s))
     return start
-
-
-def _ended(pidfd: int) -> bool:
-    """Whether the process a pidfd holds has ended (its pidfd turns readable)."""
-    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _active(dom: Any) -> bool:
@@ -176,4 +216,4 @@ def set_clock(dom: Any) -> None:
         log_error(f"setting the clock of {dom.name()} after a resume", e)
 
 
-__all__ = ["WATCH_MAX_S", "follow", "proc_stat", "process_state", "set_clock", "watcher"]
+__all__ = ["WATCH_MAX_S", "HeldProcess", "follow", "proc_stat", "process_state", "set_clock", "watcher"]
