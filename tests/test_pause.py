@@ -117,7 +117,7 @@ BECOME_NOBODY = ("import os, sys, time; time.sleep({delay}); os.setgroups([]); o
 
 
 def no_pidfd(monkeypatch):
-    """A kernel without pidfd_open (before 5.3, as RHEL 8's 4.18): ENOSYS."""
+    """A kernel without pidfd_open (before Linux 5.3): ENOSYS."""
     def enosys(pid, flags=0):
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
     monkeypatch.setattr(os, "pidfd_open", enosys)
@@ -158,7 +158,7 @@ def test_a_job_named_while_it_is_still_root_is_followed_once_it_is_the_users(ker
     the job's user and exec'd the job: for that while the pid's /proc is root's. dd0c110's
     watcher took that for the job's process having ended and left; CI's real qmod -sj of a
     job whose QEMU is outside its group (vmem too small) then never paused the domain. The
-    same without pidfd_open (e08f09d needed it: the watcher raised ENOSYS on RHEL 8)."""
+    same without pidfd_open (e08f09d needed it: there the watcher raised ENOSYS)."""
     if kernel == "no-pidfd":
         no_pidfd(monkeypatch)
     child = subprocess.Popen([sys.executable, "-c", BECOME_NOBODY.format(delay=1)])

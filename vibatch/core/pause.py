@@ -59,7 +59,7 @@ START_FIELD = 19      # starttime, field 22 of /proc/PID/stat, in proc_stat's fi
 
 class HeldProcess:
     """A process held so that another one given its pid later is never taken for it: by a
-    pidfd, or where the kernel has no pidfd_open (before 5.3; ENOSYS) by its start time in
+    pidfd, or where the kernel has no pidfd_open (before Linux 5.3; ENOSYS) by its start time in
     /proc (a reused pid would have to start in the same clock tick). ProcessLookupError if
     ``pid`` is no process now."""
 
