@@ -116,28 +116,37 @@ BECOME_NOBODY = ("import os, sys, time; time.sleep({delay}); os.setgroups([]); o
                  "'import time; time.sleep(30)'])")
 
 
-def no_pidfd(monkeypatch):
-    """A kernel without pidfd_open (before Linux 5.3): ENOSYS."""
-    def enosys(pid, flags=0):
-        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
-    monkeypatch.setattr(os, "pidfd_open", enosys)
+KERNELS = ["pidfd", "ENOSYS", "EPERM"]
 
 
-@pytest.mark.parametrize("kernel", ["pidfd", "no-pidfd"])
+def no_pidfd(monkeypatch, kernel):
+    """A kernel without pidfd_open (before Linux 5.3): ENOSYS; a seccomp filter that refuses
+    it: EPERM. "pidfd": this kernel's own."""
+    def refuse(pid, flags=0):
+        code = getattr(errno, kernel)
+        raise OSError(code, os.strerror(code))
+    if kernel != "pidfd":
+        monkeypatch.setattr(os, "pidfd_open", refuse)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_a_held_process_is_alive_until_it_ends_and_is_not_its_pids_next_owner(kernel, monkeypatch):
     """HeldProcess holds by a pidfd, or without pidfd_open by the start time: alive while it
     runs and while stopped, not once it has ended (a zombie, then reaped), and a process that
-    has the pid with another start time (a reused pid) is not it."""
-    if kernel == "no-pidfd":
-        no_pidfd(monkeypatch)
+    has the pid with another start time (a reused pid) is not it. The start time is the
+    process's own (psutil reads the same field as boot time + ticks)."""
+    import psutil
+    no_pidfd(monkeypatch, kernel)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     with pause.HeldProcess(child.pid) as held:
-        assert (held.fd is None) == (kernel == "no-pidfd")
+        assert (held.fd is None) == (kernel != "pidfd")
+        started = psutil.boot_time() + int(held.start) / os.sysconf("SC_CLK_TCK")
+        assert abs(started - psutil.Process(child.pid).create_time()) < 0.05, held.start
         assert held.alive()
         os.kill(child.pid, signal.SIGSTOP)
         wait_for(lambda: pause.process_state(child.pid, None) == "T")
         assert held.alive()
-        if kernel == "no-pidfd":
+        if kernel != "pidfd":
             true_start = held.start
             held.start = str(int(true_start) - 1)   # the pid's owner started at another tick
             assert not held.alive()
@@ -151,7 +160,7 @@ def test_a_held_process_is_alive_until_it_ends_and_is_not_its_pids_next_owner(ke
         pause.HeldProcess(child.pid)
 
 
-@pytest.mark.parametrize("kernel", ["pidfd", "no-pidfd"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to start a process that becomes another user")
 def test_a_job_named_while_it_is_still_root_is_followed_once_it_is_the_users(kernel, monkeypatch):
     """Grid Engine's shepherd writes job_pid right after fork(), before the child has become
@@ -159,8 +168,7 @@ def test_a_job_named_while_it_is_still_root_is_followed_once_it_is_the_users(ker
     watcher took that for the job's process having ended and left; CI's real qmod -sj of a
     job whose QEMU is outside its group (vmem too small) then never paused the domain. The
     same without pidfd_open (e08f09d needed it: there the watcher raised ENOSYS)."""
-    if kernel == "no-pidfd":
-        no_pidfd(monkeypatch)
+    no_pidfd(monkeypatch, kernel)
     child = subprocess.Popen([sys.executable, "-c", BECOME_NOBODY.format(delay=1)])
     dom, resumed, result = FakeDomain(), [], {}
     t = threading.Thread(target=lambda: result.update(why=pause.follow(
@@ -180,16 +188,21 @@ def test_a_job_named_while_it_is_still_root_is_followed_once_it_is_the_users(ker
     assert result["why"] == "the job's process ended" and resumed == [dom]
 
 
-def test_a_job_that_never_becomes_the_users_is_not_followed():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_job_that_never_becomes_the_users_is_not_followed(kernel, monkeypatch):
     """A pid that stays another user's (root's here: a pid reused before the watcher saw the
-    job) is never followed: its stop does not pause the domain, and the watcher gives up at
-    its start limit; one that ends first ends the watcher."""
+    job) is never followed: its stop does not pause the domain, and the watcher gives up
+    ``owner_s`` after the pid was named, however late that was; one that ends first ends the
+    watcher."""
+    no_pidfd(monkeypatch, kernel)
     other = os.getuid() + 1
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    dom = FakeDomain()
+    dom, named = FakeDomain(), time.monotonic() + 1.0
     try:
         os.kill(child.pid, signal.SIGSTOP)
-        why = pause.follow(dom, lambda: child.pid, other, 30, lambda d: None, start_s=1)
+        why = pause.follow(dom, lambda: child.pid if time.monotonic() > named else None, other,
+                           30, lambda d: None, start_s=1.5, owner_s=1)
+        assert time.monotonic() > named + 1    # its own second, though start_s was past
     finally:
         child.kill()
         child.wait()
@@ -198,6 +211,28 @@ def test_a_job_that_never_becomes_the_users_is_not_followed():
     pid = brief.pid
     threading.Timer(0.5, brief.wait).start()
     assert pause.follow(dom, lambda: pid, other, 30, lambda d: None) == "the job's process ended"
+
+
+def test_a_watcher_ends_with_its_domain_though_the_process_it_follows_lives_on(monkeypatch):
+    """A process that outlives the job (Torque: a session leader with the job's PBS_JOBID that
+    the user started) kept the watcher until max_s (30 days); it now ends with the domain."""
+    monkeypatch.setattr(pause, "DOMAIN_CHECK_S", 0.2)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dom, result = FakeDomain(), {}
+    t = threading.Thread(target=lambda: result.update(why=pause.follow(
+        dom, lambda: child.pid, os.getuid(), 60, lambda d: None)))
+    t.start()
+    try:
+        time.sleep(3 * pause.POLL_S)     # measuring: it follows while the domain lives
+        assert t.is_alive()
+        dom.isActive = lambda: 0         # the epilogue destroyed the domain
+        t.join(10)
+        assert not t.is_alive() and result["why"] == "the domain ended"
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
+        t.join(10)
 
 
 def test_the_watcher_leaves_a_domain_it_did_not_pause():

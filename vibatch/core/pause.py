@@ -6,13 +6,16 @@ A batch system suspends a job by stopping its processes (Grid Engine's default s
 sends SIGSTOP to the job's process group; HTCondor and Torque stop the job's processes too).
 The job's process on the host is vibatch's forwarder, which then stops; QEMU is libvirt's and
 would carry on. The watcher looks at one process only, the one the batch system itself names as
-the job (Grid Engine: ``job_pid`` in the job's spool directory), and only while it belongs to
-the job's user:
+the job (Grid Engine: ``job_pid`` in the job's spool directory), once that process is the job
+user's (a pid that never becomes theirs is not followed), held from then on so that no later
+owner of its pid is taken for it (``HeldProcess``):
 - stopped (state ``T``): the domain is suspended (``virDomainSuspend``: no vCPU runs);
 - running again: the domain is resumed and the guest's clock set (``guest-set-time``).
 It acts on its own job's domain alone, chosen by root when it starts: the job's user can pause
 and resume that domain by stopping their own process, and nothing else. It ends when the job's
-process or the domain is gone, or at ``max_s``.
+process or the domain is gone (the domain is looked at every ``DOMAIN_CHECK_S`` too, so a
+watcher following a process that outlives the job, such as one the user started, ends with the
+VM), or at ``max_s``.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from ..util import log_error
 POLL_S = 0.2           # how soon a stop or a continue reaches the domain
 WATCH_MAX_S = 30 * 86400   # the watcher ends with the job; at the latest, then
 STAT_MAX = 4096
+OWNER_WAIT_S = 60      # from a job pid's naming to its process becoming the job user's
+DOMAIN_CHECK_S = 5.0   # how soon a watcher notices its domain has ended
 
 
 def proc_stat(pid: int, uid: Optional[int] = None) -> Optional[list[str]]:
@@ -101,10 +106,10 @@ class HeldProcess:
 def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: float,
            on_resume: Callable[[Any], None], vm_pids: Sequence[int] = (),
            start_s: float = 600, cgroup_frozen: Optional[Callable[[], bool]] = None,
-           job_frozen: Optional[Callable[[], bool]] = None) -> str:
+           job_frozen: Optional[Callable[[], bool]] = None, owner_s: float = OWNER_WAIT_S) -> str:
     """Mirror the job's process into ``dom`` until one of them ends; returns why it stopped.
     ``job_pid()``: the job's process (None until the batch system has started it, at most
-    ``start_s``). ``vm_pids``: QEMU and its helpers; when the batch system stops them itself
+    ``start_s``; then it must become the job user's within ``owner_s``). ``vm_pids``: QEMU and its helpers; when the batch system stops them itself
     (Grid Engine's addgrpid signal reaches a QEMU that carries the job's group), the guest is
     frozen already, and a monitor call to a stopped QEMU would hang: then only the clock is set
     once they run again. ``cgroup_frozen()``: the batch system froze the job's cgroup, QEMU in
@@ -121,6 +126,7 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
     started = time.monotonic() + start_s
     pid: Optional[int] = None
     held: Optional[HeldProcess] = None   # the job's process, whoever gets its pid later
+    owner_by = look_at_domain = 0.0
     owned = paused = frozen = False
     try:
         while time.monotonic() < end:
@@ -133,6 +139,7 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
                         held = HeldProcess(pid)
                     except ProcessLookupError:
                         return "the job's process ended"
+                    owner_by = time.monotonic() + owner_s
             if pid is not None and held is not None:
                 if not owned:
                     # Grid Engine names the job's pid as soon as it has forked it: until the
@@ -141,7 +148,7 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
                         owned = True
                     elif not held.alive():
                         return "the job's process ended"
-                    elif time.monotonic() > started:
+                    elif time.monotonic() > owner_by:
                         return "the job's process never became the job user's"
             if owned:
                 letter = process_state(pid, None)   # held, not the owner, says it is the job
@@ -167,6 +174,10 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
                     if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN or not _active(dom):
                         return "the domain ended"
                     raise
+            if time.monotonic() >= look_at_domain:
+                if not _active(dom):
+                    return "the domain ended"
+                look_at_domain = time.monotonic() + DOMAIN_CHECK_S
             time.sleep(POLL_S)
     finally:
         if held is not None:
