@@ -61,6 +61,25 @@ def test_process_state_reads_the_letter_and_refuses_another_users_process():
     assert pause.process_state(child.pid, os.getuid()) is None
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to start a process as another user")
+def test_a_non_dumpable_process_is_still_its_users():
+    """A process that made itself non-dumpable (prctl PR_SET_DUMPABLE 0; any process may) has
+    /proc files that are root's. Read by /proc's owner, the watcher then never took it for the job's
+    (a job could so keep its VM from being paused); its effective uid says whose it is."""
+    code = ("import ctypes, os, sys, time; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+            "assert ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) == 0; print('ready', flush=True); "
+            "time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        assert os.stat(f"/proc/{child.pid}/stat").st_uid == 0     # its /proc files say root's
+        assert pause.process_state(child.pid, NOBODY) in ("S", "R")
+        assert pause.process_state(child.pid, 0) is None
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_the_watcher_mirrors_the_jobs_stop_and_continue_and_ends_with_the_job():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     dom, resumed, result = FakeDomain(), [], {}

@@ -36,20 +36,40 @@ DOMAIN_CHECK_S = 5.0   # how soon a watcher notices its domain has ended
 
 def proc_stat(pid: int, uid: Optional[int] = None) -> Optional[list[str]]:
     """The fields of ``/proc/PID/stat`` after the name (state, ppid, pgrp, session, ...) if the
-    process lives and is ``uid``'s (any owner's if None); None otherwise."""
+    process lives and is ``uid``'s (any owner's if None); None otherwise. The owner is the
+    effective uid of ``status``, not the owner of /proc/PID: a process that has made itself
+    non-dumpable (or is between a setuid and its exec) has /proc files that are root's. Both are
+    read through one open /proc/PID, so both are of the same process."""
     try:
-        fd = os.open(f"/proc/{int(pid)}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        d = os.open(f"/proc/{int(pid)}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        if uid is not None and os.fstat(fd).st_uid != uid:
+        if uid is not None and _effective_uid(d) != uid:
             return None
-        text = os.read(fd, STAT_MAX).decode(errors="replace")
-    except OSError:
+        text = _read_at(d, "stat", STAT_MAX).decode(errors="replace")
+    except (OSError, ValueError):
         return None
     finally:
-        os.close(fd)
+        os.close(d)
     return text.rpartition(")")[2].split() or None   # the name before ")" may hold anything
+
+
+def _read_at(d: int, name: str, limit: int) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def _effective_uid(d: int) -> int:
+    """The effective uid in /proc/PID/status ("Uid: real effective saved fs"); ValueError if
+    there is none in the first STAT_MAX bytes (it is the ninth line)."""
+    for line in _read_at(d, "status", STAT_MAX).split(b"\n"):
+        if line.startswith(b"Uid:"):
+            return int(line.split()[2])
+    raise ValueError("no Uid line")
 
 
 def process_state(pid: int, uid: Optional[int]) -> Optional[str]:
