@@ -3,7 +3,6 @@ this host's own files and forged ones, the move of a real process into a real cg
 freezer made here, and the watcher under a cgroup freeze (a recording stand-in for the domain).
 The real route is tested by contract (test_batch_htcondor.py, real VMs) and was seen on a real
 HTCondor 25.0.13 (docs/batch/htcondor.md)."""
-import errno
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from test_pause import FakeDomain, wait_for
+from test_pause import FakeDomain, no_pidfd, wait_for
 from vibatch import config
 from vibatch.batch import htcondor_usage as usage
 from vibatch.core import pause
@@ -227,9 +226,7 @@ def test_the_wrapper_and_its_starter_are_read_only_while_they_are_our_ancestors(
     pidfd_open (held by start time: pause.HeldProcess)."""
     pre = ""
     if kernel == "no-pidfd":
-        def enosys(pid, flags=0):
-            raise OSError(errno.ENOSYS, "Function not implemented")
-        monkeypatch.setattr(os, "pidfd_open", enosys)
+        no_pidfd(monkeypatch, "ENOSYS")
         pre = ("import errno; os.pidfd_open = lambda pid, flags=0: "
                "(_ for _ in ()).throw(OSError(errno.ENOSYS, 'no')); ")
     code = ("import os, sys; " + pre + "from vibatch.batch import htcondor_usage as u; "

@@ -64,7 +64,7 @@ def test_process_state_reads_the_letter_and_refuses_another_users_process():
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to start a process as another user")
 def test_a_non_dumpable_process_is_still_its_users():
     """A process that made itself non-dumpable (prctl PR_SET_DUMPABLE 0; any process may) has
-    /proc files that are root's. Read by /proc's owner, the watcher then never took it for the job's
+    /proc files that are root's. Read by their owner, the watcher never took it for the job's
     (a job could so keep its VM from being paused); its effective uid says whose it is."""
     code = ("import ctypes, os, sys, time; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
             "assert ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) == 0; print('ready', flush=True); "
@@ -412,17 +412,17 @@ GE_READS_STRTOD = [
 
 
 def test_hex_and_octal_limits_are_read_with_grid_engines_32_bits():
-    """Review 13: ge_memory_mb reads a hex or octal value exactly; Grid Engine keeps 32 bits of
-    it (u_long32 is unsigned int on LP64, basis_types.h). So 0xFFFFFFFFFFFFFFFF, which execd
-    enforces as 4 GiB - 1 per slot, is read as no limit (QEMU then carries the job's group in an
-    unfitted VM), and 077777777777 as 8 GiB - 1 (a VM fitted to twice execd's limit)."""
+    """Review 13: Grid Engine keeps 32 bits of a hex or octal value (u_long32 is unsigned int
+    on LP64, basis_types.h). 839145a read it exactly: 0xFFFFFFFFFFFFFFFF, which execd enforces
+    as 4 GiB - 1 per slot, as no limit (QEMU then carried the job's group in an unfitted VM),
+    and 077777777777 as 8 GiB - 1 (a VM fitted to twice execd's limit)."""
     assert [gridengine.ge_memory_mb(v) for v, _ in GE_READS_32BIT] == \
         [mb for _, mb in GE_READS_32BIT]
 
 
 def test_a_vm_fitted_to_an_octal_limit_fits_in_what_execd_enforces(tmp_path):
     """Review 13: -l h_vmem=077777777777 passes qsub (and vibatch's parse_memory_mb, as a
-    decimal): execd holds the job to 4095 MiB on one slot, the VM is fitted to 8191."""
+    decimal): execd holds the job to 4095 MiB on one slot; 839145a fitted the VM to 8191."""
     from vibatch.core.request import JobRequest, JobUser
     cfg = fit_config(tmp_path)
     req = JobRequest("17", JobUser("alice", 1000, 1000, "/"), 1, 16384, None, "/")
@@ -433,8 +433,8 @@ def test_a_vm_fitted_to_an_octal_limit_fits_in_what_execd_enforces(tmp_path):
 
 def test_every_spelling_grid_engine_accepts_is_read_as_it_reads_it():
     """Review 13: 839145a says values are read as sge_parse_num_val does; its strtod branch
-    also takes a sign, a hex float, inf and nan (qconf accepts them as a queue's h_vmem). Each
-    raises ValueError here (the VM then stays out of the job's usage, though execd enforces
+    also takes a sign, a hex float, inf and nan (qconf accepts them as a queue's h_vmem). There
+    each raised ValueError (the VM then stayed out of the job's usage, though execd enforces
     3 GiB for 0x1.8p31)."""
     got = []
     for value, _ in GE_READS_STRTOD:

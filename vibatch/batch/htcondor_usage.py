@@ -163,8 +163,8 @@ MAX_ANCESTRY = 64
 def held_job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
     """job_cgroups() of the wrapper and the starter that find_caller() saw among our
     ancestors, read so that a process that has since reused either pid cannot be taken for
-    them: each is held (pause.HeldProcess) while it is still our ancestor, and must still be alive once
-    its /proc files have been read. ValueError otherwise."""
+    them: each is held (pause.HeldProcess) while it is still our ancestor, and must still be
+    alive once its /proc files have been read. ValueError otherwise."""
     held = []
     try:
         for pid in (job_pid, starter_pid):
@@ -177,8 +177,8 @@ def held_job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
             if pid <= 1:
                 break
             ours.add(pid)
-            stat = _read(f"/proc/{pid}/stat")
-            pid = int(stat[stat.rindex(")") + 1:].split()[1]) if ")" in stat else 0
+            fields = pause.proc_stat(pid)
+            pid = int(fields[1]) if fields and len(fields) > 1 else 0
         if not {job_pid, starter_pid} <= ours:
             raise ValueError(f"processes {job_pid} and {starter_pid} are no longer our ancestors")
         cgroups = job_cgroups(job_pid, starter_pid)

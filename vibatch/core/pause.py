@@ -103,13 +103,25 @@ class HeldProcess:
             raise ProcessLookupError(self.pid)
         self.start = fields[START_FIELD]
 
+    def state(self, uid: Optional[int] = None) -> Optional[str]:
+        """The held process's state letter (process_state) if it lives and is ``uid``'s (any
+        owner's if None); None if it has ended, or is not ``uid``'s."""
+        fields = proc_stat(self.pid, uid)
+        if not fields or fields[0] in ("Z", "X") or not self._is_it(fields):
+            return None
+        return fields[0]
+
     def alive(self) -> bool:
         """Whether the held process has not ended (a zombie has ended)."""
         if self.fd is not None:
             return not select.select([self.fd], [], [], 0)[0]   # readable once it has ended
-        fields = proc_stat(self.pid)
-        return bool(fields) and len(fields) > START_FIELD and \
-            fields[START_FIELD] == self.start and fields[0] not in ("Z", "X")
+        return self.state() is not None
+
+    def _is_it(self, fields: list[str]) -> bool:
+        """Whether ``fields``, just read from /proc/PID/stat, are the held process's."""
+        if self.fd is not None:
+            return self.alive()      # alive after the read: the read was of it
+        return len(fields) > START_FIELD and fields[START_FIELD] == self.start
 
     def close(self) -> None:
         if self.fd is not None:
@@ -129,7 +141,8 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
            job_frozen: Optional[Callable[[], bool]] = None, owner_s: float = OWNER_WAIT_S) -> str:
     """Mirror the job's process into ``dom`` until one of them ends; returns why it stopped.
     ``job_pid()``: the job's process (None until the batch system has started it, at most
-    ``start_s``; then it must become the job user's within ``owner_s``). ``vm_pids``: QEMU and its helpers; when the batch system stops them itself
+    ``start_s``; then it must become the job user's within ``owner_s``). ``vm_pids``: QEMU
+    and its helpers; when the batch system stops them itself
     (Grid Engine's addgrpid signal reaches a QEMU that carries the job's group), the guest is
     frozen already, and a monitor call to a stopped QEMU would hang: then only the clock is set
     once they run again. ``cgroup_frozen()``: the batch system froze the job's cgroup, QEMU in
@@ -144,13 +157,12 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
 
     end = time.monotonic() + max_s
     started = time.monotonic() + start_s
-    pid: Optional[int] = None
     held: Optional[HeldProcess] = None   # the job's process, whoever gets its pid later
     owner_by = look_at_domain = 0.0
     owned = paused = frozen = False
     try:
         while time.monotonic() < end:
-            if pid is None:
+            if held is None:
                 pid = job_pid()
                 if pid is None and time.monotonic() > started:
                     return "the job's process never started"
@@ -160,20 +172,17 @@ def follow(dom: Any, job_pid: Callable[[], Optional[int]], uid: int, max_s: floa
                     except ProcessLookupError:
                         return "the job's process ended"
                     owner_by = time.monotonic() + owner_s
-            if pid is not None and held is not None:
-                if not owned:
-                    # Grid Engine names the job's pid as soon as it has forked it: until the
-                    # child has become the job's user (and exec'd) its /proc is root's
-                    if process_state(pid, uid) is not None and held.alive():
-                        owned = True
-                    elif not held.alive():
-                        return "the job's process ended"
-                    elif time.monotonic() > owner_by:
-                        return "the job's process never became the job user's"
-            if owned:
-                letter = process_state(pid, None)   # held, not the owner, says it is the job
-                if letter is None or not held.alive():
+            if held is not None:
+                # Grid Engine names the job's pid as soon as it has forked it: until the child
+                # has become the job's user (and exec'd), it is root's. Once it is the user's,
+                # the hold, not the owner, says it is the job
+                letter = held.state(None if owned else uid)
+                if letter is None and (owned or not held.alive()):
                     return "the job's process ended"
+                if letter is None and time.monotonic() > owner_by:
+                    return "the job's process never became the job user's"
+                owned = letter is not None
+            if owned:
                 if (cgroup_frozen and cgroup_frozen()) or (job_frozen and job_frozen()):
                     letter = "T"  # a frozen task shows "D" (v1) or "S" (v2): stopped all the same
                 try:
