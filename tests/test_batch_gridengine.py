@@ -324,7 +324,8 @@ def proc_groups(pid: int) -> set[int]:
 
 
 def test_the_vms_cpu_time_and_memory_are_in_qacct(vm_env, sge):
-    """QEMU runs with the job's add_grp_id (the DAC label; the share launchers cannot carry it),
+    """QEMU runs with the job's add_grp_id (the DAC label), and so does each virtiofsd (its one
+    supplementary group: the launcher's filter makes virtiofsd's drop of its groups a no-op),
     and the prolog registers the job before the VM starts: Grid Engine's collector counts the
     guest's ~10 s burn (qacct cpu >= 8 s and >= 80 % of libvirt's figure) and its memory
     (maxvmem, the summed address space, >= 300 MiB filled and >= the guest's 512 MiB, which no
@@ -352,9 +353,10 @@ def test_the_vms_cpu_time_and_memory_are_in_qacct(vm_env, sge):
         print("E10 groups:", {pid: (comms[pid], sorted(proc_groups(pid))) for pid in pids})
         assert any(c.startswith("qemu") for c in comms.values()), comms
         assert any(c.startswith("virtiofsd") for c in comms.values()), comms
-        for pid in pids:          # QEMU carries the job's group, the share launchers cannot
-            assert (gid in proc_groups(pid)) == comms[pid].startswith("qemu"), (
-                pid, comms[pid], proc_groups(pid), gid)
+        for pid in pids:          # QEMU and every virtiofsd carry the job's group
+            assert gid in proc_groups(pid), (pid, comms[pid], proc_groups(pid), gid)
+            if comms[pid].startswith("virtiofsd"):      # the only one: not the user's groups
+                assert proc_groups(pid) == {gid}, (pid, proc_groups(pid))
             if comms[pid].startswith("qemu"):
                 assert os.stat(f"/proc/{pid}").st_uid == pwd.getpwnam("libvirt-qemu").pw_uid
         state = read_json(os.path.join(vm_env.cfg.state_dir, "jobs", job, "state.json"))

@@ -267,6 +267,73 @@ def test_the_launcher_trusts_only_a_spec_only_root_can_have_written(tree, how):
     assert share.refusal([spec]) is None
 
 
+GROUPS_PROBE = PROBE + r"""
+from vibatch.vm import share
+gid, keep = int(sys.argv[3]), sys.argv[4] == "keep"
+libc = share._libc()
+os.setgroups([gid])                       # the launcher's step 2, then virtiofsd's drop
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+share._check(libc.prctl(share.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+share._check(libc.prctl(share.PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")
+share._check(libc.unshare(share.CLONE_NEWUSER), "unshare")
+share._write("/proc/self/setgroups", "deny")
+share._write("/proc/self/uid_map", "65534 65534 1\n")
+share._write("/proc/self/gid_map", "65534 65534 1\n")
+install_filter(keep_groups=keep)
+t("drop", lambda: os.setgroups([]))
+t("add", lambda: os.setgroups([0]))
+print(json.dumps(res), flush=True)
+sys.stdin.read()                          # the test reads our groups, as execd would
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("keep", [False, True])
+def test_virtiofsds_drop_of_its_groups_keeps_the_job_group(keep):
+    """virtiofsd drops every supplementary group at start; in the launcher's namespace, where
+    setgroups is denied, that fails (EPERM) and virtiofsd exits, as it did with Grid Engine's
+    job group before the filter's no-op. With it the drop succeeds and does nothing: the job
+    group stays where Grid Engine's collector reads it (/proc/PID/status from the host), and
+    no group can be added either."""
+    gid = 23999
+    p = subprocess.Popen([sys.executable, "-c", GROUPS_PROBE, REPO, "/", str(gid),
+                          "keep" if keep else "plain"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        res = json.loads(p.stdout.readline())
+        groups = _status(p.pid)["Groups"].split()
+    finally:
+        p.communicate("", timeout=30)
+    if keep:
+        assert res == {"drop": "ok", "add": "ok"} and groups == [str(gid)], (res, groups)
+    else:
+        assert res == {"drop": "EPERM", "add": "EPERM"} and groups == [str(gid)], (res, groups)
+
+
+@needs_root
+@pytest.mark.parametrize("gid", [None, 23999])
+def test_the_launcher_gives_virtiofsd_the_batch_systems_job_group_alone(tree, gid):
+    """Grid Engine's add_grp_id (process_gid) is virtiofsd's one supplementary group, and
+    virtiofsd runs on with it past its drop of groups; without one it has none (not the
+    user's groups, which only the check uses)."""
+    import socket
+    p, sock = _launch(_spec(tree, process_gid=gid))
+    try:
+        _wait("virtiofsd exec'd", lambda: _cmdline(p.pid).startswith(b"virtiofsd-unit-vbjob\0"))
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(sock.getsockname())
+        _wait("virtiofsd's own filter", lambda: _status(p.pid).get("Seccomp_filters") == "2")
+        status = _status(p.pid)
+        assert status["State"].startswith("S"), status
+        assert status["Groups"].split() == ([str(gid)] if gid else []), status
+        client.close()
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+        sock.close()
+
+
 def test_libvirts_command_line_is_parsed():
     # as libvirt 9.0 starts virtiofsd for a <filesystem> with <binary><cache mode='none'/>
     fd, source = share.parse_libvirt_argv(

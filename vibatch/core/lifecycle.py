@@ -420,7 +420,8 @@ def _prepare_shares(node: Node, req: JobRequest, paths: JobPaths, slot: Slot,
         node.check_workdir(path, u.uid, u.gid, groups, label="site share")
     os.chown(paths.io, u.uid, u.gid, follow_symlinks=False)  # served as the job user
     common = dict(job_id=req.job_id, uid=u.uid, gid=u.gid, groups=groups,
-                  cpus=tuple(slot.cpus), virtiofsd=cfg.vm.virtiofsd)
+                  cpus=tuple(slot.cpus), virtiofsd=cfg.vm.virtiofsd,
+                  process_gid=req.process_gid)
     share.write_specs(paths.state, [
         share.ShareSpec(tag=WORKDIR_TAG, path=req.workdir, **common),
         share.ShareSpec(tag=IO_TAG, own=paths.io, **common),

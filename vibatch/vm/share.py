@@ -22,6 +22,10 @@ and the real virtiofsd. The launcher then, in place of libvirt's virtiofsd:
   namespaces;
 - installs a seccomp filter that refuses setuid/setgid mode bits (chmod, create, mkdir,
   mknod), device nodes, xattr writes, openat2 and io_uring, and any non-x86-64 system call;
+  where the batch system counts a job's processes by a group (Grid Engine's ``add_grp_id``),
+  the launcher keeps that one group and the filter turns ``setgroups`` into a no-op, so
+  virtiofsd's own drop of its groups (which the namespace would refuse) neither fails nor
+  drops it;
 - execs virtiofsd (same pid, so libvirt's pid file stays right) on libvirt's socket with
   ``sandbox=chroot`` and ``source=/proc/self/fd/N/.``, N being the descriptor of the directory
   that was checked: virtiofsd chroots into exactly that directory, whatever happens to its
@@ -74,6 +78,7 @@ class ShareSpec:
     own: Optional[str] = None      # opened by root (the I/O folder vibatch made)
     readonly: bool = False         # refuse every change to the tree (site shares)
     label: str = "working directory"   # what the path is, in messages
+    process_gid: Optional[int] = None  # the batch system's job group (Grid Engine's add_grp_id)
 
 
 def shares_dir(state_dir: str) -> str:
@@ -375,10 +380,13 @@ def _serve(spec: ShareSpec, listen: int) -> None:
     else:
         os.fchdir(fd)
     os.set_inheritable(fd, True)            # virtiofsd serves the share through it
-    # 2. become the job user for good, without supplementary groups (virtiofsd drops them
-    #    itself, and could not in a namespace where setgroups is denied)
+    # 2. become the job user for good, without the user's supplementary groups: only the batch
+    #    system's job group, by which its collector counts the process (Grid Engine's PDC reads
+    #    /proc/PID/status Groups:). virtiofsd drops every group at start, and in a namespace
+    #    where setgroups is denied that fails and it exits; the filter makes its setgroups a
+    #    no-op instead (it can then neither drop nor add a group)
     os.seteuid(0)
-    os.setgroups([])
+    os.setgroups([spec.process_gid] if spec.process_gid else [])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     libc = _libc()
@@ -393,7 +401,7 @@ def _serve(spec: ShareSpec, listen: int) -> None:
     _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
     _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
     _keep_chroot_capability(libc)
-    install_filter(libc, readonly=spec.readonly)
+    install_filter(libc, readonly=spec.readonly, keep_groups=bool(spec.process_gid))
     argv = [process_name(spec.job_id, spec.tag), f"--fd={listen}",
             # virtiofsd changes directory to / before its chroot, so it gets the share by path:
             # the descriptor of the checked directory, which it holds (no swap window)
@@ -429,6 +437,8 @@ AUDIT_ARCH_X86_64 = 0xC000003E
 X32_BIT = 0x40000000
 RET_ALLOW, RET_KILL = 0x7FFF0000, 0x80000000
 RET_EPERM = 0x00050000 | errno.EPERM
+RET_NOOP = 0x00050000               # SECCOMP_RET_ERRNO with 0: the call returns 0, doing nothing
+SETGROUPS = 116
 SUID_BITS = 0o6000
 CREATE_FLAGS = os.O_CREAT | 0o20000000          # O_CREAT | __O_TMPFILE
 S_IFMT, S_IFCHR, S_IFBLK = 0o170000, 0o020000, 0o060000
@@ -486,6 +496,8 @@ def _block(spec: tuple) -> list[bytes]:
         return [_ins(RET, RET_EPERM)]
     if kind == "erofs":
         return [_ins(RET, RET_EROFS)]
+    if kind == "noop":
+        return [_ins(RET, RET_NOOP)]
     if kind == "rdonly":
         return [_arg(spec[1]), _ins(JSET, WRITE_FLAGS, 0, 1), _ins(RET, RET_EROFS),
                 _ins(RET, RET_ALLOW)]
@@ -501,10 +513,14 @@ def _block(spec: tuple) -> list[bytes]:
             _ins(RET, RET_EPERM)]
 
 
-def filter_program(readonly: bool = False) -> bytes:
+def filter_program(readonly: bool = False, keep_groups: bool = False) -> bytes:
+    """The launcher's filter; ``keep_groups``: setgroups does nothing and succeeds, so the
+    process keeps the groups it has (the batch system's job group, _serve)."""
     prog = [_ins(LD_ABS, 4), _ins(JEQ, AUDIT_ARCH_X86_64, 1, 0), _ins(RET, RET_KILL),
             _ins(LD_ABS, 0), _ins(JGE, X32_BIT, 0, 1), _ins(RET, RET_KILL)]
-    rules = {**SYSCALLS, **READONLY_SYSCALLS} if readonly else SYSCALLS
+    rules = {**SYSCALLS, **READONLY_SYSCALLS} if readonly else dict(SYSCALLS)
+    if keep_groups:
+        rules[SETGROUPS] = ("noop",)
     for nr, spec in rules.items():
         block = _block(spec)
         prog += [_ins(LD_ABS, 0), _ins(JEQ, nr, 0, len(block))] + block
@@ -512,10 +528,11 @@ def filter_program(readonly: bool = False) -> bytes:
     return b"".join(prog)
 
 
-def install_filter(libc: Optional[ctypes.CDLL] = None, readonly: bool = False) -> None:
+def install_filter(libc: Optional[ctypes.CDLL] = None, readonly: bool = False,
+                   keep_groups: bool = False) -> None:
     """Install the filter in this process (needs no_new_privs or CAP_SYS_ADMIN)."""
     libc = libc or _libc()
-    prog = filter_program(readonly)
+    prog = filter_program(readonly, keep_groups)
     buf = ctypes.create_string_buffer(prog, len(prog))
 
     class SockFprog(ctypes.Structure):
