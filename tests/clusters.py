@@ -448,6 +448,10 @@ class GridEngineCluster:
         self.cmd("qconf", "-ah", self.name)
         conf = re.sub(r"(?m)^load_report_time .*$", "load_report_time 00:00:05",
                       self.qconf("-sconf", "global"))
+        # qmaster writes the accounting file every flush_time (15 s) unless told otherwise: a
+        # finished job's qacct record would come up to 15 s after the job
+        conf = re.sub(r"(?m)^(reporting_params .*?)\s*$",
+                      r"\1 accounting_flush_time=00:00:00", conf)
         self._load("-Mconf", os.path.join(cfg, "global"), conf)
         sched = self.qconf("-ssconf")
         for key, value in (("schedule_interval", "0:0:1"), ("flush_submit_sec", "1"),
