@@ -15,7 +15,8 @@ import pytest
 
 from clusters import GridEngineCluster, running, wait_until
 from vmhelp import (accounted, batch_user, guest_kernel, install_shims, leftovers,
-                    lost_epilogue_vm, pinned_cpus, private_workdir, reap_ends_only, warm_template)
+                    lost_epilogue_vm, pinned_cpus, private_workdir, reap_ends_only, warm_shapes,
+                    warm_template)
 from vibatch.vm.guestsetup import host_name
 from vibatch import batch
 from vibatch.batch import gridengine
@@ -36,7 +37,9 @@ def sge(vm_env):
         "prolog": f"root@{hooks}/prolog {ARGS}", "epilog": f"root@{hooks}/epilog {ARGS}",
         "starter_method": f"{hooks}/starter", "complex_values": "vm_image=testguest,scratch=10G",
     }, complexes=["vm_image vmi RESTRING == YES NO NONE 0", "scratch scr MEMORY <= YES NO 0 0"])
-    with batch_user(vm_env, USER, UID) as home, running(c):
+    # most jobs here: 1 slot, no vmem limit, h_vmem=600M or 400M (vmhelp.warm_shapes)
+    shapes = [(1, vm_env.cfg.jobs.default_memory_mb), (1, fitted(vm_env, 600)), (1, 400)]
+    with batch_user(vm_env, USER, UID) as home, running(c), warm_shapes(vm_env, shapes):
         c.home = home
         yield c
 

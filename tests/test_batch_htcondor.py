@@ -14,7 +14,8 @@ import pytest
 
 from clusters import apt_install
 from conftest import SESSION, vibatch_cmd
-from vmhelp import batch_user, guest_kernel, install_shims, leftovers, variant, wait_until
+from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, variant, wait_until,
+                    warm_shapes)
 from condor_starter import PRIVATE_INHERIT, submit_requirement
 from vibatch import config
 from vibatch.batch import htcondor
@@ -115,7 +116,9 @@ def set_params(pool: dict, **params) -> None:
 @pytest.fixture(scope="module")
 def condor(vm_env):
     apt_install(["sudo"])
-    with batch_user(vm_env, USER, UID) as home, batch_user(vm_env, DAEMON, DAEMON_UID):
+    # most jobs here: the slot ad's 1 CPU and 640 MiB (vmhelp.warm_shapes)
+    with batch_user(vm_env, USER, UID) as home, batch_user(vm_env, DAEMON, DAEMON_UID), \
+            warm_shapes(vm_env, [(1, 640)]):
         pool = fake_pool(vm_env.base)
         cfg_path = variant(vm_env, "htcondor", {"htcondor": htcondor_cfg(pool)})
         hooks = install_shims("htcondor", os.path.join(vm_env.base, "condor-hooks"), {

@@ -12,7 +12,8 @@ import pytest
 
 from clusters import SlurmCluster, running, wait_until
 from vmhelp import (accounted, batch_user, guest_kernel, install_shims, leftovers,
-                    lost_epilogue_vm, pinned_cpus, private_workdir, reap_ends_only, warm_template)
+                    lost_epilogue_vm, pinned_cpus, private_workdir, reap_ends_only, warm_shapes,
+                    warm_template)
 from vibatch.batch import slurm
 from vibatch.vm.guestsetup import host_name
 
@@ -21,7 +22,8 @@ USER, UID = "vbt-slurm", 23404
 
 @pytest.fixture(scope="module")
 def cluster(vm_env):
-    with slurm_cluster(vm_env) as c:
+    # most jobs here: 1 CPU, and DefMemPerCPU's 256 MiB or --mem=400M (vmhelp.warm_shapes)
+    with slurm_cluster(vm_env) as c, warm_shapes(vm_env, [(1, 256), (1, 400)]):
         yield c
 
 

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from pbsmom import Job, PbsMom, TmPort, fake_pbsnodes
-from vmhelp import batch_user, guest_kernel, install_shims, leftovers, variant, wait_until
+from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, variant, wait_until,
+                    warm_shapes)
 from vibatch import config
 from vibatch.batch import torque
 
@@ -52,7 +53,9 @@ def mom_for(vm_env, name: str, config_path: str, alarm: int = 300) -> PbsMom:
 @pytest.fixture(scope="module")
 def torque_user(vm_env):
     # a login shell the guest does not have: pbs_mom passes it to the job starter
-    with batch_user(vm_env, USER, UID, shell="/bin/bash") as home:
+    # most jobs here: nodes=1 and mem=512mb (vmhelp.warm_shapes)
+    with batch_user(vm_env, USER, UID, shell="/bin/bash") as home, \
+            warm_shapes(vm_env, [(1, 512)]):
         yield home
 
 

@@ -27,8 +27,8 @@ import pytest
 
 from conftest import IMAGE_BUILD, SESSION
 from faultharness import Harness, trial_kill_prologue, wait_for
-from vmhelp import (accounted, epilogue, exec_run, guest_root, leftovers, prologue, variant,
-                    warm_template)
+from vmhelp import (accounted, epilogue, exec_run, guest_root, leftovers, prologue,
+                    templates_made_here, variant, warm_template)
 
 pytestmark = pytest.mark.vm
 
@@ -71,6 +71,13 @@ def snapshot(t) -> dict:
 
 
 AS_BUILT = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _templates_removed(vm_env):
+    """Every template this module makes (the fixtures' and the tests' own) goes after it."""
+    with templates_made_here(vm_env):
+        yield
 
 
 @pytest.fixture(scope="module")
