@@ -2,6 +2,7 @@
 libvirtd starts in virtiofsd's place (root for all but the filter and the argv parser)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -327,6 +328,13 @@ def test_the_launcher_gives_virtiofsd_the_batch_systems_job_group_alone(tree, gi
         status = _status(p.pid)
         assert status["State"].startswith("S"), status
         assert status["Groups"].split() == ([str(gid)] if gid else []), status
+        # with the gid it gets the job's signals too (Grid Engine's addgrpid kill): s_rt's
+        # and -notify's SIGUSR1/SIGUSR2 leave it serving (their default would end it)
+        ignored = int(_status(p.pid)["SigIgn"], 16)
+        assert all(ignored >> (sig - 1) & 1 for sig in (signal.SIGUSR1, signal.SIGUSR2)), hex(ignored)
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):   # an ignored signal is dropped when sent
+            os.kill(p.pid, sig)
+        assert p.poll() is None and _status(p.pid)["State"][0] in "SR", _status(p.pid)
         client.close()
     finally:
         p.kill()
@@ -360,9 +368,14 @@ def _status(pid):
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-def test_filter_program_jumps_stay_inside_it():
+@pytest.mark.parametrize("readonly", [False, True])
+@pytest.mark.parametrize("keep_groups", [False, True])
+def test_filter_program_jumps_stay_inside_it(readonly, keep_groups):
     import struct
-    prog = share.filter_program()
+    prog = share.filter_program(readonly, keep_groups)
+    # setgroups is a no-op only where a job group is kept
+    noop = struct.pack("HBBI", 0x06, 0, 0, share.RET_NOOP)
+    assert (noop in [prog[i:i + 8] for i in range(0, len(prog), 8)]) == keep_groups
     ins = [struct.unpack("HBBI", prog[i:i + 8]) for i in range(0, len(prog), 8)]
     assert len(ins) < 4096 and ins[-1] == (0x06, 0, 0, share.RET_ALLOW)
     for i, (code, jt, jf, _) in enumerate(ins):

@@ -49,6 +49,7 @@ import errno
 import json
 import os
 import resource
+import signal
 import stat
 import struct
 import subprocess
@@ -402,6 +403,12 @@ def _serve(spec: ShareSpec, listen: int) -> None:
     _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
     _keep_chroot_capability(libc)
     install_filter(libc, readonly=spec.readonly, keep_groups=bool(spec.process_gid))
+    # a process with the job group gets every signal Grid Engine sends the job
+    # (ENABLE_ADDGRP_KILL): SIGUSR1 for s_rt or -notify, SIGUSR2 for -notify, which would end
+    # virtiofsd (it handles neither) and take the job's shares away while its VM runs on.
+    # Ignored, they stay ignored across exec; libvirt's SIGTERM and a SIGKILL still end it
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     argv = [process_name(spec.job_id, spec.tag), f"--fd={listen}",
             # virtiofsd changes directory to / before its chroot, so it gets the share by path:
             # the descriptor of the checked directory, which it holds (no swap window)
