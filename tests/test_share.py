@@ -271,17 +271,8 @@ def test_the_launcher_trusts_only_a_spec_only_root_can_have_written(tree, how):
 GROUPS_PROBE = PROBE + r"""
 from vibatch.vm import share
 gid, keep = int(sys.argv[3]), sys.argv[4] == "keep"
-libc = share._libc()
-os.setgroups([gid])                       # the launcher's step 2, then virtiofsd's drop
-os.setresgid(65534, 65534, 65534)
-os.setresuid(65534, 65534, 65534)
-share._check(libc.prctl(share.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-share._check(libc.prctl(share.PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")
-share._check(libc.unshare(share.CLONE_NEWUSER), "unshare")
-share._write("/proc/self/setgroups", "deny")
-share._write("/proc/self/uid_map", "65534 65534 1\n")
-share._write("/proc/self/gid_map", "65534 65534 1\n")
-install_filter(keep_groups=keep)
+share.become_job_user(share._libc(), 65534, 65534, gid)   # the launcher's step 2
+install_filter(keep_groups=keep)          # then virtiofsd's drop of its groups, and an add
 t("drop", lambda: os.setgroups([]))
 t("add", lambda: os.setgroups([0]))
 print(json.dumps(res), flush=True)

@@ -313,10 +313,12 @@ def warm_shapes(env, shapes, image: str = "testguest") -> Iterator[set[str]]:
     start = os.path.getsize(acct) if os.path.exists(acct) else 0
     with templates_made_here(env):
         yield {build_template(env, image, cores, mem) for cores, mem in shapes}
-    with open(acct) as f:         # seen with -s: which shapes this module's jobs had
-        f.seek(start)
-        starts = collections.Counter((r["start"], r["cores"], r["memory_mb"])
-                                     for r in map(json.loads, f) if r.get("start"))
+    starts = collections.Counter()  # seen with -s: which shapes this module's jobs had
+    if os.path.exists(acct):        # (none yet if no job of the session has run)
+        with open(acct) as f:
+            f.seek(start)
+            starts.update((r["start"], r["cores"], r["memory_mb"])
+                          for r in map(json.loads, f) if r.get("start"))
     print(f"warm shapes {shapes}: jobs by (start, cores, MiB) {dict(starts)}")
 
 

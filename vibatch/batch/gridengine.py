@@ -23,9 +23,9 @@ docs/batch/gridengine.md):
   text is handed into the VM and run by ``$SGE_STARTER_SHELL_PATH``, as SGE's posix_compliant
   mode would. ``qdel`` SIGKILLs the starter at once: the epilog is the backstop that destroys
   the VM.
-- The VM in the job's usage and suspend: QEMU and virtiofsd run with the job's ``add_grp_id`` (the prolog
-  registers the job before the VM starts), and a root watcher mirrors a stopped job into the
-  domain (``process_gid``, ``watcher`` below; docs/batch/gridengine.md).
+- The VM in the job's usage and suspend: QEMU and virtiofsd run with the job's ``add_grp_id``
+  (the prolog registers the job before the VM starts), and a root watcher mirrors a stopped job
+  into the domain (``process_gid``, ``watcher`` below; docs/batch/gridengine.md).
 """
 from __future__ import annotations
 
@@ -337,9 +337,9 @@ def fit_vmem(cfg: Config, req: JobRequest, conf: Mapping[str, str]) -> tuple[Job
     """(the request, whether QEMU may carry the job's group). execd SIGKILLs a job whose
     processes, QEMU among them once it has the group, hold more than the job's vmem limit on
     this host. So the VM is made to fit in it: its hard cap (the guest's memory plus QEMU's
-    overhead) is the limit less VMEM_HOST_RESERVE_MB, for the job's host processes, virtiofsd and
-    QEMU's shared libraries, which the cap does not hold. A limit too small for the smallest VM, or
-    one that cannot be read, leaves the guest its requested memory and QEMU out of the job's
+    overhead) is the limit less VMEM_HOST_RESERVE_MB, for the job's host processes, virtiofsd
+    and QEMU's shared libraries, which the cap does not hold. A limit too small for the smallest
+    VM, or one that cannot be read, leaves the guest its requested memory and QEMU out of the job's
     usage, as before (logged): never a VM that execd would kill."""
     def uncounted(why: str) -> tuple[JobRequest, bool]:
         log_error(f"gridengine prolog of job {req.job_id}: the VM stays out of its usage",

@@ -381,26 +381,10 @@ def _serve(spec: ShareSpec, listen: int) -> None:
     else:
         os.fchdir(fd)
     os.set_inheritable(fd, True)            # virtiofsd serves the share through it
-    # 2. become the job user for good, without the user's supplementary groups: only the batch
-    #    system's job group, by which its collector counts the process (Grid Engine's PDC reads
-    #    /proc/PID/status Groups:). virtiofsd drops every group at start, and in a namespace
-    #    where setgroups is denied that fails and it exits; the filter makes its setgroups a
-    #    no-op instead (it can then neither drop nor add a group)
-    os.seteuid(0)
-    os.setgroups([spec.process_gid] if spec.process_gid else [])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
     libc = _libc()
-    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-    # the uid change made us undumpable, so /proc/self/*_map would be root's: we are the job
-    # user's process now, and it may own them (exec would reset this anyway)
-    _check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")
+    become_job_user(libc, uid, gid, spec.process_gid)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)   # virtiofsd: one fd per inode
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
-    _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
     _keep_chroot_capability(libc)
     install_filter(libc, readonly=spec.readonly, keep_groups=bool(spec.process_gid))
     # a process with the job group gets every signal Grid Engine sends the job
@@ -416,6 +400,27 @@ def _serve(spec: ShareSpec, listen: int) -> None:
             "-o", "no_xattr", "-o", "no_posix_acl", "-o", "log_level=err",
             "-o", "modcaps=" + ":".join("-" + c for c in VIRTIOFSD_CAPS), "--rlimit-nofile=0"]
     os.execve(spec.virtiofsd, argv, dict(ENV))
+
+
+def become_job_user(libc: ctypes.CDLL, uid: int, gid: int, process_gid: Optional[int]) -> None:
+    """Step 2 of the launcher: become the job user for good, in user, network, IPC and UTS
+    namespaces of its own that map only its uid and gid. No supplementary group of the user's:
+    only the batch system's job group, by which its collector counts the process (Grid Engine's
+    PDC reads /proc/PID/status Groups:). virtiofsd drops every group at start, and in a
+    namespace where setgroups is denied that fails and it exits; the filter makes its setgroups
+    a no-op instead (it can then neither drop nor add a group)."""
+    os.seteuid(0)
+    os.setgroups([process_gid] if process_gid else [])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    # the uid change made us undumpable, so /proc/self/*_map would be root's: we are the job
+    # user's process now, and it may own them (exec would reset this anyway)
+    _check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")
+    _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
+    _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
 
 
 CAP_SETPCAP, CAP_SYS_CHROOT = 8, 18
@@ -443,8 +448,9 @@ def _keep_chroot_capability(libc: ctypes.CDLL) -> None:
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_BIT = 0x40000000
 RET_ALLOW, RET_KILL = 0x7FFF0000, 0x80000000
-RET_EPERM = 0x00050000 | errno.EPERM
-RET_NOOP = 0x00050000               # SECCOMP_RET_ERRNO with 0: the call returns 0, doing nothing
+RET_ERRNO = 0x00050000             # SECCOMP_RET_ERRNO: the call fails with the errno in the low bits
+RET_EPERM = RET_ERRNO | errno.EPERM
+RET_NOOP = RET_ERRNO                # errno 0: the call returns 0, doing nothing
 SETGROUPS = 116
 SUID_BITS = 0o6000
 CREATE_FLAGS = os.O_CREAT | 0o20000000          # O_CREAT | __O_TMPFILE
@@ -470,7 +476,7 @@ SYSCALLS = {
 
 # a read-only share: every call that could change the tree fails with EROFS, whatever guest root
 # asks (the C virtiofsd of QEMU 7.2 has no read-only mode of its own)
-RET_EROFS = 0x00050000 | errno.EROFS
+RET_EROFS = RET_ERRNO | errno.EROFS
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | 0o20000000   # | __O_TMPFILE
 READONLY_SYSCALLS = {
     2: ("rdonly", 1), 257: ("rdonly", 2),                  # open, openat: no write/create flag
