@@ -5,7 +5,8 @@
 # 2. A virtualenv with vibatch in /opt/vibatch/venv (outside any home, so job users can run
 #    `vibatch exec`) and /usr/local/bin/vibatch.
 #    Slurm's SPANK plugin (spank/vibatch_spank.c) built against libslurm-dev into
-#    /opt/vibatch/lib/vibatch_spank.so (plugstack.conf: docs/batch/slurm.md).
+#    /opt/vibatch/lib/vibatch_spank.so (plugstack.conf: docs/batch/slurm.md), and vibatch's
+#    QEMU (qemu/vibatch_qemu.c, vm.emulator) into /opt/vibatch/lib/vibatch-qemu.
 # 3. /etc/vibatch/vibatch.yaml from etc/vibatch.yaml, unless one exists.
 # 4. /dev/kvm as root:kvm 0660 (else libvirt re-probes QEMU for ~60 s at every start), and
 #    libvirtd under vibatch's child subreaper: where systemd is PID 1, through a drop-in for
@@ -66,6 +67,12 @@ gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o "$PREFIX/lib/vibatch_spank.so.new
 chown root:root "$PREFIX/lib/vibatch_spank.so.new"
 chmod 0755 "$PREFIX/lib/vibatch_spank.so.new"
 mv -f "$PREFIX/lib/vibatch_spank.so.new" "$PREFIX/lib/vibatch_spank.so"
+# vibatch's QEMU (vm.emulator): ignores SIGUSR2, then execs Debian's QEMU (qemu/vibatch_qemu.c)
+gcc -O2 -Wall -Wextra -Werror -DVIBATCH_QEMU='"/usr/bin/qemu-system-x86_64"' \
+  -o "$PREFIX/lib/vibatch-qemu.new" "$REPO/qemu/vibatch_qemu.c"
+chown root:root "$PREFIX/lib/vibatch-qemu.new"
+chmod 0755 "$PREFIX/lib/vibatch-qemu.new"
+mv -f "$PREFIX/lib/vibatch-qemu.new" "$PREFIX/lib/vibatch-qemu"
 
 mkdir -p /etc/vibatch
 [ -e "$CONF" ] || install -m 644 "$REPO/etc/vibatch.yaml" "$CONF"

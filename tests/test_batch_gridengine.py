@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,7 @@ def sge(vm_env):
     c = GridEngineCluster(os.path.join(vm_env.base, "sge"), {
         "prolog": f"root@{hooks}/prolog {ARGS}", "epilog": f"root@{hooks}/epilog {ARGS}",
         "starter_method": f"{hooks}/starter", "complex_values": "vm_image=testguest,scratch=10G",
+        "notify": "00:00:10",   # qsub -notify's warning: SIGUSR2 this long before the kill
     }, complexes=["vm_image vmi RESTRING == YES NO NONE 0", "scratch scr MEMORY <= YES NO 0 0"])
     # most jobs here: 1 slot, no vmem limit, h_vmem=600M or 400M (vmhelp.warm_shapes)
     shapes = [(1, vm_env.cfg.jobs.default_memory_mb), (1, fitted(vm_env, 600)), (1, 400)]
@@ -170,6 +172,36 @@ def test_qdel_leaves_nothing_behind(vm_env, sge):
     wait_until("the job to start in its VM", lambda: "started" in output(sge, job), 120)
     assert sge.cmd("qdel", job, user=USER).returncode == 0
     rec = sge.wait_accounted(job)     # the starter was SIGKILLed; the epilog destroyed the VM
+    assert rec["exit_status"].split()[0] == "137", rec
+    assert leftovers(vm_env, job) == []
+    assert_queue_ok(sge)
+
+
+def test_qsub_notify_warns_the_job_in_its_vm_before_the_kill(vm_env, sge):
+    """With -notify the shepherd sends SIGUSR2 to the job, and to QEMU (it carries the job's
+    group), the queue's notify time before qdel's SIGKILL. Under a stock QEMU that warning
+    ended the VM at once (test_emulator.py shows the attack); vibatch's QEMU ignores it, and
+    the forwarder passes it on, so the job's own trap runs in the guest, then the kill comes."""
+    job = qsub(sge, "trap 'echo \"got USR2 in $(uname -r)\"' USR2\necho started\n"
+               "while :; do sleep 1; done\n", "-notify", "-v", "VIBATCH_IMAGE=testguest")
+    wait_until("the job to start in its VM", lambda: "started" in output(sge, job), 120)
+    from vibatch.core import adopt
+    from vibatch.vm import emulator, hypervisor
+    conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
+    try:
+        pids = adopt.vm_pids(hypervisor.lookup(conn, "vibatch-" + job))
+    finally:
+        conn.close()
+    qemu = [p for p in pids if open(f"/proc/{p}/comm").read().startswith("qemu")]
+    with open(f"/proc/{qemu[0]}/status") as f:
+        status = dict(line.split(":", 1) for line in f)
+    assert job_gid(sge, job) in proc_groups(qemu[0])   # the signal does reach QEMU: the gid
+    assert signal.SIGUSR2 in emulator.signal_set(status["SigIgn"].strip())
+    assert sge.cmd("qdel", job, user=USER).returncode == 0
+    wait_until("the trap to run in the guest", lambda: "got USR2" in output(sge, job), 30)
+    assert f"got USR2 in {guest_kernel()}" in output(sge, job)
+    assert os.path.exists(f"/proc/{qemu[0]}")          # the VM outlived the warning ...
+    rec = sge.wait_accounted(job, timeout=60)          # ... until the kill, notify time later
     assert rec["exit_status"].split()[0] == "137", rec
     assert leftovers(vm_env, job) == []
     assert_queue_ok(sge)

@@ -20,6 +20,7 @@ from .names import valid_name, valid_sha512
 
 DEFAULT_PATH = "/etc/vibatch/vibatch.yaml"
 ENV_VAR = "VIBATCH_CONFIG"
+VIBATCH_QEMU = "/opt/vibatch/lib/vibatch-qemu"   # etc/setup-node.sh builds it (qemu/vibatch_qemu.c)
 
 DEFAULT_ENV_EXCLUDE = [
     "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "PYTHONHOME",
@@ -57,7 +58,7 @@ class VmConfig:
     memory_overhead_mb: int = 256      # QEMU's own memory on top of the guest's, in the hard cap
     tcg_tb_cache_mb: int = 64          # TCG translation cache (counts against the cap)
     machine: str = "q35"
-    emulator: str = "/usr/bin/qemu-system-x86_64"
+    emulator: str = VIBATCH_QEMU       # QEMU, ignoring SIGUSR2 (qemu/vibatch_qemu.c)
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"           # run by the launcher as the job user
     share_launcher: str = "/opt/vibatch/hooks/libvirt/virtiofsd"   # what libvirt starts
     qemu_user: str = "libvirt-qemu"    # the user libvirt runs QEMU as (qemu.conf "user")

@@ -11,6 +11,7 @@ import ctypes
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import time
@@ -22,7 +23,7 @@ from ..config import Config
 from .. import batch
 from ..errors import VibatchError
 from ..images import offerfile
-from ..vm import accel
+from ..vm import accel, emulator
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 HOOKS_DIR = "/opt/vibatch/hooks"          # where etc/setup-node.sh installs the hook shims
@@ -64,7 +65,7 @@ def run(cfg: Config, config_error: str = "", boot: bool = False,
                  "checks ran with the defaults); `vibatch check-config` shows what is read")
            if config_error
            else Check("config", PASS, f"{cfg.source} is valid"))
-    for name, fn in (("acceleration", _accel), ("libvirtd", _libvirtd),
+    for name, fn in (("acceleration", _accel), ("emulator", _emulator), ("libvirtd", _libvirtd),
                      ("virtlogd", lambda c: _virtlogd(c, places.virtlogd_sock)),
                      ("virtiofsd", _virtiofsd), ("share launcher", _launcher),
                      ("cgroups", _cgroups), ("disk", _disk), ("clock", _clock)):
@@ -107,6 +108,22 @@ def _accel(cfg: Config) -> Check:
                  "expected where KVM is unusable (nested virtualisation without it, no /dev/kvm)"
                  "; for speed enable KVM on the host and delete "
                  f"{os.path.join(cfg.state_dir, 'accel.json')} to probe again")
+
+
+def _emulator(cfg: Config) -> Check:
+    path = cfg.vm.emulator
+    why = _unsafe(path)
+    if why:
+        return Check("emulator", FAIL, f"vm.emulator: {why}",
+                     f"etc/setup-node.sh builds vibatch's QEMU into {config_mod.VIBATCH_QEMU}; "
+                     "libvirtd runs it as root for every VM")
+    if signal.SIGUSR2 not in emulator.ignored_signals(path):
+        return Check("emulator", WARN, f"vm.emulator {path} is ended by SIGUSR2: under Grid "
+                     "Engine a `qsub -notify` warning ends the job's VM at once",
+                     f"set vm.emulator to {config_mod.VIBATCH_QEMU} (etc/setup-node.sh builds "
+                     "it; qemu/vibatch_qemu.c)")
+    return Check("emulator", PASS, f"{path} runs QEMU and ignores SIGUSR2 (Grid Engine's "
+                 "-notify warning leaves the VM running)")
 
 
 def _libvirtd(cfg: Config) -> Check:
