@@ -1,7 +1,7 @@
 /*
  * vibatch's QEMU: the emulator libvirt starts for a job's VM (vm.emulator). It makes SIGUSR2
  * ignored and execs the real QEMU (VIBATCH_QEMU, fixed when etc/setup-node.sh builds this),
- * with the same arguments; the pid stays the one libvirt forked.
+ * with the same arguments and that path as argv[0]; the pid stays the one libvirt forked.
  *
  * Why: Grid Engine's shepherd sends each signal it gives a job also to every process that
  * carries the job's additional group id (ENABLE_ADDGRP_KILL), and QEMU carries it so that the
@@ -29,8 +29,8 @@
 int main(int argc, char **argv)
 {
     struct sigaction ign;
+    char *alone[] = {(char *)VIBATCH_QEMU, NULL};
 
-    (void)argc;
     memset(&ign, 0, sizeof(ign));
     ign.sa_handler = SIG_IGN;
     sigemptyset(&ign.sa_mask);
@@ -38,6 +38,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "vibatch-qemu: sigaction(SIGUSR2): %s\n", strerror(errno));
         return 127;
     }
+    if (argc < 1)
+        argv = alone;
+    argv[0] = (char *)VIBATCH_QEMU;   /* QEMU names itself by argv[0] in its messages */
     execv(VIBATCH_QEMU, argv);
     fprintf(stderr, "vibatch-qemu: cannot run %s: %s\n", VIBATCH_QEMU, strerror(errno));
     return 127;

@@ -56,6 +56,13 @@ def test_signal_masks_are_read_as_the_kernel_writes_them():
 
 def test_a_stock_qemu_dies_of_sigusr2_and_vibatchs_ignores_it(wrapper):
     assert signal.SIGUSR2 not in emulator.ignored_signals(QEMU)
+    # the probe starts it as libvirt does, every signal at its default: an ignored SIGUSR2 of
+    # the caller's (doctor run from such a shell) does not make a stock QEMU pass
+    old = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    try:
+        assert signal.SIGUSR2 not in emulator.ignored_signals(QEMU)
+    finally:
+        signal.signal(signal.SIGUSR2, old)
     with emulator.running(QEMU) as child:          # the attack: Grid Engine's -notify warning
         os.kill(child.pid, signal.SIGUSR2)
         assert child.wait(timeout=10) == -signal.SIGUSR2
@@ -73,6 +80,11 @@ def test_the_wrapper_passes_its_arguments_and_leaves_sigusr1_to_qemu(wrapper):
     stock = subprocess.run([QEMU, "-version"], capture_output=True, env=env, timeout=30)
     ours = subprocess.run([wrapper, "-version"], capture_output=True, env=env, timeout=30)
     assert ours.returncode == stock.returncode == 0 and ours.stdout == stock.stdout
+    # QEMU names itself by argv[0] in its errors (libvirt's logs show them): the same name
+    stock = subprocess.run([QEMU, "-bogus"], capture_output=True, env=env, timeout=30)
+    ours = subprocess.run([wrapper, "-bogus"], capture_output=True, env=env, timeout=30)
+    assert ours.returncode == stock.returncode != 0 and ours.stderr == stock.stderr
+    assert stock.stderr.startswith(b"qemu-system-x86_64: -bogus")
     # SIGUSR1 is QEMU's own (blocked; its vCPU kick under KVM): not made ignored by the wrapper
     assert (signal.SIGUSR1 in emulator.ignored_signals(wrapper)) == (
         signal.SIGUSR1 in emulator.ignored_signals(QEMU))
@@ -84,6 +96,11 @@ def test_a_wrapper_whose_qemu_is_missing_says_so(tmp_path):
     assert r.returncode == 127 and f"cannot run {tmp_path}/no-qemu" in r.stderr
     with pytest.raises(NodeError, match="exited: vibatch-qemu: cannot run"):
         emulator.ignored_signals(bad)
+    liar = tmp_path / "liar"                   # one line on stdout is not QEMU
+    liar.write_text("#!/bin/sh\necho hello; sleep 30\n")
+    os.chmod(liar, 0o755)
+    with pytest.raises(NodeError, match="is not QEMU"):
+        emulator.ignored_signals(str(liar))
 
 
 def test_doctor_checks_the_emulator_by_running_it(wrapper, tmp_path):

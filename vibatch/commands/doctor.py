@@ -116,8 +116,8 @@ def _emulator(cfg: Config) -> Check:
     if why:
         return Check("emulator", FAIL, f"vm.emulator: {why}",
                      f"etc/setup-node.sh builds vibatch's QEMU into {config_mod.VIBATCH_QEMU}; "
-                     "libvirtd runs it as root for every VM")
-    if signal.SIGUSR2 not in emulator.ignored_signals(path):
+                     "libvirtd starts it for every VM, and root runs it in the KVM probe")
+    if signal.SIGUSR2 not in emulator.ignored_signals(os.path.realpath(path)):
         return Check("emulator", WARN, f"vm.emulator {path} is ended by SIGUSR2: under Grid "
                      "Engine a `qsub -notify` warning ends the job's VM at once",
                      f"set vm.emulator to {config_mod.VIBATCH_QEMU} (etc/setup-node.sh builds "

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from ..hygiene import lift_limits  # noqa: F401 - the probe runs under it; adapters import it here
 from ..util import atomic_write_json, read_json
+from .emulator import QEMU
 
 PROBE_TIMEOUT_S = 10.0
 PROBE_MIN_AS = 2 << 30   # address space a probe QEMU needs to answer at all
@@ -35,8 +36,9 @@ def _fingerprint(emulator: str) -> dict:
             return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, st.st_gid]
         except OSError:
             return None
+    # vibatch's QEMU (the default emulator) is a wrapper: an upgrade changes the QEMU it runs
     return {"host_kernel": platform.release(), "emulator": ident(emulator),
-            "kvm": ident("/dev/kvm")}
+            "qemu": ident(QEMU), "kvm": ident("/dev/kvm")}
 
 
 def choose(setting: str, state_dir: str, emulator: str,

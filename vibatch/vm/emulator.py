@@ -11,11 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 import subprocess
 import time
 from typing import Iterator
 
 from ..errors import NodeError
+from ..hygiene import lift_limits
+
+QEMU = "/usr/bin/qemu-system-x86_64"     # what vibatch's QEMU runs (etc/setup-node.sh)
 
 START_TIMEOUT_S = 10.0
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
@@ -35,7 +39,7 @@ def running(emulator: str, timeout: float = START_TIMEOUT_S) -> Iterator[subproc
             "-S", "-qmp", "stdio"]
     try:
         child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, env=ENV, cwd="/")
+                                 stderr=subprocess.PIPE, env=ENV, cwd="/", preexec_fn=_as_libvirt)
     except OSError as e:
         raise NodeError(f"vm.emulator {emulator}: {e.strerror}") from e
     try:
@@ -50,10 +54,15 @@ def running(emulator: str, timeout: float = START_TIMEOUT_S) -> Iterator[subproc
                 continue
             chunk = os.read(child.stdout.fileno(), 4096)
             if not chunk:
-                err = child.stderr.read(4096).decode(errors="replace").strip().splitlines()
+                ready = select.select([child.stderr], [], [], max(0.0, min(
+                    1.0, deadline - time.monotonic())))[0]
+                err = (os.read(child.stderr.fileno(), 4096) if ready else b"")
+                lines = err.decode(errors="replace").strip().splitlines()
                 raise NodeError(f"vm.emulator {emulator} exited: "
-                                + (err[-1] if err else "no message"))
+                                + (lines[-1] if lines else "no message"))
             greeting += chunk
+        if not greeting.startswith(b'{"QMP"'):
+            raise NodeError(f"vm.emulator {emulator} is not QEMU: no QMP greeting")
         yield child
     finally:
         if child.poll() is None:
@@ -61,6 +70,14 @@ def running(emulator: str, timeout: float = START_TIMEOUT_S) -> Iterator[subproc
         child.wait()
         for stream in (child.stdin, child.stdout, child.stderr):
             stream.close()
+
+
+def _as_libvirt() -> None:
+    """The child starts as libvirt starts an emulator: every signal we might have ignored at its
+    default (libvirt resets them all), and no inherited limit that QEMU's setup would fail on."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    lift_limits()
 
 
 def ignored_signals(emulator: str, timeout: float = START_TIMEOUT_S) -> set[int]:
