@@ -48,8 +48,11 @@ def wait_for(check, timeout=10.0):
 
 
 def test_process_state_reads_the_letter_and_refuses_another_users_process():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); "
+                              "time.sleep(30)"], stdout=subprocess.PIPE)
     try:
+        # once it runs its own code (a new interpreter can be in D while it loads modules)
+        assert child.stdout.readline() == b"ready\n"
         assert pause.process_state(child.pid, os.getuid()) in ("S", "R")
         os.kill(child.pid, signal.SIGSTOP)
         wait_for(lambda: pause.process_state(child.pid, os.getuid()) == "T")
@@ -58,6 +61,7 @@ def test_process_state_reads_the_letter_and_refuses_another_users_process():
     finally:
         child.kill()
         child.wait()
+        child.stdout.close()
     assert pause.process_state(child.pid, os.getuid()) is None
 
 
