@@ -192,7 +192,7 @@ def test_qsub_notify_warns_the_job_in_its_vm_before_the_kill(vm_env, sge):
         pids = adopt.vm_pids(hypervisor.lookup(conn, "vibatch-" + job))
     finally:
         conn.close()
-    qemu = [p for p in pids if open(f"/proc/{p}/comm").read().startswith("qemu")]
+    qemu = qemu_pids(pids)
     with open(f"/proc/{qemu[0]}/status") as f:
         status = dict(line.split(":", 1) for line in f)
     assert job_gid(sge, job) in proc_groups(qemu[0])   # the signal does reach QEMU: the gid
@@ -352,6 +352,16 @@ def job_gid(c, job: str) -> int:
         return int(f.read())
 
 
+def qemu_pids(pids: list[int]) -> list[int]:
+    """The QEMU among a domain's processes (``adopt.vm_pids``), by its comm."""
+    out = []
+    for p in pids:
+        with open(f"/proc/{p}/comm") as f:
+            if f.read().startswith("qemu"):
+                out.append(p)
+    return out
+
+
 def proc_groups(pid: int) -> set[int]:
     with open(f"/proc/{pid}/status") as f:
         line = next(x for x in f if x.startswith("Groups:"))
@@ -437,7 +447,7 @@ def test_a_job_with_a_vmem_limit_is_counted_and_its_vm_fits_in_the_limit(vm_env,
             pids = adopt.vm_pids(dom)
         finally:
             conn.close()
-        qemu = [p for p in pids if open(f"/proc/{p}/comm").read().startswith("qemu")]
+        qemu = qemu_pids(pids)
         assert qemu and gid in proc_groups(qemu[0]), (pids, gid)
         with open(f"/proc/{qemu[0]}/status") as f:
             print("QEMU", [line.strip() for line in f if line.startswith(("VmRSS", "VmSwap"))])
@@ -477,8 +487,7 @@ def test_qmod_suspend_freezes_the_guest_and_unsuspend_goes_on(vm_env, sge, vmem)
         conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
         try:
             dom = hypervisor.lookup(conn, "vibatch-" + job)
-            qemu = [p for p in adopt.vm_pids(dom)
-                    if open(f"/proc/{p}/comm").read().startswith("qemu")]
+            qemu = qemu_pids(adopt.vm_pids(dom))
 
             def qemu_state() -> str:
                 with open(f"/proc/{qemu[0]}/stat") as f:

@@ -18,9 +18,9 @@ from vibatch import config
 from vibatch.commands import doctor
 from vibatch.errors import NodeError
 from vibatch.vm import emulator
+from vibatch.vm.emulator import QEMU
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QEMU = "/usr/bin/qemu-system-x86_64"
 
 
 def build(out: str, target: str = QEMU) -> str:
