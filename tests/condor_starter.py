@@ -64,6 +64,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 PR_SET_NAME = 15
@@ -74,6 +75,9 @@ JOB_EXIT_TIMEOUT_S = 30
 SLOT = "slot1_1"
 # the session key DaemonCore hands its children (a real one is a long random string)
 PRIVATE_INHERIT = "SessionKey:44ab0e1f5d83-secret-4c1d9b7a; Family:14fc6e9e0a"
+# what the real condor_config_val prints for these when the configuration does not set them
+PARAM_DEFAULTS = {"USE_GID_PROCESS_TRACKING": "false", "MIN_TRACKING_GID": "0",
+                  "MAX_TRACKING_GID": "0", "PID_SNAPSHOT_INTERVAL": "15"}
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -121,7 +125,7 @@ def mount_under_scratch(spec, scratch, uid, gid):
     return pairs
 
 
-def job_namespace(pairs, uid, gid, cgroups=()):
+def job_namespace(pairs, uid, gid, cgroups=(), groups=()):
     """The wrapper's start (DaemonCore's Create_Process with a FilesystemRemap): into the job's
     cgroups (cgroupify_myself), a mount namespace of its own, then the user. Runs in the child,
     before exec."""
@@ -139,7 +143,7 @@ def job_namespace(pairs, uid, gid, cgroups=()):
         for call, args in steps:
             if call(*args) != 0:
                 raise OSError(ctypes.get_errno(), f"{call.__name__}{args[:2]}")
-        os.setgroups([])
+        os.setgroups(list(groups))   # with USE_GID_PROCESS_TRACKING: the family's tracking gid
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     return enter
@@ -224,22 +228,103 @@ def cgroup_pids(d):
         return [int(x) for x in f.read().split()]
 
 
-def family(root):
-    """The procd's family of the job: its first process and every descendant."""
-    children = {}
-    for name in filter(str.isdigit, os.listdir("/proc")):
+class Procd:
+    """condor_procd's view of the job's family (ProcFamilyMonitor::snapshot, ProcAPI,
+    GroupTracker in the 25.0.13 source; seen on the real starter, docs/batch/htcondor.md). A
+    snapshot reads every process's /proc/PID/stat, every ``every`` seconds (the family's
+    PID_SNAPSHOT_INTERVAL) and before each signal to the family. A process seen before keeps
+    its place (in the family or not); a new one joins the family if it is the family's first
+    process, if its groups hold the tracking ``gid`` (USE_GID_PROCESS_TRACKING) or if its
+    parent is a member. The family's usage is what its members showed at the last snapshot
+    (utime and stime each cut to whole seconds, RSS and VSZ in KiB), plus the CPU of members
+    that have exited as their last snapshot showed it. Signals go to the members, any uid."""
+
+    def __init__(self, root, gid=None, every=15):
+        self.root, self.gid, self.every = root, gid, every
+        self.seen = set()         # (pid, start time) of every process a snapshot saw
+        self.members = {}         # pid -> (start time, user s, sys s, rss KiB, vsz KiB)
+        self.exited = [0, 0]      # user s, sys s of members that have exited
+        self.max_image = 0        # KiB: the family's largest VSZ sum at a snapshot
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.timer = threading.Thread(target=self._every, daemon=True)
+
+    def _every(self):
+        while not self.stop.wait(self.every):
+            self.snapshot()
+
+    @staticmethod
+    def _procs():
+        hz, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE") // 1024
+        out = {}
+        for name in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    f_ = f.read().rpartition(")")[2].split()
+            except (OSError, IndexError):
+                continue
+            out[int(name)] = (int(f_[1]), int(f_[19]), int(f_[11]) // hz, int(f_[12]) // hz,
+                              int(f_[21]) * page, int(f_[20]) // 1024)
+        return out
+
+    def _groups(self, pid):
         try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
+            with open(f"/proc/{pid}/status") as f:
+                line = next(ln for ln in f if ln.startswith("Groups:"))
+        except (OSError, StopIteration):
+            return []
+        return [int(g) for g in line.split()[1:]]
+
+    def snapshot(self):
+        procs = self._procs()
+        with self.lock:
+            for pid, m in list(self.members.items()):
+                p = procs.get(pid)
+                if p and p[1] == m[0]:
+                    self.members[pid] = p[1:]
+                else:
+                    self.exited[0] += m[1]
+                    self.exited[1] += m[2]
+                    del self.members[pid]
+            new = {pid: p for pid, p in procs.items() if (pid, p[1]) not in self.seen}
+            for pid, p in new.items():
+                if pid == self.root or (self.gid and self.gid in self._groups(pid)):
+                    self.members[pid] = p[1:]
+            grown = True
+            while grown:            # the parent tracker, last
+                grown = False
+                for pid, p in new.items():
+                    if pid not in self.members and p[0] in self.members:
+                        self.members[pid] = p[1:]
+                        grown = True
+            self.seen.update((pid, p[1]) for pid, p in procs.items())
+            self.max_image = max(self.max_image, sum(m[4] for m in self.members.values()))
+
+    published_rss = 0             # KiB: the starter's max_rss over its updates (PublishUpdateAd)
+
+    def signal(self, sig):
+        self.snapshot()
+        with self.lock:
+            pids = list(self.members)
+        signal_all(pids, sig)
+        return pids
+
+    def usage(self):
+        with self.lock:
+            return {"RemoteUserCpu": self.exited[0] + sum(m[1] for m in self.members.values()),
+                    "RemoteSysCpu": self.exited[1] + sum(m[2] for m in self.members.values()),
+                    "rss": sum(m[3] for m in self.members.values()), "ImageSize": self.max_image}
+
+
+def publish_updates(procd, at):
+    """The starter's updates to the shadow, ``at`` seconds after the job's start
+    (STARTER_INITIAL_UPDATE_INTERVAL 8, then STARTER_UPDATE_INTERVAL): each carries the
+    largest family RSS it has seen (what the procd's last snapshot gave)."""
+    start = time.monotonic()
+    for t in at:
+        if procd.stop.wait(max(0.0, start + t - time.monotonic())):
+            return
+        procd.published_rss = max(procd.published_rss, procd.usage()["rss"])
 
 
 def signal_all(pids, sig):
@@ -250,7 +335,7 @@ def signal_all(pids, sig):
             pass
 
 
-def suspend_and_continue(spec, iwd, dirs, v2, job_pid):
+def suspend_and_continue(spec, iwd, dirs, v2, procd):
     """condor_suspend once the job has written ``when``; condor_continue once the test wrote
     ``resume_when`` (a bounded wait)."""
     susp = spec["suspend"]
@@ -263,8 +348,7 @@ def suspend_and_continue(spec, iwd, dirs, v2, job_pid):
     elif dirs:
         freezer(dirs, "FROZEN")
     else:
-        stopped = family(job_pid)
-        signal_all(stopped, signal.SIGSTOP)
+        procd.signal(signal.SIGSTOP)
     with open(susp["marker"], "w") as f:
         f.write("suspended\n")
     waited = wait_for(susp["resume_when"], susp.get("for_at_most", 120))
@@ -273,7 +357,7 @@ def suspend_and_continue(spec, iwd, dirs, v2, job_pid):
     elif dirs:
         freezer(dirs, "THAWED")
     else:
-        signal_all(stopped, signal.SIGCONT)
+        procd.signal(signal.SIGCONT)
     return dict(seen, resumed_by_test=waited)
 
 
@@ -431,13 +515,21 @@ def main():
     dirs = job_cgroups(spec, slot) if spec.get("tracking") == "cgroup" else None
     v2 = job_cgroup_v2(spec, slot) if spec.get("tracking") == "cgroup2" else None
     enter = list(dirs.values()) if dirs else [v2["scope"]] if v2 else []
+    groups = [spec["tracking_gid"]] if spec.get("tracking_gid") else []
     with open(out_path, "ab") as out, open(err_path, "ab") as err:
         job = subprocess.Popen([spec["wrapper"], executable, *spec["args"]], env=env, cwd=iwd,
                                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                               preexec_fn=job_namespace(pairs, uid, gid, enter),
+                               preexec_fn=job_namespace(pairs, uid, gid, enter, groups),
                                start_new_session=True)
+    procd = None
+    if not (dirs or v2):    # DaemonCore registers the family, taking its first snapshot
+        procd = Procd(job.pid, spec.get("tracking_gid"), spec.get("snapshot_s", 15))
+        procd.snapshot()
+        procd.timer.start()
+        threading.Thread(target=publish_updates, args=(procd, spec.get("updates", [8])),
+                         daemon=True).start()
     if spec.get("suspend"):
-        result["suspend"] = suspend_and_continue(spec, iwd, dirs, v2, job.pid)
+        result["suspend"] = suspend_and_continue(spec, iwd, dirs, v2, procd)
     reason, removed_at = "exit", None
     remove = spec.get("remove")
     if remove:     # condor_rm once the job is running: KillSig, then SIGKILL after the timeout
@@ -467,6 +559,12 @@ def main():
         result["usage"] = cgroup_usage(dirs)
         for d in dirs.values():
             remove_cgroup(d)
+    if procd:  # killFamilyIfWarranted (a snapshot, then SIGKILL), then recordFinalUsage
+        result["killed_at_end"] = procd.signal(signal.SIGKILL)
+        procd.stop.set()
+        usage = procd.usage()
+        procd.published_rss = max(procd.published_rss, usage.pop("rss"))
+        result["usage"] = dict(usage, ResidentSetSize=procd.published_rss)
     if v2:
         result["killed_at_end"] = kill_family_v2(v2)
         result["usage"] = cgroup_usage_v2(v2)
@@ -558,11 +656,16 @@ def tool(name, args):
     with open(os.environ["CONDOR_CONFIG"]) as f:
         pool = json.load(f)
     if name == "condor_config_val":
+        subsystem = None
+        if args[:1] == ["-subsystem"]:
+            subsystem, args = args[1], args[2:]
+        params = dict(PARAM_DEFAULTS, **pool["params"])
         for param in args:
-            if param not in pool["params"]:
+            value = params.get(f"{subsystem}.{param}", params.get(param))
+            if value is None:
                 print(f"Not defined: {param}", file=sys.stderr)
                 return 1
-            print(pool["params"][param])
+            print(value)
         return 0
     if name == "condor_status":
         with open(pool["params"]["STARTD_ADDRESS_FILE"]) as f:

@@ -584,3 +584,157 @@ def test_condor_suspend_stops_the_guest_and_continue_goes_on(vm_env, tracker, co
              if line.startswith("clock ")]
     assert clock and abs(clock[0] - released[0]) < 2, (clock, released, r["stdout"])
     assert leftovers(vm_env, job) == []
+
+
+TRACKING_GID = 750007     # in the pool's MIN_TRACKING_GID..MAX_TRACKING_GID (set_params below)
+
+
+def test_the_procd_counts_the_vm_by_the_jobs_tracking_group(vm_env, tracker, condor):
+    """Under condor_procd with USE_GID_PROCESS_TRACKING (as the real 25.0.13 starter was seen
+    doing it: docs/batch/htcondor.md), the starter gives the wrapper the family's tracking group
+    and the procd takes into the family every new process that carries it. The wrapper boots the
+    VM (no PREPARE_JOB hook): QEMU and each virtiofsd get that group, the guest is made to fit
+    in the slot's Memory (1024 MiB less QEMU's overhead and kit.HOST_RESERVE_MB), and before
+    the VM ends the wrapper pauses it for one more snapshot. So the job ad's CPU holds the
+    guest's ~10 s burn (>= 8 s) and its ResidentSetSize the guest's 300 MiB. Without the group
+    (the procd's stock tracking) the same job showed 0 s. The starter's kill after the job
+    finds nothing left of the VM."""
+    from vibatch.core import adopt
+    from vibatch.vm import hypervisor
+    starter, home, _cfg = condor
+    n = 124
+    job = f"{n}.0@{SESSION}-ap.example.org"
+    set_params(starter.pool, MOUNT_UNDER_SCRATCH='"/tmp"', USE_GID_PROCESS_TRACKING="true",
+               MIN_TRACKING_GID="750000", MAX_TRACKING_GID="750100",
+               **{"STARTER.PID_SNAPSHOT_INTERVAL": "3"})
+    script = ("#!/bin/sh\nawk 'BEGIN { s = sprintf(\"%314572800s\", \"\"); print \"filled\" }'\n"
+              "timeout 10 sh -c 'while :; do :; done'\ntouch burnt.$1\n"
+              "i=0; while [ ! -e gate.$1 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done\n")
+
+    def look():
+        try:
+            assert wait_until(lambda: os.path.exists(os.path.join(home, f"burnt.{n}")), 240)
+            conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
+            try:
+                dom = hypervisor.lookup(conn, "vibatch-" + job)
+                pids = adopt.vm_pids(dom)
+                return {"groups": {p: proc_groups(p) for p in pids},
+                        "comm": {p: open(f"/proc/{p}/comm").read().strip() for p in pids},
+                        "memory_kib": dom.info()[1], "cpu": hypervisor.cpu_time_s(dom)}
+            finally:
+                conn.close()
+        finally:
+            touch(os.path.join(home, f"gate.{n}"))
+    try:
+        t0 = time.monotonic()
+        r, seen = alongside(lambda: starter.run(
+            tracker, job_ad(n, '"testguest"', iwd=home), script, args=[str(n)], iwd=home,
+            prepare_job=False, tracking_gid=TRACKING_GID, snapshot_s=3, updates=[8, 24, 40],
+            machine_ad=MACHINE_AD.replace("Memory = 640", "Memory = 1024")), look)
+        took = time.monotonic() - t0
+    finally:
+        set_params(starter.pool, MOUNT_UNDER_SCRATCH='"/tmp"')
+    print(f"E11 procd+gid: usage {r.get('usage')}, libvirt cpu at the gate {seen['cpu']:.1f} s, "
+          f"job {took:.1f} s")
+    assert r["status"] == 0, r
+    assert any(c.startswith("qemu") for c in seen["comm"].values()), seen
+    assert any(c.startswith("virtiofsd") for c in seen["comm"].values()), seen
+    for pid, groups in seen["groups"].items():
+        assert TRACKING_GID in groups, (seen["comm"][pid], groups)
+    # the whole VM fits in the slot: the guest's memory and QEMU's overhead, and room beside
+    assert seen["memory_kib"] == (1024 - vm_env.cfg.vm.memory_overhead_mb
+                                  - htcondor.HOST_RESERVE_MB) * 1024
+    u = r["usage"]
+    assert u["RemoteUserCpu"] + u["RemoteSysCpu"] >= 8, u
+    assert u["ResidentSetSize"] >= 300 * 1024, u
+    assert r["killed_at_end"] == [], r           # the VM was gone, not killed by the starter
+    [rec] = accounted(vm_env, job)
+    assert rec["memory_mb"] == 1024 - vm_env.cfg.vm.memory_overhead_mb - htcondor.HOST_RESERVE_MB
+    assert leftovers(vm_env, job) == []
+
+
+def proc_groups(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/status") as f:
+        return {int(g) for ln in f if ln.startswith("Groups:") for g in ln.split()[1:]}
+
+
+GROUPS_CHILD = """
+import os, subprocess, sys
+os.setgroups([int(g) for g in sys.argv[1].split(",") if g])
+code = ("import os, sys\\nfrom vibatch.batch.htcondor_usage import tracking_gid\\n"
+        "pid = int(sys.argv[1]) or os.getppid()\\n"
+        "try:\\n    print(tracking_gid(pid, 750000, 750100))\\n"
+        "except ValueError as e:\\n    print('refused:', e)\\n")
+sys.exit(subprocess.run([sys.executable, "-c", code, sys.argv[2]]).returncode)
+"""
+
+
+def tracking_gid_of(groups: str, pid: int = 0) -> str:
+    """tracking_gid() as the helper calls it: of an ancestor (the wrapper, here a child of ours
+    with ``groups``), or of ``pid``."""
+    return subprocess.run([sys.executable, "-c", GROUPS_CHILD, groups, str(pid)], check=True,
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+def test_the_tracking_group_is_the_one_group_of_the_range_the_wrapper_holds():
+    """Only root can change a process's groups: the starter's tracking group is the one in
+    MIN_TRACKING_GID..MAX_TRACKING_GID. None or two (a site whose real groups overlap the range)
+    is refused, and so is a process that is not the caller's ancestor: the pid of a process
+    that another job's starter gave its group (here: one of ours, with 750004)."""
+    assert tracking_gid_of("5,750003,60") == "750003"
+    assert tracking_gid_of("5,60").startswith("refused: ")
+    assert "holds 2 groups" in tracking_gid_of("750001,750002")
+    other = subprocess.Popen([sys.executable, "-c", "import os, time; os.setgroups([750004]); "
+                              "print('ready', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "ready\n"
+        assert proc_groups(other.pid) == {750004}
+        assert "no longer our ancestors" in tracking_gid_of("", other.pid)
+    finally:
+        other.kill()
+        other.wait()
+
+
+class FakeCondor:
+    def __init__(self, **values):
+        self.values, self.asked = values, []
+
+    def params(self, *names, subsystem=None):
+        self.asked.append((subsystem, names))
+        return [self.values[n] for n in names]
+
+
+def test_counted_by_procd_fits_the_vm_in_the_slot_or_leaves_it_out(tmp_path, mocker):
+    """USE_GID_PROCESS_TRACKING on: the request gets the tracking group and a guest that, with
+    QEMU's overhead and the reserve, fits in the slot's Memory (HTCondor's MEMORY_EXCEEDED
+    compares the family's memory with it). Off: unchanged. A slot too small for the smallest
+    VM, or a range that is not one, leaves the VM out of the job's usage (logged): the job runs
+    as before."""
+    from vibatch.batch import htcondor_usage
+    from vibatch.core.request import make_request
+    cfg = config.parse({"state_dir": str(tmp_path)}, "t")
+    mocker.patch.object(htcondor, "tracking_gid", return_value=750003)
+    logged = mocker.patch.object(htcondor, "log_error")
+    caller = htcondor.Caller(uid=0, starter_pid=1, job_pid=2)
+    req = make_request("1.0@ap", "nobody", 1, 1024, None, str(tmp_path))
+    on = dict(USE_GID_PROCESS_TRACKING="true", MIN_TRACKING_GID="750000",
+              MAX_TRACKING_GID="750100", PID_SNAPSHOT_INTERVAL="5")
+    condor = FakeCondor(**on)
+    fitted, counted = htcondor.counted_by_procd(cfg, condor, caller, req)
+    assert condor.asked[0][0] == "STARTER"         # as the starter sees its configuration
+    assert counted == htcondor_usage.Tracking(750003, 5)
+    assert fitted.process_gid == 750003
+    assert fitted.memory_mb == 1024 - cfg.vm.memory_overhead_mb - htcondor.HOST_RESERVE_MB
+    off = FakeCondor(**dict(on, USE_GID_PROCESS_TRACKING="false"))
+    assert htcondor.counted_by_procd(cfg, off, caller, req) == (req, None)
+    assert not logged.called
+    small = make_request("1.0@ap", "nobody", 1, 400, None, str(tmp_path))
+    assert htcondor.counted_by_procd(cfg, condor, caller, small) == (small, None)
+    assert "cannot hold a VM" in str(logged.call_args[0][1])
+    bad = FakeCondor(**dict(on, MIN_TRACKING_GID="0"))
+    assert htcondor.counted_by_procd(cfg, bad, caller, req) == (req, None)
+    assert "MIN_TRACKING_GID '0'" in str(logged.call_args[0][1])
+    htcondor.tracking_gid.side_effect = ValueError("holds 0 groups of the tracking range")
+    assert htcondor.counted_by_procd(cfg, condor, caller, req) == (req, None)
+    assert "holds 0 groups" in str(logged.call_args[0][1])

@@ -43,14 +43,14 @@ from ..config import Config
 from ..errors import CommandFailed, NodeError, ResourceRequestError
 from ..core.request import JobRequest, make_request, parse_memory_mb
 from .base import AS_IS, BatchSystem, Call, exits, main
-from .kit import STARTER_FAILED, exec_job, home_of, read_request
+from .kit import HOST_RESERVE_MB, STARTER_FAILED, exec_job, fit_vm, home_of, read_request
 
 QSTAT = "/usr/bin/qstat"
 SHEPHERD = "sge_shepherd"
 ADDGRPID = "addgrpid"            # the shepherd's record of the job's group, in its spool dir
 SPOOL_FILE_MAX = 1 << 20
 VMEM_LIMITS = ("h_vmem", "s_vmem")
-VMEM_HOST_RESERVE_MB = 128   # in execd's vmem sum beside the VM's cap (fit_vmem)
+VMEM_HOST_RESERVE_MB = HOST_RESERVE_MB   # in execd's vmem sum beside the VM's cap (fit_vmem)
 # sge_parse_num_val (sge_parse_num_par.c): strtod unless the value starts with 0 and has no
 # '.' (then a sign, a decimal or fixed float, a hex float, inf or nan), else strtol base 0 (hex
 # or octal) kept to 32 bits (u_long32); a k/K/m/M/g/G multiplier (t/T in later releases)
@@ -351,14 +351,12 @@ def fit_vmem(cfg: Config, req: JobRequest, conf: Mapping[str, str]) -> tuple[Job
         return uncounted(str(e))
     if limit is None:
         return req, True
-    fit = limit - cfg.vm.memory_overhead_mb - VMEM_HOST_RESERVE_MB
-    if fit >= req.memory_mb:
-        return req, True
-    if fit < cfg.jobs.min_memory_mb:
+    fitted = fit_vm(cfg, req, limit)
+    if fitted is None:
         return uncounted(f"its vmem limit of {limit} MiB on this host cannot hold a VM of "
                          f"{cfg.jobs.min_memory_mb} MiB and "
                          f"{cfg.vm.memory_overhead_mb + VMEM_HOST_RESERVE_MB} MiB besides")
-    return dataclasses.replace(req, memory_mb=fit), True
+    return fitted, True
 
 
 def process_gid(spool: str, conf: Mapping[str, str], job_id: str, task: str,

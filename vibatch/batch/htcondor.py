@@ -34,6 +34,7 @@ The OS is chosen with a job attribute, ``+VibatchImage = "el9"`` in the submit f
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import re
 import signal
@@ -47,10 +48,12 @@ import psutil
 from .. import proc
 from ..config import Config
 from ..errors import Fault, NodeError, ResourceRequestError, VibatchError
+from ..util import log_error
 from ..core.jobdir import JobPaths
 from ..core.request import JobRequest, check_job_id, make_request, resolve_user
 from .base import AS_IS, BatchSystem, Call, exits, main, run_root
-from .kit import STARTER_FAILED, exec_job, read_request
+from .htcondor_usage import FINAL_WAIT_MAX_S, Tracking, tracking_gid
+from .kit import HOST_RESERVE_MB, STARTER_FAILED, exec_job, fit_vm, read_request
 SUDO = "/usr/bin/sudo"
 SUDO_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}   # nothing of the job's reaches sudo
 TOOL_ENV_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -353,8 +356,10 @@ class Condor:
             raise NodeError(f"{tool} {' '.join(args)} failed (exit {res.returncode}): {last}")
         return res.stdout
 
-    def params(self, *names: str) -> list[str]:
-        out = self.run("condor_config_val", names).splitlines()
+    def params(self, *names: str, subsystem: Optional[str] = None) -> list[str]:
+        """The values of ``names`` (as ``subsystem``, HTCondor's daemon, sees them)."""
+        out = self.run("condor_config_val",
+                       [*(["-subsystem", subsystem] if subsystem else []), *names]).splitlines()
         if len(out) != len(names):
             raise NodeError(f"condor_config_val {' '.join(names)}: expected {len(names)} lines, "
                             f"got {len(out)}")
@@ -458,10 +463,10 @@ def helper_prepare(core: Any, config_path: str, scratch: str, cwd: str, environ:
     caller = find_caller(environ)
     job_ns = enter_mount_namespace(caller)
     try:
-        job_id = _prepare(core, config_path, scratch, cwd, caller, job_ns)
+        job_id, counted = _prepare(core, config_path, scratch, cwd, caller, job_ns)
         if wrapper:
             from .htcondor_usage import take   # noqa: PLC0415
-            take(core.cfg, job_id, caller.job_pid, caller.starter_pid, caller.uid)
+            take(core.cfg, job_id, caller.job_pid, caller.starter_pid, caller.uid, counted)
         print(job_id)
     finally:
         if job_ns is not None:
@@ -469,11 +474,12 @@ def helper_prepare(core: Any, config_path: str, scratch: str, cwd: str, environ:
 
 
 def _prepare(core: Any, config_path: str, scratch: str, cwd: str, caller: Caller,
-             job_ns: Optional[int]) -> str:
+             job_ns: Optional[int]) -> tuple[str, Optional[Tracking]]:
+    """(the job id, and whether condor_procd counts the VM by the job's tracking group)."""
     cfg = core.cfg
     held = core.jobs_held_by(caller.starter_pid)
     if held:
-        return held[0]
+        return held[0], None
     trusted = trusted_uids(cfg)
     dfd, where = open_scratch(scratch, caller, trusted, cfg.htcondor.daemon_user)
     os.close(dfd)
@@ -494,6 +500,9 @@ def _prepare(core: Any, config_path: str, scratch: str, cwd: str, caller: Caller
         core.epilogue(job_id, None)
     user = resolve_user(str(caller.uid)).name
     req = read_request(lambda: job_from_ads(cfg, ad, ad, user, workdir))
+    counted = None
+    if job_ns is not None:   # the wrapper boots the VM: the job's process family exists now
+        req, counted = counted_by_procd(cfg, condor, caller, req)
     core.prologue(req, holder=caller.starter_pid)
     if job_ns is not None:   # called by the wrapper (no PREPARE_JOB hook)
         try:
@@ -501,17 +510,58 @@ def _prepare(core: Any, config_path: str, scratch: str, cwd: str, caller: Caller
         except NodeError:
             core.epilogue(req.job_id, None)   # the wrapper ends no VM it was not told of
             raise
-    return req.job_id
+    return req.job_id, counted
 
 
-def helper_finish(core: Any, environ: dict) -> list[str]:
-    """End the VMs of the caller's starter (none: nothing to do)."""
+def counted_by_procd(cfg: Config, condor: Condor, caller: Caller, req: JobRequest
+                     ) -> tuple[JobRequest, Optional[Tracking]]:
+    """Under condor_procd with USE_GID_PROCESS_TRACKING, the starter gives the job's first
+    process (the wrapper) a tracking group, and the procd counts every process it has not seen
+    before that carries the group: QEMU and the share launchers get it (``process_gid``), and
+    the job's CPU and memory in its ad are then the VM's. HTCondor's memory policies compare
+    that memory (MemoryUsage) with the slot's Memory, so the whole VM is made to fit in it
+    (kit.fit_vm). Anything short of that leaves the VM out of the job's usage, as without the
+    group (logged): never the job's failure. Only where the wrapper boots the VM: before it
+    runs (the PREPARE_JOB hook) there is no family yet, and the procd never takes a process it
+    has seen before."""
+    def uncounted(why: Exception) -> tuple[JobRequest, Optional[Tracking]]:
+        log_error(f"htcondor: job {req.job_id}: the VM stays out of its usage", why)
+        return req, None
+    try:
+        use, low, high, every = condor.params(
+            "USE_GID_PROCESS_TRACKING", "MIN_TRACKING_GID", "MAX_TRACKING_GID",
+            "PID_SNAPSHOT_INTERVAL", subsystem="STARTER")
+        if use.lower() != "true":
+            return req, None
+        if not (low.isdigit() and high.isdigit() and every.isdigit()) \
+                or not 0 < int(low) <= int(high):
+            raise NodeError(f"USE_GID_PROCESS_TRACKING is on, but MIN_TRACKING_GID "
+                            f"{low!r}, MAX_TRACKING_GID {high!r} or PID_SNAPSHOT_INTERVAL "
+                            f"{every!r} is not a valid number")
+        gid = tracking_gid(caller.job_pid, int(low), int(high))
+    except (NodeError, OSError, ValueError) as e:
+        return uncounted(e)
+    fitted = fit_vm(cfg, req, req.memory_mb)
+    if fitted is None:
+        return uncounted(ResourceRequestError(
+            f"the slot's {req.memory_mb} MiB cannot hold a VM of {cfg.jobs.min_memory_mb} MiB "
+            f"and {cfg.vm.memory_overhead_mb + HOST_RESERVE_MB} MiB besides"))
+    return dataclasses.replace(fitted, process_gid=gid), Tracking(gid, int(every))
+
+
+def helper_finish(core: Any, environ: dict, wrapper: bool = False) -> list[str]:
+    """End the VMs of the caller's starter (none: nothing to do). Called by the wrapper
+    (``--wrapper``), once the job in a VM that condor_procd counts has ended: first the
+    procd's last look at it (htcondor_usage.final_snapshot)."""
     caller = find_caller(environ)
     job_ns = enter_mount_namespace(caller)
     if job_ns is not None:
         os.close(job_ns)
     jobs = core.jobs_held_by(caller.starter_pid)
     for job_id in jobs:
+        if wrapper:
+            from .htcondor_usage import final_snapshot   # noqa: PLC0415
+            final_snapshot(core.cfg, job_id)
         core.epilogue(job_id, None)
     return jobs
 
@@ -540,10 +590,10 @@ def _helper_message(res: proc.Result) -> str:
     return "\n".join(lines) or f"sudo {res.argv[2]} exited with status {res.returncode}"
 
 
-def _finish(helper: str, timeout: float) -> Optional[str]:
+def _finish(helper: str, timeout: float, wrapper: bool = False) -> Optional[str]:
     """Have the helper end the VMs of our starter; None, or why it could not."""
     try:
-        res = _helper(helper, "finish", [], timeout)
+        res = _helper(helper, "finish", ["--wrapper"] if wrapper else [], timeout)
     except VibatchError as e:
         return e.message
     return None if res.returncode == 0 else _helper_message(res)
@@ -670,7 +720,7 @@ def wrapper(call: Call) -> int:
             return codes[Fault.JOB]
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # finish even if signalled again
-        why = _finish(helper, FINISH_ALARM_S + SUDO_MARGIN_S)
+        why = _finish(helper, FINISH_ALARM_S + FINAL_WAIT_MAX_S + SUDO_MARGIN_S, wrapper=True)
         if why is not None:
             print(f"vibatch: htcondor: ending the VM failed; the JOB_EXIT hook or `vibatch "
                   f"reap` will: {why}", file=sys.stderr)
@@ -697,7 +747,7 @@ class HTCondor(BatchSystem):
     offer_formats = {"htcondor-startd": lambda names: config_fragment(names, "startd"),
                      "htcondor-schedd": lambda names: config_fragment(names, "schedd")}
     usage = ("[--config PATH] [--helper PATH] wrapper EXECUTABLE [ARGS...] | prepare_job | "
-             "job_exit REASON | helper prepare --scratch DIR [--wrapper] | helper finish")
+             "job_exit REASON | helper prepare --scratch DIR [--wrapper] | helper finish [--wrapper]")
 
     def other_hook(self, call: Call) -> Optional[int]:
         if call.hook == "wrapper":       # as the job user, with the job's environment
@@ -707,6 +757,8 @@ class HTCondor(BatchSystem):
         if call.hook == "job_exit":      # as the job user
             return job_exit(call.helper, call.args)
         if call.hook == "helper" and call.args[:1] in (["prepare"], ["finish"]):   # root, sudo
+            if call.args[0] == "finish" and call.args[1:] not in ([], ["--wrapper"]):
+                return None
             return self.helper(call, call.args[0])
         return None
 
@@ -719,9 +771,10 @@ class HTCondor(BatchSystem):
                 helper_prepare(core, call.config_path, scratch, call.cwd, call.env,
                                wrapper="--wrapper" in args[3:])
             else:
-                helper_finish(core, call.env)
+                helper_finish(core, call.env, wrapper=args[1:] == ["--wrapper"])
 
-        alarm = call.alarm(self.default_alarm_s) if verb == "prepare" else FINISH_ALARM_S
+        alarm = call.alarm(self.default_alarm_s) if verb == "prepare" else \
+            FINISH_ALARM_S + (FINAL_WAIT_MAX_S if args[1:] == ["--wrapper"] else 0)
         return run_root(self, call, body, alarm, what=verb)
 
 

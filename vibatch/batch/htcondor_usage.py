@@ -35,10 +35,11 @@ A failure here costs HTCondor's record of the VM or its suspend, never the job: 
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 from .. import safeio
 from ..core import pause
@@ -51,6 +52,18 @@ V2 = ""         # mount_points()' key of the unified hierarchy (its /proc/PID/cg
 MOVED = ("cpuacct", "freezer")
 ADOPTED_FILE = "adopted.json"   # in the job's state directory (as core/adopt.py's)
 TAKEN_FILE = "htcondor.taken"   # there too: take() ran for the job (once)
+COUNTED_FILE = "htcondor.counted"   # there too: the VM carries the job's tracking group
+# the wrapper's wait, before the VM ends, for the procd's last snapshot of it (final_snapshot)
+FINAL_WAIT_MAX_S = 32
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """condor_procd counts the VM (USE_GID_PROCESS_TRACKING): the job's tracking group, which
+    QEMU and the share launchers carry, and the starter's PID_SNAPSHOT_INTERVAL."""
+    gid: int
+    snapshot_s: int
 
 
 @dataclass(frozen=True)
@@ -160,14 +173,14 @@ def job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
 MAX_ANCESTRY = 64
 
 
-def held_job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
-    """job_cgroups() of the wrapper and the starter that find_caller() saw among our
-    ancestors, read so that a process that has since reused either pid cannot be taken for
+def _read_held(pids: Sequence[int], read: Callable[[], T]) -> T:
+    """``read()`` of processes that find_caller() saw among our ancestors (the wrapper, its
+    starter), so that a process that has since reused one of their pids cannot be taken for
     them: each is held (pause.HeldProcess) while it is still our ancestor, and must still be
     alive once its /proc files have been read. ValueError otherwise."""
     held = []
     try:
-        for pid in (job_pid, starter_pid):
+        for pid in pids:
             try:
                 held.append(pause.HeldProcess(pid))
             except ProcessLookupError:
@@ -179,15 +192,43 @@ def held_job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
             ours.add(pid)
             fields = pause.proc_stat(pid)
             pid = int(fields[1]) if fields and len(fields) > 1 else 0
-        if not {job_pid, starter_pid} <= ours:
-            raise ValueError(f"processes {job_pid} and {starter_pid} are no longer our ancestors")
-        cgroups = job_cgroups(job_pid, starter_pid)
+        if not set(pids) <= ours:
+            raise ValueError(f"processes {', '.join(map(str, pids))} are no longer our ancestors")
+        out = read()
         if not all(p.alive() for p in held):
-            raise ValueError(f"process {job_pid} or {starter_pid} ended while it was read")
-        return cgroups
+            raise ValueError(f"process {' or '.join(map(str, pids))} ended while it was read")
+        return out
     finally:
         for p in held:
             p.close()
+
+
+def held_job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
+    """job_cgroups() of the wrapper and its starter, held (_read_held)."""
+    return _read_held((job_pid, starter_pid), lambda: job_cgroups(job_pid, starter_pid))
+
+
+def groups_of(pid: int) -> list[int]:
+    """The supplementary groups of process ``pid`` (the ``Groups:`` line of its status)."""
+    for line in _read(f"/proc/{int(pid)}/status").splitlines():
+        name, sep, value = line.partition(":")
+        if name == "Groups" and sep:
+            if not all(g.isdigit() for g in value.split()):
+                raise ValueError(f"/proc/{pid}/status: not the kernel's format")
+            return [int(g) for g in value.split()]
+    raise ValueError(f"/proc/{pid}/status has no Groups line")
+
+
+def tracking_gid(job_pid: int, low: int, high: int) -> int:
+    """The one group in ``low``..``high`` (MIN_TRACKING_GID..MAX_TRACKING_GID) that the
+    starter gave its job's first process, the wrapper (held, _read_held): condor_procd's
+    tracking group of the job. Only root can add a group to a process's list, and a job's
+    user cannot take another job's group. ValueError if there is not exactly one."""
+    ours = [g for g in _read_held((job_pid,), lambda: groups_of(job_pid)) if low <= g <= high]
+    if len(ours) != 1:
+        raise ValueError(f"process {job_pid} holds {len(ours)} groups of the tracking range "
+                         f"{low}..{high}, not one")
+    return ours[0]
 
 
 def move(pids: Sequence[int], directory: str) -> None:
@@ -204,9 +245,12 @@ def move(pids: Sequence[int], directory: str) -> None:
         os.close(fd)
 
 
-def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int) -> None:
+def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int,
+         counted: Optional[Tracking] = None) -> None:
     """The helper's step once the job's wrapper runs and the domain is up: the VM into the
-    job's cgroups (if the starter made any), then the suspend watcher. Never raises."""
+    job's cgroups (if the starter made any), then the suspend watcher. ``counted``: QEMU and
+    the share launchers carry the job's tracking group (condor_procd counts them, and stops
+    them at condor_suspend). Never raises."""
     from ..core import adopt   # noqa: PLC0415 - after the helper's hygiene (libvirt)
     from ..core.jobdir import JobPaths   # noqa: PLC0415
     from ..vm import hypervisor   # noqa: PLC0415
@@ -214,6 +258,9 @@ def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int) -> None:
     try:   # once per job: the helper can be called again by the job's user (one watcher only)
         os.close(os.open(os.path.join(paths.state, TAKEN_FILE),
                          os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        if counted is not None:
+            atomic_write_json(os.path.join(paths.state, COUNTED_FILE),
+                              {"gid": counted.gid, "snapshot_s": counted.snapshot_s})
     except FileExistsError:
         return
     except OSError as e:
@@ -226,8 +273,9 @@ def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int) -> None:
         cgroups = None
     moved = {c: cgroups.job[c] for c in MOVED if c in cgroups.job} if cgroups else {}
     vm_moved = False
+    pids: list[int] = []
     try:
-        if moved:       # v1 only: on v2 nothing is moved, and QEMU's pids are not needed
+        if moved or counted:   # on v2 nothing is moved, and without a group no pid is needed
             conn = hypervisor.connect(cfg.libvirt_uri)
             try:
                 dom = hypervisor.lookup(conn, paths.domain)
@@ -236,6 +284,7 @@ def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int) -> None:
                 conn.close()
             if not pids:
                 raise RuntimeError(f"no processes found in libvirt's cgroup of {paths.domain}")
+        if moved:
             for directory in moved.values():
                 move(pids, directory)
             atomic_write_json(os.path.join(paths.state, ADOPTED_FILE),
@@ -245,18 +294,53 @@ def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int) -> None:
     except Exception as e:  # noqa: BLE001 - the record of the VM is lost, the job goes on
         log_error(f"job {job_id}: handing its VM to HTCondor's job cgroup", e)
     try:
-        start_watcher(cfg, job_id, job_pid, uid, cgroups, vm_moved)
+        start_watcher(cfg, job_id, job_pid, uid, cgroups, vm_moved,
+                      vm_pids=pids if counted else ())
     except Exception as e:  # noqa: BLE001
         log_error(f"job {job_id}: starting its suspend watcher", e)
 
 
+def final_snapshot(cfg, job_id: str) -> Optional[float]:
+    """Before the wrapper ends a VM that condor_procd counts (COUNTED_FILE): the procd sums
+    what it read of each process at its last snapshot, which it takes every
+    PID_SNAPSHOT_INTERVAL, and a process that has exited keeps those figures. So the CPU the
+    VM used since then would be lost. The domain is paused, so that its CPU time stands still,
+    and the wrapper waits for one more snapshot: the interval and 2 s, at most
+    FINAL_WAIT_MAX_S. Returns the seconds waited (None: not counted). Never raises."""
+    from ..core.jobdir import JobPaths   # noqa: PLC0415
+    from ..vm import hypervisor   # noqa: PLC0415
+    paths = JobPaths.of(cfg, job_id)
+    try:
+        data = safeio.read_bounded(os.path.join(paths.state, COUNTED_FILE), CGROUP_FILE_MAX)
+        if data is None:
+            return None
+        wait = min(float(json.loads(data)["snapshot_s"]) + 2, FINAL_WAIT_MAX_S)
+        conn = hypervisor.connect(cfg.libvirt_uri)
+        try:
+            dom = hypervisor.lookup(conn, paths.domain)
+            if dom is None or not dom.isActive():
+                return None
+            dom.suspend()
+        finally:
+            conn.close()
+    except Exception as e:  # noqa: BLE001 - the tail of the VM's usage is lost, nothing more
+        log_error(f"job {job_id}: pausing its VM for condor_procd's last snapshot", e)
+        return None
+    time.sleep(wait)
+    return wait
+
+
 def start_watcher(cfg, job_id: str, job_pid: int, uid: int,
-                  cgroups: Optional[JobCgroups], vm_moved: bool = False) -> None:
+                  cgroups: Optional[JobCgroups], vm_moved: bool = False,
+                  vm_pids: Sequence[int] = ()) -> None:
     """The detached root watcher (core/pause.py): under condor_procd, the domain is suspended
     while the wrapper is stopped (SIGSTOP) and resumed on SIGCONT; under a cgroup v1 freeze with
     QEMU moved into the job's freezer (``vm_moved``), QEMU is frozen with the job, and the
     watcher sets the guest's clock once it is thawed; under a freeze QEMU is not in (cgroup v2,
-    or a v1 move that failed), the domain is suspended while the job's cgroup is frozen. It
+    or a v1 move that failed), the domain is suspended while the job's cgroup is frozen;
+    ``vm_pids``, QEMU and the share launchers carrying the job's tracking group: the procd's
+    SIGSTOP stops them too, and the watcher, which must not call a stopped QEMU's monitor,
+    only sets the clock once they run again. It
     first leaves the job's cgroups (it is started from inside them), so that it is neither
     frozen nor killed with the job; if it cannot leave the v2 one, it does not watch."""
     from ..core.adopt import detach   # noqa: PLC0415
@@ -282,14 +366,15 @@ def start_watcher(cfg, job_id: str, job_pid: int, uid: int,
             return
         if cgroups is not None and vm_moved:    # QEMU is in the job's v1 freezer
             pause.follow(dom, lambda: job_pid, uid, pause.WATCH_MAX_S - 60, pause.set_clock,
-                         cgroup_frozen=cgroups.frozen)
+                         vm_pids, cgroup_frozen=cgroups.frozen)
         else:                                   # a freeze QEMU is not in suspends the domain
             def frozen() -> bool:
                 return cgroups is not None and (cgroups.frozen() or cgroups.job_frozen())
             pause.follow(dom, lambda: job_pid, uid, pause.WATCH_MAX_S - 60, pause.set_clock,
-                         job_frozen=frozen if cgroups else None)
+                         vm_pids, job_frozen=frozen if cgroups else None)
     detach(watch, pause.WATCH_MAX_S)
 
 
-__all__ = ["ADOPTED_FILE", "JobCgroups", "MOVED", "V2", "cgroup_lines", "job_cgroups", "mount_points",
-           "move", "start_watcher", "take"]
+__all__ = ["ADOPTED_FILE", "COUNTED_FILE", "JobCgroups", "MOVED", "Tracking", "V2", "cgroup_lines",
+           "final_snapshot", "groups_of", "job_cgroups", "mount_points", "move", "start_watcher",
+           "take", "tracking_gid"]

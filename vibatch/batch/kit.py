@@ -4,6 +4,7 @@ adapter module can be imported before a root hook's hygiene (hygiene.enter_root_
 itself (core.py) reaches an adapter only as an argument, from base.main."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import sys
@@ -17,6 +18,10 @@ from ..core.request import JobRequest, check_job_id, resolve_user
 from ..util import atomic_write
 
 STARTER_FAILED = 125   # a starter that could not run the job (as podman and docker run do)
+# Where a batch system holds all of a job's processes, QEMU among them, to a memory limit: room
+# left beside the VM's hard cap for the job's host processes, virtiofsd and QEMU's shared
+# libraries, which the cap does not hold (fit_vm)
+HOST_RESERVE_MB = 128
 
 
 class UnreadableRequest(JobError):
@@ -35,6 +40,20 @@ def read_request(parse: Callable[[], JobRequest]) -> JobRequest:
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError,
             UnicodeError, RecursionError) as e:
         raise UnreadableRequest(f"cannot read this job's request: {type(e).__name__}: {e}") from e
+
+
+def fit_vm(cfg: Config, req: JobRequest, limit_mb: int) -> Optional[JobRequest]:
+    """The request with its VM made to fit in ``limit_mb``, a limit the batch system holds the
+    sum of the job's processes to once QEMU counts as one of them (Grid Engine's vmem, HTCondor's
+    MemoryUsage against the slot's Memory): the VM's hard cap (the guest's memory plus QEMU's
+    overhead) is the limit less HOST_RESERVE_MB. None: the limit cannot hold a VM of
+    ``jobs.min_memory_mb`` (the caller keeps QEMU out of the job's usage, and says so)."""
+    fit = limit_mb - cfg.vm.memory_overhead_mb - HOST_RESERVE_MB
+    if fit >= req.memory_mb:
+        return req
+    if fit < cfg.jobs.min_memory_mb:
+        return None
+    return dataclasses.replace(req, memory_mb=fit)
 
 
 def exec_job(cfg: Config, job_id: str, argv: Sequence[str], script: Optional[str] = None,
