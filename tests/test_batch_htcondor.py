@@ -521,6 +521,16 @@ def test_the_vms_cpu_time_lands_in_the_jobs_cgroup_and_libvirts_cap_and_pinning_
     assert leftovers(vm_env, job) == []
 
 
+TRACKING_GID = 750007     # in the pool's MIN_TRACKING_GID..MAX_TRACKING_GID (set_params below)
+
+
+def counted_by_group(pool: dict) -> None:
+    """The pool's configuration for a procd that tracks by group (docs/batch/htcondor.md)."""
+    set_params(pool, MOUNT_UNDER_SCRATCH='"/tmp"', USE_GID_PROCESS_TRACKING="true",
+               MIN_TRACKING_GID="750000", MAX_TRACKING_GID="750100",
+               **{"STARTER.PID_SNAPSHOT_INTERVAL": "3"})
+
+
 def allocated_cpus(env, job: str) -> set[int]:
     """The CPUs vibatch's own allocator gave the job (its state record)."""
     from vibatch.core.jobdir import JobPaths
@@ -528,19 +538,23 @@ def allocated_cpus(env, job: str) -> set[int]:
     return set((read_json(JobPaths.of(env.cfg, job).state_file, {}) or {}).get("cpus") or ())
 
 
-@pytest.mark.parametrize("tracking", ["cgroup", "procd", "cgroup2"])
+@pytest.mark.parametrize("tracking", ["cgroup", "procd", "procd_gid", "cgroup2"])
 def test_condor_suspend_stops_the_guest_and_continue_goes_on(vm_env, tracker, condor, tracking):
     """condor_suspend, as the real starter does it: with cgroups (v1) it freezes the job's
     freezer cgroup, where QEMU now is; under the procd it SIGSTOPs the wrapper's family, and the
-    root watcher suspends the domain; on cgroup v2 (played from the 25.0.13 source) it freezes
+    root watcher suspends the domain; with USE_GID_PROCESS_TRACKING QEMU is in that family and
+    is stopped itself (state T), and the watcher, which must not call a stopped QEMU's monitor,
+    leaves the domain running; on cgroup v2 (played from the 25.0.13 source) it freezes
     the job's v2 cgroup, which QEMU is not in, and the watcher, which left that cgroup, suspends
     the domain. Each way libvirt's CPU time stands still for 3 s; after condor_continue the
     guest burns again, its clock is right (within 2 s) and the job ends with its own exit code.
     Before the v2 watcher, the v2 guest burnt on while suspended (about 3 s in 3 s)."""
     import libvirt
+    from vibatch.core import adopt
+    from vibatch.core.pause import process_state
     from vibatch.vm import hypervisor
     starter, home, _cfg = condor
-    n = {"cgroup": 121, "procd": 122, "cgroup2": 123}[tracking]
+    n = {"cgroup": 121, "procd": 122, "cgroup2": 123, "procd_gid": 125}[tracking]
     job = f"{n}.0@{SESSION}-ap.example.org"
     marker, resume = (os.path.join(vm_env.base, f"{w}.{n}") for w in ("suspended", "resume"))
     gate = os.path.join(home, f"gate.{n}")
@@ -553,11 +567,23 @@ def test_condor_suspend_stops_the_guest_and_continue_goes_on(vm_env, tracker, co
             conn = hypervisor.connect(vm_env.cfg.libvirt_uri)
             try:
                 dom = hypervisor.lookup(conn, "vibatch-" + job)
-                if tracking != "cgroup":   # the watcher's libvirt suspend
+                if tracking == "procd_gid":   # the procd's SIGSTOP reached QEMU itself
+                    [qemu] = [p for p in adopt.vm_pids(dom)
+                              if open(f"/proc/{p}/comm").read().startswith("qemu")]
+                    assert wait_until(lambda: process_state(qemu, None) == "T", 30)
+                    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING   # not libvirt's pause
+
+                elif tracking != "cgroup":   # the watcher's libvirt suspend
                     assert wait_until(lambda: dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED, 30)
                 t0 = hypervisor.cpu_time_s(dom)
                 time.sleep(3)          # measuring: CPU time over 3 s of suspension
                 grown = hypervisor.cpu_time_s(dom) - t0
+                if tracking == "procd_gid":
+                    # nor a pause asked of the stopped QEMU by the watcher: that monitor call
+                    # would hang, holding the domain's job lock, and this call would fail after
+                    # libvirt's 30 s ("cannot acquire state change lock")
+                    shares = dom.schedulerParameters()["cpu_shares"]
+                    dom.setSchedulerParameters({"cpu_shares": shares})
                 touch(resume)
                 t1 = hypervisor.cpu_time_s(dom)
                 again = wait_until(lambda: dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
@@ -570,10 +596,19 @@ def test_condor_suspend_stops_the_guest_and_continue_goes_on(vm_env, tracker, co
             touch(gate)
             released.append(time.time())
     released: list = []
-    r, (grown, again) = alongside(lambda: starter.run(
-        tracker, job_ad(n, '"testguest"', iwd=home), script, args=[str(n)], iwd=home,
-        tracking=tracking, suspend={"when": f"started.{n}", "marker": marker,
-                                    "resume_when": resume}), side)
+    extra: dict = {}
+    if tracking == "procd_gid":     # the wrapper boots the VM, which the procd then counts
+        counted_by_group(starter.pool)
+        extra = dict(prepare_job=False, tracking_gid=TRACKING_GID, snapshot_s=3,
+                     machine_ad=MACHINE_AD.replace("Memory = 640", "Memory = 1024"))
+    try:
+        r, (grown, again) = alongside(lambda: starter.run(
+            tracker, job_ad(n, '"testguest"', iwd=home), script, args=[str(n)], iwd=home,
+            tracking="procd" if tracking == "procd_gid" else tracking,
+            suspend={"when": f"started.{n}", "marker": marker, "resume_when": resume},
+            **extra), side)
+    finally:
+        set_params(starter.pool, MOUNT_UNDER_SCRATCH='"/tmp"')
     print(f"E11 {tracking}: {grown:.3f} s of CPU in 3 s suspended; {r['stdout']!r}")
     assert grown < 0.1, f"the suspended guest used {grown:.2f} s of CPU in 3 s"
     assert again, "the guest did not run again after condor_continue"
@@ -584,9 +619,6 @@ def test_condor_suspend_stops_the_guest_and_continue_goes_on(vm_env, tracker, co
              if line.startswith("clock ")]
     assert clock and abs(clock[0] - released[0]) < 2, (clock, released, r["stdout"])
     assert leftovers(vm_env, job) == []
-
-
-TRACKING_GID = 750007     # in the pool's MIN_TRACKING_GID..MAX_TRACKING_GID (set_params below)
 
 
 def test_the_procd_counts_the_vm_by_the_jobs_tracking_group(vm_env, tracker, condor):
@@ -604,9 +636,7 @@ def test_the_procd_counts_the_vm_by_the_jobs_tracking_group(vm_env, tracker, con
     starter, home, _cfg = condor
     n = 124
     job = f"{n}.0@{SESSION}-ap.example.org"
-    set_params(starter.pool, MOUNT_UNDER_SCRATCH='"/tmp"', USE_GID_PROCESS_TRACKING="true",
-               MIN_TRACKING_GID="750000", MAX_TRACKING_GID="750100",
-               **{"STARTER.PID_SNAPSHOT_INTERVAL": "3"})
+    counted_by_group(starter.pool)
     script = ("#!/bin/sh\nawk 'BEGIN { s = sprintf(\"%314572800s\", \"\"); print \"filled\" }'\n"
               "timeout 10 sh -c 'while :; do :; done'\ntouch burnt.$1\n"
               "i=0; while [ ! -e gate.$1 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done\n")

@@ -531,8 +531,10 @@ def counted_by_procd(cfg: Config, condor: Condor, caller: Caller, req: JobReques
         use, low, high, every = condor.params(
             "USE_GID_PROCESS_TRACKING", "MIN_TRACKING_GID", "MAX_TRACKING_GID",
             "PID_SNAPSHOT_INTERVAL", subsystem="STARTER")
-        if use.lower() != "true":
+        if use.lower() in ("false", "0"):      # HTCondor's own spellings of a boolean
             return req, None
+        if use.lower() not in ("true", "1"):
+            raise NodeError(f"USE_GID_PROCESS_TRACKING is {use!r}, not true or false")
         if not (low.isdigit() and high.isdigit() and every.isdigit()) \
                 or not 0 < int(low) <= int(high):
             raise NodeError(f"USE_GID_PROCESS_TRACKING is on, but MIN_TRACKING_GID "
@@ -706,12 +708,13 @@ def wrapper(call: Call) -> int:
         return codes[Fault.JOB]
     if fault is Fault.NODE:
         return node_fault(_helper_message(res))
+    ended_by = list(pending.signals)
     try:
         if pending.signals:     # removed or vacated while booting: do not start the job
             return 128 + pending.signals[0]
         try:
             job_id = check_job_id((res.stdout.strip().splitlines() or [""])[-1])
-            return exec_job(call.cfg(), job_id, list(argv))
+            return exec_job(call.cfg(), job_id, list(argv), ended_by=ended_by)
         except VibatchError as e:
             print(f"vibatch: htcondor wrapper: {e.message}", file=sys.stderr)
             return codes[Fault.JOB]
@@ -720,7 +723,10 @@ def wrapper(call: Call) -> int:
             return codes[Fault.JOB]
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # finish even if signalled again
-        why = _finish(helper, FINISH_ALARM_S + FINAL_WAIT_MAX_S + SUDO_MARGIN_S, wrapper=True)
+        # the procd's last look at a VM it counts, unless the job was told to end (condor_rm,
+        # vacate): then the starter SIGKILLs what is left after its vacate time (10 s)
+        why = _finish(helper, FINISH_ALARM_S + FINAL_WAIT_MAX_S + SUDO_MARGIN_S,
+                      wrapper=not ended_by)
         if why is not None:
             print(f"vibatch: htcondor: ending the VM failed; the JOB_EXIT hook or `vibatch "
                   f"reap` will: {why}", file=sys.stderr)
