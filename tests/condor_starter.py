@@ -317,9 +317,10 @@ class Procd:
 
 
 def publish_updates(procd, at):
-    """The starter's updates to the shadow, ``at`` seconds after the job's start
-    (STARTER_INITIAL_UPDATE_INTERVAL 8, then STARTER_UPDATE_INTERVAL): each carries the
-    largest family RSS it has seen (what the procd's last snapshot gave)."""
+    """The starter's periodic updates to the shadow, ``at`` seconds after the job's start
+    (STARTER_INITIAL_UPDATE_INTERVAL 8, then STARTER_UPDATE_INTERVAL, 300): each carries the
+    largest family RSS it has seen (what the procd's last snapshot gave). One more goes when
+    the wrapper has exited, before the end-of-job kill (main)."""
     start = time.monotonic()
     for t in at:
         if procd.stop.wait(max(0.0, start + t - time.monotonic())):
@@ -559,7 +560,9 @@ def main():
         result["usage"] = cgroup_usage(dirs)
         for d in dirs.values():
             remove_cgroup(d)
-    if procd:  # killFamilyIfWarranted (a snapshot, then SIGKILL), then recordFinalUsage
+    if procd:  # OsProc::JobReaper's update to the shadow (what the last snapshot saw), then
+        # killFamilyIfWarranted (a snapshot, then SIGKILL), then recordFinalUsage
+        procd.published_rss = max(procd.published_rss, procd.usage()["rss"])
         result["killed_at_end"] = procd.signal(signal.SIGKILL)
         procd.stop.set()
         usage = procd.usage()

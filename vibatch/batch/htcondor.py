@@ -500,9 +500,8 @@ def _prepare(core: Any, config_path: str, scratch: str, cwd: str, caller: Caller
         core.epilogue(job_id, None)
     user = resolve_user(str(caller.uid)).name
     req = read_request(lambda: job_from_ads(cfg, ad, ad, user, workdir))
-    counted = None
-    if job_ns is not None:   # the wrapper boots the VM: the job's process family exists now
-        req, counted = counted_by_procd(cfg, condor, caller, req)
+    # only the wrapper boots the VM once the job's process family exists
+    req, counted = counted_by_procd(cfg, condor, caller, req, in_family=job_ns is not None)
     core.prologue(req, holder=caller.starter_pid)
     if job_ns is not None:   # called by the wrapper (no PREPARE_JOB hook)
         try:
@@ -513,8 +512,8 @@ def _prepare(core: Any, config_path: str, scratch: str, cwd: str, caller: Caller
     return req.job_id, counted
 
 
-def counted_by_procd(cfg: Config, condor: Condor, caller: Caller, req: JobRequest
-                     ) -> tuple[JobRequest, Optional[Tracking]]:
+def counted_by_procd(cfg: Config, condor: Condor, caller: Caller, req: JobRequest,
+                     in_family: bool = True) -> tuple[JobRequest, Optional[Tracking]]:
     """Under condor_procd with USE_GID_PROCESS_TRACKING, the starter gives the job's first
     process (the wrapper) a tracking group, and the procd counts every process it has not seen
     before that carries the group: QEMU and the share launchers get it (``process_gid``), and
@@ -522,8 +521,8 @@ def counted_by_procd(cfg: Config, condor: Condor, caller: Caller, req: JobReques
     that memory (MemoryUsage) with the slot's Memory, so the whole VM is made to fit in it
     (kit.fit_vm). Anything short of that leaves the VM out of the job's usage, as without the
     group (logged): never the job's failure. Only where the wrapper boots the VM: before it
-    runs (the PREPARE_JOB hook) there is no family yet, and the procd never takes a process it
-    has seen before."""
+    runs (the PREPARE_JOB hook, ``in_family`` false) there is no family yet, and the procd
+    never takes a process it has seen before: that is logged, once per job."""
     def uncounted(why: Exception) -> tuple[JobRequest, Optional[Tracking]]:
         log_error(f"htcondor: job {req.job_id}: the VM stays out of its usage", why)
         return req, None
@@ -540,6 +539,10 @@ def counted_by_procd(cfg: Config, condor: Condor, caller: Caller, req: JobReques
             raise NodeError(f"USE_GID_PROCESS_TRACKING is on, but MIN_TRACKING_GID "
                             f"{low!r}, MAX_TRACKING_GID {high!r} or PID_SNAPSHOT_INTERVAL "
                             f"{every!r} is not a valid number")
+        if not in_family:
+            raise NodeError("USE_GID_PROCESS_TRACKING is on, but the PREPARE_JOB hook boots the "
+                            "VM before the job's process family exists, so the procd never "
+                            "counts it (without the hook the wrapper boots it, and it is)")
         gid = tracking_gid(caller.job_pid, int(low), int(high))
     except (NodeError, OSError, ValueError) as e:
         return uncounted(e)
