@@ -208,7 +208,7 @@ def test_take_runs_once_per_job(monkeypatch, tmp_path):
         lambda cfg, job: type("P", (), {"state": str(state), "domain": "vibatch-" + job})()))
     started = []
     monkeypatch.setattr(usage, "job_cgroups", lambda job_pid, starter: usage.JobCgroups({}, {}))
-    monkeypatch.setattr(usage, "start_watcher", lambda *a: started.append(a))
+    monkeypatch.setattr(usage, "start_watcher", lambda *a, **k: started.append(a))
     from vibatch.vm import hypervisor
     monkeypatch.setattr(hypervisor, "connect", lambda uri: type("C", (), {"close": lambda s: None})())
     monkeypatch.setattr(hypervisor, "lookup", lambda conn, name: None)
@@ -392,6 +392,6 @@ def test_on_v2_the_suspend_watcher_does_not_need_qemu_under_libvirts_v1_style_cg
     monkeypatch.setattr(adopt, "vm_pids", lambda dom: [])
     monkeypatch.setattr(usage, "log_error", lambda *a: None)
     started = []
-    monkeypatch.setattr(usage, "start_watcher", lambda *a: started.append(a))
+    monkeypatch.setattr(usage, "start_watcher", lambda *a, **k: started.append(a))
     usage.take(config.Config(), "j1", 10, 11, NOBODY)
     assert len(started) == 1 and started[0][4] is not None and started[0][4].v2 == v2.v2
