@@ -291,10 +291,11 @@ class Procd:
                 if pid == self.root or (self.gid and self.gid in self._groups(pid)):
                     self.members[pid] = p[1:]
             grown = True
-            while grown:            # the parent tracker, last
+            while grown:            # the parent tracker, last: a parent born before its child
                 grown = False
                 for pid, p in new.items():
-                    if pid not in self.members and p[0] in self.members:
+                    parent = self.members.get(p[0])
+                    if pid not in self.members and parent and parent[0] <= p[1]:
                         self.members[pid] = p[1:]
                         grown = True
             self.seen.update((pid, p[1]) for pid, p in procs.items())
@@ -305,7 +306,7 @@ class Procd:
     def signal(self, sig):
         self.snapshot()
         with self.lock:
-            pids = list(self.members)
+            pids = list(reversed(self.members))   # ProcFamily::spree: the newest member first
         signal_all(pids, sig)
         return pids
 

@@ -776,3 +776,12 @@ def test_counted_by_procd_fits_the_vm_in_the_slot_or_leaves_it_out(tmp_path, moc
     htcondor.tracking_gid.side_effect = ValueError("holds 0 groups of the tracking range")
     assert htcondor.counted_by_procd(cfg, condor, caller, req) == (req, None)
     assert "holds 0 groups" in str(logged.call_args[0][1])
+
+
+def test_the_helpers_finish_takes_only_its_one_flag(capsys):
+    """``helper finish`` takes nothing but ``--wrapper`` (the procd's last snapshot): anything
+    else is a usage error (2) before any root work, naming the usage."""
+    from vibatch.batch.base import main
+    for argv in (["helper", "finish", "--bogus"], ["helper", "finish", "--wrapper", "x"]):
+        assert main(htcondor.SYSTEM, argv) == 2
+        assert "helper finish [--wrapper]" in capsys.readouterr().err

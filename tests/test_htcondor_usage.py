@@ -395,3 +395,48 @@ def test_on_v2_the_suspend_watcher_does_not_need_qemu_under_libvirts_v1_style_cg
     monkeypatch.setattr(usage, "start_watcher", lambda *a, **k: started.append(a))
     usage.take(config.Config(), "j1", 10, 11, NOBODY)
     assert len(started) == 1 and started[0][4] is not None and started[0][4].v2 == v2.v2
+
+
+def test_final_snapshot_pauses_a_counted_vm_and_waits_one_procd_interval(monkeypatch, tmp_path):
+    """A VM the procd counts (COUNTED_FILE) is paused, then the wrapper waits the starter's
+    PID_SNAPSHOT_INTERVAL and 2 s (at most FINAL_WAIT_MAX_S); one the procd has stopped
+    (condor_suspend: QEMU in state T) is not asked to pause, since its monitor would not
+    answer. Not counted, a domain already gone, or a record that is not one: no wait."""
+    import json
+    import signal
+    from vibatch.core import jobdir
+    from vibatch.vm import hypervisor
+    state = tmp_path / "state"
+    state.mkdir()
+    monkeypatch.setattr(jobdir.JobPaths, "of", staticmethod(
+        lambda cfg, job: type("P", (), {"state": str(state), "domain": "vibatch-" + job})()))
+    dom = FakeDomain()
+    monkeypatch.setattr(hypervisor, "connect", lambda uri: type("C", (), {"close": lambda s: None})())
+    monkeypatch.setattr(hypervisor, "lookup", lambda conn, name: dom)
+    slept = []
+    monkeypatch.setattr(usage.time, "sleep", slept.append)
+    logged = []
+    monkeypatch.setattr(usage, "log_error", lambda what, e: logged.append(str(e)))
+    cfg = config.Config()
+    assert usage.final_snapshot(cfg, "j1") is None and slept == [] and dom.calls == []
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"gid": 750003, "snapshot_s": 5, "pids": [child.pid]}
+        (state / usage.COUNTED_FILE).write_text(json.dumps(record))
+        assert usage.final_snapshot(cfg, "j1") == 7 and dom.calls == ["suspend"]
+        dom.running, dom.calls = True, []
+        os.kill(child.pid, signal.SIGSTOP)
+        wait_for(lambda: pause.process_state(child.pid, None) == "T")
+        assert usage.final_snapshot(cfg, "j1") == 7 and dom.calls == []   # stopped: no call
+        os.kill(child.pid, signal.SIGCONT)
+        (state / usage.COUNTED_FILE).write_text(json.dumps(dict(record, snapshot_s=600)))
+        assert usage.final_snapshot(cfg, "j1") == usage.FINAL_WAIT_MAX_S
+    finally:
+        child.kill()
+        child.wait()
+    assert slept == [7, 7, usage.FINAL_WAIT_MAX_S]
+    monkeypatch.setattr(hypervisor, "lookup", lambda conn, name: None)
+    assert usage.final_snapshot(cfg, "j1") is None
+    (state / usage.COUNTED_FILE).write_text("not json")
+    monkeypatch.setattr(hypervisor, "lookup", lambda conn, name: dom)
+    assert usage.final_snapshot(cfg, "j1") is None and len(slept) == 3 and logged

@@ -51,8 +51,8 @@ from ..errors import Fault, NodeError, ResourceRequestError, VibatchError
 from ..util import log_error
 from ..core.jobdir import JobPaths
 from ..core.request import JobRequest, check_job_id, make_request, resolve_user
-from .base import AS_IS, BatchSystem, Call, exits, main, run_root
-from .htcondor_usage import FINAL_WAIT_MAX_S, Tracking, tracking_gid
+from .base import AS_IS, BatchSystem, Call, HookTimeout, exits, main, run_root
+from .htcondor_usage import FINAL_WAIT_MAX_S, Tracking, final_snapshot, take, tracking_gid
 from .kit import HOST_RESERVE_MB, STARTER_FAILED, exec_job, fit_vm, read_request
 SUDO = "/usr/bin/sudo"
 SUDO_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}   # nothing of the job's reaches sudo
@@ -463,9 +463,8 @@ def helper_prepare(core: Any, config_path: str, scratch: str, cwd: str, environ:
     caller = find_caller(environ)
     job_ns = enter_mount_namespace(caller)
     try:
-        job_id, counted = _prepare(core, config_path, scratch, cwd, caller, job_ns)
+        job_id, counted = _prepare(core, config_path, scratch, cwd, caller, job_ns, wrapper)
         if wrapper:
-            from .htcondor_usage import take   # noqa: PLC0415
             take(core.cfg, job_id, caller.job_pid, caller.starter_pid, caller.uid, counted)
         print(job_id)
     finally:
@@ -474,7 +473,7 @@ def helper_prepare(core: Any, config_path: str, scratch: str, cwd: str, environ:
 
 
 def _prepare(core: Any, config_path: str, scratch: str, cwd: str, caller: Caller,
-             job_ns: Optional[int]) -> tuple[str, Optional[Tracking]]:
+             job_ns: Optional[int], wrapper: bool) -> tuple[str, Optional[Tracking]]:
     """(the job id, and whether condor_procd counts the VM by the job's tracking group)."""
     cfg = core.cfg
     held = core.jobs_held_by(caller.starter_pid)
@@ -501,7 +500,7 @@ def _prepare(core: Any, config_path: str, scratch: str, cwd: str, caller: Caller
     user = resolve_user(str(caller.uid)).name
     req = read_request(lambda: job_from_ads(cfg, ad, ad, user, workdir))
     # only the wrapper boots the VM once the job's process family exists
-    req, counted = counted_by_procd(cfg, condor, caller, req, in_family=job_ns is not None)
+    req, counted = counted_by_procd(cfg, condor, caller, req, in_family=wrapper)
     core.prologue(req, holder=caller.starter_pid)
     if job_ns is not None:   # called by the wrapper (no PREPARE_JOB hook)
         try:
@@ -565,8 +564,11 @@ def helper_finish(core: Any, environ: dict, wrapper: bool = False) -> list[str]:
     jobs = core.jobs_held_by(caller.starter_pid)
     for job_id in jobs:
         if wrapper:
-            from .htcondor_usage import final_snapshot   # noqa: PLC0415
-            final_snapshot(core.cfg, job_id)
+            try:
+                final_snapshot(core.cfg, job_id)
+            except HookTimeout:
+                pass    # stopped with the job (condor_suspend) past our alarm: the wait is over
+            signal.alarm(FINISH_ALARM_S)   # the epilogue's own time, whatever the wait took
         core.epilogue(job_id, None)
     return jobs
 

@@ -210,7 +210,9 @@ def held_job_cgroups(job_pid: int, starter_pid: int) -> JobCgroups:
 
 def groups_of(pid: int) -> list[int]:
     """The supplementary groups of process ``pid`` (the ``Groups:`` line of its status)."""
-    for line in _read(f"/proc/{int(pid)}/status").splitlines():
+    text = _read(f"/proc/{int(pid)}/status")
+    # a line cut off by the bounded read could end in a prefix of a gid: only whole lines
+    for line in text.split("\n")[:-1]:
         name, sep, value = line.partition(":")
         if name == "Groups" and sep:
             if not all(g.isdigit() for g in value.split()):
@@ -258,9 +260,6 @@ def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int,
     try:   # once per job: the helper can be called again by the job's user (one watcher only)
         os.close(os.open(os.path.join(paths.state, TAKEN_FILE),
                          os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-        if counted is not None:
-            atomic_write_json(os.path.join(paths.state, COUNTED_FILE),
-                              {"gid": counted.gid, "snapshot_s": counted.snapshot_s})
     except FileExistsError:
         return
     except OSError as e:
@@ -284,6 +283,10 @@ def take(cfg, job_id: str, job_pid: int, starter_pid: int, uid: int,
                 conn.close()
             if not pids:
                 raise RuntimeError(f"no processes found in libvirt's cgroup of {paths.domain}")
+        if counted is not None:   # for final_snapshot
+            atomic_write_json(os.path.join(paths.state, COUNTED_FILE),
+                              {"gid": counted.gid, "snapshot_s": counted.snapshot_s,
+                               "pids": pids})
         if moved:
             for directory in moved.values():
                 move(pids, directory)
@@ -306,7 +309,10 @@ def final_snapshot(cfg, job_id: str) -> Optional[float]:
     PID_SNAPSHOT_INTERVAL, and a process that has exited keeps those figures. So the CPU the
     VM used since then would be lost. The domain is paused, so that its CPU time stands still,
     and the wrapper waits for one more snapshot: the interval and 2 s, at most
-    FINAL_WAIT_MAX_S. Returns the seconds waited (None: not counted). Never raises."""
+    FINAL_WAIT_MAX_S. A QEMU that the procd has stopped (condor_suspend) is not asked to
+    pause: its monitor would not answer, and it uses no CPU anyway. Returns the seconds waited
+    (None: not counted). Raises nothing but the helper's own alarm, in the wait."""
+    import libvirt   # noqa: PLC0415 - after the helper's hygiene
     from ..core.jobdir import JobPaths   # noqa: PLC0415
     from ..vm import hypervisor   # noqa: PLC0415
     paths = JobPaths.of(cfg, job_id)
@@ -314,13 +320,16 @@ def final_snapshot(cfg, job_id: str) -> Optional[float]:
         data = safeio.read_bounded(os.path.join(paths.state, COUNTED_FILE), CGROUP_FILE_MAX)
         if data is None:
             return None
-        wait = min(float(json.loads(data)["snapshot_s"]) + 2, FINAL_WAIT_MAX_S)
+        counted = json.loads(data)
+        wait = min(float(counted["snapshot_s"]) + 2, FINAL_WAIT_MAX_S)
+        stopped = any(pause.process_state(int(p), None) == "T" for p in counted["pids"])
         conn = hypervisor.connect(cfg.libvirt_uri)
         try:
             dom = hypervisor.lookup(conn, paths.domain)
             if dom is None or not dom.isActive():
                 return None
-            dom.suspend()
+            if not stopped and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                dom.suspend()
         finally:
             conn.close()
     except Exception as e:  # noqa: BLE001 - the tail of the VM's usage is lost, nothing more
