@@ -713,13 +713,12 @@ def wrapper(call: Call) -> int:
         return codes[Fault.JOB]
     if fault is Fault.NODE:
         return node_fault(_helper_message(res))
-    ended_by = list(pending.signals)
     try:
         if pending.signals:     # removed or vacated while booting: do not start the job
             return 128 + pending.signals[0]
         try:
             job_id = check_job_id((res.stdout.strip().splitlines() or [""])[-1])
-            return exec_job(call.cfg(), job_id, list(argv), ended_by=ended_by)
+            return exec_job(call.cfg(), job_id, list(argv))
         except VibatchError as e:
             print(f"vibatch: htcondor wrapper: {e.message}", file=sys.stderr)
             return codes[Fault.JOB]
@@ -728,10 +727,10 @@ def wrapper(call: Call) -> int:
             return codes[Fault.JOB]
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # finish even if signalled again
-        # the procd's last look at a VM it counts, unless the job was told to end (condor_rm,
-        # vacate): then the starter SIGKILLs what is left after its vacate time (10 s)
-        why = _finish(helper, FINISH_ALARM_S + FINAL_WAIT_MAX_S + SUDO_MARGIN_S,
-                      wrapper=not ended_by)
+        # the procd's last look at a VM it counts, after condor_rm or a vacate too: else the
+        # job's user could end their own job by a signal and have its VM's last CPU uncounted.
+        # A starter that SIGKILLs us first takes its own snapshot before it kills
+        why = _finish(helper, FINISH_ALARM_S + FINAL_WAIT_MAX_S + SUDO_MARGIN_S, wrapper=True)
         if why is not None:
             print(f"vibatch: htcondor: ending the VM failed; the JOB_EXIT hook or `vibatch "
                   f"reap` will: {why}", file=sys.stderr)

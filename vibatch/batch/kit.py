@@ -59,8 +59,7 @@ def fit_vm(cfg: Config, req: JobRequest, limit_mb: int) -> Optional[JobRequest]:
 def exec_job(cfg: Config, job_id: str, argv: Sequence[str], script: Optional[str] = None,
              drop_first_line: bool = False, interpreter: Optional[str] = None,
              shell: Optional[str] = None, environ: Optional[dict] = None,
-             relay: Optional[Callable[[Exec], Any]] = None, stdin: Optional[int] = None,
-             ended_by: Optional[list] = None) -> int:
+             relay: Optional[Callable[[Exec], Any]] = None, stdin: Optional[int] = None) -> int:
     """The job starter's part: run the job in its VM, as the job user. ``script`` is a host
     file the guest cannot see (the batch system's spool copy of the job script): its text is
     handed to the guest and run with ``argv`` as its arguments (by ``interpreter``, a path in
@@ -68,8 +67,7 @@ def exec_job(cfg: Config, job_id: str, argv: Sequence[str], script: Optional[str
     prologue refused the job, say why, in the job's own error output, and fail it.
     ``environ``: the job's environment (default: ours); ``relay(exec)``: what serves the guest's
     requests while the job runs (see Exec.relay), closed after; ``stdin``: a descriptor whose
-    input is streamed to the job (Exec.run); ``ended_by``: gets the signal that was forwarded to
-    end the job (Exec.ending: condor_rm's, scancel's), if one was."""
+    input is streamed to the job (Exec.run)."""
     why = read_refusal(cfg, job_id)
     if why is not None:
         print(f"vibatch: this job cannot run: {why}", file=sys.stderr)
@@ -89,8 +87,6 @@ def exec_job(cfg: Config, job_id: str, argv: Sequence[str], script: Optional[str
     finally:
         if ex.relay is not None:
             ex.relay.close()
-        if ended_by is not None and ex.ending is not None:
-            ended_by.append(ex.ending)
 
 
 def _refusal_path(cfg: Config, job_id: str) -> str:
