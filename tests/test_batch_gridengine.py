@@ -71,8 +71,8 @@ def assert_queue_ok(c):
 
 def fitted(vm_env, h_vmem_mb: int) -> int:
     """The guest's memory for a 1-slot job of that h_vmem (gridengine.fit_vmem)."""
-    from vibatch.batch.gridengine import VMEM_HOST_RESERVE_MB
-    return h_vmem_mb - VMEM_HOST_RESERVE_MB - vm_env.cfg.vm.memory_overhead_mb
+    from vibatch.batch.kit import HOST_RESERVE_MB
+    return h_vmem_mb - HOST_RESERVE_MB - vm_env.cfg.vm.memory_overhead_mb
 
 
 def test_an_os_request_runs_the_job_in_that_guest_with_its_exit_code(vm_env, sge):

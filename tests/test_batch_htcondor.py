@@ -18,7 +18,7 @@ from vmhelp import (batch_user, guest_kernel, install_shims, leftovers, variant,
                     warm_shapes)
 from condor_starter import PRIVATE_INHERIT, submit_requirement
 from vibatch import config
-from vibatch.batch import htcondor
+from vibatch.batch import htcondor, kit
 from vibatch.errors import Fault, NodeError, ResourceRequestError
 
 USER, UID = "vbt-htcondor", 23406
@@ -677,14 +677,14 @@ def test_the_procd_counts_the_vm_by_the_jobs_tracking_group(vm_env, tracker, con
         assert TRACKING_GID in groups, (seen["comm"][pid], groups)
     # the whole VM fits in the slot: the guest's memory and QEMU's overhead, and room beside
     assert seen["memory_kib"] == (1024 - vm_env.cfg.vm.memory_overhead_mb
-                                  - htcondor.HOST_RESERVE_MB) * 1024
+                                  - kit.HOST_RESERVE_MB) * 1024
     u = r["usage"]
     assert u["RemoteUserCpu"] + u["RemoteSysCpu"] >= 8, u
     # each process's utime and stime are cut to whole seconds: QEMU, virtiofsd, the host side
     assert u["RemoteUserCpu"] + u["RemoteSysCpu"] >= rec["vm_cpu_time_s"] - 4, (u, rec)
     assert u["ResidentSetSize"] >= 300 * 1024, u
     assert r["killed_at_end"] == [], r           # the VM was gone, not killed by the starter
-    assert rec["memory_mb"] == 1024 - vm_env.cfg.vm.memory_overhead_mb - htcondor.HOST_RESERVE_MB
+    assert rec["memory_mb"] == 1024 - vm_env.cfg.vm.memory_overhead_mb - kit.HOST_RESERVE_MB
     assert leftovers(vm_env, job) == []
 
 
@@ -760,7 +760,7 @@ def test_counted_by_procd_fits_the_vm_in_the_slot_or_leaves_it_out(tmp_path, moc
     assert condor.asked[0][0] == "STARTER"         # as the starter sees its configuration
     assert counted == htcondor_usage.Tracking(750003, 5)
     assert fitted.process_gid == 750003
-    assert fitted.memory_mb == 1024 - cfg.vm.memory_overhead_mb - htcondor.HOST_RESERVE_MB
+    assert fitted.memory_mb == 1024 - cfg.vm.memory_overhead_mb - kit.HOST_RESERVE_MB
     off = FakeCondor(**dict(on, USE_GID_PROCESS_TRACKING="false"))
     assert htcondor.counted_by_procd(cfg, off, caller, req) == (req, None)
     assert not logged.called

@@ -14,7 +14,7 @@ import time
 import libvirt
 import pytest
 
-from vibatch.batch import gridengine
+from vibatch.batch import gridengine, kit
 from vibatch.core import pause
 from vibatch.errors import NodeError
 
@@ -343,13 +343,13 @@ def test_a_vm_is_made_to_fit_in_the_jobs_vmem_limit(tmp_path):
     without the group."""
     from vibatch.core.request import JobRequest, JobUser
     cfg = fit_config(tmp_path)
-    over = cfg.vm.memory_overhead_mb + gridengine.VMEM_HOST_RESERVE_MB
+    over = cfg.vm.memory_overhead_mb + kit.HOST_RESERVE_MB
     req = JobRequest("17", JobUser("alice", 1000, 1000, "/"), 2, 2048, None, "/")
     here = {"host_slots": "2"}
     assert gridengine.fit_vmem(cfg, req, {**here, "h_vmem": "INFINITY"}) == (req, True)
     fitted, counted = gridengine.fit_vmem(cfg, req, {**here, "h_vmem": "1G"})
     assert counted and fitted.memory_mb == 2048 - over and fitted.cores == 2
-    assert fitted.memory_mb + cfg.vm.memory_overhead_mb <= 2048 - gridengine.VMEM_HOST_RESERVE_MB
+    assert fitted.memory_mb + cfg.vm.memory_overhead_mb <= 2048 - kit.HOST_RESERVE_MB
     roomy = dataclasses.replace(req, memory_mb=512)
     assert gridengine.fit_vmem(cfg, roomy, {**here, "h_vmem": "4G"}) == (roomy, True)
     tiny = {**here, "h_vmem": f"{(cfg.jobs.min_memory_mb + over) // 2 - 1}M"}
@@ -367,7 +367,7 @@ def test_a_parallel_job_is_fitted_to_the_slots_of_this_host(tmp_path):
     conf = {"h_vmem": "1G", "s_vmem": "INFINITY", "pe_slots": "8", "host_slots": "4"}
     fitted, counted = gridengine.fit_vmem(cfg, req, conf)
     assert counted
-    assert fitted.memory_mb + cfg.vm.memory_overhead_mb == 4096 - gridengine.VMEM_HOST_RESERVE_MB
+    assert fitted.memory_mb + cfg.vm.memory_overhead_mb == 4096 - kit.HOST_RESERVE_MB
     hostfile = tmp_path / "pe_hostfile"      # one queue here: host_slots holds
     hostfile.write_text("node1 4 all.q@node1 UNDEFINED\nnode2 4 all.q@node2 UNDEFINED\n")
     assert gridengine.limit_slots({**conf, "host": "node1", "queue": "all.q",
@@ -432,7 +432,7 @@ def test_a_vm_fitted_to_an_octal_limit_fits_in_what_execd_enforces(tmp_path):
     req = JobRequest("17", JobUser("alice", 1000, 1000, "/"), 1, 16384, None, "/")
     fitted, counted = gridengine.fit_vmem(cfg, req, {"host_slots": "1", "h_vmem": "077777777777"})
     assert not counted or \
-        fitted.memory_mb + cfg.vm.memory_overhead_mb + gridengine.VMEM_HOST_RESERVE_MB <= 4095
+        fitted.memory_mb + cfg.vm.memory_overhead_mb + kit.HOST_RESERVE_MB <= 4095
 
 
 def test_every_spelling_grid_engine_accepts_is_read_as_it_reads_it():
@@ -467,7 +467,7 @@ def test_a_job_over_two_queues_of_this_host_is_not_fitted_to_the_master_queue_al
     req = JobRequest("17", JobUser("alice", 1000, 1000, "/"), 4, 8192, None, "/")
     fitted, counted = gridengine.fit_vmem(cfg, req, conf)
     assert not counted or \
-        fitted.memory_mb + cfg.vm.memory_overhead_mb + gridengine.VMEM_HOST_RESERVE_MB <= 7168
+        fitted.memory_mb + cfg.vm.memory_overhead_mb + kit.HOST_RESERVE_MB <= 7168
 
 
 def test_the_job_pid_file_is_read_bounded(tmp_path):

@@ -43,14 +43,13 @@ from ..config import Config
 from ..errors import CommandFailed, NodeError, ResourceRequestError
 from ..core.request import JobRequest, make_request, parse_memory_mb
 from .base import AS_IS, BatchSystem, Call, exits, main
-from .kit import HOST_RESERVE_MB, STARTER_FAILED, exec_job, fit_vm, home_of, read_request
+from .kit import STARTER_FAILED, exec_job, fit_vm, home_of, read_request
 
 QSTAT = "/usr/bin/qstat"
 SHEPHERD = "sge_shepherd"
 ADDGRPID = "addgrpid"            # the shepherd's record of the job's group, in its spool dir
 SPOOL_FILE_MAX = 1 << 20
 VMEM_LIMITS = ("h_vmem", "s_vmem")
-VMEM_HOST_RESERVE_MB = HOST_RESERVE_MB   # in execd's vmem sum beside the VM's cap (fit_vmem)
 # sge_parse_num_val (sge_parse_num_par.c): strtod unless the value starts with 0 and has no
 # '.' (then a sign, a decimal or fixed float, a hex float, inf or nan), else strtol base 0 (hex
 # or octal) kept to 32 bits (u_long32); a k/K/m/M/g/G multiplier (t/T in later releases)
@@ -337,7 +336,7 @@ def fit_vmem(cfg: Config, req: JobRequest, conf: Mapping[str, str]) -> tuple[Job
     """(the request, whether QEMU may carry the job's group). execd SIGKILLs a job whose
     processes, QEMU among them once it has the group, hold more than the job's vmem limit on
     this host. So the VM is made to fit in it: its hard cap (the guest's memory plus QEMU's
-    overhead) is the limit less VMEM_HOST_RESERVE_MB, for the job's host processes, virtiofsd
+    overhead) is the limit less kit.HOST_RESERVE_MB, for the job's host processes, virtiofsd
     and QEMU's shared libraries, which the cap does not hold. A limit too small for the smallest
     VM, or one that cannot be read, leaves the guest its requested memory and QEMU out of the job's
     usage, as before (logged): never a VM that execd would kill."""
@@ -351,12 +350,10 @@ def fit_vmem(cfg: Config, req: JobRequest, conf: Mapping[str, str]) -> tuple[Job
         return uncounted(str(e))
     if limit is None:
         return req, True
-    fitted = fit_vm(cfg, req, limit)
-    if fitted is None:
-        return uncounted(f"its vmem limit of {limit} MiB on this host cannot hold a VM of "
-                         f"{cfg.jobs.min_memory_mb} MiB and "
-                         f"{cfg.vm.memory_overhead_mb + VMEM_HOST_RESERVE_MB} MiB besides")
-    return fitted, True
+    try:
+        return fit_vm(cfg, req, limit, f"its vmem limit of {limit} MiB on this host"), True
+    except ResourceRequestError as e:
+        return uncounted(e.message)
 
 
 def process_gid(spool: str, conf: Mapping[str, str], job_id: str, task: str,

@@ -53,7 +53,7 @@ from ..core.jobdir import JobPaths
 from ..core.request import JobRequest, check_job_id, make_request, resolve_user
 from .base import AS_IS, BatchSystem, Call, HookTimeout, exits, main, run_root
 from .htcondor_usage import FINAL_WAIT_MAX_S, Tracking, final_snapshot, take, tracking_gid
-from .kit import HOST_RESERVE_MB, STARTER_FAILED, exec_job, fit_vm, read_request
+from .kit import STARTER_FAILED, exec_job, fit_vm, read_request
 SUDO = "/usr/bin/sudo"
 SUDO_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}   # nothing of the job's reaches sudo
 TOOL_ENV_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -543,13 +543,9 @@ def counted_by_procd(cfg: Config, condor: Condor, caller: Caller, req: JobReques
                             "VM before the job's process family exists, so the procd never "
                             "counts it (without the hook the wrapper boots it, and it is)")
         gid = tracking_gid(caller.job_pid, int(low), int(high))
-    except (NodeError, OSError, ValueError) as e:
+        fitted = fit_vm(cfg, req, req.memory_mb, f"the slot's {req.memory_mb} MiB")
+    except (NodeError, ResourceRequestError, OSError, ValueError) as e:
         return uncounted(e)
-    fitted = fit_vm(cfg, req, req.memory_mb)
-    if fitted is None:
-        return uncounted(ResourceRequestError(
-            f"the slot's {req.memory_mb} MiB cannot hold a VM of {cfg.jobs.min_memory_mb} MiB "
-            f"and {cfg.vm.memory_overhead_mb + HOST_RESERVE_MB} MiB besides"))
     return dataclasses.replace(fitted, process_gid=gid), Tracking(gid, int(every))
 
 

@@ -11,7 +11,7 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 from ..config import Config
-from ..errors import JobError, UnknownUser, VibatchError
+from ..errors import JobError, ResourceRequestError, UnknownUser, VibatchError
 from ..core.execjob import Exec
 from ..images.library import image_names
 from ..core.request import JobRequest, check_job_id, resolve_user
@@ -42,17 +42,20 @@ def read_request(parse: Callable[[], JobRequest]) -> JobRequest:
         raise UnreadableRequest(f"cannot read this job's request: {type(e).__name__}: {e}") from e
 
 
-def fit_vm(cfg: Config, req: JobRequest, limit_mb: int) -> Optional[JobRequest]:
+def fit_vm(cfg: Config, req: JobRequest, limit_mb: int, what: str) -> JobRequest:
     """The request with its VM made to fit in ``limit_mb``, a limit the batch system holds the
     sum of the job's processes to once QEMU counts as one of them (Grid Engine's vmem, HTCondor's
     MemoryUsage against the slot's Memory): the VM's hard cap (the guest's memory plus QEMU's
-    overhead) is the limit less HOST_RESERVE_MB. None: the limit cannot hold a VM of
-    ``jobs.min_memory_mb`` (the caller keeps QEMU out of the job's usage, and says so)."""
+    overhead) is the limit less HOST_RESERVE_MB. ResourceRequestError, naming the limit as
+    ``what``, if it cannot hold a VM of ``jobs.min_memory_mb`` (the caller keeps QEMU out of
+    the job's usage, and says so)."""
     fit = limit_mb - cfg.vm.memory_overhead_mb - HOST_RESERVE_MB
     if fit >= req.memory_mb:
         return req
     if fit < cfg.jobs.min_memory_mb:
-        return None
+        raise ResourceRequestError(f"{what} cannot hold a VM of {cfg.jobs.min_memory_mb} MiB "
+                                   f"and {cfg.vm.memory_overhead_mb + HOST_RESERVE_MB} MiB "
+                                   "besides")
     return dataclasses.replace(req, memory_mb=fit)
 
 
