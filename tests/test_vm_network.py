@@ -121,7 +121,7 @@ def policy(vm_env, outside):
         network.remove(cfg, qemu_ids(cfg)[0])
 
 
-GET = ('r=$(printf "GET /%s HTTP/1.0\\r\\n\\r\\n" "$3" | nc -w 4 "$1" "$2" 2>&1); '
+GET = ('r=$(printf "GET /%s HTTP/1.0\\r\\n\\r\\n" "$3" | nc -w 2 "$1" "$2" 2>&1); '
        'case "$r" in *"200 OK"*) echo "reached $1:$2: $(printf "%s" "$r" | tail -n 1)" ;; '
        '*) echo "refused $1:$2" ;; esac')
 
